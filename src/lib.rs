@@ -1,1 +1,16 @@
+//! `epp`: an Endpoint Picker for LLM inference, wire- and config-compatible with the Gateway API
+//! Inference Extension's reference EPP.
+//!
+//! Data flows from discovery and model-server metrics into the [`datastore`] (one published
+//! snapshot), and from Envoy's ext_proc stream through the [`parser`] and the pure [`scheduler`]
+//! back to Envoy ([`extproc`]). See ARCHITECTURE.md for the module map.
 
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod datastore;
+pub mod extproc;
+pub mod metrics;
+pub mod parser;
+pub mod prefix;
+pub mod scheduler;

@@ -1,0 +1,331 @@
+//! Wiring: flags and config in, running servers out.
+//!
+//! [`start`] binds every port (port 0 picks a free one, which tests use), spawns the datastore
+//! writer, the metrics collector, the pool-gauge refresher and the three servers (ext_proc,
+//! health, metrics), and returns a [`RunningApp`] whose [`shutdown`](RunningApp::shutdown) drains
+//! them. Every background task is owned by one tracker and one cancellation token.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, routing::get};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{info, warn};
+
+use crate::{
+    clock::{Clock, MonotonicClock},
+    config::{ConfigError, EndpointPickerConfig, FlagError, Flags},
+    datastore::{
+        DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, EndpointKey, EndpointSpec, SnapshotReader,
+        format_address,
+    },
+    extproc::{ExtProcService, Processor},
+    metrics::{
+        collector::{CollectorConfig, run_collector},
+        engines::builtin_engines,
+        exported::EppMetrics,
+    },
+    scheduler::build_scheduler,
+};
+
+/// Largest gRPC message accepted: buffered-mode bodies arrive whole.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Why the EPP could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Bad flags.
+    #[error(transparent)]
+    Flags(#[from] FlagError),
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS material could not be produced or loaded.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// Kubernetes discovery is requested but not available in this build.
+    #[error("Kubernetes discovery (--pool-name / --endpoint-selector) is not available yet; use --endpoints")]
+    DiscoveryUnavailable,
+    /// Internal metric registration failed.
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Load the EndpointPickerConfig named by the flags (file, inline text, or the built-in default).
+///
+/// # Errors
+/// [`ConfigError`] when the file cannot be read or the document is invalid.
+pub fn load_config(flags: &Flags) -> Result<EndpointPickerConfig, ConfigError> {
+    if !flags.config_file.is_empty() {
+        let text = std::fs::read_to_string(&flags.config_file).map_err(|source| ConfigError::Read {
+            path: flags.config_file.clone(),
+            source,
+        })?;
+        EndpointPickerConfig::from_yaml(&text)
+    } else if !flags.config_text.is_empty() {
+        EndpointPickerConfig::from_yaml(&flags.config_text)
+    } else {
+        Ok(EndpointPickerConfig::default_config())
+    }
+}
+
+/// The EPP, running.
+pub struct RunningApp {
+    /// Bound ext_proc address.
+    pub grpc_addr: SocketAddr,
+    /// Bound health address.
+    pub health_addr: SocketAddr,
+    /// Bound metrics address.
+    pub metrics_addr: SocketAddr,
+    /// The snapshot reader (for tests and tools).
+    pub reader: SnapshotReader,
+    /// Exported metrics.
+    pub metrics: Arc<EppMetrics>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RunningApp {
+    /// Stop every server and background task and wait for them.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// A token that, once cancelled, stops the app.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+async fn bind(port: u16) -> Result<TcpListener, AppError> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })
+}
+
+fn tls_identity(flags: &Flags) -> Result<Identity, AppError> {
+    if let Some(dir) = flags.cert_dir() {
+        let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| AppError::Tls(format!("{}: {e}", dir.join(f).display())));
+        return Ok(Identity::from_pem(read("tls.crt")?, read("tls.key")?));
+    }
+    let names = vec!["localhost".to_owned(), "epp".to_owned()];
+    let ck = rcgen::generate_simple_self_signed(names).map_err(|e| AppError::Tls(e.to_string()))?;
+    Ok(Identity::from_pem(ck.cert.pem(), ck.signing_key.serialize_pem()))
+}
+
+fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
+    let namespace: Arc<str> = flags.effective_namespace().into();
+    Ok(flags
+        .static_endpoints()?
+        .into_iter()
+        .map(|ep| {
+            let metrics_port = match flags.model_server_metrics_port {
+                0 => ep.address.port(),
+                p => p,
+            };
+            let metrics_addr = SocketAddr::new(ep.address.ip(), metrics_port);
+            let mut labels = BTreeMap::new();
+            if let Some(engine) = &ep.engine {
+                labels.insert("inference.networking.k8s.io/engine-type".to_owned(), engine.clone());
+            }
+            EndpointSpec {
+                key: EndpointKey {
+                    namespace: namespace.clone(),
+                    name: format_address(ep.address).into(),
+                },
+                address: ep.address,
+                metrics_url: format!(
+                    "{}://{}{}",
+                    flags.model_server_metrics_scheme,
+                    format_address(metrics_addr),
+                    flags.model_server_metrics_path
+                )
+                .into(),
+                engine: ep.engine.unwrap_or_else(|| "vllm".into()).into(),
+                labels: Arc::new(labels),
+            }
+        })
+        .collect())
+}
+
+async fn set_readiness(reporter: &HealthReporter, ready: bool) {
+    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+    for name in ["readiness", "", "inference-extension"] {
+        reporter.set_service_status(name, status).await;
+    }
+    if ready {
+        reporter.set_serving::<ExternalProcessorServer<ExtProcService>>().await;
+    } else {
+        reporter.set_not_serving::<ExternalProcessorServer<ExtProcService>>().await;
+    }
+}
+
+/// Start the EPP.
+///
+/// # Errors
+/// [`AppError`] for invalid flags or config, unbindable ports, or TLS failures.
+pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
+    flags.validate()?;
+    if flags.endpoints.is_empty() {
+        return Err(AppError::DiscoveryUnavailable);
+    }
+    let config = load_config(&flags)?;
+    let scheduler = Arc::new(build_scheduler(&config)?);
+    let metrics = Arc::new(EppMetrics::new()?);
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let grpc_listener = bind(flags.grpc_port).await?;
+    let health_listener = bind(flags.grpc_health_port).await?;
+    let metrics_listener = bind(flags.metrics_port).await?;
+    let local = |l: &TcpListener| l.local_addr().map_err(|source| AppError::Bind { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source });
+    let (grpc_addr, health_addr, metrics_addr) = (local(&grpc_listener)?, local(&health_listener)?, local(&metrics_listener)?);
+
+    // Datastore: the single writer, fed by static discovery and the collector.
+    let (writer, reader) = DatastoreWriter::new(clock.clone());
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    tasks.spawn(writer.run(events_rx));
+    let specs = static_specs(&flags)?;
+    let _ = events_tx.send(DatastoreEvent::ReplaceAll(specs)).await;
+    let _ = events_tx.send(DatastoreEvent::Synced(true)).await;
+
+    let collector = CollectorConfig {
+        interval: flags.refresh_metrics_interval,
+        engines: Arc::new(builtin_engines()),
+        default_engine: "vllm".into(),
+    };
+    tasks.spawn(run_collector(collector, reader.clone(), events_tx, metrics.clone(), clock.clone(), cancel.clone()));
+
+    // Pool gauges, refreshed on their own period like upstream.
+    {
+        let (reader, metrics, clock, cancel) = (reader.clone(), metrics.clone(), clock.clone(), cancel.clone());
+        let pool = if flags.pool_name.is_empty() { "static".to_owned() } else { flags.pool_name.clone() };
+        let (period, staleness) = (flags.refresh_prometheus_metrics_interval.max(Duration::from_millis(100)), flags.metrics_staleness_threshold);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => metrics.refresh_pool_gauges(&pool, &reader.load(), clock.now(), staleness),
+                    () = cancel.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    // Health: liveness always; readiness follows the datastore's synced flag.
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("liveness", ServingStatus::Serving).await;
+    set_readiness(&reporter, false).await;
+    {
+        let (reader, cancel) = (reader.clone(), cancel.clone());
+        let reporter = reporter.clone();
+        tasks.spawn(async move {
+            let mut changed = reader.subscribe();
+            let mut ready = false;
+            loop {
+                let synced = reader.load().synced;
+                if synced != ready {
+                    ready = synced;
+                    set_readiness(&reporter, ready).await;
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    () = cancel.cancelled() => return,
+                }
+            }
+        });
+    }
+    {
+        let cancel = cancel.clone();
+        let health_service = health_service.clone();
+        tasks.spawn(async move {
+            let r = Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(health_listener), cancel.cancelled())
+                .await;
+            if let Err(e) = r {
+                warn!(error = %e, "health server stopped");
+            }
+        });
+    }
+
+    // ext_proc.
+    let processor = Arc::new(Processor {
+        reader: reader.clone(),
+        scheduler,
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+        disable_subset_filter: flags.disable_endpoint_subset_filter,
+    });
+    let service = ExternalProcessorServer::new(ExtProcService::new(processor, tasks.clone()))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if flags.secure_serving {
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(tls_identity(&flags)?))
+            .map_err(|e| AppError::Tls(e.to_string()))?;
+    }
+    let mut router = builder.add_service(service);
+    if flags.health_checking {
+        router = router.add_service(health_service);
+    }
+    {
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), cancel.cancelled())
+                .await
+            {
+                warn!(error = %e, "ext_proc server stopped");
+            }
+        });
+    }
+
+    // Prometheus metrics.
+    {
+        let metrics = metrics.clone();
+        let cancel = cancel.clone();
+        let app = Router::new().route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], metrics.render()) }
+            }),
+        );
+        tasks.spawn(async move {
+            let r = axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                warn!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+
+    info!(%grpc_addr, %health_addr, %metrics_addr, tls = flags.secure_serving, endpoints = flags.endpoints.len(), "epp started");
+    Ok(RunningApp {
+        grpc_addr,
+        health_addr,
+        metrics_addr,
+        reader,
+        metrics,
+        cancel,
+        tasks,
+    })
+}

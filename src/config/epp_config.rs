@@ -1,0 +1,486 @@
+//! `EndpointPickerConfig`: the upstream YAML, decoded strictly, validated with every error named
+//! by its path.
+//!
+//! Two layers: [`RawEndpointPickerConfig`] mirrors the YAML (`deny_unknown_fields`), and
+//! [`EndpointPickerConfig`] is what the rest of the EPP uses, produced by
+//! [`EndpointPickerConfig::from_yaml`] after all structural checks. Plugin parameters stay raw here:
+//! each plugin decodes its own in the scheduler registry.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// API groups accepted in `apiVersion` (the upstream one and its successor's).
+pub const API_VERSIONS: [&str; 2] = [
+    "inference.networking.x-k8s.io/v1alpha1",
+    "llm-d.ai/v1alpha1",
+];
+
+/// Feature gates known upstream. `dataLayer` is obsolete but still accepted.
+pub const FEATURE_GATES: [&str; 3] = ["dataLayer", "enableLegacyMetrics", "flowControl"];
+
+/// The built-in configuration used when neither `--config-file` nor `--config-text` is given:
+/// the upstream default since v1.4 (queue 2, KV 2, prefix 3, max-score picker).
+pub const DEFAULT_CONFIG_YAML: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: metrics-data-source
+- type: core-metrics-extractor
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+dataLayer:
+  sources:
+  - pluginRef: metrics-data-source
+    extractors:
+    - pluginRef: core-metrics-extractor
+";
+
+/// One problem in a configuration, located by a dotted path such as `plugins[2].type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Where.
+    pub path: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The YAML did not decode into the schema.
+    #[error("invalid EndpointPickerConfig at {path}: {reason}")]
+    Decode {
+        /// Path of the offending field (`.` for the document).
+        path: String,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// Structurally valid YAML that breaks one or more rules.
+    #[error("invalid EndpointPickerConfig: {}", .issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid {
+        /// Every problem found.
+        issues: Vec<ConfigIssue>,
+    },
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The YAML document as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawEndpointPickerConfig {
+    /// `inference.networking.x-k8s.io/v1alpha1` or `llm-d.ai/v1alpha1`.
+    pub api_version: String,
+    /// `EndpointPickerConfig`.
+    pub kind: String,
+    /// Feature gates.
+    #[serde(default)]
+    pub feature_gates: Vec<String>,
+    /// Plugin instances.
+    #[serde(default)]
+    pub plugins: Vec<RawPluginSpec>,
+    /// Scheduling profiles.
+    #[serde(default)]
+    pub scheduling_profiles: Vec<RawProfileSpec>,
+    /// Saturation detector reference.
+    #[serde(default)]
+    pub saturation_detector: Option<RawPluginRef>,
+    /// Metric sources and extractors.
+    #[serde(default)]
+    pub data_layer: Option<RawDataLayer>,
+    /// Flow control (accepted; only used with the `flowControl` gate).
+    #[serde(default)]
+    pub flow_control: Option<serde_yaml_ng::Value>,
+    /// Request parser reference.
+    #[serde(default)]
+    pub parser: Option<RawPluginRef>,
+}
+
+/// One plugin instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPluginSpec {
+    /// Instance name; defaults to the type.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Registered plugin type.
+    #[serde(rename = "type")]
+    pub plugin_type: String,
+    /// Plugin-specific parameters.
+    #[serde(default)]
+    pub parameters: Option<serde_yaml_ng::Value>,
+}
+
+/// A scheduling profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfileSpec {
+    /// Profile name.
+    pub name: String,
+    /// Plugins in the profile.
+    #[serde(default)]
+    pub plugins: Vec<RawProfilePlugin>,
+}
+
+/// A plugin reference inside a profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawProfilePlugin {
+    /// Name of a plugin instance.
+    pub plugin_ref: String,
+    /// Scorer weight (default 1).
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+/// A bare plugin reference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPluginRef {
+    /// Name of a plugin instance.
+    pub plugin_ref: String,
+}
+
+/// `dataLayer`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataLayer {
+    /// Metric sources.
+    #[serde(default)]
+    pub sources: Vec<RawDataSource>,
+}
+
+/// One metric source with its extractors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawDataSource {
+    /// Source plugin.
+    pub plugin_ref: String,
+    /// Extractor plugins.
+    #[serde(default)]
+    pub extractors: Vec<RawPluginRef>,
+}
+
+/// A validated plugin instance.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// Unique instance name.
+    pub name: String,
+    /// Registered type.
+    pub plugin_type: String,
+    /// Raw parameters (`Null` when absent).
+    pub parameters: serde_yaml_ng::Value,
+    /// Path of this plugin in the document, for error messages (`plugins[3]`).
+    pub path: String,
+}
+
+/// A validated profile entry.
+#[derive(Debug, Clone)]
+pub struct ProfilePlugin {
+    /// Index into [`EndpointPickerConfig::plugins`].
+    pub plugin: usize,
+    /// Scorer weight.
+    pub weight: f64,
+}
+
+/// A validated profile.
+#[derive(Debug, Clone)]
+pub struct ProfileSpec {
+    /// Profile name.
+    pub name: String,
+    /// Its plugins in order.
+    pub plugins: Vec<ProfilePlugin>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct EndpointPickerConfig {
+    /// Enabled feature gates.
+    pub feature_gates: BTreeSet<String>,
+    /// Plugin instances, in document order.
+    pub plugins: Vec<PluginSpec>,
+    /// Profiles; when the document has none, one `default` profile with every plugin.
+    pub profiles: Vec<ProfileSpec>,
+    /// Saturation detector instance (index into `plugins`), if named.
+    pub saturation_detector: Option<usize>,
+    /// Data sources: `(source plugin, extractor plugins)` indices into `plugins`. `None` = the
+    /// document omitted `dataLayer` (collection on with defaults); `Some(empty)` disables it.
+    pub data_sources: Option<Vec<(usize, Vec<usize>)>>,
+}
+
+impl EndpointPickerConfig {
+    /// The built-in default configuration.
+    pub fn default_config() -> Self {
+        match Self::from_yaml(DEFAULT_CONFIG_YAML) {
+            Ok(c) => c,
+            // The constant is covered by a unit test; fall back to an empty profile rather than
+            // panicking if it is ever edited badly.
+            Err(_) => Self {
+                feature_gates: BTreeSet::new(),
+                plugins: Vec::new(),
+                profiles: Vec::new(),
+                saturation_detector: None,
+                data_sources: None,
+            },
+        }
+    }
+
+    /// Decode and validate a YAML (or JSON) document.
+    ///
+    /// # Errors
+    /// [`ConfigError::Decode`] for schema errors (unknown fields included) with the field path;
+    /// [`ConfigError::Invalid`] with every rule violation found.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let raw: RawEndpointPickerConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Decode {
+                path: e.path().to_string(),
+                reason: e.inner().to_string(),
+            })?;
+        Self::try_from(raw)
+    }
+}
+
+impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawEndpointPickerConfig) -> Result<Self, ConfigError> {
+        let mut issues = Vec::new();
+        let mut issue = |path: String, reason: String| issues.push(ConfigIssue { path, reason });
+
+        // Both API groups are in use: upstream GIE and its successor llm-d-router.
+        if !API_VERSIONS.contains(&raw.api_version.as_str()) {
+            issue(
+                "apiVersion".into(),
+                format!("unsupported apiVersion {:?}; expected one of {API_VERSIONS:?}", raw.api_version),
+            );
+        }
+        if raw.kind != "EndpointPickerConfig" {
+            issue("kind".into(), format!("expected EndpointPickerConfig, got {:?}", raw.kind));
+        }
+        // An unknown gate is almost always a typo that would silently change behaviour.
+        for (i, gate) in raw.feature_gates.iter().enumerate() {
+            if !FEATURE_GATES.contains(&gate.as_str()) {
+                issue(format!("featureGates[{i}]"), format!("unknown feature gate {gate:?}"));
+            }
+        }
+
+        let mut plugins: Vec<PluginSpec> = Vec::with_capacity(raw.plugins.len());
+        for (i, p) in raw.plugins.iter().enumerate() {
+            let name = p.name.clone().unwrap_or_else(|| p.plugin_type.clone());
+            // Profiles refer to plugins by name: duplicates would be ambiguous.
+            if plugins.iter().any(|q| q.name == name) {
+                issue(format!("plugins[{i}].name"), format!("duplicate plugin name {name:?}"));
+            }
+            if p.plugin_type.is_empty() {
+                issue(format!("plugins[{i}].type"), "plugin type must not be empty".into());
+            }
+            plugins.push(PluginSpec {
+                name,
+                plugin_type: p.plugin_type.clone(),
+                parameters: p.parameters.clone().unwrap_or(serde_yaml_ng::Value::Null),
+                path: format!("plugins[{i}]"),
+            });
+        }
+        let find = |name: &str| plugins.iter().position(|p| p.name == name);
+
+        let mut profiles = Vec::new();
+        for (i, prof) in raw.scheduling_profiles.iter().enumerate() {
+            if prof.name.is_empty() {
+                issue(format!("schedulingProfiles[{i}].name"), "profile name must not be empty".into());
+            }
+            if profiles.iter().any(|p: &ProfileSpec| p.name == prof.name) {
+                issue(
+                    format!("schedulingProfiles[{i}].name"),
+                    format!("duplicate profile name {:?}", prof.name),
+                );
+            }
+            let mut entries = Vec::new();
+            for (j, r) in prof.plugins.iter().enumerate() {
+                let path = format!("schedulingProfiles[{i}].plugins[{j}]");
+                match find(&r.plugin_ref) {
+                    Some(plugin) => {
+                        let weight = r.weight.unwrap_or(1.0);
+                        // A negative or non-finite weight would invert or poison every total.
+                        if !weight.is_finite() || weight < 0.0 {
+                            issue(format!("{path}.weight"), format!("weight must be a finite number >= 0, got {weight}"));
+                        }
+                        entries.push(ProfilePlugin { plugin, weight });
+                    }
+                    None => issue(
+                        format!("{path}.pluginRef"),
+                        format!("no plugin named {:?}", r.plugin_ref),
+                    ),
+                }
+            }
+            profiles.push(ProfileSpec {
+                name: prof.name.clone(),
+                plugins: entries,
+            });
+        }
+        if profiles.is_empty() {
+            // Upstream: no profiles → one `default` profile holding every plugin (the registry
+            // keeps the scheduling ones).
+            profiles.push(ProfileSpec {
+                name: "default".into(),
+                plugins: (0..plugins.len())
+                    .map(|plugin| ProfilePlugin { plugin, weight: 1.0 })
+                    .collect(),
+            });
+        }
+
+        let mut lookup_ref = |path: String, name: &str| -> Option<usize> {
+            let found = find(name);
+            if found.is_none() {
+                issue(path, format!("no plugin named {name:?}"));
+            }
+            found
+        };
+        let saturation_detector = raw
+            .saturation_detector
+            .as_ref()
+            .and_then(|r| lookup_ref("saturationDetector.pluginRef".into(), &r.plugin_ref));
+        if let Some(p) = &raw.parser {
+            lookup_ref("parser.pluginRef".into(), &p.plugin_ref);
+        }
+        let data_sources = raw.data_layer.as_ref().map(|dl| {
+            dl.sources
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    let src = lookup_ref(format!("dataLayer.sources[{i}].pluginRef"), &s.plugin_ref)?;
+                    let extractors = s
+                        .extractors
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(j, e)| {
+                            lookup_ref(
+                                format!("dataLayer.sources[{i}].extractors[{j}].pluginRef"),
+                                &e.plugin_ref,
+                            )
+                        })
+                        .collect();
+                    Some((src, extractors))
+                })
+                .collect()
+        });
+
+        if !issues.is_empty() {
+            return Err(ConfigError::Invalid { issues });
+        }
+        Ok(Self {
+            feature_gates: raw.feature_gates.into_iter().collect(),
+            plugins,
+            profiles,
+            saturation_detector,
+            data_sources,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_the_upstream_default() {
+        let c = EndpointPickerConfig::from_yaml(DEFAULT_CONFIG_YAML).unwrap();
+        assert_eq!(c.profiles.len(), 1);
+        let weights: Vec<(&str, f64)> = c.profiles[0]
+            .plugins
+            .iter()
+            .map(|p| (c.plugins[p.plugin].plugin_type.as_str(), p.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            vec![
+                ("queue-scorer", 2.0),
+                ("kv-cache-utilization-scorer", 2.0),
+                ("prefix-cache-scorer", 3.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn both_api_groups_are_accepted() {
+        let doc = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n";
+        let c = EndpointPickerConfig::from_yaml(doc).unwrap();
+        assert_eq!(c.profiles[0].name, "default");
+        assert_eq!(c.profiles[0].plugins.len(), 1);
+    }
+
+    #[test]
+    fn unknown_fields_name_their_path() {
+        let doc = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n  weight: 3\n";
+        let err = EndpointPickerConfig::from_yaml(doc).unwrap_err();
+        match err {
+            ConfigError::Decode { path, reason } => {
+                assert_eq!(path, "plugins[0].weight");
+                assert!(reason.contains("unknown field `weight`"), "{reason}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        let doc = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\ndata: {}\n";
+        let err = EndpointPickerConfig::from_yaml(doc).unwrap_err();
+        assert!(err.to_string().contains("unknown field `data`"), "{err}");
+    }
+
+    #[test]
+    fn every_rule_violation_is_reported_with_its_path() {
+        let doc = "\
+apiVersion: v1
+kind: Other
+featureGates: [nope]
+plugins:
+- type: queue-scorer
+- type: queue-scorer
+schedulingProfiles:
+- name: a
+  plugins:
+  - pluginRef: missing
+  - pluginRef: queue-scorer
+    weight: -1
+";
+        let err = EndpointPickerConfig::from_yaml(doc).unwrap_err();
+        let ConfigError::Invalid { issues } = err else {
+            panic!("expected Invalid")
+        };
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "apiVersion",
+                "kind",
+                "featureGates[0]",
+                "plugins[1].name",
+                "schedulingProfiles[0].plugins[0].pluginRef",
+                "schedulingProfiles[0].plugins[1].weight"
+            ]
+        );
+    }
+}

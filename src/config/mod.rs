@@ -1,0 +1,8 @@
+//! Configuration: the Go EPP's command-line flags ([`flags`]) and the `EndpointPickerConfig`
+//! YAML ([`epp_config`]). Both are validated at load time so the request path never checks them.
+
+pub mod epp_config;
+pub mod flags;
+
+pub use epp_config::{ConfigError, ConfigIssue, DEFAULT_CONFIG_YAML, EndpointPickerConfig, PluginSpec};
+pub use flags::{FlagError, Flags, StaticEndpoint, normalize_go_args, parse_duration};

@@ -1,0 +1,14 @@
+//! The pool as the request path sees it: endpoints, their metrics, and one published snapshot.
+//!
+//! Invariants: the request path reads one [`Snapshot`] per request through [`SnapshotReader`];
+//! only [`DatastoreWriter`] publishes; per-request counters live in [`EndpointLive`] outside the
+//! snapshot so that requests never rebuild it.
+
+mod endpoint;
+mod snapshot;
+pub mod testing;
+mod writer;
+
+pub use endpoint::{Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid};
+pub use snapshot::Snapshot;
+pub use writer::{DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, SnapshotReader, format_address};

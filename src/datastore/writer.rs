@@ -1,0 +1,271 @@
+//! The single writer: applies discovery and metric events, publishes snapshots.
+//!
+//! Nothing else writes the snapshot. Events arrive on a bounded channel; after each wake-up the
+//! writer drains every queued event before publishing once, so a burst of scrapes costs one
+//! publish. Scrapers wait when the channel is full (back-pressure, never a dropped removal).
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+
+use super::{
+    endpoint::{Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid},
+    snapshot::Snapshot,
+};
+use crate::{clock::Clock, metrics::EngineMetrics};
+
+/// Capacity of the event channel.
+pub const EVENT_CHANNEL_CAPACITY: usize = 4096;
+
+/// A change to the pool.
+#[derive(Debug)]
+pub enum DatastoreEvent {
+    /// An endpoint appeared or changed.
+    Upsert(EndpointSpec),
+    /// An endpoint left.
+    Remove(EndpointKey),
+    /// Replace the whole endpoint set (full resync); absent keys are removed.
+    ReplaceAll(Vec<EndpointSpec>),
+    /// A scrape finished for the endpoint with this uid.
+    Metrics {
+        /// Which endpoint.
+        uid: EndpointUid,
+        /// What was scraped (or the failure, in `last_error`).
+        metrics: EngineMetrics,
+    },
+    /// Discovery reached (or lost) its synced state.
+    Synced(bool),
+}
+
+struct EndpointState {
+    uid: EndpointUid,
+    spec: Arc<EndpointSpec>,
+    metrics: Arc<EngineMetrics>,
+    live: Arc<EndpointLive>,
+}
+
+/// Handle to the published snapshot, cheap to clone.
+#[derive(Clone)]
+pub struct SnapshotReader {
+    cell: Arc<ArcSwap<Snapshot>>,
+    changed: watch::Receiver<u64>,
+}
+
+impl SnapshotReader {
+    /// The current snapshot (one atomic load).
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.cell.load_full()
+    }
+
+    /// A receiver that changes whenever a snapshot is published (the generation).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
+    }
+
+    /// A reader over a fixed snapshot, for tests and benches.
+    pub fn fixed(snapshot: Snapshot) -> Self {
+        let (_tx, rx) = watch::channel(snapshot.generation);
+        Self {
+            cell: Arc::new(ArcSwap::from_pointee(snapshot)),
+            changed: rx,
+        }
+    }
+}
+
+/// The writer task's state.
+pub struct DatastoreWriter {
+    endpoints: BTreeMap<EndpointKey, EndpointState>,
+    next_uid: u32,
+    generation: u64,
+    synced: bool,
+    cell: Arc<ArcSwap<Snapshot>>,
+    changed: watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
+}
+
+impl DatastoreWriter {
+    /// A writer with an empty, unsynced pool, plus the reader side.
+    pub fn new(clock: Arc<dyn Clock>) -> (Self, SnapshotReader) {
+        let cell = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let (changed, rx) = watch::channel(0);
+        let reader = SnapshotReader {
+            cell: cell.clone(),
+            changed: rx,
+        };
+        let writer = Self {
+            endpoints: BTreeMap::new(),
+            next_uid: 0,
+            generation: 0,
+            synced: false,
+            cell,
+            changed,
+            clock,
+        };
+        (writer, reader)
+    }
+
+    /// Apply one event without publishing. Returns whether anything changed.
+    pub fn apply(&mut self, event: DatastoreEvent) -> bool {
+        match event {
+            DatastoreEvent::Upsert(spec) => self.upsert(spec),
+            DatastoreEvent::Remove(key) => self.endpoints.remove(&key).is_some(),
+            DatastoreEvent::ReplaceAll(specs) => {
+                let keep: std::collections::BTreeSet<EndpointKey> =
+                    specs.iter().map(|s| s.key.clone()).collect();
+                let before = self.endpoints.len();
+                self.endpoints.retain(|k, _| keep.contains(k));
+                let mut changed = before != self.endpoints.len();
+                for spec in specs {
+                    changed |= self.upsert(spec);
+                }
+                changed
+            }
+            DatastoreEvent::Metrics { uid, metrics } => {
+                // Linear in the pool size; metrics arrive at most once per endpoint per interval
+                // and the writer is off the request path.
+                match self.endpoints.values_mut().find(|e| e.uid == uid) {
+                    Some(state) => {
+                        state.metrics = Arc::new(metrics);
+                        true
+                    }
+                    None => false, // the endpoint left while its scrape was in flight
+                }
+            }
+            DatastoreEvent::Synced(synced) => {
+                let changed = self.synced != synced;
+                self.synced = synced;
+                changed
+            }
+        }
+    }
+
+    fn upsert(&mut self, spec: EndpointSpec) -> bool {
+        if let Some(state) = self.endpoints.get_mut(&spec.key) {
+            if *state.spec == spec {
+                return false;
+            }
+            // An address change is a different server: its metrics and counters do not carry over.
+            if state.spec.address != spec.address {
+                state.metrics = Arc::new(EngineMetrics::default());
+                state.live = Arc::new(EndpointLive::default());
+                state.uid = EndpointUid(self.next_uid);
+                self.next_uid = self.next_uid.wrapping_add(1);
+            }
+            state.spec = Arc::new(spec);
+            return true;
+        }
+        let uid = EndpointUid(self.next_uid);
+        self.next_uid = self.next_uid.wrapping_add(1);
+        self.endpoints.insert(
+            spec.key.clone(),
+            EndpointState {
+                uid,
+                spec: Arc::new(spec),
+                metrics: Arc::new(EngineMetrics::default()),
+                live: Arc::new(EndpointLive::default()),
+            },
+        );
+        true
+    }
+
+    /// Build and publish a snapshot of the current state.
+    pub fn publish(&mut self) {
+        self.generation += 1;
+        let endpoints = self
+            .endpoints
+            .values()
+            .map(|s| Endpoint {
+                uid: s.uid,
+                address_text: format_address(s.spec.address).into(),
+                spec: s.spec.clone(),
+                metrics: s.metrics.clone(),
+                live: s.live.clone(),
+            })
+            .collect();
+        let snapshot = Snapshot::new(endpoints, self.generation, self.clock.now(), self.synced);
+        self.cell.store(Arc::new(snapshot));
+        self.changed.send_replace(self.generation);
+    }
+
+    /// Run until every sender is dropped: apply events, coalescing bursts into one publish.
+    pub async fn run(mut self, mut events: mpsc::Receiver<DatastoreEvent>) {
+        while let Some(event) = events.recv().await {
+            let mut changed = self.apply(event);
+            while let Ok(event) = events.try_recv() {
+                changed |= self.apply(event);
+            }
+            if changed {
+                self.publish();
+            }
+        }
+    }
+}
+
+/// `ip:port`, with IPv6 addresses in brackets (what Envoy's ORIGINAL_DST parses).
+pub fn format_address(addr: SocketAddr) -> String {
+    addr.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::MonotonicClock;
+
+    fn spec(name: &str, addr: &str) -> EndpointSpec {
+        let address: SocketAddr = addr.parse().unwrap();
+        EndpointSpec {
+            key: EndpointKey {
+                namespace: "ns".into(),
+                name: name.into(),
+            },
+            address,
+            metrics_url: format!("http://{address}/metrics").into(),
+            engine: "vllm".into(),
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn upsert_remove_and_metrics_publish_sorted_snapshots() {
+        let (mut w, reader) = DatastoreWriter::new(Arc::new(MonotonicClock::new()));
+        assert!(w.apply(DatastoreEvent::Upsert(spec("b", "10.0.0.2:8000"))));
+        assert!(w.apply(DatastoreEvent::Upsert(spec("a", "10.0.0.1:8000"))));
+        assert!(!w.apply(DatastoreEvent::Upsert(spec("a", "10.0.0.1:8000"))));
+        w.publish();
+        let snap = reader.load();
+        assert_eq!(snap.len(), 2);
+        assert_eq!(&*snap.endpoints[0].spec.key.name, "a");
+        let uid_b = snap.endpoints[1].uid;
+        let m = EngineMetrics {
+            waiting: 7,
+            ..Default::default()
+        };
+        assert!(w.apply(DatastoreEvent::Metrics { uid: uid_b, metrics: m }));
+        assert!(w.apply(DatastoreEvent::Remove(EndpointKey {
+            namespace: "ns".into(),
+            name: "a".into()
+        })));
+        w.publish();
+        let snap = reader.load();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap.endpoints[0].metrics.waiting, 7);
+        assert_eq!(snap.generation, 2);
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed() {
+        assert_eq!(format_address("[fd00::1]:8000".parse().unwrap()), "[fd00::1]:8000");
+        assert_eq!(format_address("10.0.0.1:80".parse().unwrap()), "10.0.0.1:80");
+    }
+
+    #[test]
+    fn replace_all_drops_absent_keys() {
+        let (mut w, reader) = DatastoreWriter::new(Arc::new(MonotonicClock::new()));
+        w.apply(DatastoreEvent::Upsert(spec("a", "10.0.0.1:8000")));
+        w.apply(DatastoreEvent::Upsert(spec("b", "10.0.0.2:8000")));
+        assert!(w.apply(DatastoreEvent::ReplaceAll(vec![spec("b", "10.0.0.2:8000")])));
+        w.publish();
+        assert_eq!(reader.load().len(), 1);
+    }
+}

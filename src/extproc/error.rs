@@ -1,0 +1,126 @@
+//! The one boundary where failures become protocol answers: OpenAI-style JSON error bodies with
+//! the Endpoint Picker Protocol's status codes.
+
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use serde_json::json;
+
+use super::{
+    encode::{immediate, set_header},
+    wire::DROPPED_REASON,
+};
+use crate::{
+    metrics::names::error_code,
+    parser::RequestError,
+    scheduler::SchedulingError,
+};
+
+/// Why a request is answered by the EPP instead of a model server.
+#[derive(Debug, thiserror::Error)]
+pub enum EppError {
+    /// The body is unusable.
+    #[error(transparent)]
+    BadRequest(#[from] RequestError),
+    /// The body exceeds the size cap.
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge {
+        /// The cap.
+        limit: usize,
+    },
+    /// No endpoint to start from (empty pool, subset hint matching none).
+    #[error("failed to find endpoint candidates for serving the request")]
+    NoCandidates,
+    /// The scheduler could not place the request (filters removed every endpoint).
+    #[error("{0}")]
+    Scheduling(SchedulingError),
+    /// An invariant broke inside the EPP.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl EppError {
+    /// HTTP status sent to the client.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            EppError::BadRequest(_) => 400,
+            EppError::BodyTooLarge { .. } => 413,
+            EppError::NoCandidates => 503,
+            EppError::Scheduling(SchedulingError::NoCandidates) => 503,
+            EppError::Scheduling(SchedulingError::Profile { .. }) => 429,
+            EppError::Internal(_) => 500,
+        }
+    }
+
+    /// Upstream error code, for the `error_code` metric label.
+    pub fn code(&self) -> &'static str {
+        match self.http_status() {
+            400 | 413 => error_code::BAD_REQUEST,
+            429 => error_code::RESOURCE_EXHAUSTED,
+            503 => error_code::SERVICE_UNAVAILABLE,
+            _ => error_code::INTERNAL,
+        }
+    }
+
+    /// OpenAI error `type` and `code`.
+    fn openai_kind(&self) -> (&'static str, &'static str) {
+        match self {
+            EppError::BadRequest(_) => ("invalid_request_error", "invalid_request"),
+            EppError::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
+                ("server_error", "no_endpoints_available")
+            }
+            EppError::Scheduling(SchedulingError::Profile { .. }) => ("server_overloaded", "rate_limit_exceeded"),
+            EppError::Internal(_) => ("server_error", "internal_error"),
+        }
+    }
+
+    /// Successor's dropped-reason header value, where one applies.
+    fn dropped_reason(&self) -> Option<&'static str> {
+        match self {
+            EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => Some("rejected-no-endpoints"),
+            EppError::Scheduling(SchedulingError::Profile { .. }) => Some("rejected-saturated"),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-style JSON body.
+    pub fn body(&self) -> Vec<u8> {
+        let (kind, code) = self.openai_kind();
+        let param = match self {
+            EppError::BadRequest(e) => e.param(),
+            _ => None,
+        };
+        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// The immediate response that ends the exchange.
+    pub fn to_response(&self) -> ProcessingResponse {
+        let mut headers = vec![set_header("content-type", b"application/json")];
+        if let Some(reason) = self.dropped_reason() {
+            headers.push(set_header(DROPPED_REASON, reason.as_bytes()));
+        }
+        if self.http_status() == 429 {
+            headers.push(set_header("retry-after", b"1"));
+        }
+        let details = format!("epp_{}", self.code());
+        immediate(self.http_status(), headers, self.body(), &details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_openai_shaped() {
+        let e = EppError::BadRequest(RequestError::MissingModel);
+        assert_eq!(e.http_status(), 400);
+        assert_eq!(
+            String::from_utf8(e.body()).unwrap(),
+            r#"{"error":{"code":"invalid_request","message":"model not found in request body","param":"model","type":"invalid_request_error"}}"#
+        );
+        assert_eq!(EppError::NoCandidates.http_status(), 503);
+        assert_eq!(EppError::Internal("x").code(), "Internal");
+    }
+}

@@ -1,0 +1,582 @@
+//! The per-stream state machine: one ext_proc stream is one HTTP exchange.
+//!
+//! Request side: headers are stored and the headers answer is held until the body is complete
+//! (full-duplex), then the decision goes out as the headers answer followed by the body. The body
+//! is parsed once; it is re-emitted byte-for-byte unless the model is rewritten, in which case
+//! only the `model` value is spliced. Response side: every chunk is answered as it arrives (SSE
+//! stays incremental) after usage is read and the client-facing model name restored.
+//!
+//! Invariants: exactly one decision per exchange; the in-flight counters taken at decision time
+//! are released exactly once, when the exchange ends or the stream drops (client cancel).
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::{HeaderMap, Metadata},
+        service::ext_proc::v3::{
+            CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
+        },
+    },
+    google::protobuf::value::Kind,
+};
+use rand::{SeedableRng, rngs::SmallRng, seq::IndexedRandom};
+use tracing::debug;
+
+use super::{
+    encode::{
+        Direction, body_replace_answer, common_with_headers, destination_metadata, push_streamed_body,
+        request_headers_answer, response_headers_answer, set_header, streamed_chunk, trailers_answer,
+    },
+    error::EppError,
+    processor::Processor,
+    wire::*,
+};
+use crate::{
+    datastore::{EndpointId, EndpointLive, Snapshot},
+    parser::{ModelRestorer, SseUsageScanner, Usage, parse_request, replace_model, usage_from_json},
+    scheduler::{SchedulingContext, SchedulingError, Scratch},
+};
+
+/// What Envoy does with bodies in one direction (from `protocol_config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    /// No body is sent to the EPP.
+    None,
+    /// Chunks are sent one at a time and each waits for its answer.
+    Streamed,
+    /// The whole body in one message, after the headers answer.
+    Buffered,
+    /// Chunks flow without waiting; answers are `streamed_response`s.
+    FullDuplex,
+}
+
+impl BodyMode {
+    fn from_wire(v: i32) -> Self {
+        match v {
+            0 => BodyMode::None,
+            1 => BodyMode::Streamed,
+            2 | 3 => BodyMode::Buffered,
+            _ => BodyMode::FullDuplex,
+        }
+    }
+}
+
+/// Whether the service loop keeps reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep going.
+    Continue,
+    /// An immediate response was sent: the exchange is over.
+    Close,
+}
+
+/// Bookkeeping for a routed request, released once.
+struct Routed {
+    model: String,
+    target_model: String,
+    live: Option<Arc<EndpointLive>>,
+    primary: Option<SocketAddr>,
+    tokens: u64,
+}
+
+#[derive(Default)]
+struct ResponseState {
+    streaming: bool,
+    restorer: Option<ModelRestorer>,
+    sse: SseUsageScanner,
+    json: Vec<u8>,
+    json_overflow: bool,
+    bytes: u64,
+    finished: bool,
+}
+
+/// State of one exchange.
+pub struct Exchange {
+    p: Arc<Processor>,
+    request_mode: BodyMode,
+    response_mode: BodyMode,
+    path: Option<String>,
+    fallback_path: Option<String>,
+    request_id: Option<String>,
+    generated_request_id: Option<String>,
+    model_rewrite: Option<String>,
+    subset: Option<Vec<String>>,
+    body: Vec<u8>,
+    decided: bool,
+    request_stream: bool,
+    started: Instant,
+    routed: Option<Routed>,
+    response: ResponseState,
+}
+
+fn header_value(h: &envoy_types::pb::envoy::config::core::v3::HeaderValue) -> &[u8] {
+    if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value }
+}
+
+fn text(v: &[u8]) -> String {
+    String::from_utf8_lossy(v).into_owned()
+}
+
+/// The subset hint in `md`, if the namespace and key are present. A list is read as strings
+/// (other kinds skipped); a comma-separated string is accepted too.
+pub fn subset_hint(md: &Metadata) -> Option<Vec<String>> {
+    let value = md.filter_metadata.get(SUBSET_HINT_NAMESPACE)?.fields.get(SUBSET_HINT_KEY)?;
+    match value.kind.as_ref()? {
+        Kind::ListValue(list) => Some(
+            list.values
+                .iter()
+                .filter_map(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) => Some(s.trim().to_owned()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Kind::StringValue(s) => Some(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()),
+        _ => None,
+    }
+}
+
+fn served_endpoint(md: &Metadata) -> Option<String> {
+    match md.filter_metadata.get(LB_NAMESPACE)?.fields.get(SERVED_ENDPOINT_KEY)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Candidates allowed by a subset hint: an exact `ip:port` selects that endpoint; an entry whose
+/// port matches nothing on its IP (or a bare IP) selects every endpoint on that IP.
+pub fn subset_candidates(snapshot: &Snapshot, hint: &[String]) -> Vec<EndpointId> {
+    let mut out = Vec::new();
+    for entry in hint {
+        if let Ok(addr) = entry.parse::<SocketAddr>() {
+            match snapshot.by_address(addr) {
+                Some(id) => out.push(id),
+                None => out.extend_from_slice(snapshot.on_ip(addr.ip())),
+            }
+        } else if let Ok(ip) = entry.trim_matches(|c| c == '[' || c == ']').parse() {
+            out.extend_from_slice(snapshot.on_ip(ip));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+struct Plan {
+    destination: String,
+    body: Vec<u8>,
+}
+
+impl Exchange {
+    /// A new exchange served by `p`.
+    pub fn new(p: Arc<Processor>) -> Self {
+        Self {
+            p,
+            request_mode: BodyMode::FullDuplex,
+            response_mode: BodyMode::FullDuplex,
+            path: None,
+            fallback_path: None,
+            request_id: None,
+            generated_request_id: None,
+            model_rewrite: None,
+            subset: None,
+            body: Vec::new(),
+            decided: false,
+            request_stream: false,
+            started: Instant::now(),
+            routed: None,
+            response: ResponseState::default(),
+        }
+    }
+
+    /// Handle one inbound message, pushing the answers to `out`.
+    pub fn on_message(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) -> Flow {
+        if let Some(pc) = &msg.protocol_config {
+            self.request_mode = BodyMode::from_wire(pc.request_body_mode);
+            self.response_mode = BodyMode::from_wire(pc.response_body_mode);
+        }
+        // Keep the first non-empty hint seen on the stream, whichever message carried it.
+        if self.subset.is_none()
+            && !self.p.disable_subset_filter
+            && let Some(md) = &msg.metadata_context
+        {
+            self.subset = subset_hint(md);
+        }
+        match msg.request {
+            Some(Request::RequestHeaders(h)) => self.on_request_headers(h, out),
+            Some(Request::RequestBody(b)) => self.on_request_body(b, out),
+            Some(Request::RequestTrailers(_)) => {
+                let flow = if self.decided { Flow::Continue } else { self.decide_with_body(false, out) };
+                if flow == Flow::Continue {
+                    out.push(trailers_answer(Direction::Request));
+                }
+                flow
+            }
+            Some(Request::ResponseHeaders(h)) => {
+                if let Some(served) = msg.metadata_context.as_ref().and_then(served_endpoint) {
+                    self.record_served(&served);
+                }
+                self.on_response_headers(h, out);
+                Flow::Continue
+            }
+            Some(Request::ResponseBody(b)) => {
+                self.on_response_body(b, out);
+                Flow::Continue
+            }
+            Some(Request::ResponseTrailers(_)) => {
+                if self.response_mode == BodyMode::FullDuplex
+                    && let Some(r) = self.response.restorer.as_mut()
+                {
+                    let rest = r.feed(&[], true);
+                    if !rest.is_empty() {
+                        out.push(streamed_chunk(Direction::Response, &rest, false));
+                    }
+                }
+                out.push(trailers_answer(Direction::Response));
+                self.finish_response();
+                Flow::Continue
+            }
+            None => Flow::Continue,
+        }
+    }
+
+    fn on_request_headers(&mut self, h: HttpHeaders, out: &mut Vec<ProcessingResponse>) -> Flow {
+        for hv in h.headers.as_ref().map(|m: &HeaderMap| m.headers.as_slice()).unwrap_or_default() {
+            let key = hv.key.to_ascii_lowercase();
+            let value = header_value(hv);
+            match key.as_str() {
+                ":path" => self.path = Some(text(value)),
+                "x-original-path" | "x-forwarded-path" if self.fallback_path.is_none() => {
+                    self.fallback_path = Some(text(value));
+                }
+                REQUEST_ID => self.request_id = Some(text(value)),
+                k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => self.model_rewrite = Some(text(value)),
+                _ => {}
+            }
+        }
+        if self.request_id.is_none() {
+            self.generated_request_id = Some(uuid::Uuid::new_v4().to_string());
+        }
+        match self.request_mode {
+            _ if h.end_of_stream => self.decide_without_body(out),
+            BodyMode::None | BodyMode::Streamed => self.decide_without_body(out),
+            BodyMode::Buffered => {
+                // Envoy waits for this answer before it sends the buffered body.
+                out.push(request_headers_answer(CommonResponse::default(), None));
+                Flow::Continue
+            }
+            BodyMode::FullDuplex => Flow::Continue,
+        }
+    }
+
+    fn on_request_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) -> Flow {
+        if self.decided {
+            return Flow::Continue;
+        }
+        if self.body.len() + b.body.len() > MAX_REQUEST_BODY_BYTES {
+            return self.fail(EppError::BodyTooLarge { limit: MAX_REQUEST_BODY_BYTES }, None, out);
+        }
+        if self.body.is_empty() && b.end_of_stream {
+            self.body = b.body;
+        } else {
+            self.body.extend_from_slice(&b.body);
+        }
+        if b.end_of_stream { self.decide_with_body(true, out) } else { Flow::Continue }
+    }
+
+    fn generated_id_header(&self) -> Option<envoy_types::pb::envoy::config::core::v3::HeaderValueOption> {
+        self.generated_request_id.as_ref().map(|id| set_header(REQUEST_ID, id.as_bytes()))
+    }
+
+    /// Header-only requests (e.g. `GET /v1/models`): any candidate serves; no scheduling.
+    fn decide_without_body(&mut self, out: &mut Vec<ProcessingResponse>) -> Flow {
+        self.decided = true;
+        let snapshot = self.p.reader.load();
+        let candidates = self.candidates(&snapshot);
+        let mut rng = SmallRng::from_rng(&mut rand::rng());
+        let Some(endpoint) = candidates.choose(&mut rng).and_then(|id| snapshot.get(*id)) else {
+            return self.fail(EppError::NoCandidates, None, out);
+        };
+        let destination = endpoint.address_text.to_string();
+        let mut headers = vec![set_header(DESTINATION_ENDPOINT, destination.as_bytes())];
+        headers.extend(self.generated_id_header());
+        out.push(request_headers_answer(
+            common_with_headers(headers, true),
+            Some(destination_metadata(&destination)),
+        ));
+        Flow::Continue
+    }
+
+    fn candidates(&self, snapshot: &Snapshot) -> Vec<EndpointId> {
+        match &self.subset {
+            Some(hint) => subset_candidates(snapshot, hint),
+            None => snapshot.all_ids().collect(),
+        }
+    }
+
+    fn decide_with_body(&mut self, body_ends_stream: bool, out: &mut Vec<ProcessingResponse>) -> Flow {
+        self.decided = true;
+        let body = std::mem::take(&mut self.body);
+        let plan = match self.schedule(&body) {
+            Ok(plan) => plan,
+            Err((e, model)) => return self.fail(e, model, out),
+        };
+        let mut headers = vec![set_header(DESTINATION_ENDPOINT, plan.destination.as_bytes())];
+        if !plan.body.is_empty() {
+            headers.push(set_header("Content-Length", plan.body.len().to_string().as_bytes()));
+        }
+        headers.extend(self.generated_id_header());
+        let metadata = destination_metadata(&plan.destination);
+        match self.request_mode {
+            BodyMode::Buffered => {
+                // Buffered: the headers answer already went out; routing rides on the body answer.
+                let replacement = (plan.body != body).then_some(plan.body);
+                let mut answer =
+                    body_replace_answer(Direction::Request, common_with_headers(headers, true), replacement);
+                answer.dynamic_metadata = Some(metadata);
+                out.push(answer);
+            }
+            _ => {
+                out.push(request_headers_answer(common_with_headers(headers, true), Some(metadata)));
+                push_streamed_body(out, Direction::Request, &plan.body, body_ends_stream);
+            }
+        }
+        Flow::Continue
+    }
+
+    fn schedule(&mut self, body: &[u8]) -> Result<Plan, (EppError, Option<(String, String)>)> {
+        let path = self.path.as_deref().or(self.fallback_path.as_deref()).unwrap_or("/v1/completions");
+        let req = parse_request(path, body).map_err(|e| (EppError::from(e), None))?;
+        let target = self.model_rewrite.clone().unwrap_or_else(|| req.model.clone());
+        let labels = Some((req.model.clone(), target.clone()));
+        let snapshot = self.p.reader.load();
+        let candidates = self.candidates(&snapshot);
+        if candidates.is_empty() {
+            return Err((EppError::NoCandidates, labels));
+        }
+        let ctx = SchedulingContext {
+            snapshot: &snapshot,
+            request: &req,
+            body,
+            target_model: &target,
+            now: self.p.clock.now(),
+        };
+        let mut rng = SmallRng::from_rng(&mut rand::rng());
+        let started = Instant::now();
+        let timer = self.p.plugin_timer();
+        let decision = self
+            .p
+            .scheduler
+            .schedule(&ctx, candidates, &mut Scratch::default(), &mut rng, Some(&timer))
+            .map_err(|e| match e {
+                SchedulingError::NoCandidates => (EppError::NoCandidates, labels.clone()),
+                other => (EppError::Scheduling(other), labels.clone()),
+            })?;
+        let m = &self.p.metrics;
+        m.scheduler_e2e.observe(started.elapsed().as_secs_f64());
+        if decision.repairs.non_finite > 0 {
+            m.score_repairs.with_label_values(&["non_finite"]).inc_by(u64::from(decision.repairs.non_finite));
+        }
+        if decision.repairs.clamped > 0 {
+            m.score_repairs.with_label_values(&["clamped"]).inc_by(u64::from(decision.repairs.clamped));
+        }
+        let picked: Vec<_> = decision.endpoints.iter().filter_map(|id| snapshot.get(*id)).collect();
+        let Some(primary) = picked.first() else {
+            return Err((EppError::Internal("scheduler returned no endpoint"), labels));
+        };
+        let destination = picked.iter().map(|e| &*e.address_text).collect::<Vec<_>>().join(",");
+        let tokens = req.estimated_prompt_tokens()
+            + req.max_output_tokens.unwrap_or_else(|| req.estimated_prompt_tokens().saturating_mul(3) / 2);
+        primary.live.start(tokens);
+        m.scheduler_attempts
+            .with_label_values(&[
+                "success",
+                &target,
+                &primary.spec.key.name,
+                &primary.spec.key.namespace,
+                &primary.spec.address.port().to_string(),
+            ])
+            .inc();
+        m.request_total.with_label_values(&[&req.model, &target, "0"]).inc();
+        m.request_sizes.with_label_values(&[&req.model, &target]).observe(body.len() as f64);
+        m.running_requests.with_label_values(&[&req.model]).inc();
+
+        let new_body = if target != req.model {
+            replace_model(body, req.model_span.clone(), &target)
+        } else {
+            body.to_vec()
+        };
+        self.request_stream = req.stream;
+        if target != req.model {
+            self.response.restorer = Some(ModelRestorer::new(&target, &req.model));
+        }
+        self.routed = Some(Routed {
+            model: req.model,
+            target_model: target,
+            live: Some(primary.live.clone()),
+            primary: Some(primary.spec.address),
+            tokens,
+        });
+        debug!(destination = %destination, "picked");
+        Ok(Plan {
+            destination,
+            body: new_body,
+        })
+    }
+
+    fn fail(&mut self, e: EppError, labels: Option<(String, String)>, out: &mut Vec<ProcessingResponse>) -> Flow {
+        let (model, target) = labels.unwrap_or_default();
+        self.p
+            .metrics
+            .request_error_total
+            .with_label_values(&[&model, &target, e.code()])
+            .inc();
+        debug!(error = %e, status = e.http_status(), "request answered by the EPP");
+        out.push(e.to_response());
+        Flow::Close
+    }
+
+    /// The proxy reports which endpoint served (it may differ after a retry): move the in-flight
+    /// count there.
+    fn record_served(&mut self, served: &str) {
+        let Some(routed) = self.routed.as_mut() else { return };
+        let Ok(addr) = served.parse::<SocketAddr>() else { return };
+        if routed.primary == Some(addr) {
+            return;
+        }
+        let snapshot = self.p.reader.load();
+        if let Some(e) = snapshot.by_address(addr).and_then(|id| snapshot.get(id)) {
+            if let Some(old) = routed.live.take() {
+                old.finish(routed.tokens);
+            }
+            e.live.start(routed.tokens);
+            routed.live = Some(e.live.clone());
+            routed.primary = Some(addr);
+        }
+    }
+
+    fn on_response_headers(&mut self, h: HttpHeaders, out: &mut Vec<ProcessingResponse>) {
+        let is_sse = h
+            .headers
+            .as_ref()
+            .map(|m| m.headers.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .any(|hv| {
+                hv.key.eq_ignore_ascii_case("content-type")
+                    && text(header_value(hv)).to_ascii_lowercase().contains("text/event-stream")
+            });
+        self.response.streaming = is_sse || self.request_stream;
+        out.push(response_headers_answer(common_with_headers(
+            vec![set_header(WENT_INTO_RESP_HEADERS, b"true")],
+            false,
+        )));
+        if h.end_of_stream {
+            self.finish_response();
+        }
+    }
+
+    fn on_response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+        let eos = b.end_of_stream;
+        let r = &mut self.response;
+        r.bytes += b.body.len() as u64;
+        if r.streaming {
+            r.sse.feed(&b.body);
+        } else if !r.json_overflow {
+            if r.json.len() + b.body.len() > MAX_RESPONSE_USAGE_BYTES {
+                r.json_overflow = true;
+                r.json = Vec::new();
+            } else {
+                r.json.extend_from_slice(&b.body);
+            }
+        }
+        let restored = r.restorer.as_mut().map(|x| x.feed(&b.body, eos));
+        match self.response_mode {
+            BodyMode::FullDuplex => {
+                let data = restored.as_deref().unwrap_or(&b.body);
+                if !data.is_empty() || eos {
+                    out.push(streamed_chunk(Direction::Response, data, eos));
+                }
+            }
+            _ => {
+                let replacement = restored.filter(|x| *x != b.body);
+                out.push(body_replace_answer(Direction::Response, CommonResponse::default(), replacement));
+            }
+        }
+        if eos {
+            self.finish_response();
+        }
+    }
+
+    fn finish_response(&mut self) {
+        if self.response.finished {
+            return;
+        }
+        self.response.finished = true;
+        let usage: Option<Usage> = if self.response.streaming {
+            self.response.sse.usage()
+        } else {
+            usage_from_json(&self.response.json)
+        };
+        self.response.json = Vec::new();
+        let Some(routed) = self.routed.as_ref() else { return };
+        let labels = [routed.model.as_str(), routed.target_model.as_str()];
+        let m = &self.p.metrics;
+        let seconds = self.started.elapsed().as_secs_f64();
+        m.request_duration.with_label_values(&labels).observe(seconds);
+        m.response_sizes.with_label_values(&labels).observe(self.response.bytes as f64);
+        if let Some(u) = usage {
+            if u.prompt_tokens > 0 {
+                m.input_tokens.with_label_values(&labels).observe(u.prompt_tokens as f64);
+            }
+            if u.completion_tokens > 0 {
+                m.output_tokens.with_label_values(&labels).observe(u.completion_tokens as f64);
+                m.normalized_tpot.with_label_values(&labels).observe(seconds / u.completion_tokens as f64);
+            }
+            if let Some(c) = u.cached_tokens {
+                m.prompt_cached_tokens.with_label_values(&labels).observe(c as f64);
+            }
+        }
+        self.release();
+    }
+
+    /// Release in-flight accounting; safe to call more than once.
+    fn release(&mut self) {
+        if let Some(mut routed) = self.routed.take() {
+            if let Some(live) = routed.live.take() {
+                live.finish(routed.tokens);
+            }
+            self.p.metrics.running_requests.with_label_values(&[&routed.model]).dec();
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        // Client cancel, Envoy reset or an unfinished response: the cleanup still runs, once.
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::testing::SnapshotBuilder;
+
+    #[test]
+    fn subset_matching_rules() {
+        let snap = SnapshotBuilder::new()
+            .endpoint("10.0.0.1:8000", |_| {})
+            .endpoint("10.0.0.1:8001", |_| {})
+            .endpoint("10.0.0.2:8000", |_| {})
+            .build();
+        let s = |v: &[&str]| subset_candidates(&snap, &v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+        assert_eq!(s(&["10.0.0.1:8001"]), vec![EndpointId(1)]);
+        assert_eq!(s(&["10.0.0.1:9999"]), vec![EndpointId(0), EndpointId(1)]);
+        assert_eq!(s(&["10.0.0.1:8000", "10.0.0.2:8000"]), vec![EndpointId(0), EndpointId(2)]);
+        assert_eq!(s(&["10.0.0.2"]), vec![EndpointId(2)]);
+        assert!(s(&["192.168.1.1:8080"]).is_empty());
+        assert!(s(&[]).is_empty());
+    }
+}

@@ -1,0 +1,30 @@
+//! Header names, metadata keys and body limits of the Endpoint Picker Protocol, in one place.
+
+/// Destination header and `envoy.lb` metadata key (EPP → proxy).
+pub const DESTINATION_ENDPOINT: &str = "x-gateway-destination-endpoint";
+/// Metadata namespace for the destination and the served endpoint.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Metadata namespace of the gateway's subset hint.
+pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key of the subset hint inside its namespace.
+pub const SUBSET_HINT_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Key of the served endpoint (proxy → EPP, on response headers).
+pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
+/// Objective header (priority selection), upstream and successor spellings.
+pub const OBJECTIVE_HEADERS: [&str; 2] = ["x-gateway-inference-objective", "x-llm-d-inference-objective"];
+/// Model-rewrite header, upstream and successor spellings.
+pub const MODEL_REWRITE_HEADERS: [&str; 2] = ["x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite"];
+/// Fairness (tenant) header, upstream and successor spellings.
+pub const FAIRNESS_HEADERS: [&str; 2] = ["x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id"];
+/// Request id header.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Marker set on every response-headers answer.
+pub const WENT_INTO_RESP_HEADERS: &str = "x-went-into-resp-headers";
+/// Reason header on immediate responses (successor convention).
+pub const DROPPED_REASON: &str = "x-llm-d-request-dropped-reason";
+/// Largest body chunk sent back to Envoy in one `streamed_response`.
+pub const BODY_CHUNK_BYTES: usize = 62_000;
+/// Largest request body accepted (bodies above get 413); bounds memory per stream.
+pub const MAX_REQUEST_BODY_BYTES: usize = 64 << 20;
+/// Response bytes kept to read `usage` from a non-streaming JSON answer.
+pub const MAX_RESPONSE_USAGE_BYTES: usize = 4 << 20;

@@ -1,0 +1,347 @@
+//! Per-engine metric names as data, and extraction of [`EngineMetrics`] from exposition text.
+//!
+//! Each engine maps our fields to one or more metric selectors (`name` or `name{label="v"}`),
+//! tried in order: the first selector with any matching series wins (that is how vLLM's legacy
+//! `vllm:gpu_cache_usage_perc` serves as a fallback). When several series match one selector —
+//! one per data-parallel rank or engine of the same pod — counts (waiting, running) are **summed**
+//! and ratios (KV utilization) are **averaged**; upstream takes the first series, which
+//! undercounts a multi-rank pod. `_created` samples are never used.
+
+use std::sync::Arc;
+
+use super::{
+    exposition::{Sample, for_each_sample},
+    model::{EngineMetrics, LoraState},
+};
+
+/// A metric name with optional exact label matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricSelector {
+    /// Metric name.
+    pub name: String,
+    /// Labels that must match exactly.
+    pub labels: Vec<(String, String)>,
+}
+
+impl MetricSelector {
+    /// Parse `name` or `name{label=value,label2="value"}`.
+    ///
+    /// # Errors
+    /// A message when the spec is malformed.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let spec = spec.trim();
+        let (name, labels) = match spec.split_once('{') {
+            None => (spec, Vec::new()),
+            Some((name, rest)) => {
+                let inner = rest
+                    .strip_suffix('}')
+                    .ok_or_else(|| format!("metric spec {spec:?}: missing closing brace"))?;
+                let labels = inner
+                    .split(',')
+                    .filter(|p| !p.trim().is_empty())
+                    .map(|pair| {
+                        let (k, v) = pair
+                            .split_once('=')
+                            .ok_or_else(|| format!("metric spec {spec:?}: label {pair:?} is not key=value"))?;
+                        Ok((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                (name.trim(), labels)
+            }
+        };
+        if name.is_empty() {
+            return Err(format!("metric spec {spec:?}: empty metric name"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            labels,
+        })
+    }
+
+    fn matches(&self, s: &Sample<'_>) -> bool {
+        s.name == self.name && self.labels.iter().all(|(k, v)| s.label(k) == Some(v.as_str()))
+    }
+}
+
+/// Where the KV block size and block count come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheInfoSource {
+    /// Labels of an info gauge (`vllm:cache_config_info{block_size, num_gpu_blocks}`).
+    InfoLabels {
+        /// The info metric.
+        metric: String,
+        /// Label holding tokens per block.
+        block_size_label: String,
+        /// Label holding the number of blocks.
+        num_blocks_label: String,
+    },
+    /// Values of two gauges.
+    Gauges {
+        /// Tokens per block.
+        block_size: MetricSelector,
+        /// Number of blocks.
+        num_blocks: MetricSelector,
+    },
+    /// Not reported.
+    None,
+}
+
+/// The metric names of one engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSpec {
+    /// Engine name (`vllm`, `sglang`, ...).
+    pub name: Arc<str>,
+    /// Waiting-queue selectors, in priority order.
+    pub waiting: Vec<MetricSelector>,
+    /// Running-requests selectors.
+    pub running: Vec<MetricSelector>,
+    /// KV-utilization selectors (fraction 0..1).
+    pub kv_usage: Vec<MetricSelector>,
+    /// LoRA info gauge (value = update time; labels carry adapters).
+    pub lora_info: Option<String>,
+    /// KV cache geometry.
+    pub cache_info: CacheInfoSource,
+}
+
+fn sel(spec: &str) -> MetricSelector {
+    MetricSelector::parse(spec).unwrap_or(MetricSelector {
+        name: spec.to_owned(),
+        labels: Vec::new(),
+    })
+}
+
+/// The built-in engines, with upstream's default names.
+pub fn builtin_engines() -> Vec<EngineSpec> {
+    vec![
+        EngineSpec {
+            name: "vllm".into(),
+            waiting: vec![sel("vllm:num_requests_waiting")],
+            running: vec![sel("vllm:num_requests_running")],
+            kv_usage: vec![sel("vllm:kv_cache_usage_perc"), sel("vllm:gpu_cache_usage_perc")],
+            lora_info: Some("vllm:lora_requests_info".into()),
+            cache_info: CacheInfoSource::InfoLabels {
+                metric: "vllm:cache_config_info".into(),
+                block_size_label: "block_size".into(),
+                num_blocks_label: "num_gpu_blocks".into(),
+            },
+        },
+        EngineSpec {
+            name: "sglang".into(),
+            waiting: vec![sel("sglang:num_queue_reqs")],
+            running: vec![sel("sglang:num_running_reqs")],
+            kv_usage: vec![sel("sglang:token_usage")],
+            lora_info: None,
+            cache_info: CacheInfoSource::InfoLabels {
+                metric: "sglang:cache_config_info".into(),
+                block_size_label: "page_size".into(),
+                num_blocks_label: "num_pages".into(),
+            },
+        },
+        EngineSpec {
+            name: "triton-tensorrt-llm".into(),
+            waiting: vec![sel("nv_trt_llm_request_metrics{request_type=waiting}")],
+            running: vec![sel("nv_trt_llm_request_metrics{request_type=scheduled}")],
+            kv_usage: vec![sel("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}")],
+            lora_info: None,
+            cache_info: CacheInfoSource::Gauges {
+                block_size: sel("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=tokens_per}"),
+                num_blocks: sel("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=max}"),
+            },
+        },
+        EngineSpec {
+            name: "trtllm-serve".into(),
+            waiting: vec![sel("trtllm_num_requests_waiting")],
+            running: vec![sel("trtllm_num_requests_running")],
+            kv_usage: vec![sel("trtllm_kv_cache_utilization")],
+            lora_info: None,
+            cache_info: CacheInfoSource::Gauges {
+                block_size: sel("trtllm_kv_cache_tokens_per_block"),
+                num_blocks: sel("trtllm_kv_cache_max_blocks"),
+            },
+        },
+    ]
+}
+
+/// Running aggregate of the series matching one field's selectors.
+#[derive(Default, Clone, Copy)]
+struct Agg {
+    /// Index of the best (lowest) selector seen so far, and its sum and count.
+    best: Option<usize>,
+    sum: f64,
+    count: u32,
+}
+
+impl Agg {
+    fn add(&mut self, selectors: &[MetricSelector], s: &Sample<'_>) {
+        let Some(idx) = selectors.iter().position(|m| m.matches(s)) else {
+            return;
+        };
+        if !s.value.is_finite() {
+            return;
+        }
+        match self.best {
+            Some(b) if idx > b => {}
+            Some(b) if idx == b => {
+                self.sum += s.value;
+                self.count += 1;
+            }
+            _ => {
+                *self = Agg {
+                    best: Some(idx),
+                    sum: s.value,
+                    count: 1,
+                }
+            }
+        }
+    }
+
+    fn sum(&self) -> Option<f64> {
+        self.best.map(|_| self.sum)
+    }
+
+    fn mean(&self) -> Option<f64> {
+        self.best.map(|_| self.sum / f64::from(self.count.max(1)))
+    }
+}
+
+fn count(v: Option<f64>) -> u32 {
+    v.map_or(0, |x| x.clamp(0.0, f64::from(u32::MAX)).round() as u32)
+}
+
+fn split_adapters(list: &str) -> Arc<[Arc<str>]> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(Arc::from)
+        .collect()
+}
+
+/// The outcome of extracting one scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extracted {
+    /// The values (with `scraped_at`/`last_error` left for the caller).
+    pub metrics: EngineMetrics,
+    /// Whether any required signal (waiting or running) was found.
+    pub found_required: bool,
+    /// Malformed lines skipped.
+    pub bad_lines: usize,
+}
+
+/// Extract `spec`'s signals from exposition `text` in one pass.
+pub fn extract(spec: &EngineSpec, text: &str) -> Extracted {
+    let (mut waiting, mut running, mut kv) = (Agg::default(), Agg::default(), Agg::default());
+    let (mut block_size, mut num_blocks) = (Agg::default(), Agg::default());
+    let mut lora: Option<(f64, LoraState)> = None;
+    let mut cache_labels: Option<(Option<u32>, Option<u64>)> = None;
+
+    let bad_lines = for_each_sample(text, |s| {
+        if s.name.ends_with("_created") {
+            return;
+        }
+        waiting.add(&spec.waiting, &s);
+        running.add(&spec.running, &s);
+        kv.add(&spec.kv_usage, &s);
+        match &spec.cache_info {
+            CacheInfoSource::InfoLabels {
+                metric,
+                block_size_label,
+                num_blocks_label,
+            } if s.name == metric => {
+                let bs = s.label(block_size_label).and_then(|v| v.parse().ok());
+                let nb = s.label(num_blocks_label).and_then(|v| v.parse().ok());
+                cache_labels.get_or_insert((bs, nb));
+            }
+            CacheInfoSource::Gauges {
+                block_size: b,
+                num_blocks: n,
+            } => {
+                block_size.add(std::slice::from_ref(b), &s);
+                num_blocks.add(std::slice::from_ref(n), &s);
+            }
+            _ => {}
+        }
+        if spec.lora_info.as_deref() == Some(s.name) && lora.as_ref().is_none_or(|(t, _)| s.value > *t) {
+            let state = LoraState {
+                running: split_adapters(s.label("running_lora_adapters").unwrap_or("")),
+                waiting: split_adapters(s.label("waiting_lora_adapters").unwrap_or("")),
+                max_active: s.label("max_lora").and_then(|v| v.parse().ok()).unwrap_or(0),
+            };
+            lora = Some((s.value, state));
+        }
+    });
+
+    let (bs, nb) = match cache_labels {
+        Some(v) => v,
+        None => (
+            block_size.mean().map(|v| v.max(0.0) as u32),
+            num_blocks.mean().map(|v| v.max(0.0) as u64),
+        ),
+    };
+    Extracted {
+        found_required: waiting.best.is_some() || running.best.is_some(),
+        metrics: EngineMetrics {
+            waiting: count(waiting.sum()),
+            running: count(running.sum()),
+            kv_usage: kv.mean().map(|v| v.clamp(0.0, 1.0)),
+            lora: lora.map(|(_, l)| l),
+            block_size: bs.filter(|b| *b > 0),
+            num_gpu_blocks: nb.filter(|n| *n > 0),
+            scraped_at: None,
+            last_error: None,
+        },
+        bad_lines,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vllm() -> EngineSpec {
+        builtin_engines().remove(0)
+    }
+
+    #[test]
+    fn selector_specs_parse() {
+        let s = MetricSelector::parse("nv_trt_llm_request_metrics{request_type=\"waiting\"}").unwrap();
+        assert_eq!(s.name, "nv_trt_llm_request_metrics");
+        assert_eq!(s.labels, vec![("request_type".into(), "waiting".into())]);
+        assert!(MetricSelector::parse("x{a=b").is_err());
+        assert!(MetricSelector::parse("{a=b}").is_err());
+    }
+
+    #[test]
+    fn data_parallel_ranks_are_summed_and_kv_averaged() {
+        let text = "vllm:num_requests_waiting{engine=\"0\"} 2\nvllm:num_requests_waiting{engine=\"1\"} 3\n\
+            vllm:num_requests_running{engine=\"0\"} 1\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.2\n\
+            vllm:kv_cache_usage_perc{engine=\"1\"} 0.4\n";
+        let e = extract(&vllm(), text);
+        assert_eq!(e.metrics.waiting, 5);
+        assert_eq!(e.metrics.running, 1);
+        assert!((e.metrics.kv_usage.unwrap() - 0.3).abs() < 1e-12);
+        assert!(e.found_required);
+    }
+
+    #[test]
+    fn legacy_kv_name_is_a_fallback_and_lora_latest_series_wins() {
+        let text = "vllm:gpu_cache_usage_perc 0.5\n\
+            vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"lora4,lora2\",waiting_lora_adapters=\"lora3\"} 1.257894567e+09\n\
+            vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"lora4,lora3\",waiting_lora_adapters=\"\"} 1.257894569e+09\n\
+            vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"27000\"} 1\n";
+        let e = extract(&vllm(), text);
+        assert_eq!(e.metrics.kv_usage, Some(0.5));
+        let lora = e.metrics.lora.unwrap();
+        assert_eq!(&*lora.running, &[Arc::from("lora4"), Arc::from("lora3")]);
+        assert!(lora.waiting.is_empty());
+        assert_eq!(lora.max_active, 1);
+        assert_eq!(e.metrics.block_size, Some(16));
+        assert_eq!(e.metrics.num_gpu_blocks, Some(27000));
+        assert!(!e.found_required);
+    }
+
+    #[test]
+    fn missing_kv_is_unknown_not_zero() {
+        let e = extract(&vllm(), "vllm:num_requests_waiting 1\n");
+        assert_eq!(e.metrics.kv_usage, None);
+    }
+}

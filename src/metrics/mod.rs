@@ -1,0 +1,16 @@
+//! Model-server metrics in, the EPP's own metrics out.
+//!
+//! - [`model`]: typed load signals of one endpoint (pure data).
+//! - [`exposition`]: a tolerant Prometheus text parser (pure).
+//! - [`engines`]: per-engine metric name tables as data, and extraction into [`EngineMetrics`].
+//! - [`collector`]: one scrape loop per endpoint, feeding the datastore.
+//! - [`names`] and [`exported`]: the metrics this EPP exports, under the upstream names.
+
+pub mod collector;
+pub mod engines;
+pub mod exported;
+pub mod exposition;
+pub mod model;
+pub mod names;
+
+pub use model::{EngineMetrics, LoraState, ScrapeFailure};

@@ -1,0 +1,86 @@
+//! Which OpenAI-style API a request targets, from its path.
+
+/// The API of a request, which decides the required fields and where the prompt is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKind {
+    /// `/v1/completions`: `prompt`.
+    Completions,
+    /// `/v1/chat/completions`: `messages`.
+    ChatCompletions,
+    /// `/v1/responses`: `input`.
+    Responses,
+    /// `/v1/conversations`: `items`.
+    Conversations,
+    /// `/v1/embeddings`: `input`.
+    Embeddings,
+}
+
+impl ApiKind {
+    /// Classify a request path the way the Go EPP does: by suffix, in a fixed order, without
+    /// stripping the query string; anything else is completions.
+    pub fn from_path(path: &str) -> Self {
+        const ORDER: [(&str, ApiKind); 5] = [
+            ("/conversations", ApiKind::Conversations),
+            ("/responses", ApiKind::Responses),
+            ("/chat/completions", ApiKind::ChatCompletions),
+            ("/completions", ApiKind::Completions),
+            ("/embeddings", ApiKind::Embeddings),
+        ];
+        ORDER
+            .iter()
+            .find(|(suffix, _)| path.ends_with(suffix))
+            .map(|(_, kind)| *kind)
+            .unwrap_or(ApiKind::Completions)
+    }
+
+    /// The body field that carries the prompt.
+    pub fn prompt_field(self) -> &'static str {
+        match self {
+            ApiKind::Completions => "prompt",
+            ApiKind::ChatCompletions => "messages",
+            ApiKind::Responses | ApiKind::Embeddings => "input",
+            ApiKind::Conversations => "items",
+        }
+    }
+
+    /// The 400 message when the prompt field is missing or empty (upstream wording).
+    pub fn missing_prompt_message(self) -> &'static str {
+        match self {
+            ApiKind::Completions => "invalid completions request: must have prompt field",
+            ApiKind::ChatCompletions => {
+                "invalid chat completions request: must have valid messages field"
+            }
+            ApiKind::Responses => "invalid responses request: must have input field",
+            ApiKind::Conversations => "invalid conversations request: must have items field",
+            ApiKind::Embeddings => "invalid embeddings request: must have input field",
+        }
+    }
+
+    /// Label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKind::Completions => "completions",
+            ApiKind::ChatCompletions => "chat_completions",
+            ApiKind::Responses => "responses",
+            ApiKind::Conversations => "conversations",
+            ApiKind::Embeddings => "embeddings",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_suffix_rules_match_upstream() {
+        assert_eq!(ApiKind::from_path("/v1/chat/completions"), ApiKind::ChatCompletions);
+        assert_eq!(ApiKind::from_path("/v1/completions"), ApiKind::Completions);
+        assert_eq!(ApiKind::from_path("/v1/responses"), ApiKind::Responses);
+        assert_eq!(ApiKind::from_path("/v1/conversations"), ApiKind::Conversations);
+        assert_eq!(ApiKind::from_path("/v1/embeddings"), ApiKind::Embeddings);
+        // The query string is not stripped, so this falls back to completions (as upstream).
+        assert_eq!(ApiKind::from_path("/v1/chat/completions?x=y"), ApiKind::Completions);
+        assert_eq!(ApiKind::from_path("/anything"), ApiKind::Completions);
+    }
+}

@@ -1,0 +1,15 @@
+//! Pure parsing of what flows through the EPP: request bodies into [`LlmRequest`], response
+//! usage (JSON and SSE), and the client-facing model-name restore.
+//!
+//! No I/O and no clock; every function is deterministic in its input, so the simulator and the
+//! server share it.
+
+pub mod api;
+pub mod request;
+pub mod restore;
+pub mod usage;
+
+pub use api::ApiKind;
+pub use request::{LlmRequest, RequestError, parse_request, replace_model};
+pub use restore::ModelRestorer;
+pub use usage::{SseUsageScanner, Usage, usage_from_json};

@@ -1,0 +1,255 @@
+//! Request bodies → [`LlmRequest`], in one pass over the bytes.
+//!
+//! The body is scanned once by serde_json into borrowed raw values: nothing is copied but the
+//! model name, and the byte spans of `model` and the prompt field are kept so that the caller can
+//! patch the model in place and the prefix hasher can read the prompt without a second parse.
+
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+use super::api::ApiKind;
+
+/// Why a request body was refused. Every variant is a client error (HTTP 400).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// Not a JSON object.
+    #[error("error unmarshaling request body: {reason}")]
+    InvalidJson {
+        /// The decoder's message.
+        reason: String,
+    },
+    /// `model` missing or not a string.
+    #[error("model not found in request body")]
+    MissingModel,
+    /// The API's prompt field is missing or empty.
+    #[error("{}", .api.missing_prompt_message())]
+    MissingPrompt {
+        /// Which API was assumed.
+        api: ApiKind,
+    },
+}
+
+impl RequestError {
+    /// The offending body field, for the OpenAI error's `param`.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            RequestError::InvalidJson { .. } => None,
+            RequestError::MissingModel => Some("model"),
+            RequestError::MissingPrompt { api } => Some(api.prompt_field()),
+        }
+    }
+}
+
+/// What the EPP needs to know about one LLM request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmRequest {
+    /// The API, from the path.
+    pub api: ApiKind,
+    /// `model` as the client sent it.
+    pub model: String,
+    /// Byte span of the `model` value (with its quotes) in the body.
+    pub model_span: Range<usize>,
+    /// Byte span of the raw JSON of the prompt field (`messages`, `prompt`, `input`, `items`).
+    pub prompt_span: Range<usize>,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// `stream_options.include_usage` is `true`.
+    pub include_usage: bool,
+    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is set first.
+    pub max_output_tokens: Option<u64>,
+    /// `cache_salt`, which isolates prefix-cache sharing between tenants.
+    pub cache_salt: Option<String>,
+    /// Length of the body in bytes.
+    pub body_len: usize,
+}
+
+impl LlmRequest {
+    /// The raw JSON text of the prompt field inside `body` (the body this was parsed from).
+    pub fn prompt_bytes<'b>(&self, body: &'b [u8]) -> &'b [u8] {
+        body.get(self.prompt_span.clone()).unwrap_or_default()
+    }
+
+    /// A cheap token estimate of the prompt: about four bytes per token, at least one.
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        ((self.prompt_span.len() as u64) / 4).max(1)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawBody<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    items: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream: Option<&'a RawValue>,
+    stream_options: Option<StreamOptions>,
+    #[serde(borrow)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    cache_salt: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<serde_json::Value>,
+}
+
+/// Parse an OpenAI-style request body for the API at `path`.
+///
+/// # Errors
+/// [`RequestError`] when the body is not a JSON object, has no string `model`, or lacks the
+/// API's prompt field.
+pub fn parse_request(path: &str, body: &[u8]) -> Result<LlmRequest, RequestError> {
+    let api = ApiKind::from_path(path);
+    let text = std::str::from_utf8(body).map_err(|e| RequestError::InvalidJson {
+        reason: e.to_string(),
+    })?;
+    let raw: RawBody<'_> = serde_json::from_str(text).map_err(|e| RequestError::InvalidJson {
+        reason: e.to_string(),
+    })?;
+
+    let model_raw = raw.model.ok_or(RequestError::MissingModel)?;
+    let model: String =
+        serde_json::from_str(model_raw.get()).map_err(|_| RequestError::MissingModel)?;
+    let model_span = span_of(text, model_raw.get());
+
+    let prompt = match api {
+        ApiKind::Completions => raw.prompt,
+        ApiKind::ChatCompletions => raw.messages,
+        ApiKind::Responses | ApiKind::Embeddings => raw.input,
+        ApiKind::Conversations => raw.items,
+    };
+    let prompt = prompt
+        .filter(|p| is_non_empty(p.get()))
+        .ok_or(RequestError::MissingPrompt { api })?;
+    if api == ApiKind::ChatCompletions && !prompt.get().starts_with('[') {
+        return Err(RequestError::MissingPrompt { api });
+    }
+
+    let max_output_tokens = [raw.max_tokens, raw.max_completion_tokens, raw.max_output_tokens]
+        .into_iter()
+        .flatten()
+        .find_map(|v| v.get().parse::<u64>().ok());
+
+    Ok(LlmRequest {
+        api,
+        model,
+        model_span,
+        prompt_span: span_of(text, prompt.get()),
+        stream: raw.stream.is_some_and(|v| v.get() == "true"),
+        include_usage: raw
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .is_some_and(|v| v == serde_json::Value::Bool(true)),
+        max_output_tokens,
+        cache_salt: raw
+            .cache_salt
+            .and_then(|v| serde_json::from_str::<String>(v.get()).ok()),
+        body_len: body.len(),
+    })
+}
+
+/// The byte span of `part` inside `whole`; `part` must borrow from `whole` (serde's borrowed
+/// `RawValue` does).
+fn span_of(whole: &str, part: &str) -> Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+    start..start + part.len()
+}
+
+/// A JSON value counts as present when it is not null, not `""`, not `[]` and not `{}`.
+fn is_non_empty(raw: &str) -> bool {
+    let compact: String = raw.chars().filter(|c| !c.is_whitespace()).take(3).collect();
+    !matches!(compact.as_str(), "null" | "\"\"" | "[]" | "{}")
+}
+
+/// `body` with the `model` value at `span` replaced by `new_model`, as a JSON string.
+/// Every other byte is kept as sent.
+pub fn replace_model(body: &[u8], span: Range<usize>, new_model: &str) -> Vec<u8> {
+    let encoded = serde_json::Value::String(new_model.to_owned()).to_string();
+    let mut out = Vec::with_capacity(body.len() + encoded.len());
+    out.extend_from_slice(&body[..span.start.min(body.len())]);
+    out.extend_from_slice(encoded.as_bytes());
+    out.extend_from_slice(&body[span.end.min(body.len())..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_request_spans_and_fields() {
+        let body = br#"{"model":"m1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":12,"cache_salt":"s"}"#;
+        let r = parse_request("/v1/chat/completions", body).unwrap();
+        assert_eq!(r.api, ApiKind::ChatCompletions);
+        assert_eq!(r.model, "m1");
+        assert_eq!(&body[r.model_span.clone()], br#""m1""#);
+        assert_eq!(r.prompt_bytes(body), br#"[{"role":"user","content":"hi"}]"#);
+        assert!(r.stream);
+        assert!(r.include_usage);
+        assert_eq!(r.max_output_tokens, Some(12));
+        assert_eq!(r.cache_salt.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn errors_match_upstream_messages() {
+        assert_eq!(
+            parse_request("/v1/completions", br#"{"prompt":"x"}"#),
+            Err(RequestError::MissingModel)
+        );
+        assert_eq!(
+            parse_request("/v1/completions", br#"{"model":3,"prompt":"x"}"#),
+            Err(RequestError::MissingModel)
+        );
+        let e = parse_request("/v1/chat/completions", br#"{"model":"m","messages":[]}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid chat completions request: must have valid messages field"
+        );
+        let e = parse_request("/v1/completions", br#"{"model":"m","prompt":""}"#).unwrap_err();
+        assert_eq!(e.to_string(), "invalid completions request: must have prompt field");
+        assert!(matches!(
+            parse_request("/v1/completions", b"not json"),
+            Err(RequestError::InvalidJson { .. })
+        ));
+        assert!(matches!(
+            parse_request("/v1/completions", b"[1,2]"),
+            Err(RequestError::InvalidJson { .. })
+        ));
+    }
+
+    #[test]
+    fn replace_model_patches_only_the_value() {
+        let body = br#"{"max_tokens":100,"model":"my-model","prompt":"test1","temperature":0}"#;
+        let r = parse_request("/v1/completions", body).unwrap();
+        let out = replace_model(body, r.model_span, "my-model-12345");
+        assert_eq!(
+            out,
+            br#"{"max_tokens":100,"model":"my-model-12345","prompt":"test1","temperature":0}"#
+        );
+        assert_eq!(out.len(), 76);
+    }
+
+    #[test]
+    fn escaped_model_names_round_trip() {
+        let body = br#"{"model":"a\"b","prompt":"x"}"#;
+        let r = parse_request("/v1/completions", body).unwrap();
+        assert_eq!(r.model, "a\"b");
+        let out = replace_model(body, r.model_span, "c\"d");
+        assert_eq!(out, br#"{"model":"c\"d","prompt":"x"}"#);
+    }
+}

@@ -1,0 +1,100 @@
+//! The scheduler: producers → profile → picked endpoints → pre-request hooks.
+//!
+//! Pure and synchronous. The caller passes the snapshot-backed context, the candidate list (the
+//! pool, possibly narrowed by the gateway's subset hint), an RNG and optionally a timer.
+
+use std::sync::Arc;
+
+use rand::RngCore;
+
+use super::{
+    plugin::{CycleState, DataProducer, ExtensionPoint, Needs, PluginTimer, PreRequest, SchedulingContext},
+    profile::{Profile, ProfileError, Scratch, ScoreRepairs},
+};
+use crate::datastore::EndpointId;
+
+/// Why scheduling failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulingError {
+    /// No candidate to start from (empty pool or subset).
+    #[error("failed to find endpoint candidates for serving the request")]
+    NoCandidates,
+    /// The profile failed (filters removed everything).
+    #[error("failed to find target endpoint: failed to run scheduler profile '{profile}': {source}")]
+    Profile {
+        /// The profile's name.
+        profile: Arc<str>,
+        /// What went wrong.
+        #[source]
+        source: ProfileError,
+    },
+}
+
+/// The outcome of one scheduling cycle.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// Chosen endpoints, primary first.
+    pub endpoints: Vec<EndpointId>,
+    /// Data produced during the cycle (e.g. the prefix match), for hooks and metrics.
+    pub state: CycleState,
+    /// Scores the framework had to repair.
+    pub repairs: ScoreRepairs,
+}
+
+/// A built scheduler. Cheap to share (`Arc`), used concurrently by every request.
+pub struct Scheduler {
+    pub(crate) producers: Vec<Arc<dyn DataProducer>>,
+    pub(crate) profile: Profile,
+    pub(crate) pre_request: Vec<Arc<dyn PreRequest>>,
+    pub(crate) needs: Needs,
+}
+
+impl Scheduler {
+    /// The profile's name.
+    pub fn profile_name(&self) -> &str {
+        &self.profile.name
+    }
+
+    /// Run one cycle over `candidates` (consumed as scratch).
+    ///
+    /// # Errors
+    /// [`SchedulingError`] when there is no candidate or the profile fails.
+    pub fn schedule(
+        &self,
+        ctx: &SchedulingContext<'_>,
+        mut candidates: Vec<EndpointId>,
+        scratch: &mut Scratch,
+        rng: &mut dyn RngCore,
+        timer: Option<&dyn PluginTimer>,
+    ) -> Result<Decision, SchedulingError> {
+        if candidates.is_empty() {
+            return Err(SchedulingError::NoCandidates);
+        }
+        let mut decision = Decision::default();
+        for producer in &self.producers {
+            if producer.produces().prefix_match && !self.needs.prefix_match {
+                continue;
+            }
+            let started = timer.map(|t| t.start());
+            producer.produce(ctx, &mut decision.state);
+            if let (Some(t), Some(s)) = (timer, started) {
+                t.record(ExtensionPoint::PrepareData, producer.name(), s);
+            }
+        }
+        decision.repairs = self
+            .profile
+            .run(ctx, &decision.state, &mut candidates, scratch, rng, timer, &mut decision.endpoints)
+            .map_err(|source| SchedulingError::Profile {
+                profile: self.profile.name.clone(),
+                source,
+            })?;
+        for hook in &self.pre_request {
+            let started = timer.map(|t| t.start());
+            hook.pre_request(ctx, &decision.state, &decision.endpoints);
+            if let (Some(t), Some(s)) = (timer, started) {
+                t.record(ExtensionPoint::PreRequest, hook.name(), s);
+            }
+        }
+        Ok(decision)
+    }
+}

@@ -1,0 +1,175 @@
+//! The plugin contracts: filters, scorers, pickers, data producers and pre-request hooks.
+//!
+//! Names and score convention follow the upstream EPP so configurations carry over: every scorer
+//! writes one value per candidate in [0, 1], 1 best; the profile multiplies by the configured
+//! weight. Plugins are `Send + Sync`, take `&self`, and keep any state they own internally.
+//! Inputs that are expensive to compute (the prefix match) are produced once per request into
+//! [`CycleState`] and only when a configured plugin [`needs`](Scorer::needs) them.
+
+use std::sync::Arc;
+
+use rand::RngCore;
+
+use crate::{
+    clock::Timestamp,
+    datastore::{EndpointId, EndpointUid, Snapshot},
+    parser::LlmRequest,
+    prefix::BlockHash,
+};
+
+/// Type and instance name of a configured plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginName {
+    /// Registered type, e.g. `queue-scorer`.
+    pub kind: &'static str,
+    /// Instance name from the config (defaults to the type).
+    pub name: Arc<str>,
+}
+
+/// Inputs a plugin reads beyond the snapshot and request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// The prefix-cache match ([`CycleState::prefix`]).
+    pub prefix_match: bool,
+}
+
+/// Everything a plugin may read about the request being scheduled.
+pub struct SchedulingContext<'a> {
+    /// The pool, loaded once for this request.
+    pub snapshot: &'a Snapshot,
+    /// The parsed request.
+    pub request: &'a LlmRequest,
+    /// The request body the request was parsed from.
+    pub body: &'a [u8],
+    /// The model the request will be served as (after rewrites).
+    pub target_model: &'a str,
+    /// The current time.
+    pub now: Timestamp,
+}
+
+/// Result of the prefix-cache producer for one request.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixMatch {
+    /// The request's chained block hashes.
+    pub hashes: Vec<BlockHash>,
+    /// Blocks held per endpoint (endpoints holding none are absent).
+    pub matched: Vec<(EndpointUid, u32)>,
+    /// Block size in tokens used for hashing.
+    pub block_size_tokens: u32,
+}
+
+impl PrefixMatch {
+    /// Blocks of this request `uid` holds.
+    pub fn matched_blocks(&self, uid: EndpointUid) -> u32 {
+        self.matched
+            .iter()
+            .find(|(u, _)| *u == uid)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    }
+}
+
+/// Per-request scratch shared between plugins, filled by data producers.
+#[derive(Debug, Default)]
+pub struct CycleState {
+    /// Prefix-cache match, when a configured plugin needs it.
+    pub prefix: Option<PrefixMatch>,
+}
+
+/// Removes candidates that must not serve the request.
+pub trait Filter: Send + Sync {
+    /// Identity.
+    fn name(&self) -> &PluginName;
+    /// Inputs read.
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
+    /// Retain the acceptable candidates in place.
+    fn filter(&self, ctx: &SchedulingContext<'_>, state: &CycleState, candidates: &mut Vec<EndpointId>);
+}
+
+/// Rates candidates.
+pub trait Scorer: Send + Sync {
+    /// Identity.
+    fn name(&self) -> &PluginName;
+    /// Inputs read.
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
+    /// Write one score per candidate into `out` (same length, pre-zeroed). Values outside [0, 1]
+    /// are clamped and non-finite values count as 0 by the caller.
+    fn score(&self, ctx: &SchedulingContext<'_>, state: &CycleState, candidates: &[EndpointId], out: &mut [f64]);
+}
+
+/// A candidate with its weighted total score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoredEndpoint {
+    /// The candidate.
+    pub id: EndpointId,
+    /// Sum of weighted scores.
+    pub score: f64,
+}
+
+/// Chooses the endpoint(s) from scored candidates.
+pub trait Picker: Send + Sync {
+    /// Identity.
+    fn name(&self) -> &PluginName;
+    /// Push the chosen endpoints, best first, into `out` (empty on entry). `scored` may be
+    /// reordered.
+    fn pick(&self, scored: &mut [ScoredEndpoint], rng: &mut dyn RngCore, out: &mut Vec<EndpointId>);
+}
+
+/// Computes shared per-request inputs before filtering.
+pub trait DataProducer: Send + Sync {
+    /// Identity.
+    fn name(&self) -> &PluginName;
+    /// What this producer fills.
+    fn produces(&self) -> Needs;
+    /// Fill `state` for this request.
+    fn produce(&self, ctx: &SchedulingContext<'_>, state: &mut CycleState);
+}
+
+/// Learns the decision once it is made (e.g. the prefix index records where blocks went).
+pub trait PreRequest: Send + Sync {
+    /// Identity.
+    fn name(&self) -> &PluginName;
+    /// Called with the chosen endpoints, primary first.
+    fn pre_request(&self, ctx: &SchedulingContext<'_>, state: &CycleState, picked: &[EndpointId]);
+}
+
+/// Where in the cycle a plugin ran, for the plugin-duration metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtensionPoint {
+    /// Data producer.
+    PrepareData,
+    /// Filter.
+    Filter,
+    /// Scorer.
+    Scorer,
+    /// Picker.
+    Picker,
+    /// Pre-request hook.
+    PreRequest,
+}
+
+impl ExtensionPoint {
+    /// Upstream label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExtensionPoint::PrepareData => "PrepareData",
+            ExtensionPoint::Filter => "Filter",
+            ExtensionPoint::Scorer => "Scorer",
+            ExtensionPoint::Picker => "Picker",
+            ExtensionPoint::PreRequest => "PreRequest",
+        }
+    }
+}
+
+/// Optional observer of plugin run times. The scheduler never reads a clock; the server passes
+/// an implementation that does, the simulator passes none.
+pub trait PluginTimer {
+    /// An opaque start mark.
+    fn start(&self) -> u64;
+    /// Record the time since `started` for `plugin` at `point`.
+    fn record(&self, point: ExtensionPoint, plugin: &PluginName, started: u64);
+}

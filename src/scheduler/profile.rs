@@ -1,0 +1,141 @@
+//! A scheduling profile: filters in order, weighted scorers, one picker.
+
+use std::sync::Arc;
+
+use rand::RngCore;
+
+use super::plugin::{
+    CycleState, ExtensionPoint, Filter, Picker, PluginTimer, Scorer, ScoredEndpoint, SchedulingContext,
+};
+use crate::datastore::EndpointId;
+
+/// A scorer with its weight.
+pub struct WeightedScorer {
+    /// The scorer.
+    pub scorer: Arc<dyn Scorer>,
+    /// Multiplier of its [0, 1] score (not normalised across scorers, as upstream).
+    pub weight: f64,
+}
+
+/// Why a profile produced no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileError {
+    /// A filter removed every candidate.
+    #[error("no endpoints available for the given request (filtered out by {filtered_by})")]
+    AllFiltered {
+        /// The filter's instance name.
+        filtered_by: Arc<str>,
+    },
+    /// The picker chose nothing.
+    #[error("picker {picker} returned no endpoint")]
+    NothingPicked {
+        /// The picker's instance name.
+        picker: Arc<str>,
+    },
+}
+
+/// Reusable per-request buffers, so a cycle allocates nothing once warmed up.
+#[derive(Default)]
+pub struct Scratch {
+    totals: Vec<f64>,
+    single: Vec<f64>,
+    scored: Vec<ScoredEndpoint>,
+}
+
+/// One configured profile.
+pub struct Profile {
+    /// Profile name.
+    pub name: Arc<str>,
+    /// Filters, run in order.
+    pub filters: Vec<Arc<dyn Filter>>,
+    /// Weighted scorers.
+    pub scorers: Vec<WeightedScorer>,
+    /// The picker.
+    pub picker: Arc<dyn Picker>,
+}
+
+/// Counts of scores the framework had to repair, reported by [`Profile::run`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreRepairs {
+    /// Non-finite scores replaced by 0.
+    pub non_finite: u32,
+    /// Scores clamped into [0, 1].
+    pub clamped: u32,
+}
+
+impl Profile {
+    /// Filter, score and pick. `candidates` is filtered in place; the chosen endpoints (best
+    /// first) are pushed to `picked`.
+    ///
+    /// # Errors
+    /// [`ProfileError`] when filters leave nothing or the picker picks nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        ctx: &SchedulingContext<'_>,
+        state: &CycleState,
+        candidates: &mut Vec<EndpointId>,
+        scratch: &mut Scratch,
+        rng: &mut dyn RngCore,
+        timer: Option<&dyn PluginTimer>,
+        picked: &mut Vec<EndpointId>,
+    ) -> Result<ScoreRepairs, ProfileError> {
+        for filter in &self.filters {
+            let started = timer.map(|t| t.start());
+            filter.filter(ctx, state, candidates);
+            if let (Some(t), Some(s)) = (timer, started) {
+                t.record(ExtensionPoint::Filter, filter.name(), s);
+            }
+            if candidates.is_empty() {
+                return Err(ProfileError::AllFiltered {
+                    filtered_by: filter.name().name.clone(),
+                });
+            }
+        }
+
+        let n = candidates.len();
+        scratch.totals.clear();
+        scratch.totals.resize(n, 0.0);
+        let mut repairs = ScoreRepairs::default();
+        for ws in &self.scorers {
+            scratch.single.clear();
+            scratch.single.resize(n, 0.0);
+            let started = timer.map(|t| t.start());
+            ws.scorer.score(ctx, state, candidates, &mut scratch.single);
+            if let (Some(t), Some(s)) = (timer, started) {
+                t.record(ExtensionPoint::Scorer, ws.scorer.name(), s);
+            }
+            for (total, raw) in scratch.totals.iter_mut().zip(&scratch.single) {
+                let v = if !raw.is_finite() {
+                    repairs.non_finite += 1;
+                    0.0
+                } else if !(0.0..=1.0).contains(raw) {
+                    repairs.clamped += 1;
+                    raw.clamp(0.0, 1.0)
+                } else {
+                    *raw
+                };
+                *total += v * ws.weight;
+            }
+        }
+
+        scratch.scored.clear();
+        scratch.scored.extend(
+            candidates
+                .iter()
+                .zip(&scratch.totals)
+                .map(|(id, score)| ScoredEndpoint { id: *id, score: *score }),
+        );
+        let started = timer.map(|t| t.start());
+        self.picker.pick(&mut scratch.scored, rng, picked);
+        if let (Some(t), Some(s)) = (timer, started) {
+            t.record(ExtensionPoint::Picker, self.picker.name(), s);
+        }
+        if picked.is_empty() {
+            return Err(ProfileError::NothingPicked {
+                picker: self.picker.name().name.clone(),
+            });
+        }
+        Ok(repairs)
+    }
+}

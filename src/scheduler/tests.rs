@@ -1,0 +1,166 @@
+//! Scheduler behaviour on the upstream worked examples and config errors.
+
+use rand::{SeedableRng, rngs::SmallRng};
+
+use super::*;
+use crate::{
+    clock::Timestamp,
+    config::{ConfigError, EndpointPickerConfig},
+    datastore::{EndpointId, Snapshot, testing::SnapshotBuilder},
+    parser::parse_request,
+};
+
+fn config(profile: &str, plugins: &str) -> EndpointPickerConfig {
+    let doc = format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n{plugins}schedulingProfiles:\n- name: default\n  plugins:\n{profile}"
+    );
+    EndpointPickerConfig::from_yaml(&doc).unwrap()
+}
+
+fn run(s: &Scheduler, snap: &Snapshot, body: &[u8], rng: &mut SmallRng) -> Result<Decision, SchedulingError> {
+    let req = parse_request("/v1/completions", body).unwrap();
+    let ctx = SchedulingContext {
+        snapshot: snap,
+        request: &req,
+        body,
+        target_model: &req.model,
+        now: Timestamp(0),
+    };
+    s.schedule(&ctx, snap.all_ids().collect(), &mut Scratch::default(), rng, None)
+}
+
+fn hermetic_pods() -> Snapshot {
+    // "select lower queue and kv cache": P0(3,.2) P1(0,.1) P2(10,.2).
+    SnapshotBuilder::new()
+        .endpoint("192.168.1.1:8000", |m| {
+            m.waiting = 3;
+            m.kv_usage = Some(0.2);
+        })
+        .endpoint("192.168.1.2:8000", |m| {
+            m.waiting = 0;
+            m.kv_usage = Some(0.1);
+        })
+        .endpoint("192.168.1.3:8000", |m| {
+            m.waiting = 10;
+            m.kv_usage = Some(0.2);
+        })
+        .build()
+}
+
+#[test]
+fn queue_plus_kv_picks_the_upstream_winner() {
+    let cfg = config(
+        "  - pluginRef: queue-scorer\n  - pluginRef: kv-cache-utilization-scorer\n",
+        "- type: queue-scorer\n- type: kv-cache-utilization-scorer\n",
+    );
+    let s = build_scheduler(&cfg).unwrap();
+    let snap = hermetic_pods();
+    let mut rng = SmallRng::seed_from_u64(7);
+    for _ in 0..20 {
+        let d = run(&s, &snap, br#"{"model":"m","prompt":"test1"}"#, &mut rng).unwrap();
+        assert_eq!(d.endpoints, vec![EndpointId(1)]);
+    }
+}
+
+#[test]
+fn weights_are_not_normalised() {
+    // queue: P0 .7, P1 1, P2 0; kv: .8 .9 .8. Weight queue 0, kv 1 → P1 (0.9) still wins, and
+    // with queue 1, kv 10 → P0 8.7 < P1 10, P2 8.0.
+    let cfg = config(
+        "  - pluginRef: queue-scorer\n    weight: 1\n  - pluginRef: kv-cache-utilization-scorer\n    weight: 10\n  - pluginRef: picker\n",
+        "- type: queue-scorer\n- type: kv-cache-utilization-scorer\n- type: max-score-picker\n  name: picker\n  parameters:\n    maxNumOfEndpoints: 3\n",
+    );
+    let s = build_scheduler(&cfg).unwrap();
+    let d = run(&s, &hermetic_pods(), br#"{"model":"m","prompt":"x"}"#, &mut SmallRng::seed_from_u64(1)).unwrap();
+    assert_eq!(d.endpoints, vec![EndpointId(1), EndpointId(0), EndpointId(2)]);
+}
+
+#[test]
+fn prefix_affinity_follows_the_first_pick() {
+    let s = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    let snap = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |_| {})
+        .endpoint("10.0.0.2:8000", |_| {})
+        .endpoint("10.0.0.3:8000", |_| {})
+        .build();
+    let prompt = "You are a helpful assistant. ".repeat(40);
+    let body = format!(r#"{{"model":"m","prompt":"{prompt}"}}"#);
+    let mut rng = SmallRng::seed_from_u64(3);
+    let first = run(&s, &snap, body.as_bytes(), &mut rng).unwrap();
+    let m = first.state.prefix.as_ref().unwrap();
+    assert!(m.hashes.len() > 10);
+    assert!(m.matched.is_empty());
+    for _ in 0..10 {
+        let d = run(&s, &snap, body.as_bytes(), &mut rng).unwrap();
+        assert_eq!(d.endpoints, first.endpoints);
+        let m = d.state.prefix.unwrap();
+        assert_eq!(m.matched.len(), 1);
+        assert_eq!(m.matched[0].1 as usize, m.hashes.len());
+    }
+}
+
+#[test]
+fn empty_candidates_are_an_error() {
+    let s = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    let snap = SnapshotBuilder::new().build();
+    let err = run(&s, &snap, br#"{"model":"m","prompt":"x"}"#, &mut SmallRng::seed_from_u64(0)).unwrap_err();
+    assert_eq!(err, SchedulingError::NoCandidates);
+}
+
+#[test]
+fn unknown_types_and_bad_parameters_name_their_path() {
+    let cfg = config(
+        "  - pluginRef: nope\n  - pluginRef: picker\n",
+        "- type: nope\n- type: max-score-picker\n  name: picker\n  parameters:\n    maxNumOfEndpoints: 1\n    extra: 2\n",
+    );
+    let Err(ConfigError::Invalid { issues }) = build_scheduler(&cfg) else {
+        panic!("expected errors");
+    };
+    let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    assert_eq!(text.len(), 2, "{text:?}");
+    assert_eq!(text[0], "plugins[0].type: unknown plugin type \"nope\"");
+    assert!(text[1].starts_with("plugins[1].parameters.extra: unknown field `extra`"), "{}", text[1]);
+
+    let cfg = config("  - pluginRef: queue-scorer\n", "- type: queue-scorer\n  parameters: {x: 1}\n");
+    let Err(ConfigError::Invalid { issues }) = build_scheduler(&cfg) else {
+        panic!("expected errors");
+    };
+    assert_eq!(issues[0].path, "plugins[0].parameters");
+}
+
+#[test]
+fn scores_out_of_range_are_clamped_and_nan_is_zero() {
+    use std::sync::Arc;
+
+    use super::plugin::{CycleState, Scorer};
+    use super::profile::{Profile, WeightedScorer};
+
+    struct Wild(PluginName);
+    impl Scorer for Wild {
+        fn name(&self) -> &PluginName {
+            &self.0
+        }
+        fn score(&self, _: &SchedulingContext<'_>, _: &CycleState, _: &[EndpointId], out: &mut [f64]) {
+            out.copy_from_slice(&[-0.5, 1.5, f64::NAN]);
+        }
+    }
+    let name = PluginName { kind: "wild", name: "wild".into() };
+    let picker = pickers::MaxScorePicker::new(name.clone(), &pickers::PickerParams { max_num_of_endpoints: 3 });
+    let profile = Profile {
+        name: "p".into(),
+        filters: vec![],
+        scorers: vec![WeightedScorer { scorer: Arc::new(Wild(name)), weight: 2.0 }],
+        picker: Arc::new(picker),
+    };
+    let snap = hermetic_pods();
+    let body = br#"{"model":"m","prompt":"x"}"#;
+    let req = parse_request("/v1/completions", body).unwrap();
+    let ctx = SchedulingContext { snapshot: &snap, request: &req, body, target_model: "m", now: Timestamp(0) };
+    let mut picked = Vec::new();
+    let repairs = profile
+        .run(&ctx, &CycleState::default(), &mut snap.all_ids().collect(), &mut Scratch::default(),
+            &mut SmallRng::seed_from_u64(0), None, &mut picked)
+        .unwrap();
+    assert_eq!(picked[0], EndpointId(1));
+    assert_eq!((repairs.clamped, repairs.non_finite), (2, 1));
+}
