@@ -1,0 +1,393 @@
+//! The ext_proc service over real gRPC on loopback: exact message sequences for every path of
+//! the Endpoint Picker Protocol.
+
+mod support;
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use epp::datastore::{Snapshot, testing::SnapshotBuilder};
+use support::*;
+use tokio_stream::wrappers::ReceiverStream;
+
+const QUEUE_KV: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+  parameters: {maxNumOfEndpoints: 2}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: kv-cache-utilization-scorer
+  - pluginRef: max-score-picker
+";
+
+/// The hermetic pods: P0(q3, kv.2) P1(q0, kv.1) P2(q10, kv.2); queue+kv → P1, then P0.
+fn pods() -> Snapshot {
+    SnapshotBuilder::new()
+        .endpoint("192.168.1.1:8000", |m| {
+            m.waiting = 3;
+            m.kv_usage = Some(0.2);
+        })
+        .endpoint("192.168.1.2:8000", |m| {
+            m.waiting = 0;
+            m.kv_usage = Some(0.1);
+        })
+        .endpoint("192.168.1.3:8000", |m| {
+            m.waiting = 10;
+            m.kv_usage = Some(0.2);
+        })
+        .build()
+}
+
+fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+    v.sort();
+    v
+}
+
+const BODY: &[u8] = br#"{"max_tokens":100,"model":"my-model","prompt":"test1","temperature":0}"#;
+const REWRITTEN: &[u8] = br#"{"max_tokens":100,"model":"my-model-12345","prompt":"test1","temperature":0}"#;
+
+fn request_headers() -> envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest {
+    req_headers(
+        &[
+            (":path", "/v1/completions"),
+            ("hi", "mom"),
+            ("x-request-id", "test-request-id"),
+            ("x-gateway-inference-objective", "my-model"),
+            ("x-gateway-model-name-rewrite", "my-model-12345"),
+        ],
+        false,
+    )
+}
+
+#[tokio::test]
+async fn routes_with_headers_answer_then_rewritten_body() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let answers = server.exchange(vec![request_headers(), req_body(BODY, true)]).await;
+    assert_eq!(
+        answers,
+        vec![
+            Answer::RequestHeaders {
+                set: h(&[("x-gateway-destination-endpoint", "192.168.1.2:8000,192.168.1.1:8000"), ("Content-Length", "76")]),
+                clear_route_cache: true,
+                destination: Some("192.168.1.2:8000,192.168.1.1:8000".into()),
+            },
+            Answer::RequestChunk { body: REWRITTEN.to_vec(), eos: true },
+        ]
+    );
+    let text = server.metrics.render();
+    assert!(
+        text.contains(r#"inference_objective_request_total{model_name="my-model",priority="0",target_model_name="my-model-12345"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn unchanged_body_is_re_emitted_byte_for_byte() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    // Unusual spacing and key order must survive: the EPP never re-serializes.
+    let body = br#"{ "prompt" : "hi",   "model":"m" , "z": [1,2.50] }"#;
+    let answers = server
+        .exchange(vec![req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false), req_body(body, true)])
+        .await;
+    assert_eq!(answers[1], Answer::RequestChunk { body: body.to_vec(), eos: true });
+}
+
+#[tokio::test]
+async fn body_split_across_chunks_is_joined() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let (a, b) = BODY.split_at(20);
+    let (b, c) = b.split_at(30);
+    let answers = server
+        .exchange(vec![request_headers(), req_body(a, false), req_body(b, false), req_body(c, true)])
+        .await;
+    assert_eq!(answers.len(), 2);
+    assert_eq!(answers[1], Answer::RequestChunk { body: REWRITTEN.to_vec(), eos: true });
+}
+
+#[tokio::test]
+async fn two_megabyte_body_goes_back_in_62000_byte_chunks() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let prompt = "x".repeat(2 << 20);
+    let body = format!(r#"{{"model":"m","prompt":"{prompt}"}}"#).into_bytes();
+    let mut msgs = vec![req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false)];
+    let chunks: Vec<&[u8]> = body.chunks(65_536).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        msgs.push(req_body(c, i + 1 == chunks.len()));
+    }
+    let answers = server.exchange(msgs).await;
+    let Answer::RequestHeaders { set, .. } = &answers[0] else { panic!("headers first") };
+    assert!(set.contains(&("Content-Length".into(), body.len().to_string())));
+    let chunks: Vec<(usize, bool)> = answers[1..]
+        .iter()
+        .map(|a| match a {
+            Answer::RequestChunk { body, eos } => (body.len(), *eos),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(chunks.len(), body.len().div_ceil(62_000));
+    assert!(chunks[..chunks.len() - 1].iter().all(|&(n, eos)| n == 62_000 && !eos));
+    assert!(chunks.last().unwrap().1);
+    let joined: Vec<u8> = answers[1..]
+        .iter()
+        .flat_map(|a| match a {
+            Answer::RequestChunk { body, .. } => body.clone(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(joined, body);
+}
+
+#[tokio::test]
+async fn header_only_request_gets_an_endpoint_at_once() {
+    let server = TestServer::start(pods(), None).await;
+    let answers = server.exchange(vec![req_headers(&[(":path", "/v1/models"), (":method", "GET")], true)]).await;
+    assert_eq!(answers.len(), 1);
+    let Answer::RequestHeaders { set, clear_route_cache, destination } = &answers[0] else { panic!("{answers:?}") };
+    assert!(clear_route_cache);
+    let dest = destination.clone().unwrap();
+    assert!(["192.168.1.1:8000", "192.168.1.2:8000", "192.168.1.3:8000"].contains(&dest.as_str()));
+    assert_eq!(set.iter().find(|(k, _)| k == "x-gateway-destination-endpoint").unwrap().1, dest);
+    // No x-request-id was sent, so one is generated (a UUID) and set upstream.
+    let id = &set.iter().find(|(k, _)| k == "x-request-id").unwrap().1;
+    assert_eq!(id.len(), 36);
+}
+
+fn immediate_status(a: &Answer) -> (i32, serde_json::Value) {
+    match a {
+        Answer::Immediate { status, headers, body } => {
+            assert!(headers.contains(&("content-type".into(), "application/json".into())));
+            (*status, serde_json::from_str(body).expect("json body"))
+        }
+        other => panic!("expected an immediate response, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_json_is_400_with_an_openai_error() {
+    let server = TestServer::start(pods(), None).await;
+    let answers = server.exchange(vec![req_headers(&[(":path", "/v1/completions")], false), req_body(b"{not json", true)]).await;
+    assert_eq!(answers.len(), 1);
+    let (status, body) = immediate_status(&answers[0]);
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("error unmarshaling request body: "));
+}
+
+#[tokio::test]
+async fn missing_model_is_400() {
+    let server = TestServer::start(pods(), None).await;
+    let answers = server
+        .exchange(vec![req_headers(&[(":path", "/v1/completions")], false), req_body(br#"{"prompt":"x"}"#, true)])
+        .await;
+    let (status, body) = immediate_status(&answers[0]);
+    assert_eq!(status, 400);
+    assert_eq!(
+        body,
+        serde_json::json!({"error": {"message": "model not found in request body", "type": "invalid_request_error", "param": "model", "code": "invalid_request"}})
+    );
+    let text = server.metrics.render();
+    assert!(text.contains(r#"inference_objective_request_error_total{error_code="BadRequest",model_name="",target_model_name=""} 1"#), "{text}");
+}
+
+async fn subset(server: &TestServer, entries: Vec<envoy_types::pb::google::protobuf::Value>) -> Vec<Answer> {
+    let first = with_subset(req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false), entries);
+    server.exchange(vec![first, req_body(br#"{"model":"m","prompt":"x"}"#, true)]).await
+}
+
+fn dest_of(a: &Answer) -> String {
+    match a {
+        Answer::RequestHeaders { destination: Some(d), .. } => d.clone(),
+        other => panic!("expected a routing answer, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn subset_hint_restricts_candidates() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    // Exact match: only P2, despite its load.
+    assert_eq!(dest_of(&subset(&server, vec![s("192.168.1.3:8000")]).await[0]), "192.168.1.3:8000");
+    // Partial: port unknown on that IP → every endpoint of the IP; non-strings ignored.
+    let answers = subset(&server, vec![s("192.168.1.1:9999"), envoy_types::pb::google::protobuf::Value {
+        kind: Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(12345.0)),
+    }])
+    .await;
+    assert_eq!(dest_of(&answers[0]), "192.168.1.1:8000");
+    // Two pods, best two in score order.
+    assert_eq!(
+        dest_of(&subset(&server, vec![s("192.168.1.1:8000"), s("192.168.1.3:8000")]).await[0]),
+        "192.168.1.1:8000,192.168.1.3:8000"
+    );
+}
+
+#[tokio::test]
+async fn subset_hint_empty_or_unmatched_is_503() {
+    let server = TestServer::start(pods(), None).await;
+    for entries in [vec![], vec![s("192.168.1.99:8000")]] {
+        let answers = subset(&server, entries).await;
+        assert_eq!(answers.len(), 1);
+        let (status, body) = immediate_status(&answers[0]);
+        assert_eq!(status, 503);
+        assert_eq!(body["error"]["message"], "failed to find endpoint candidates for serving the request");
+    }
+}
+
+#[tokio::test]
+async fn model_rewrite_is_restored_in_json_responses() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let response = br#"{"id":"cmpl-1","object":"text_completion","model":"my-model-12345","usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
+    let answers = server
+        .exchange(vec![
+            request_headers(),
+            req_body(BODY, true),
+            resp_headers(&[(":status", "200"), ("content-type", "application/json")], false),
+            resp_body(&response[..40], false),
+            resp_body(&response[40..], true),
+        ])
+        .await;
+    assert_eq!(answers[2], Answer::ResponseHeaders { set: h(&[("x-went-into-resp-headers", "true")]) });
+    let body: Vec<u8> = answers[3..]
+        .iter()
+        .flat_map(|a| match a {
+            Answer::ResponseChunk { body, .. } => body.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"id":"cmpl-1","object":"text_completion","model":"my-model","usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#
+    );
+    assert!(matches!(answers.last(), Some(Answer::ResponseChunk { eos: true, .. })));
+    let text = server.metrics.render();
+    assert!(text.contains(r#"inference_objective_input_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 5"#), "{text}");
+    assert!(text.contains(r#"inference_objective_output_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 2"#));
+}
+
+#[tokio::test]
+async fn model_rewrite_is_restored_in_sse_split_across_chunks_and_events_stay_incremental() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let ev1 = b"data: {\"model\":\"my-model-12345\",\"choices\":[{\"text\":\"a\"}]}\n\n";
+    let ev2 = b"data: {\"model\":\"my-model-12345\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n";
+    // Split the second event inside the model name.
+    let (a, b) = ev2.split_at(20);
+    let answers = server
+        .exchange(vec![
+            request_headers(),
+            req_body(BODY, true),
+            resp_headers(&[(":status", "200"), ("content-type", "text/event-stream")], false),
+            resp_body(ev1, false),
+            resp_body(a, false),
+            resp_body(b, true),
+        ])
+        .await;
+    // The first event is released whole, as soon as it arrives.
+    assert_eq!(
+        answers[3],
+        Answer::ResponseChunk { body: b"data: {\"model\":\"my-model\",\"choices\":[{\"text\":\"a\"}]}\n\n".to_vec(), eos: false }
+    );
+    let rest: Vec<u8> = answers[4..]
+        .iter()
+        .flat_map(|x| match x {
+            Answer::ResponseChunk { body, .. } => body.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        String::from_utf8(rest).unwrap(),
+        "data: {\"model\":\"my-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n"
+    );
+    assert!(server.metrics.render().contains(r#"inference_objective_output_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 1"#));
+}
+
+#[tokio::test]
+async fn buffered_mode_routes_in_the_body_answer() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let answers = server
+        .exchange(vec![
+            req_headers_mode(
+                &[(":path", "/v1/completions"), ("x-request-id", "r"), ("x-gateway-model-name-rewrite", "my-model-12345")],
+                BodySendMode::Buffered,
+            ),
+            req_body(BODY, true),
+        ])
+        .await;
+    assert_eq!(
+        answers,
+        vec![
+            Answer::RequestHeaders { set: vec![], clear_route_cache: false, destination: None },
+            Answer::RequestBodyReplace {
+                set: h(&[("x-gateway-destination-endpoint", "192.168.1.2:8000,192.168.1.1:8000"), ("Content-Length", "76")]),
+                body: Some(REWRITTEN.to_vec()),
+                destination: Some("192.168.1.2:8000,192.168.1.1:8000".into()),
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn request_trailers_complete_the_body() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let answers = server.exchange(vec![request_headers(), req_body(BODY, false), req_trailers()]).await;
+    assert_eq!(answers.len(), 3);
+    assert_eq!(answers[1], Answer::RequestChunk { body: REWRITTEN.to_vec(), eos: false });
+    assert_eq!(answers[2], Answer::RequestTrailers);
+}
+
+#[tokio::test]
+async fn client_cancel_releases_in_flight_exactly_once() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let live = server.snapshot.endpoints[1].live.clone();
+    let mut client = server.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(request_headers()).await.unwrap();
+    tx.send(req_body(BODY, true)).await.unwrap();
+    let mut inbound = client.process(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let first = inbound.message().await.unwrap().unwrap();
+    assert_eq!(dest_of(&decode(&first)), "192.168.1.2:8000,192.168.1.1:8000");
+    inbound.message().await.unwrap().unwrap();
+    assert_eq!(live.in_flight_requests(), 1);
+    // The proxy resets the stream mid-response.
+    drop(inbound);
+    drop(tx);
+    drop(client);
+    let mut released = false;
+    for _ in 0..200 {
+        if live.in_flight_requests() == 0 {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(released, "in-flight count not released after cancel");
+    assert_eq!(live.in_flight_tokens(), 0);
+    let text = server.metrics.render();
+    assert!(text.contains(r#"inference_objective_running_requests{model_name="my-model"} 0"#), "{text}");
+}
+
+#[tokio::test]
+async fn completed_exchange_releases_in_flight() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    server
+        .exchange(vec![
+            request_headers(),
+            req_body(BODY, true),
+            resp_headers(&[(":status", "200")], false),
+            resp_body(b"{}", true),
+        ])
+        .await;
+    assert_eq!(server.snapshot.endpoints[1].live.in_flight_requests(), 0);
+}
+
+#[tokio::test]
+async fn empty_pool_is_503_for_header_only_requests() {
+    let server = TestServer::start(SnapshotBuilder::new().build(), None).await;
+    let answers = server.exchange(vec![req_headers(&[(":path", "/v1/models")], true)]).await;
+    let (status, _) = immediate_status(&answers[0]);
+    assert_eq!(status, 503);
+}
