@@ -1,1 +1,175 @@
-fn main(){}
+//! `epp-sim`: emulated vLLM pods, a load generator, and a one-command demo of the EPP behind a
+//! real Envoy.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use epp::config::{Flags, normalize_go_args};
+use epp_sim::{
+    emulator::{Emulator, PodConfig},
+    envoy::{Envoy, EnvoyPorts, free_port},
+    load::{LoadConfig, run_load},
+};
+
+/// Tools around the epp Endpoint Picker: emulated vLLM pods, load, and a local demo.
+#[derive(Parser)]
+#[command(name = "epp-sim", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run emulated vLLM pods (OpenAI API + /metrics) on 127.0.0.1 until Ctrl-C.
+    Emulate {
+        /// Number of pods.
+        #[arg(long, default_value_t = 3)]
+        pods: usize,
+        /// First port; pods take consecutive ports.
+        #[arg(long, default_value_t = 8000)]
+        base_port: u16,
+        /// Concurrent sequences per pod.
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+    },
+    /// Send chat requests with shared-prefix groups and report latency and per-pod balance.
+    Load(LoadArgs),
+    /// The whole picture on one machine: emulated pods, the EPP, a real Envoy, traffic, summary.
+    Demo {
+        /// Number of emulated pods.
+        #[arg(long, default_value_t = 3)]
+        pods: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    /// Base URL (Envoy's listener).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    url: String,
+    /// Total requests.
+    #[arg(long, default_value_t = 400)]
+    requests: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Prefix groups (tenants or sessions sharing a system prompt).
+    #[arg(long, default_value_t = 6)]
+    groups: usize,
+    /// Shared prefix length in bytes.
+    #[arg(long, default_value_t = 4000)]
+    prefix_bytes: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// Stream responses over SSE.
+    #[arg(long)]
+    stream: bool,
+    /// Model name.
+    #[arg(long, default_value = "emulated")]
+    model: String,
+}
+
+impl LoadArgs {
+    fn config(&self, url: String) -> LoadConfig {
+        LoadConfig {
+            url,
+            requests: self.requests,
+            concurrency: self.concurrency,
+            groups: self.groups,
+            prefix_bytes: self.prefix_bytes,
+            max_tokens: self.max_tokens,
+            stream: self.stream,
+            model: self.model.clone(),
+        }
+    }
+}
+
+async fn demo(pods: usize, load: LoadArgs) -> anyhow::Result<()> {
+    let emulator = Emulator::start(vec![PodConfig::default(); pods], 0).await?;
+    let endpoints: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
+    println!("emulated vLLM pods: {}", endpoints.join(", "));
+
+    let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
+    let args = [
+        "epp".to_owned(),
+        format!("--endpoints={}", endpoints.join(",")),
+        format!("--grpc-port={grpc}"),
+        format!("--grpc-health-port={health}"),
+        format!("--metrics-port={metrics}"),
+    ];
+    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args))?;
+    let app = epp::app::start(flags).await.context("starting the EPP")?;
+    println!("EPP: ext_proc {} (TLS, self-signed), health {}, metrics http://{}/metrics", app.grpc_addr, app.health_addr, app.metrics_addr);
+
+    // Wait (bounded) until the EPP has scraped every pod once.
+    let mut scraped = false;
+    for _ in 0..100 {
+        let snap = app.reader.load();
+        if snap.len() == pods && snap.endpoints.iter().all(|e| e.metrics.scraped_at.is_some()) {
+            scraped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !scraped {
+        bail!("the EPP did not scrape every emulated pod within 5 s");
+    }
+
+    let ports = EnvoyPorts { listener: free_port()?, admin: free_port()?, epp: grpc };
+    let envoy = Envoy::start(ports).await?;
+    println!("Envoy 1.40: {} (config: manifests/envoy/envoy.yaml)\n", envoy.url());
+    println!(
+        "sending {} chat requests, {} at a time, {} prefix groups of {} bytes...\n",
+        load.requests, load.concurrency, load.groups, load.prefix_bytes
+    );
+    let report = run_load(load.config(envoy.url())).await;
+    println!("{}", report.summary());
+
+    let metrics_text = reqwest::get(format!("http://{}/metrics", app.metrics_addr)).await?.text().await?;
+    println!("EPP metrics (excerpt):");
+    for line in metrics_text.lines().filter(|l| {
+        l.starts_with("inference_objective_request_total")
+            || l.starts_with("inference_extension_scheduler_e2e_duration_seconds_sum")
+            || l.starts_with("inference_extension_scheduler_e2e_duration_seconds_count")
+    }) {
+        println!("  {line}");
+    }
+    drop(envoy);
+    app.shutdown().await;
+    emulator.shutdown().await;
+    let ok = report.status.get(&200).copied().unwrap_or(0);
+    if ok != report.requests {
+        bail!("{} of {} requests failed", report.requests - ok, report.requests);
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Emulate { pods, base_port, slots } => {
+            let config = PodConfig { slots, ..PodConfig::default() };
+            let emulator = Emulator::start(vec![config; pods], base_port).await?;
+            let list: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
+            println!("emulated vLLM pods: {}", list.join(","));
+            println!("run the EPP with: epp --endpoints {} --secure-serving=false", list.join(","));
+            tokio::signal::ctrl_c().await?;
+            emulator.shutdown().await;
+        }
+        Command::Load(args) => {
+            let report = run_load(args.config(args.url.clone())).await;
+            println!("{}", report.summary());
+        }
+        Command::Demo { pods, load } => demo(pods, load).await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! `epp-sim`: tools around the `epp` Endpoint Picker.
+//!
+//! - [`emulator`]: stand-in vLLM pods (OpenAI API + `/metrics`) for demos and end-to-end tests.
+//! - [`load`]: a closed-loop load generator that reports latency, status codes and per-pod balance.
+//! - [`envoy`]: runs a real Envoy in front of an EPP from the config in `manifests/envoy/`.
+
+pub mod emulator;
+pub mod envoy;
+pub mod load;
