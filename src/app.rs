@@ -114,12 +114,16 @@ impl RunningApp {
 
 async fn bind(port: u16) -> Result<TcpListener, AppError> {
     let addr = SocketAddr::from(([0, 0, 0, 0], port));
-    TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
 }
 
 fn tls_identity(flags: &Flags) -> Result<Identity, AppError> {
     if let Some(dir) = flags.cert_dir() {
-        let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| AppError::Tls(format!("{}: {e}", dir.join(f).display())));
+        let read = |f: &str| {
+            std::fs::read(dir.join(f)).map_err(|e| AppError::Tls(format!("{}: {e}", dir.join(f).display())))
+        };
         return Ok(Identity::from_pem(read("tls.crt")?, read("tls.key")?));
     }
     let names = vec!["localhost".to_owned(), "epp".to_owned()];
@@ -140,7 +144,10 @@ fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
             let metrics_addr = SocketAddr::new(ep.address.ip(), metrics_port);
             let mut labels = BTreeMap::new();
             if let Some(engine) = &ep.engine {
-                labels.insert("inference.networking.k8s.io/engine-type".to_owned(), engine.clone());
+                labels.insert(
+                    "inference.networking.k8s.io/engine-type".to_owned(),
+                    engine.clone(),
+                );
             }
             EndpointSpec {
                 key: EndpointKey {
@@ -163,14 +170,22 @@ fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
 }
 
 async fn set_readiness(reporter: &HealthReporter, ready: bool) {
-    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
     for name in ["readiness", "", "inference-extension"] {
         reporter.set_service_status(name, status).await;
     }
     if ready {
-        reporter.set_serving::<ExternalProcessorServer<ExtProcService>>().await;
+        reporter
+            .set_serving::<ExternalProcessorServer<ExtProcService>>()
+            .await;
     } else {
-        reporter.set_not_serving::<ExternalProcessorServer<ExtProcService>>().await;
+        reporter
+            .set_not_serving::<ExternalProcessorServer<ExtProcService>>()
+            .await;
     }
 }
 
@@ -193,8 +208,17 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
     let grpc_listener = bind(flags.grpc_port).await?;
     let health_listener = bind(flags.grpc_health_port).await?;
     let metrics_listener = bind(flags.metrics_port).await?;
-    let local = |l: &TcpListener| l.local_addr().map_err(|source| AppError::Bind { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source });
-    let (grpc_addr, health_addr, metrics_addr) = (local(&grpc_listener)?, local(&health_listener)?, local(&metrics_listener)?);
+    let local = |l: &TcpListener| {
+        l.local_addr().map_err(|source| AppError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })
+    };
+    let (grpc_addr, health_addr, metrics_addr) = (
+        local(&grpc_listener)?,
+        local(&health_listener)?,
+        local(&metrics_listener)?,
+    );
 
     // Datastore: the single writer, fed by static discovery and the collector.
     let (writer, reader) = DatastoreWriter::new(clock.clone());
@@ -209,13 +233,30 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
         engines: Arc::new(builtin_engines()),
         default_engine: "vllm".into(),
     };
-    tasks.spawn(run_collector(collector, reader.clone(), events_tx, metrics.clone(), clock.clone(), cancel.clone()));
+    tasks.spawn(run_collector(
+        collector,
+        reader.clone(),
+        events_tx,
+        metrics.clone(),
+        clock.clone(),
+        cancel.clone(),
+    ));
 
     // Pool gauges, refreshed on their own period like upstream.
     {
-        let (reader, metrics, clock, cancel) = (reader.clone(), metrics.clone(), clock.clone(), cancel.clone());
-        let pool = if flags.pool_name.is_empty() { "static".to_owned() } else { flags.pool_name.clone() };
-        let (period, staleness) = (flags.refresh_prometheus_metrics_interval.max(Duration::from_millis(100)), flags.metrics_staleness_threshold);
+        let (reader, metrics, clock, cancel) =
+            (reader.clone(), metrics.clone(), clock.clone(), cancel.clone());
+        let pool = if flags.pool_name.is_empty() {
+            "static".to_owned()
+        } else {
+            flags.pool_name.clone()
+        };
+        let (period, staleness) = (
+            flags
+                .refresh_prometheus_metrics_interval
+                .max(Duration::from_millis(100)),
+            flags.metrics_staleness_threshold,
+        );
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
@@ -229,7 +270,9 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
 
     // Health: liveness always; readiness follows the datastore's synced flag.
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("liveness", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
     set_readiness(&reporter, false).await;
     {
         let (reader, cancel) = (reader.clone(), cancel.clone());

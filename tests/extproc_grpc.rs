@@ -1,6 +1,8 @@
 //! The ext_proc service over real gRPC on loopback: exact message sequences for every path of
 //! the Endpoint Picker Protocol.
 
+#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
 mod support;
 
 use std::time::Duration;
@@ -69,16 +71,27 @@ fn request_headers() -> envoy_types::pb::envoy::service::ext_proc::v3::Processin
 #[tokio::test]
 async fn routes_with_headers_answer_then_rewritten_body() {
     let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
-    let answers = server.exchange(vec![request_headers(), req_body(BODY, true)]).await;
+    let answers = server
+        .exchange(vec![request_headers(), req_body(BODY, true)])
+        .await;
     assert_eq!(
         answers,
         vec![
             Answer::RequestHeaders {
-                set: h(&[("x-gateway-destination-endpoint", "192.168.1.2:8000,192.168.1.1:8000"), ("Content-Length", "76")]),
+                set: h(&[
+                    (
+                        "x-gateway-destination-endpoint",
+                        "192.168.1.2:8000,192.168.1.1:8000"
+                    ),
+                    ("Content-Length", "76")
+                ]),
                 clear_route_cache: true,
                 destination: Some("192.168.1.2:8000,192.168.1.1:8000".into()),
             },
-            Answer::RequestChunk { body: REWRITTEN.to_vec(), eos: true },
+            Answer::RequestChunk {
+                body: REWRITTEN.to_vec(),
+                eos: true
+            },
         ]
     );
     let text = server.metrics.render();
@@ -94,9 +107,18 @@ async fn unchanged_body_is_re_emitted_byte_for_byte() {
     // Unusual spacing and key order must survive: the EPP never re-serializes.
     let body = br#"{ "prompt" : "hi",   "model":"m" , "z": [1,2.50] }"#;
     let answers = server
-        .exchange(vec![req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false), req_body(body, true)])
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false),
+            req_body(body, true),
+        ])
         .await;
-    assert_eq!(answers[1], Answer::RequestChunk { body: body.to_vec(), eos: true });
+    assert_eq!(
+        answers[1],
+        Answer::RequestChunk {
+            body: body.to_vec(),
+            eos: true
+        }
+    );
 }
 
 #[tokio::test]
@@ -105,10 +127,21 @@ async fn body_split_across_chunks_is_joined() {
     let (a, b) = BODY.split_at(20);
     let (b, c) = b.split_at(30);
     let answers = server
-        .exchange(vec![request_headers(), req_body(a, false), req_body(b, false), req_body(c, true)])
+        .exchange(vec![
+            request_headers(),
+            req_body(a, false),
+            req_body(b, false),
+            req_body(c, true),
+        ])
         .await;
     assert_eq!(answers.len(), 2);
-    assert_eq!(answers[1], Answer::RequestChunk { body: REWRITTEN.to_vec(), eos: true });
+    assert_eq!(
+        answers[1],
+        Answer::RequestChunk {
+            body: REWRITTEN.to_vec(),
+            eos: true
+        }
+    );
 }
 
 #[tokio::test]
@@ -116,13 +149,18 @@ async fn two_megabyte_body_goes_back_in_62000_byte_chunks() {
     let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
     let prompt = "x".repeat(2 << 20);
     let body = format!(r#"{{"model":"m","prompt":"{prompt}"}}"#).into_bytes();
-    let mut msgs = vec![req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false)];
+    let mut msgs = vec![req_headers(
+        &[(":path", "/v1/completions"), ("x-request-id", "r")],
+        false,
+    )];
     let chunks: Vec<&[u8]> = body.chunks(65_536).collect();
     for (i, c) in chunks.iter().enumerate() {
         msgs.push(req_body(c, i + 1 == chunks.len()));
     }
     let answers = server.exchange(msgs).await;
-    let Answer::RequestHeaders { set, .. } = &answers[0] else { panic!("headers first") };
+    let Answer::RequestHeaders { set, .. } = &answers[0] else {
+        panic!("headers first")
+    };
     assert!(set.contains(&("Content-Length".into(), body.len().to_string())));
     let chunks: Vec<(usize, bool)> = answers[1..]
         .iter()
@@ -132,7 +170,11 @@ async fn two_megabyte_body_goes_back_in_62000_byte_chunks() {
         })
         .collect();
     assert_eq!(chunks.len(), body.len().div_ceil(62_000));
-    assert!(chunks[..chunks.len() - 1].iter().all(|&(n, eos)| n == 62_000 && !eos));
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|&(n, eos)| n == 62_000 && !eos)
+    );
     assert!(chunks.last().unwrap().1);
     let joined: Vec<u8> = answers[1..]
         .iter()
@@ -147,13 +189,31 @@ async fn two_megabyte_body_goes_back_in_62000_byte_chunks() {
 #[tokio::test]
 async fn header_only_request_gets_an_endpoint_at_once() {
     let server = TestServer::start(pods(), None).await;
-    let answers = server.exchange(vec![req_headers(&[(":path", "/v1/models"), (":method", "GET")], true)]).await;
+    let answers = server
+        .exchange(vec![req_headers(
+            &[(":path", "/v1/models"), (":method", "GET")],
+            true,
+        )])
+        .await;
     assert_eq!(answers.len(), 1);
-    let Answer::RequestHeaders { set, clear_route_cache, destination } = &answers[0] else { panic!("{answers:?}") };
+    let Answer::RequestHeaders {
+        set,
+        clear_route_cache,
+        destination,
+    } = &answers[0]
+    else {
+        panic!("{answers:?}")
+    };
     assert!(clear_route_cache);
     let dest = destination.clone().unwrap();
     assert!(["192.168.1.1:8000", "192.168.1.2:8000", "192.168.1.3:8000"].contains(&dest.as_str()));
-    assert_eq!(set.iter().find(|(k, _)| k == "x-gateway-destination-endpoint").unwrap().1, dest);
+    assert_eq!(
+        set.iter()
+            .find(|(k, _)| k == "x-gateway-destination-endpoint")
+            .unwrap()
+            .1,
+        dest
+    );
     // No x-request-id was sent, so one is generated (a UUID) and set upstream.
     let id = &set.iter().find(|(k, _)| k == "x-request-id").unwrap().1;
     assert_eq!(id.len(), 36);
@@ -161,7 +221,11 @@ async fn header_only_request_gets_an_endpoint_at_once() {
 
 fn immediate_status(a: &Answer) -> (i32, serde_json::Value) {
     match a {
-        Answer::Immediate { status, headers, body } => {
+        Answer::Immediate {
+            status,
+            headers,
+            body,
+        } => {
             assert!(headers.contains(&("content-type".into(), "application/json".into())));
             (*status, serde_json::from_str(body).expect("json body"))
         }
@@ -172,19 +236,32 @@ fn immediate_status(a: &Answer) -> (i32, serde_json::Value) {
 #[tokio::test]
 async fn invalid_json_is_400_with_an_openai_error() {
     let server = TestServer::start(pods(), None).await;
-    let answers = server.exchange(vec![req_headers(&[(":path", "/v1/completions")], false), req_body(b"{not json", true)]).await;
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/completions")], false),
+            req_body(b"{not json", true),
+        ])
+        .await;
     assert_eq!(answers.len(), 1);
     let (status, body) = immediate_status(&answers[0]);
     assert_eq!(status, 400);
     assert_eq!(body["error"]["type"], "invalid_request_error");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("error unmarshaling request body: "));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("error unmarshaling request body: ")
+    );
 }
 
 #[tokio::test]
 async fn missing_model_is_400() {
     let server = TestServer::start(pods(), None).await;
     let answers = server
-        .exchange(vec![req_headers(&[(":path", "/v1/completions")], false), req_body(br#"{"prompt":"x"}"#, true)])
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/completions")], false),
+            req_body(br#"{"prompt":"x"}"#, true),
+        ])
         .await;
     let (status, body) = immediate_status(&answers[0]);
     assert_eq!(status, 400);
@@ -197,13 +274,20 @@ async fn missing_model_is_400() {
 }
 
 async fn subset(server: &TestServer, entries: Vec<envoy_types::pb::google::protobuf::Value>) -> Vec<Answer> {
-    let first = with_subset(req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false), entries);
-    server.exchange(vec![first, req_body(br#"{"model":"m","prompt":"x"}"#, true)]).await
+    let first = with_subset(
+        req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false),
+        entries,
+    );
+    server
+        .exchange(vec![first, req_body(br#"{"model":"m","prompt":"x"}"#, true)])
+        .await
 }
 
 fn dest_of(a: &Answer) -> String {
     match a {
-        Answer::RequestHeaders { destination: Some(d), .. } => d.clone(),
+        Answer::RequestHeaders {
+            destination: Some(d), ..
+        } => d.clone(),
         other => panic!("expected a routing answer, got {other:?}"),
     }
 }
@@ -212,11 +296,22 @@ fn dest_of(a: &Answer) -> String {
 async fn subset_hint_restricts_candidates() {
     let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
     // Exact match: only P2, despite its load.
-    assert_eq!(dest_of(&subset(&server, vec![s("192.168.1.3:8000")]).await[0]), "192.168.1.3:8000");
+    assert_eq!(
+        dest_of(&subset(&server, vec![s("192.168.1.3:8000")]).await[0]),
+        "192.168.1.3:8000"
+    );
     // Partial: port unknown on that IP → every endpoint of the IP; non-strings ignored.
-    let answers = subset(&server, vec![s("192.168.1.1:9999"), envoy_types::pb::google::protobuf::Value {
-        kind: Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(12345.0)),
-    }])
+    let answers = subset(
+        &server,
+        vec![
+            s("192.168.1.1:9999"),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(
+                    12345.0,
+                )),
+            },
+        ],
+    )
     .await;
     assert_eq!(dest_of(&answers[0]), "192.168.1.1:8000");
     // Two pods, best two in score order.
@@ -234,7 +329,10 @@ async fn subset_hint_empty_or_unmatched_is_503() {
         assert_eq!(answers.len(), 1);
         let (status, body) = immediate_status(&answers[0]);
         assert_eq!(status, 503);
-        assert_eq!(body["error"]["message"], "failed to find endpoint candidates for serving the request");
+        assert_eq!(
+            body["error"]["message"],
+            "failed to find endpoint candidates for serving the request"
+        );
     }
 }
 
@@ -251,7 +349,12 @@ async fn model_rewrite_is_restored_in_json_responses() {
             resp_body(&response[40..], true),
         ])
         .await;
-    assert_eq!(answers[2], Answer::ResponseHeaders { set: h(&[("x-went-into-resp-headers", "true")]) });
+    assert_eq!(
+        answers[2],
+        Answer::ResponseHeaders {
+            set: h(&[("x-went-into-resp-headers", "true")])
+        }
+    );
     let body: Vec<u8> = answers[3..]
         .iter()
         .flat_map(|a| match a {
@@ -263,10 +366,15 @@ async fn model_rewrite_is_restored_in_json_responses() {
         String::from_utf8(body).unwrap(),
         r#"{"id":"cmpl-1","object":"text_completion","model":"my-model","usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#
     );
-    assert!(matches!(answers.last(), Some(Answer::ResponseChunk { eos: true, .. })));
+    assert!(matches!(
+        answers.last(),
+        Some(Answer::ResponseChunk { eos: true, .. })
+    ));
     let text = server.metrics.render();
     assert!(text.contains(r#"inference_objective_input_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 5"#), "{text}");
-    assert!(text.contains(r#"inference_objective_output_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 2"#));
+    assert!(text.contains(
+        r#"inference_objective_output_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 2"#
+    ));
 }
 
 #[tokio::test]
@@ -280,7 +388,10 @@ async fn model_rewrite_is_restored_in_sse_split_across_chunks_and_events_stay_in
         .exchange(vec![
             request_headers(),
             req_body(BODY, true),
-            resp_headers(&[(":status", "200"), ("content-type", "text/event-stream")], false),
+            resp_headers(
+                &[(":status", "200"), ("content-type", "text/event-stream")],
+                false,
+            ),
             resp_body(ev1, false),
             resp_body(a, false),
             resp_body(b, true),
@@ -289,7 +400,10 @@ async fn model_rewrite_is_restored_in_sse_split_across_chunks_and_events_stay_in
     // The first event is released whole, as soon as it arrives.
     assert_eq!(
         answers[3],
-        Answer::ResponseChunk { body: b"data: {\"model\":\"my-model\",\"choices\":[{\"text\":\"a\"}]}\n\n".to_vec(), eos: false }
+        Answer::ResponseChunk {
+            body: b"data: {\"model\":\"my-model\",\"choices\":[{\"text\":\"a\"}]}\n\n".to_vec(),
+            eos: false
+        }
     );
     let rest: Vec<u8> = answers[4..]
         .iter()
@@ -302,7 +416,9 @@ async fn model_rewrite_is_restored_in_sse_split_across_chunks_and_events_stay_in
         String::from_utf8(rest).unwrap(),
         "data: {\"model\":\"my-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n"
     );
-    assert!(server.metrics.render().contains(r#"inference_objective_output_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 1"#));
+    assert!(server.metrics.render().contains(
+        r#"inference_objective_output_tokens_sum{model_name="my-model",target_model_name="my-model-12345"} 1"#
+    ));
 }
 
 #[tokio::test]
@@ -311,7 +427,11 @@ async fn buffered_mode_routes_in_the_body_answer() {
     let answers = server
         .exchange(vec![
             req_headers_mode(
-                &[(":path", "/v1/completions"), ("x-request-id", "r"), ("x-gateway-model-name-rewrite", "my-model-12345")],
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-request-id", "r"),
+                    ("x-gateway-model-name-rewrite", "my-model-12345"),
+                ],
                 BodySendMode::Buffered,
             ),
             req_body(BODY, true),
@@ -320,9 +440,19 @@ async fn buffered_mode_routes_in_the_body_answer() {
     assert_eq!(
         answers,
         vec![
-            Answer::RequestHeaders { set: vec![], clear_route_cache: false, destination: None },
+            Answer::RequestHeaders {
+                set: vec![],
+                clear_route_cache: false,
+                destination: None
+            },
             Answer::RequestBodyReplace {
-                set: h(&[("x-gateway-destination-endpoint", "192.168.1.2:8000,192.168.1.1:8000"), ("Content-Length", "76")]),
+                set: h(&[
+                    (
+                        "x-gateway-destination-endpoint",
+                        "192.168.1.2:8000,192.168.1.1:8000"
+                    ),
+                    ("Content-Length", "76")
+                ]),
                 body: Some(REWRITTEN.to_vec()),
                 destination: Some("192.168.1.2:8000,192.168.1.1:8000".into()),
             },
@@ -333,9 +463,17 @@ async fn buffered_mode_routes_in_the_body_answer() {
 #[tokio::test]
 async fn request_trailers_complete_the_body() {
     let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
-    let answers = server.exchange(vec![request_headers(), req_body(BODY, false), req_trailers()]).await;
+    let answers = server
+        .exchange(vec![request_headers(), req_body(BODY, false), req_trailers()])
+        .await;
     assert_eq!(answers.len(), 3);
-    assert_eq!(answers[1], Answer::RequestChunk { body: REWRITTEN.to_vec(), eos: false });
+    assert_eq!(
+        answers[1],
+        Answer::RequestChunk {
+            body: REWRITTEN.to_vec(),
+            eos: false
+        }
+    );
     assert_eq!(answers[2], Answer::RequestTrailers);
 }
 
@@ -347,7 +485,11 @@ async fn client_cancel_releases_in_flight_exactly_once() {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(request_headers()).await.unwrap();
     tx.send(req_body(BODY, true)).await.unwrap();
-    let mut inbound = client.process(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut inbound = client
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let first = inbound.message().await.unwrap().unwrap();
     assert_eq!(dest_of(&decode(&first)), "192.168.1.2:8000,192.168.1.1:8000");
     inbound.message().await.unwrap().unwrap();
@@ -367,7 +509,10 @@ async fn client_cancel_releases_in_flight_exactly_once() {
     assert!(released, "in-flight count not released after cancel");
     assert_eq!(live.in_flight_tokens(), 0);
     let text = server.metrics.render();
-    assert!(text.contains(r#"inference_objective_running_requests{model_name="my-model"} 0"#), "{text}");
+    assert!(
+        text.contains(r#"inference_objective_running_requests{model_name="my-model"} 0"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -387,7 +532,9 @@ async fn completed_exchange_releases_in_flight() {
 #[tokio::test]
 async fn empty_pool_is_503_for_header_only_requests() {
     let server = TestServer::start(SnapshotBuilder::new().build(), None).await;
-    let answers = server.exchange(vec![req_headers(&[(":path", "/v1/models")], true)]).await;
+    let answers = server
+        .exchange(vec![req_headers(&[(":path", "/v1/models")], true)])
+        .await;
     let (status, _) = immediate_status(&answers[0]);
     assert_eq!(status, 503);
 }

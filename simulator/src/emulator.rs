@@ -169,7 +169,12 @@ impl Emulator {
             pods.push(state);
             addrs.push(addr);
         }
-        Ok(Self { pods, addrs, cancel, tasks })
+        Ok(Self {
+            pods,
+            addrs,
+            cancel,
+            tasks,
+        })
     }
 
     /// Stop every pod.
@@ -181,11 +186,15 @@ impl Emulator {
 }
 
 async fn metrics(State(pod): State<Arc<PodState>>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], pod.metrics_text())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        pod.metrics_text(),
+    )
 }
 
 async fn models(State(pod): State<Arc<PodState>>) -> Response {
-    let mut r = axum::Json(json!({"object": "list", "data": [{"id": "emulated", "object": "model"}]})).into_response();
+    let mut r = axum::Json(json!({"object": "list", "data": [{"id": "emulated", "object": "model"}]}))
+        .into_response();
     tag(&mut r, &pod, None);
     r
 }
@@ -206,7 +215,11 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 /// Prompt blocks of a request, chained so that equal prefixes give equal leading hashes.
 fn prompt_blocks(body: &Value) -> Vec<u64> {
-    let text = body.get("messages").or_else(|| body.get("prompt")).map(Value::to_string).unwrap_or_default();
+    let text = body
+        .get("messages")
+        .or_else(|| body.get("prompt"))
+        .map(Value::to_string)
+        .unwrap_or_default();
     let mut prev = 0u64;
     text.as_bytes()
         .chunks(BLOCK_BYTES)
@@ -226,7 +239,10 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
     };
     let chat = uri.path().ends_with("/chat/completions");
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let max_tokens = req
         .get("max_tokens")
         .or_else(|| req.get("max_completion_tokens"))
@@ -253,8 +269,10 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
         hit
     };
     let block_tokens = (BLOCK_BYTES / 4) as u64;
-    pod.prefix_queries.fetch_add(blocks.len() as u64 * block_tokens, Ordering::Relaxed);
-    pod.prefix_hits.fetch_add(cached as u64 * block_tokens, Ordering::Relaxed);
+    pod.prefix_queries
+        .fetch_add(blocks.len() as u64 * block_tokens, Ordering::Relaxed);
+    pod.prefix_hits
+        .fetch_add(cached as u64 * block_tokens, Ordering::Relaxed);
     tokio::time::sleep(pod.config.prefill_per_block * (blocks.len() - cached) as u32).await;
 
     let prompt_tokens = (body.len() / 4).max(1) as u64;
@@ -264,7 +282,11 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
         "total_tokens": prompt_tokens + u64::from(max_tokens),
         "prompt_tokens_details": {"cached_tokens": cached as u64 * block_tokens},
     });
-    let object = if chat { "chat.completion" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
     let id = format!("cmpl-{}", pod.served());
 
     if !stream {
@@ -277,14 +299,20 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
         } else {
             json!({"index": 0, "text": text, "finish_reason": "length"})
         };
-        let mut r = axum::Json(json!({"id": id, "object": object, "model": model, "choices": [choice], "usage": usage}))
-            .into_response();
+        let mut r = axum::Json(
+            json!({"id": id, "object": object, "model": model, "choices": [choice], "usage": usage}),
+        )
+        .into_response();
         tag(&mut r, &pod, Some(&model));
         return r;
     }
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    let chunk_object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk_object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let pod2 = pod.clone();
     let model2 = model.clone();
     tokio::spawn(async move {
@@ -299,7 +327,11 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
             if include_usage {
                 event["usage"] = Value::Null;
             }
-            if tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await.is_err() {
+            if tx
+                .send(Ok(Bytes::from(format!("data: {event}\n\n"))))
+                .await
+                .is_err()
+            {
                 break;
             }
             if i == 0 && hold {
@@ -308,14 +340,16 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
             tokio::time::sleep(pod2.config.per_token).await;
         }
         if include_usage {
-            let event = json!({"id": id, "object": chunk_object, "model": model2, "choices": [], "usage": usage});
+            let event =
+                json!({"id": id, "object": chunk_object, "model": model2, "choices": [], "usage": usage});
             let _ = tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
         pod2.running.fetch_sub(1, Ordering::Relaxed);
     });
     let mut r = Response::new(Body::from_stream(ReceiverStream::new(rx)));
-    r.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream"));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/event-stream"));
     tag(&mut r, &pod, Some(&model));
     r
 }

@@ -34,7 +34,9 @@ pub fn envoy_binary() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("envoy")).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|d| d.join("envoy"))
+            .find(|p| p.is_file())
     })
 }
 
@@ -109,14 +111,22 @@ impl Envoy {
             .stderr(Stdio::null())
             .spawn()
             .map_err(EnvoyError::Io)?;
-        let mut envoy = Envoy { child, ports, _config: config };
+        let mut envoy = Envoy {
+            child,
+            ports,
+            _config: config,
+        };
         let client = reqwest::Client::new();
         let ready_url = format!("http://127.0.0.1:{}/ready", ports.admin);
         for _ in 0..300 {
             if let Ok(Some(_)) = envoy.child.try_wait() {
                 return Err(EnvoyError::NotReady(log_tail(&log)));
             }
-            if let Ok(r) = client.get(&ready_url).timeout(Duration::from_millis(500)).send().await
+            if let Ok(r) = client
+                .get(&ready_url)
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
                 && r.status().is_success()
             {
                 return Ok(envoy);

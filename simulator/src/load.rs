@@ -79,7 +79,10 @@ struct Sample {
 
 /// Run the load and report.
 pub async fn run_load(cfg: LoadConfig) -> LoadReport {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(cfg.concurrency).build().unwrap_or_default();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(cfg.concurrency)
+        .build()
+        .unwrap_or_default();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let samples = Arc::new(Mutex::new(Vec::with_capacity(cfg.requests)));
     let started = Instant::now();
@@ -100,15 +103,33 @@ pub async fn run_load(cfg: LoadConfig) -> LoadReport {
                     "stream": cfg.stream,
                 });
                 let t0 = Instant::now();
-                let result = client.post(format!("{}/v1/chat/completions", cfg.url)).json(&body).send().await;
+                let result = client
+                    .post(format!("{}/v1/chat/completions", cfg.url))
+                    .json(&body)
+                    .send()
+                    .await;
                 let sample = match result {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
-                        let pod = resp.headers().get("x-emulated-pod").and_then(|v| v.to_str().ok()).map(String::from);
+                        let pod = resp
+                            .headers()
+                            .get("x-emulated-pod")
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from);
                         let _ = resp.bytes().await;
-                        Sample { status, pod, group, latency: t0.elapsed() }
+                        Sample {
+                            status,
+                            pod,
+                            group,
+                            latency: t0.elapsed(),
+                        }
                     }
-                    Err(_) => Sample { status: 0, pod: None, group, latency: t0.elapsed() },
+                    Err(_) => Sample {
+                        status: 0,
+                        pod: None,
+                        group,
+                        latency: t0.elapsed(),
+                    },
                 };
                 samples.lock().await.push(sample);
             }
@@ -118,10 +139,18 @@ pub async fn run_load(cfg: LoadConfig) -> LoadReport {
     let elapsed = started.elapsed();
     let samples = samples.lock().await;
 
-    let mut report = LoadReport { requests: samples.len(), elapsed_s: elapsed.as_secs_f64(), ..Default::default() };
+    let mut report = LoadReport {
+        requests: samples.len(),
+        elapsed_s: elapsed.as_secs_f64(),
+        ..Default::default()
+    };
     let mut latencies: Vec<f64> = samples.iter().map(|s| s.latency.as_secs_f64() * 1e3).collect();
     latencies.sort_by(f64::total_cmp);
-    report.latency_ms = [percentile(&latencies, 50.0), percentile(&latencies, 90.0), percentile(&latencies, 99.0)];
+    report.latency_ms = [
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 90.0),
+        percentile(&latencies, 99.0),
+    ];
     report.throughput_rps = samples.len() as f64 / elapsed.as_secs_f64().max(1e-9);
     let mut by_group: BTreeMap<usize, BTreeMap<&str, usize>> = BTreeMap::new();
     for s in samples.iter() {
@@ -147,7 +176,12 @@ impl LoadReport {
     pub fn summary(&self) -> String {
         let mut out = format!(
             "requests: {}  elapsed: {:.2}s  throughput: {:.1} req/s\nlatency ms: p50 {:.1}  p90 {:.1}  p99 {:.1}\nstatus:",
-            self.requests, self.elapsed_s, self.throughput_rps, self.latency_ms[0], self.latency_ms[1], self.latency_ms[2]
+            self.requests,
+            self.elapsed_s,
+            self.throughput_rps,
+            self.latency_ms[0],
+            self.latency_ms[1],
+            self.latency_ms[2]
         );
         for (code, n) in &self.status {
             out.push_str(&format!(" {code}×{n}"));
@@ -156,7 +190,10 @@ impl LoadReport {
         for (pod, n) in &self.per_pod {
             out.push_str(&format!("\n  {pod:<22} {n:>6}"));
         }
-        out.push_str(&format!("\nprefix-group affinity: {:.0}% of each group's requests on its main pod\n", self.group_affinity * 100.0));
+        out.push_str(&format!(
+            "\nprefix-group affinity: {:.0}% of each group's requests on its main pod\n",
+            self.group_affinity * 100.0
+        ));
         out
     }
 }

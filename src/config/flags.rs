@@ -87,7 +87,12 @@ pub struct Flags {
     pub disable_endpoint_subset_filter: bool,
 
     /// EndpointPickerConfig YAML file.
-    #[arg(long, default_value = "", conflicts_with = "config_text", help_heading = "Scheduling")]
+    #[arg(
+        long,
+        default_value = "",
+        conflicts_with = "config_text",
+        help_heading = "Scheduling"
+    )]
     pub config_file: String,
 
     /// EndpointPickerConfig YAML given inline.
@@ -243,9 +248,7 @@ impl Flags {
         if sources.iter().filter(|s| **s).count() != 1 {
             return Err(FlagError::PoolSource);
         }
-        if !self.endpoint_selector.is_empty()
-            && !(1..=8).contains(&self.endpoint_target_ports.len())
-        {
+        if !self.endpoint_selector.is_empty() && !(1..=8).contains(&self.endpoint_target_ports.len()) {
             return Err(FlagError::TargetPorts);
         }
         self.static_endpoints().map(|_| ())
@@ -324,9 +327,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("invalid duration {s:?}: missing unit (ms, s, m, h)"))?;
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}"))?;
+    let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
     let seconds_per_unit = match unit {
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,
@@ -344,14 +345,21 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Flags, clap::Error> {
-        let args = normalize_go_args(std::iter::once("epp").chain(args.iter().copied()).map(String::from));
+        let args = normalize_go_args(
+            std::iter::once("epp")
+                .chain(args.iter().copied())
+                .map(String::from),
+        );
         Flags::try_parse_from(args)
     }
 
     #[test]
     fn defaults_match_the_go_epp() {
         let f = parse(&["--pool-name", "p"]).unwrap();
-        assert_eq!((f.grpc_port, f.grpc_health_port, f.metrics_port), (9002, 9003, 9090));
+        assert_eq!(
+            (f.grpc_port, f.grpc_health_port, f.metrics_port),
+            (9002, 9003, 9090)
+        );
         assert!(f.secure_serving);
         assert_eq!(f.refresh_metrics_interval, Duration::from_millis(50));
         assert_eq!(f.refresh_prometheus_metrics_interval, Duration::from_secs(5));
@@ -364,8 +372,16 @@ mod tests {
 
     #[test]
     fn both_value_forms_and_go_booleans() {
-        let f = parse(&["--grpc-port=1234", "--metrics-port", "99", "--secure-serving=false",
-            "--endpoints", "127.0.0.1:8000,127.0.0.1:8001@sglang", "-v=4"]).unwrap();
+        let f = parse(&[
+            "--grpc-port=1234",
+            "--metrics-port",
+            "99",
+            "--secure-serving=false",
+            "--endpoints",
+            "127.0.0.1:8000,127.0.0.1:8001@sglang",
+            "-v=4",
+        ])
+        .unwrap();
         assert_eq!(f.grpc_port, 1234);
         assert_eq!(f.metrics_port, 99);
         assert!(!f.secure_serving);
@@ -381,7 +397,12 @@ mod tests {
     #[test]
     fn invalid_combinations_are_refused() {
         let f = parse(&["--pool-name", "p", "--lora-info-metric", "x"]).unwrap();
-        assert_eq!(f.validate(), Err(FlagError::RemovedMetricFlag { flag: "lora-info-metric" }));
+        assert_eq!(
+            f.validate(),
+            Err(FlagError::RemovedMetricFlag {
+                flag: "lora-info-metric"
+            })
+        );
         assert_eq!(parse(&[]).unwrap().validate(), Err(FlagError::PoolSource));
         let f = parse(&["--endpoints", "nope"]).unwrap();
         assert!(matches!(f.validate(), Err(FlagError::BadEndpoint { .. })));

@@ -30,7 +30,10 @@ impl SnapshotBuilder {
     /// # Panics
     /// If `address` is not `ip:port` (test input only).
     pub fn endpoint(mut self, address: &str, edit: impl FnOnce(&mut EngineMetrics)) -> Self {
-        #[expect(clippy::unwrap_used, reason = "test builder: a bad literal is a bug in the test")]
+        #[expect(
+            clippy::unwrap_used,
+            reason = "test builder: a bad literal is a bug in the test"
+        )]
         let address: SocketAddr = address.parse().unwrap();
         let i = self.endpoints.len();
         let mut metrics = EngineMetrics {

@@ -241,7 +241,10 @@ mod tests {
             waiting: 7,
             ..Default::default()
         };
-        assert!(w.apply(DatastoreEvent::Metrics { uid: uid_b, metrics: m }));
+        assert!(w.apply(DatastoreEvent::Metrics {
+            uid: uid_b,
+            metrics: m
+        }));
         assert!(w.apply(DatastoreEvent::Remove(EndpointKey {
             namespace: "ns".into(),
             name: "a".into()
@@ -255,7 +258,10 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_are_bracketed() {
-        assert_eq!(format_address("[fd00::1]:8000".parse().unwrap()), "[fd00::1]:8000");
+        assert_eq!(
+            format_address("[fd00::1]:8000".parse().unwrap()),
+            "[fd00::1]:8000"
+        );
         assert_eq!(format_address("10.0.0.1:80".parse().unwrap()), "10.0.0.1:80");
     }
 

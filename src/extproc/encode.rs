@@ -3,12 +3,12 @@
 use envoy_types::pb::{
     envoy::{
         config::core::v3::{HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction},
-        r#type::v3::HttpStatus,
         service::ext_proc::v3::{
             BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
             ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation::Mutation,
             processing_response::Response,
         },
+        r#type::v3::HttpStatus,
     },
     google::protobuf::{Struct, Value, value::Kind},
 };
@@ -16,7 +16,10 @@ use envoy_types::pb::{
 use super::wire::{BODY_CHUNK_BYTES, DESTINATION_ENDPOINT, LB_NAMESPACE};
 
 /// One header to set, always with `raw_value` (Envoy 1.40 ignores `value`) and overwrite.
-#[allow(deprecated, reason = "the deprecated `append` field must still be named to be left unset")]
+#[allow(
+    deprecated,
+    reason = "the deprecated `append` field must still be named to be left unset"
+)]
 pub fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
@@ -67,7 +70,9 @@ pub fn common_with_headers(headers: Vec<HeaderValueOption>, clear_route_cache: b
 /// The request-headers answer.
 pub fn request_headers_answer(common: CommonResponse, metadata: Option<Struct>) -> ProcessingResponse {
     ProcessingResponse {
-        response: Some(Response::RequestHeaders(HeadersResponse { response: Some(common) })),
+        response: Some(Response::RequestHeaders(HeadersResponse {
+            response: Some(common),
+        })),
         dynamic_metadata: metadata,
         ..Default::default()
     }
@@ -76,7 +81,9 @@ pub fn request_headers_answer(common: CommonResponse, metadata: Option<Struct>) 
 /// The response-headers answer.
 pub fn response_headers_answer(common: CommonResponse) -> ProcessingResponse {
     ProcessingResponse {
-        response: Some(Response::ResponseHeaders(HeadersResponse { response: Some(common) })),
+        response: Some(Response::ResponseHeaders(HeadersResponse {
+            response: Some(common),
+        })),
         ..Default::default()
     }
 }
@@ -91,7 +98,9 @@ pub enum Direction {
 }
 
 fn body_answer(direction: Direction, common: CommonResponse) -> ProcessingResponse {
-    let body = BodyResponse { response: Some(common) };
+    let body = BodyResponse {
+        response: Some(common),
+    };
     ProcessingResponse {
         response: Some(match direction {
             Direction::Request => Response::RequestBody(body),
@@ -120,7 +129,12 @@ pub fn streamed_chunk(direction: Direction, body: &[u8], end_of_stream: bool) ->
 
 /// `body` as `streamed_response` answers of at most [`BODY_CHUNK_BYTES`], `end_of_stream` on the
 /// last one only when `end_of_stream`; an empty body is one empty chunk.
-pub fn push_streamed_body(out: &mut Vec<ProcessingResponse>, direction: Direction, body: &[u8], end_of_stream: bool) {
+pub fn push_streamed_body(
+    out: &mut Vec<ProcessingResponse>,
+    direction: Direction,
+    body: &[u8],
+    end_of_stream: bool,
+) {
     if body.is_empty() {
         out.push(streamed_chunk(direction, body, end_of_stream));
         return;
@@ -133,7 +147,11 @@ pub fn push_streamed_body(out: &mut Vec<ProcessingResponse>, direction: Directio
 
 /// A body answer for buffered or streamed (non-duplex) modes: replace the body when `replacement`
 /// is given, and optionally carry header mutations.
-pub fn body_replace_answer(direction: Direction, mut common: CommonResponse, replacement: Option<Vec<u8>>) -> ProcessingResponse {
+pub fn body_replace_answer(
+    direction: Direction,
+    mut common: CommonResponse,
+    replacement: Option<Vec<u8>>,
+) -> ProcessingResponse {
     if let Some(body) = replacement {
         common.body_mutation = Some(BodyMutation {
             mutation: Some(Mutation::Body(body)),
@@ -154,10 +172,17 @@ pub fn trailers_answer(direction: Direction) -> ProcessingResponse {
 }
 
 /// An immediate response with a status, headers and body.
-pub fn immediate(status: u16, headers: Vec<HeaderValueOption>, body: Vec<u8>, details: &str) -> ProcessingResponse {
+pub fn immediate(
+    status: u16,
+    headers: Vec<HeaderValueOption>,
+    body: Vec<u8>,
+    details: &str,
+) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::ImmediateResponse(ImmediateResponse {
-            status: Some(HttpStatus { code: i32::from(status) }),
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
             headers: Some(HeaderMutation {
                 set_headers: headers,
                 remove_headers: Vec::new(),
@@ -179,7 +204,15 @@ mod tests {
         push_streamed_body(&mut out, Direction::Request, &vec![b'x'; body_len], true);
         out.iter()
             .map(|r| match &r.response {
-                Some(Response::RequestBody(b)) => match &b.response.as_ref().unwrap().body_mutation.as_ref().unwrap().mutation {
+                Some(Response::RequestBody(b)) => match &b
+                    .response
+                    .as_ref()
+                    .unwrap()
+                    .body_mutation
+                    .as_ref()
+                    .unwrap()
+                    .mutation
+                {
                     Some(Mutation::StreamedResponse(s)) => (s.body.len(), s.end_of_stream),
                     _ => panic!("not streamed"),
                 },
@@ -195,6 +228,9 @@ mod tests {
         assert_eq!(sizes(62_000), vec![(62_000, true)]);
         assert_eq!(sizes(62_001), vec![(62_000, false), (1, true)]);
         assert_eq!(sizes(63_000).len(), 2);
-        assert_eq!(sizes(125_000), vec![(62_000, false), (62_000, false), (1_000, true)]);
+        assert_eq!(
+            sizes(125_000),
+            vec![(62_000, false), (62_000, false), (1_000, true)]
+        );
     }
 }

@@ -8,11 +8,7 @@ use super::{
     encode::{immediate, set_header},
     wire::DROPPED_REASON,
 };
-use crate::{
-    metrics::names::error_code,
-    parser::RequestError,
-    scheduler::SchedulingError,
-};
+use crate::{metrics::names::error_code, parser::RequestError, scheduler::SchedulingError};
 
 /// Why a request is answered by the EPP instead of a model server.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +64,9 @@ impl EppError {
             EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
                 ("server_error", "no_endpoints_available")
             }
-            EppError::Scheduling(SchedulingError::Profile { .. }) => ("server_overloaded", "rate_limit_exceeded"),
+            EppError::Scheduling(SchedulingError::Profile { .. }) => {
+                ("server_overloaded", "rate_limit_exceeded")
+            }
             EppError::Internal(_) => ("server_error", "internal_error"),
         }
     }
@@ -76,7 +74,9 @@ impl EppError {
     /// Successor's dropped-reason header value, where one applies.
     fn dropped_reason(&self) -> Option<&'static str> {
         match self {
-            EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => Some("rejected-no-endpoints"),
+            EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
+                Some("rejected-no-endpoints")
+            }
             EppError::Scheduling(SchedulingError::Profile { .. }) => Some("rejected-saturated"),
             _ => None,
         }

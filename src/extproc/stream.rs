@@ -15,7 +15,8 @@ use envoy_types::pb::{
     envoy::{
         config::core::v3::{HeaderMap, Metadata},
         service::ext_proc::v3::{
-            CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
+            CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+            processing_request::Request,
         },
     },
     google::protobuf::value::Kind,
@@ -111,7 +112,11 @@ pub struct Exchange {
 }
 
 fn header_value(h: &envoy_types::pb::envoy::config::core::v3::HeaderValue) -> &[u8] {
-    if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value }
+    if h.raw_value.is_empty() {
+        h.value.as_bytes()
+    } else {
+        &h.raw_value
+    }
 }
 
 fn text(v: &[u8]) -> String {
@@ -121,7 +126,11 @@ fn text(v: &[u8]) -> String {
 /// The subset hint in `md`, if the namespace and key are present. A list is read as strings
 /// (other kinds skipped); a comma-separated string is accepted too.
 pub fn subset_hint(md: &Metadata) -> Option<Vec<String>> {
-    let value = md.filter_metadata.get(SUBSET_HINT_NAMESPACE)?.fields.get(SUBSET_HINT_KEY)?;
+    let value = md
+        .filter_metadata
+        .get(SUBSET_HINT_NAMESPACE)?
+        .fields
+        .get(SUBSET_HINT_KEY)?;
     match value.kind.as_ref()? {
         Kind::ListValue(list) => Some(
             list.values
@@ -132,13 +141,26 @@ pub fn subset_hint(md: &Metadata) -> Option<Vec<String>> {
                 })
                 .collect(),
         ),
-        Kind::StringValue(s) => Some(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()),
+        Kind::StringValue(s) => Some(
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
         _ => None,
     }
 }
 
 fn served_endpoint(md: &Metadata) -> Option<String> {
-    match md.filter_metadata.get(LB_NAMESPACE)?.fields.get(SERVED_ENDPOINT_KEY)?.kind.as_ref()? {
+    match md
+        .filter_metadata
+        .get(LB_NAMESPACE)?
+        .fields
+        .get(SERVED_ENDPOINT_KEY)?
+        .kind
+        .as_ref()?
+    {
         Kind::StringValue(s) => Some(s.clone()),
         _ => None,
     }
@@ -207,7 +229,11 @@ impl Exchange {
             Some(Request::RequestHeaders(h)) => self.on_request_headers(h, out),
             Some(Request::RequestBody(b)) => self.on_request_body(b, out),
             Some(Request::RequestTrailers(_)) => {
-                let flow = if self.decided { Flow::Continue } else { self.decide_with_body(false, out) };
+                let flow = if self.decided {
+                    Flow::Continue
+                } else {
+                    self.decide_with_body(false, out)
+                };
                 if flow == Flow::Continue {
                     out.push(trailers_answer(Direction::Request));
                 }
@@ -242,7 +268,12 @@ impl Exchange {
     }
 
     fn on_request_headers(&mut self, h: HttpHeaders, out: &mut Vec<ProcessingResponse>) -> Flow {
-        for hv in h.headers.as_ref().map(|m: &HeaderMap| m.headers.as_slice()).unwrap_or_default() {
+        for hv in h
+            .headers
+            .as_ref()
+            .map(|m: &HeaderMap| m.headers.as_slice())
+            .unwrap_or_default()
+        {
             let key = hv.key.to_ascii_lowercase();
             let value = header_value(hv);
             match key.as_str() {
@@ -251,7 +282,9 @@ impl Exchange {
                     self.fallback_path = Some(text(value));
                 }
                 REQUEST_ID => self.request_id = Some(text(value)),
-                k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => self.model_rewrite = Some(text(value)),
+                k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => {
+                    self.model_rewrite = Some(text(value))
+                }
                 _ => {}
             }
         }
@@ -275,18 +308,30 @@ impl Exchange {
             return Flow::Continue;
         }
         if self.body.len() + b.body.len() > MAX_REQUEST_BODY_BYTES {
-            return self.fail(EppError::BodyTooLarge { limit: MAX_REQUEST_BODY_BYTES }, None, out);
+            return self.fail(
+                EppError::BodyTooLarge {
+                    limit: MAX_REQUEST_BODY_BYTES,
+                },
+                None,
+                out,
+            );
         }
         if self.body.is_empty() && b.end_of_stream {
             self.body = b.body;
         } else {
             self.body.extend_from_slice(&b.body);
         }
-        if b.end_of_stream { self.decide_with_body(true, out) } else { Flow::Continue }
+        if b.end_of_stream {
+            self.decide_with_body(true, out)
+        } else {
+            Flow::Continue
+        }
     }
 
     fn generated_id_header(&self) -> Option<envoy_types::pb::envoy::config::core::v3::HeaderValueOption> {
-        self.generated_request_id.as_ref().map(|id| set_header(REQUEST_ID, id.as_bytes()))
+        self.generated_request_id
+            .as_ref()
+            .map(|id| set_header(REQUEST_ID, id.as_bytes()))
     }
 
     /// Header-only requests (e.g. `GET /v1/models`): any candidate serves; no scheduling.
@@ -324,7 +369,10 @@ impl Exchange {
         };
         let mut headers = vec![set_header(DESTINATION_ENDPOINT, plan.destination.as_bytes())];
         if !plan.body.is_empty() {
-            headers.push(set_header("Content-Length", plan.body.len().to_string().as_bytes()));
+            headers.push(set_header(
+                "Content-Length",
+                plan.body.len().to_string().as_bytes(),
+            ));
         }
         headers.extend(self.generated_id_header());
         let metadata = destination_metadata(&plan.destination);
@@ -332,13 +380,19 @@ impl Exchange {
             BodyMode::Buffered => {
                 // Buffered: the headers answer already went out; routing rides on the body answer.
                 let replacement = (plan.body != body).then_some(plan.body);
-                let mut answer =
-                    body_replace_answer(Direction::Request, common_with_headers(headers, true), replacement);
+                let mut answer = body_replace_answer(
+                    Direction::Request,
+                    common_with_headers(headers, true),
+                    replacement,
+                );
                 answer.dynamic_metadata = Some(metadata);
                 out.push(answer);
             }
             _ => {
-                out.push(request_headers_answer(common_with_headers(headers, true), Some(metadata)));
+                out.push(request_headers_answer(
+                    common_with_headers(headers, true),
+                    Some(metadata),
+                ));
                 push_streamed_body(out, Direction::Request, &plan.body, body_ends_stream);
             }
         }
@@ -346,7 +400,11 @@ impl Exchange {
     }
 
     fn schedule(&mut self, body: &[u8]) -> Result<Plan, (EppError, Option<(String, String)>)> {
-        let path = self.path.as_deref().or(self.fallback_path.as_deref()).unwrap_or("/v1/completions");
+        let path = self
+            .path
+            .as_deref()
+            .or(self.fallback_path.as_deref())
+            .unwrap_or("/v1/completions");
         let req = parse_request(path, body).map_err(|e| (EppError::from(e), None))?;
         let target = self.model_rewrite.clone().unwrap_or_else(|| req.model.clone());
         let labels = Some((req.model.clone(), target.clone()));
@@ -376,18 +434,32 @@ impl Exchange {
         let m = &self.p.metrics;
         m.scheduler_e2e.observe(started.elapsed().as_secs_f64());
         if decision.repairs.non_finite > 0 {
-            m.score_repairs.with_label_values(&["non_finite"]).inc_by(u64::from(decision.repairs.non_finite));
+            m.score_repairs
+                .with_label_values(&["non_finite"])
+                .inc_by(u64::from(decision.repairs.non_finite));
         }
         if decision.repairs.clamped > 0 {
-            m.score_repairs.with_label_values(&["clamped"]).inc_by(u64::from(decision.repairs.clamped));
+            m.score_repairs
+                .with_label_values(&["clamped"])
+                .inc_by(u64::from(decision.repairs.clamped));
         }
-        let picked: Vec<_> = decision.endpoints.iter().filter_map(|id| snapshot.get(*id)).collect();
+        let picked: Vec<_> = decision
+            .endpoints
+            .iter()
+            .filter_map(|id| snapshot.get(*id))
+            .collect();
         let Some(primary) = picked.first() else {
             return Err((EppError::Internal("scheduler returned no endpoint"), labels));
         };
-        let destination = picked.iter().map(|e| &*e.address_text).collect::<Vec<_>>().join(",");
+        let destination = picked
+            .iter()
+            .map(|e| &*e.address_text)
+            .collect::<Vec<_>>()
+            .join(",");
         let tokens = req.estimated_prompt_tokens()
-            + req.max_output_tokens.unwrap_or_else(|| req.estimated_prompt_tokens().saturating_mul(3) / 2);
+            + req
+                .max_output_tokens
+                .unwrap_or_else(|| req.estimated_prompt_tokens().saturating_mul(3) / 2);
         primary.live.start(tokens);
         m.scheduler_attempts
             .with_label_values(&[
@@ -398,8 +470,12 @@ impl Exchange {
                 &primary.spec.address.port().to_string(),
             ])
             .inc();
-        m.request_total.with_label_values(&[&req.model, &target, "0"]).inc();
-        m.request_sizes.with_label_values(&[&req.model, &target]).observe(body.len() as f64);
+        m.request_total
+            .with_label_values(&[&req.model, &target, "0"])
+            .inc();
+        m.request_sizes
+            .with_label_values(&[&req.model, &target])
+            .observe(body.len() as f64);
         m.running_requests.with_label_values(&[&req.model]).inc();
 
         let new_body = if target != req.model {
@@ -425,7 +501,12 @@ impl Exchange {
         })
     }
 
-    fn fail(&mut self, e: EppError, labels: Option<(String, String)>, out: &mut Vec<ProcessingResponse>) -> Flow {
+    fn fail(
+        &mut self,
+        e: EppError,
+        labels: Option<(String, String)>,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Flow {
         let (model, target) = labels.unwrap_or_default();
         self.p
             .metrics
@@ -440,8 +521,12 @@ impl Exchange {
     /// The proxy reports which endpoint served (it may differ after a retry): move the in-flight
     /// count there.
     fn record_served(&mut self, served: &str) {
-        let Some(routed) = self.routed.as_mut() else { return };
-        let Ok(addr) = served.parse::<SocketAddr>() else { return };
+        let Some(routed) = self.routed.as_mut() else {
+            return;
+        };
+        let Ok(addr) = served.parse::<SocketAddr>() else {
+            return;
+        };
         if routed.primary == Some(addr) {
             return;
         }
@@ -465,7 +550,9 @@ impl Exchange {
             .iter()
             .any(|hv| {
                 hv.key.eq_ignore_ascii_case("content-type")
-                    && text(header_value(hv)).to_ascii_lowercase().contains("text/event-stream")
+                    && text(header_value(hv))
+                        .to_ascii_lowercase()
+                        .contains("text/event-stream")
             });
         self.response.streaming = is_sse || self.request_stream;
         out.push(response_headers_answer(common_with_headers(
@@ -501,7 +588,11 @@ impl Exchange {
             }
             _ => {
                 let replacement = restored.filter(|x| *x != b.body);
-                out.push(body_replace_answer(Direction::Response, CommonResponse::default(), replacement));
+                out.push(body_replace_answer(
+                    Direction::Response,
+                    CommonResponse::default(),
+                    replacement,
+                ));
             }
         }
         if eos {
@@ -520,22 +611,34 @@ impl Exchange {
             usage_from_json(&self.response.json)
         };
         self.response.json = Vec::new();
-        let Some(routed) = self.routed.as_ref() else { return };
+        let Some(routed) = self.routed.as_ref() else {
+            return;
+        };
         let labels = [routed.model.as_str(), routed.target_model.as_str()];
         let m = &self.p.metrics;
         let seconds = self.started.elapsed().as_secs_f64();
         m.request_duration.with_label_values(&labels).observe(seconds);
-        m.response_sizes.with_label_values(&labels).observe(self.response.bytes as f64);
+        m.response_sizes
+            .with_label_values(&labels)
+            .observe(self.response.bytes as f64);
         if let Some(u) = usage {
             if u.prompt_tokens > 0 {
-                m.input_tokens.with_label_values(&labels).observe(u.prompt_tokens as f64);
+                m.input_tokens
+                    .with_label_values(&labels)
+                    .observe(u.prompt_tokens as f64);
             }
             if u.completion_tokens > 0 {
-                m.output_tokens.with_label_values(&labels).observe(u.completion_tokens as f64);
-                m.normalized_tpot.with_label_values(&labels).observe(seconds / u.completion_tokens as f64);
+                m.output_tokens
+                    .with_label_values(&labels)
+                    .observe(u.completion_tokens as f64);
+                m.normalized_tpot
+                    .with_label_values(&labels)
+                    .observe(seconds / u.completion_tokens as f64);
             }
             if let Some(c) = u.cached_tokens {
-                m.prompt_cached_tokens.with_label_values(&labels).observe(c as f64);
+                m.prompt_cached_tokens
+                    .with_label_values(&labels)
+                    .observe(c as f64);
             }
         }
         self.release();
@@ -547,7 +650,11 @@ impl Exchange {
             if let Some(live) = routed.live.take() {
                 live.finish(routed.tokens);
             }
-            self.p.metrics.running_requests.with_label_values(&[&routed.model]).dec();
+            self.p
+                .metrics
+                .running_requests
+                .with_label_values(&[&routed.model])
+                .dec();
         }
     }
 }
@@ -574,7 +681,10 @@ mod tests {
         let s = |v: &[&str]| subset_candidates(&snap, &v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
         assert_eq!(s(&["10.0.0.1:8001"]), vec![EndpointId(1)]);
         assert_eq!(s(&["10.0.0.1:9999"]), vec![EndpointId(0), EndpointId(1)]);
-        assert_eq!(s(&["10.0.0.1:8000", "10.0.0.2:8000"]), vec![EndpointId(0), EndpointId(2)]);
+        assert_eq!(
+            s(&["10.0.0.1:8000", "10.0.0.2:8000"]),
+            vec![EndpointId(0), EndpointId(2)]
+        );
         assert_eq!(s(&["10.0.0.2"]), vec![EndpointId(2)]);
         assert!(s(&["192.168.1.1:8080"]).is_empty());
         assert!(s(&[]).is_empty());

@@ -40,9 +40,9 @@ impl MetricSelector {
                     .split(',')
                     .filter(|p| !p.trim().is_empty())
                     .map(|pair| {
-                        let (k, v) = pair
-                            .split_once('=')
-                            .ok_or_else(|| format!("metric spec {spec:?}: label {pair:?} is not key=value"))?;
+                        let (k, v) = pair.split_once('=').ok_or_else(|| {
+                            format!("metric spec {spec:?}: label {pair:?} is not key=value")
+                        })?;
                         Ok((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
                     })
                     .collect::<Result<Vec<_>, String>>()?;
@@ -141,7 +141,9 @@ pub fn builtin_engines() -> Vec<EngineSpec> {
             name: "triton-tensorrt-llm".into(),
             waiting: vec![sel("nv_trt_llm_request_metrics{request_type=waiting}")],
             running: vec![sel("nv_trt_llm_request_metrics{request_type=scheduled}")],
-            kv_usage: vec![sel("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}")],
+            kv_usage: vec![sel(
+                "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",
+            )],
             lora_info: None,
             cache_info: CacheInfoSource::Gauges {
                 block_size: sel("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=tokens_per}"),

@@ -1,7 +1,8 @@
 //! The EPP's own Prometheus metrics (registry, vectors and the pool-gauge refresher).
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use super::names::{self, *};
@@ -52,8 +53,16 @@ pub struct EppMetrics {
     pub score_repairs: IntCounterVec,
 }
 
-fn hist(name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]) -> Result<HistogramVec, prometheus::Error> {
-    HistogramVec::new(HistogramOpts::new(name, format!("[ALPHA] {help}")).buckets(buckets), labels)
+fn hist(
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+    labels: &[&str],
+) -> Result<HistogramVec, prometheus::Error> {
+    HistogramVec::new(
+        HistogramOpts::new(name, format!("[ALPHA] {help}")).buckets(buckets),
+        labels,
+    )
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -71,34 +80,144 @@ impl EppMetrics {
         let m = Self {
             registry: Registry::new(),
             request_total: IntCounterVec::new(
-                opts(REQUEST_TOTAL, "Counter of inference objective requests broken out for each model and target model."),
+                opts(
+                    REQUEST_TOTAL,
+                    "Counter of inference objective requests broken out for each model and target model.",
+                ),
                 &["model_name", "target_model_name", "priority"],
             )?,
             request_error_total: IntCounterVec::new(
-                opts(REQUEST_ERROR_TOTAL, "Counter of inference objective requests errors broken out for each model and target model."),
+                opts(
+                    REQUEST_ERROR_TOTAL,
+                    "Counter of inference objective requests errors broken out for each model and target model.",
+                ),
                 &["model_name", "target_model_name", "error_code"],
             )?,
-            request_duration: hist(REQUEST_DURATION_SECONDS, "Inference objective response latency distribution in seconds for each model and target model.", DURATION_BUCKETS.to_vec(), &MODEL_LABELS)?,
-            request_sizes: hist(REQUEST_SIZES, "Inference objective requests size distribution in bytes for each model and target model.", request_size_buckets(), &MODEL_LABELS)?,
-            response_sizes: hist(RESPONSE_SIZES, "Inference objective responses size distribution in bytes for each model and target model.", RESPONSE_SIZE_BUCKETS.to_vec(), &MODEL_LABELS)?,
-            input_tokens: hist(INPUT_TOKENS, "Inference objective input token count distribution for requests in each model.", INPUT_TOKEN_BUCKETS.to_vec(), &MODEL_LABELS)?,
-            output_tokens: hist(OUTPUT_TOKENS, "Inference objective output token count distribution for requests in each model.", OUTPUT_TOKEN_BUCKETS.to_vec(), &MODEL_LABELS)?,
-            prompt_cached_tokens: hist(PROMPT_CACHED_TOKENS, "Inference objective prompt cached token count distribution for requests in each model.", INPUT_TOKEN_BUCKETS.to_vec(), &MODEL_LABELS)?,
-            normalized_tpot: hist(NORMALIZED_TPOT_SECONDS, "Inference objective latency divided by number of output tokens in seconds for each model and target model.", TPOT_BUCKETS.to_vec(), &MODEL_LABELS)?,
-            running_requests: IntGaugeVec::new(opts(RUNNING_REQUESTS, "Inference objective number of running requests in each model."), &["model_name"])?,
-            pool_ready_pods: IntGaugeVec::new(opts(POOL_READY_PODS, "The number of ready pods in the inference server pool."), &["name"])?,
-            pool_avg_kv: GaugeVec::new(opts(POOL_AVG_KV, "The average kv cache utilization for an inference server pool."), &["name"])?,
-            pool_avg_queue: GaugeVec::new(opts(POOL_AVG_QUEUE, "The average number of requests pending in the model server queue."), &["name"])?,
-            pool_avg_running: GaugeVec::new(opts(POOL_AVG_RUNNING, "The average number of requests running in the model server."), &["name"])?,
-            pool_per_pod_queue: GaugeVec::new(opts(POOL_PER_POD_QUEUE, "The total number of requests pending in the model server queue for each underlying pod."), &["name", "model_server_pod"])?,
-            scheduler_e2e: Histogram::with_opts(HistogramOpts::new(SCHEDULER_E2E_SECONDS, "[ALPHA] End-to-end scheduling latency distribution in seconds.").buckets(SCHEDULER_BUCKETS.to_vec()))?,
-            scheduler_attempts: IntCounterVec::new(opts(SCHEDULER_ATTEMPTS_TOTAL, "Total number of scheduling attempts."), &["status", "target_model_name", "pod_name", "namespace", "port"])?,
-            plugin_duration: hist(PLUGIN_DURATION_SECONDS, "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name.", SCHEDULER_BUCKETS.to_vec(), &["extension_point", "plugin_type", "plugin_name"])?,
-            scrape_errors: IntCounterVec::new(opts(SCRAPE_ERRORS_TOTAL, "Model-server metric scrapes that failed, by reason."), &["reason"])?,
-            score_repairs: IntCounterVec::new(opts(SCORE_REPAIRS_TOTAL, "Scorer outputs the scheduler repaired (non_finite, clamped)."), &["kind"])?,
+            request_duration: hist(
+                REQUEST_DURATION_SECONDS,
+                "Inference objective response latency distribution in seconds for each model and target model.",
+                DURATION_BUCKETS.to_vec(),
+                &MODEL_LABELS,
+            )?,
+            request_sizes: hist(
+                REQUEST_SIZES,
+                "Inference objective requests size distribution in bytes for each model and target model.",
+                request_size_buckets(),
+                &MODEL_LABELS,
+            )?,
+            response_sizes: hist(
+                RESPONSE_SIZES,
+                "Inference objective responses size distribution in bytes for each model and target model.",
+                RESPONSE_SIZE_BUCKETS.to_vec(),
+                &MODEL_LABELS,
+            )?,
+            input_tokens: hist(
+                INPUT_TOKENS,
+                "Inference objective input token count distribution for requests in each model.",
+                INPUT_TOKEN_BUCKETS.to_vec(),
+                &MODEL_LABELS,
+            )?,
+            output_tokens: hist(
+                OUTPUT_TOKENS,
+                "Inference objective output token count distribution for requests in each model.",
+                OUTPUT_TOKEN_BUCKETS.to_vec(),
+                &MODEL_LABELS,
+            )?,
+            prompt_cached_tokens: hist(
+                PROMPT_CACHED_TOKENS,
+                "Inference objective prompt cached token count distribution for requests in each model.",
+                INPUT_TOKEN_BUCKETS.to_vec(),
+                &MODEL_LABELS,
+            )?,
+            normalized_tpot: hist(
+                NORMALIZED_TPOT_SECONDS,
+                "Inference objective latency divided by number of output tokens in seconds for each model and target model.",
+                TPOT_BUCKETS.to_vec(),
+                &MODEL_LABELS,
+            )?,
+            running_requests: IntGaugeVec::new(
+                opts(
+                    RUNNING_REQUESTS,
+                    "Inference objective number of running requests in each model.",
+                ),
+                &["model_name"],
+            )?,
+            pool_ready_pods: IntGaugeVec::new(
+                opts(
+                    POOL_READY_PODS,
+                    "The number of ready pods in the inference server pool.",
+                ),
+                &["name"],
+            )?,
+            pool_avg_kv: GaugeVec::new(
+                opts(
+                    POOL_AVG_KV,
+                    "The average kv cache utilization for an inference server pool.",
+                ),
+                &["name"],
+            )?,
+            pool_avg_queue: GaugeVec::new(
+                opts(
+                    POOL_AVG_QUEUE,
+                    "The average number of requests pending in the model server queue.",
+                ),
+                &["name"],
+            )?,
+            pool_avg_running: GaugeVec::new(
+                opts(
+                    POOL_AVG_RUNNING,
+                    "The average number of requests running in the model server.",
+                ),
+                &["name"],
+            )?,
+            pool_per_pod_queue: GaugeVec::new(
+                opts(
+                    POOL_PER_POD_QUEUE,
+                    "The total number of requests pending in the model server queue for each underlying pod.",
+                ),
+                &["name", "model_server_pod"],
+            )?,
+            scheduler_e2e: Histogram::with_opts(
+                HistogramOpts::new(
+                    SCHEDULER_E2E_SECONDS,
+                    "[ALPHA] End-to-end scheduling latency distribution in seconds.",
+                )
+                .buckets(SCHEDULER_BUCKETS.to_vec()),
+            )?,
+            scheduler_attempts: IntCounterVec::new(
+                opts(SCHEDULER_ATTEMPTS_TOTAL, "Total number of scheduling attempts."),
+                &["status", "target_model_name", "pod_name", "namespace", "port"],
+            )?,
+            plugin_duration: hist(
+                PLUGIN_DURATION_SECONDS,
+                "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name.",
+                SCHEDULER_BUCKETS.to_vec(),
+                &["extension_point", "plugin_type", "plugin_name"],
+            )?,
+            scrape_errors: IntCounterVec::new(
+                opts(
+                    SCRAPE_ERRORS_TOTAL,
+                    "Model-server metric scrapes that failed, by reason.",
+                ),
+                &["reason"],
+            )?,
+            score_repairs: IntCounterVec::new(
+                opts(
+                    SCORE_REPAIRS_TOTAL,
+                    "Scorer outputs the scheduler repaired (non_finite, clamped).",
+                ),
+                &["kind"],
+            )?,
         };
-        let info = IntGaugeVec::new(opts(names::EXTENSION_INFO, "General information of the current build of Inference Extension."), &["commit", "build_ref"])?;
-        info.with_label_values(&[env!("CARGO_PKG_VERSION"), "epp-rs"]).set(1);
+        let info = IntGaugeVec::new(
+            opts(
+                names::EXTENSION_INFO,
+                "General information of the current build of Inference Extension.",
+            ),
+            &["commit", "build_ref"],
+        )?;
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), "epp-rs"])
+            .set(1);
         m.registry.register(Box::new(info))?;
         for c in [
             Box::new(m.request_total.clone()) as Box<dyn prometheus::core::Collector>,
@@ -136,13 +255,21 @@ impl EppMetrics {
 
     /// Refresh the pool gauges from `snapshot`: endpoints whose metrics are younger than
     /// `staleness` at `now` count as ready and enter the averages.
-    pub fn refresh_pool_gauges(&self, pool: &str, snapshot: &Snapshot, now: Timestamp, staleness: std::time::Duration) {
+    pub fn refresh_pool_gauges(
+        &self,
+        pool: &str,
+        snapshot: &Snapshot,
+        now: Timestamp,
+        staleness: std::time::Duration,
+    ) {
         let fresh: Vec<_> = snapshot
             .endpoints
             .iter()
             .filter(|e| e.metrics.scraped_at.is_some_and(|t| now.since(t) <= staleness))
             .collect();
-        self.pool_ready_pods.with_label_values(&[pool]).set(fresh.len() as i64);
+        self.pool_ready_pods
+            .with_label_values(&[pool])
+            .set(fresh.len() as i64);
         let n = fresh.len().max(1) as f64;
         let kv: f64 = fresh.iter().filter_map(|e| e.metrics.kv_usage).sum();
         self.pool_avg_kv.with_label_values(&[pool]).set(kv / n);

@@ -50,7 +50,11 @@ fn parse_line(line: &str) -> Option<Sample<'_>> {
         .find(|c: char| c == '{' || c.is_ascii_whitespace())
         .unwrap_or(line.len());
     let name = &line[..name_end];
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    {
         return None;
     }
     let mut rest = &line[name_end..];
@@ -161,7 +165,18 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        for text in ["{", "}", "a{", "a{b", "a{b=", "a{b=\"", "a{b=\"\\", "a 1e999999", "ä 1", "a{=\"x\"} 1"] {
+        for text in [
+            "{",
+            "}",
+            "a{",
+            "a{b",
+            "a{b=",
+            "a{b=\"",
+            "a{b=\"\\",
+            "a 1e999999",
+            "ä 1",
+            "a{=\"x\"} 1",
+        ] {
             for_each_sample(text, |_| {});
         }
     }

@@ -46,15 +46,18 @@ pub const SCORE_REPAIRS_TOTAL: &str = "inference_extension_scheduler_score_repai
 
 /// Request-duration buckets (seconds), as upstream.
 pub const DURATION_BUCKETS: [f64; 35] = [
-    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0,
-    30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0,
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0,
+    20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0,
+    3600.0,
 ];
 
 /// Scheduler and plugin duration buckets (seconds), as upstream.
 pub const SCHEDULER_BUCKETS: [f64; 10] = [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
 
 /// Normalized time-per-output-token buckets (seconds).
-pub const TPOT_BUCKETS: [f64; 13] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+pub const TPOT_BUCKETS: [f64; 13] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
 
 /// Request-size buckets (bytes): powers of two from 64 B to 1 GiB.
 pub fn request_size_buckets() -> Vec<f64> {
@@ -63,19 +66,20 @@ pub fn request_size_buckets() -> Vec<f64> {
 
 /// Response-size buckets (bytes), upstream's list (32778 is upstream's, not a typo here).
 pub const RESPONSE_SIZE_BUCKETS: [f64; 16] = [
-    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0, 65536.0,
-    131072.0,
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0,
+    65536.0, 131072.0,
 ];
 
 /// Input-token buckets.
 pub const INPUT_TOKEN_BUCKETS: [f64; 19] = [
-    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0, 65536.0,
-    131072.0, 262144.0, 524288.0, 1048576.0,
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0,
+    65536.0, 131072.0, 262144.0, 524288.0, 1048576.0,
 ];
 
 /// Output-token buckets.
-pub const OUTPUT_TOKEN_BUCKETS: [f64; 11] =
-    [1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 8192.0];
+pub const OUTPUT_TOKEN_BUCKETS: [f64; 11] = [
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 8192.0,
+];
 
 /// Error codes used in `error_code` labels.
 pub mod error_code {

@@ -47,9 +47,7 @@ impl ApiKind {
     pub fn missing_prompt_message(self) -> &'static str {
         match self {
             ApiKind::Completions => "invalid completions request: must have prompt field",
-            ApiKind::ChatCompletions => {
-                "invalid chat completions request: must have valid messages field"
-            }
+            ApiKind::ChatCompletions => "invalid chat completions request: must have valid messages field",
             ApiKind::Responses => "invalid responses request: must have input field",
             ApiKind::Conversations => "invalid conversations request: must have items field",
             ApiKind::Embeddings => "invalid embeddings request: must have input field",
@@ -74,13 +72,19 @@ mod tests {
 
     #[test]
     fn path_suffix_rules_match_upstream() {
-        assert_eq!(ApiKind::from_path("/v1/chat/completions"), ApiKind::ChatCompletions);
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions"),
+            ApiKind::ChatCompletions
+        );
         assert_eq!(ApiKind::from_path("/v1/completions"), ApiKind::Completions);
         assert_eq!(ApiKind::from_path("/v1/responses"), ApiKind::Responses);
         assert_eq!(ApiKind::from_path("/v1/conversations"), ApiKind::Conversations);
         assert_eq!(ApiKind::from_path("/v1/embeddings"), ApiKind::Embeddings);
         // The query string is not stripped, so this falls back to completions (as upstream).
-        assert_eq!(ApiKind::from_path("/v1/chat/completions?x=y"), ApiKind::Completions);
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions?x=y"),
+            ApiKind::Completions
+        );
         assert_eq!(ApiKind::from_path("/anything"), ApiKind::Completions);
     }
 }

@@ -123,8 +123,7 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<LlmRequest, RequestError
     })?;
 
     let model_raw = raw.model.ok_or(RequestError::MissingModel)?;
-    let model: String =
-        serde_json::from_str(model_raw.get()).map_err(|_| RequestError::MissingModel)?;
+    let model: String = serde_json::from_str(model_raw.get()).map_err(|_| RequestError::MissingModel)?;
     let model_span = span_of(text, model_raw.get());
 
     let prompt = match api {
@@ -221,7 +220,10 @@ mod tests {
             "invalid chat completions request: must have valid messages field"
         );
         let e = parse_request("/v1/completions", br#"{"model":"m","prompt":""}"#).unwrap_err();
-        assert_eq!(e.to_string(), "invalid completions request: must have prompt field");
+        assert_eq!(
+            e.to_string(),
+            "invalid completions request: must have prompt field"
+        );
         assert!(matches!(
             parse_request("/v1/completions", b"not json"),
             Err(RequestError::InvalidJson { .. })

@@ -57,7 +57,11 @@ impl ModelRestorer {
             }
         }
         let rest = &input[pos..];
-        let hold = if end_of_stream { 0 } else { self.partial_match_len(rest) };
+        let hold = if end_of_stream {
+            0
+        } else {
+            self.partial_match_len(rest)
+        };
         out.extend_from_slice(&rest[..rest.len() - hold]);
         self.held = rest[rest.len() - hold..].to_vec();
         out
@@ -84,7 +88,10 @@ mod tests {
     #[test]
     fn upstream_unit_vector() {
         let mut r = ModelRestorer::new("vllm-backend-01", "gpt-4-proxy");
-        let out = r.feed(br#"{"id":"cmpl-123","model":"vllm-backend-01","choices":[]}"#, true);
+        let out = r.feed(
+            br#"{"id":"cmpl-123","model":"vllm-backend-01","choices":[]}"#,
+            true,
+        );
         assert_eq!(out, br#"{"id":"cmpl-123","model":"gpt-4-proxy","choices":[]}"#);
         let out = ModelRestorer::new("a", "b").feed(b"data: [DONE]\n", true);
         assert_eq!(out, b"data: [DONE]\n");

@@ -9,7 +9,7 @@ use rand::RngCore;
 
 use super::{
     plugin::{CycleState, DataProducer, ExtensionPoint, Needs, PluginTimer, PreRequest, SchedulingContext},
-    profile::{Profile, ProfileError, Scratch, ScoreRepairs},
+    profile::{Profile, ProfileError, ScoreRepairs, Scratch},
 };
 use crate::datastore::EndpointId;
 
@@ -83,7 +83,15 @@ impl Scheduler {
         }
         decision.repairs = self
             .profile
-            .run(ctx, &decision.state, &mut candidates, scratch, rng, timer, &mut decision.endpoints)
+            .run(
+                ctx,
+                &decision.state,
+                &mut candidates,
+                scratch,
+                rng,
+                timer,
+                &mut decision.endpoints,
+            )
             .map_err(|source| SchedulingError::Profile {
                 profile: self.profile.name.clone(),
                 source,

@@ -98,7 +98,13 @@ pub trait Scorer: Send + Sync {
     }
     /// Write one score per candidate into `out` (same length, pre-zeroed). Values outside [0, 1]
     /// are clamped and non-finite values count as 0 by the caller.
-    fn score(&self, ctx: &SchedulingContext<'_>, state: &CycleState, candidates: &[EndpointId], out: &mut [f64]);
+    fn score(
+        &self,
+        ctx: &SchedulingContext<'_>,
+        state: &CycleState,
+        candidates: &[EndpointId],
+        out: &mut [f64],
+    );
 }
 
 /// A candidate with its weighted total score.

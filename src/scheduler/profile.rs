@@ -5,7 +5,7 @@ use std::sync::Arc;
 use rand::RngCore;
 
 use super::plugin::{
-    CycleState, ExtensionPoint, Filter, Picker, PluginTimer, Scorer, ScoredEndpoint, SchedulingContext,
+    CycleState, ExtensionPoint, Filter, Picker, PluginTimer, SchedulingContext, ScoredEndpoint, Scorer,
 };
 use crate::datastore::EndpointId;
 
@@ -124,7 +124,10 @@ impl Profile {
             candidates
                 .iter()
                 .zip(&scratch.totals)
-                .map(|(id, score)| ScoredEndpoint { id: *id, score: *score }),
+                .map(|(id, score)| ScoredEndpoint {
+                    id: *id,
+                    score: *score,
+                }),
         );
         let started = timer.map(|t| t.start());
         self.picker.pick(&mut scratch.scored, rng, picked);

@@ -169,14 +169,20 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
     // Upstream: a profile without a picker takes a configured one, else a default max-score.
     let picker = picker
         .or_else(|| roles.iter().find_map(|r| r.picker.clone()))
-        .unwrap_or_else(|| Arc::new(MaxScorePicker::new(default_name("max-score-picker"), &PickerParams::default())));
+        .unwrap_or_else(|| {
+            Arc::new(MaxScorePicker::new(
+                default_name("max-score-picker"),
+                &PickerParams::default(),
+            ))
+        });
 
     let needs = Needs {
         prefix_match: filters.iter().any(|f| f.needs().prefix_match)
             || scorers.iter().any(|s| s.scorer.needs().prefix_match),
     };
     let mut producers: Vec<Arc<dyn DataProducer>> = roles.iter().filter_map(|r| r.producer.clone()).collect();
-    let mut pre_request: Vec<Arc<dyn PreRequest>> = roles.iter().filter_map(|r| r.pre_request.clone()).collect();
+    let mut pre_request: Vec<Arc<dyn PreRequest>> =
+        roles.iter().filter_map(|r| r.pre_request.clone()).collect();
     // Upstream auto-adds the producer when the prefix scorer is used without one.
     if needs.prefix_match && !producers.iter().any(|p| p.produces().prefix_match) {
         let spec = PluginSpec {

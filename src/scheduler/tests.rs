@@ -71,7 +71,13 @@ fn weights_are_not_normalised() {
         "- type: queue-scorer\n- type: kv-cache-utilization-scorer\n- type: max-score-picker\n  name: picker\n  parameters:\n    maxNumOfEndpoints: 3\n",
     );
     let s = build_scheduler(&cfg).unwrap();
-    let d = run(&s, &hermetic_pods(), br#"{"model":"m","prompt":"x"}"#, &mut SmallRng::seed_from_u64(1)).unwrap();
+    let d = run(
+        &s,
+        &hermetic_pods(),
+        br#"{"model":"m","prompt":"x"}"#,
+        &mut SmallRng::seed_from_u64(1),
+    )
+    .unwrap();
     assert_eq!(d.endpoints, vec![EndpointId(1), EndpointId(0), EndpointId(2)]);
 }
 
@@ -103,7 +109,13 @@ fn prefix_affinity_follows_the_first_pick() {
 fn empty_candidates_are_an_error() {
     let s = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
     let snap = SnapshotBuilder::new().build();
-    let err = run(&s, &snap, br#"{"model":"m","prompt":"x"}"#, &mut SmallRng::seed_from_u64(0)).unwrap_err();
+    let err = run(
+        &s,
+        &snap,
+        br#"{"model":"m","prompt":"x"}"#,
+        &mut SmallRng::seed_from_u64(0),
+    )
+    .unwrap_err();
     assert_eq!(err, SchedulingError::NoCandidates);
 }
 
@@ -119,9 +131,16 @@ fn unknown_types_and_bad_parameters_name_their_path() {
     let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
     assert_eq!(text.len(), 2, "{text:?}");
     assert_eq!(text[0], "plugins[0].type: unknown plugin type \"nope\"");
-    assert!(text[1].starts_with("plugins[1].parameters.extra: unknown field `extra`"), "{}", text[1]);
+    assert!(
+        text[1].starts_with("plugins[1].parameters.extra: unknown field `extra`"),
+        "{}",
+        text[1]
+    );
 
-    let cfg = config("  - pluginRef: queue-scorer\n", "- type: queue-scorer\n  parameters: {x: 1}\n");
+    let cfg = config(
+        "  - pluginRef: queue-scorer\n",
+        "- type: queue-scorer\n  parameters: {x: 1}\n",
+    );
     let Err(ConfigError::Invalid { issues }) = build_scheduler(&cfg) else {
         panic!("expected errors");
     };
@@ -144,22 +163,46 @@ fn scores_out_of_range_are_clamped_and_nan_is_zero() {
             out.copy_from_slice(&[-0.5, 1.5, f64::NAN]);
         }
     }
-    let name = PluginName { kind: "wild", name: "wild".into() };
-    let picker = pickers::MaxScorePicker::new(name.clone(), &pickers::PickerParams { max_num_of_endpoints: 3 });
+    let name = PluginName {
+        kind: "wild",
+        name: "wild".into(),
+    };
+    let picker = pickers::MaxScorePicker::new(
+        name.clone(),
+        &pickers::PickerParams {
+            max_num_of_endpoints: 3,
+        },
+    );
     let profile = Profile {
         name: "p".into(),
         filters: vec![],
-        scorers: vec![WeightedScorer { scorer: Arc::new(Wild(name)), weight: 2.0 }],
+        scorers: vec![WeightedScorer {
+            scorer: Arc::new(Wild(name)),
+            weight: 2.0,
+        }],
         picker: Arc::new(picker),
     };
     let snap = hermetic_pods();
     let body = br#"{"model":"m","prompt":"x"}"#;
     let req = parse_request("/v1/completions", body).unwrap();
-    let ctx = SchedulingContext { snapshot: &snap, request: &req, body, target_model: "m", now: Timestamp(0) };
+    let ctx = SchedulingContext {
+        snapshot: &snap,
+        request: &req,
+        body,
+        target_model: "m",
+        now: Timestamp(0),
+    };
     let mut picked = Vec::new();
     let repairs = profile
-        .run(&ctx, &CycleState::default(), &mut snap.all_ids().collect(), &mut Scratch::default(),
-            &mut SmallRng::seed_from_u64(0), None, &mut picked)
+        .run(
+            &ctx,
+            &CycleState::default(),
+            &mut snap.all_ids().collect(),
+            &mut Scratch::default(),
+            &mut SmallRng::seed_from_u64(0),
+            None,
+            &mut picked,
+        )
         .unwrap();
     assert_eq!(picked[0], EndpointId(1));
     assert_eq!((repairs.clamped, repairs.non_finite), (2, 1));

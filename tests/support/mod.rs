@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: message builders and an in-process ext_proc server.
 
+#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 #![allow(dead_code)]
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -9,8 +10,9 @@ use envoy_types::pb::{
         config::core::v3::{HeaderMap, HeaderValue, Metadata},
         extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
         service::ext_proc::v3::{
-            HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
-            body_mutation::Mutation, external_processor_client::ExternalProcessorClient,
+            HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
+            ProtocolConfiguration, body_mutation::Mutation,
+            external_processor_client::ExternalProcessorClient,
             external_processor_server::ExternalProcessorServer, processing_request::Request,
             processing_response::Response,
         },
@@ -116,7 +118,9 @@ pub fn with_subset(mut msg: ProcessingRequest, entries: Vec<Value>) -> Processin
     let inner = Struct {
         fields: [(
             "x-gateway-destination-endpoint-subset".to_owned(),
-            Value { kind: Some(Kind::ListValue(ListValue { values: entries })) },
+            Value {
+                kind: Some(Kind::ListValue(ListValue { values: entries })),
+            },
         )]
         .into(),
     };
@@ -128,18 +132,28 @@ pub fn with_subset(mut msg: ProcessingRequest, entries: Vec<Value>) -> Processin
 }
 
 pub fn s(v: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(v.to_owned())) }
+    Value {
+        kind: Some(Kind::StringValue(v.to_owned())),
+    }
 }
 
 /// A decoded answer, for exact assertions.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     /// Request headers answer: set headers (sorted), clear_route_cache, destination metadata.
-    RequestHeaders { set: Vec<(String, String)>, clear_route_cache: bool, destination: Option<String> },
+    RequestHeaders {
+        set: Vec<(String, String)>,
+        clear_route_cache: bool,
+        destination: Option<String>,
+    },
     /// Streamed request body chunk.
     RequestChunk { body: Vec<u8>, eos: bool },
     /// Buffered-mode request body answer.
-    RequestBodyReplace { set: Vec<(String, String)>, body: Option<Vec<u8>>, destination: Option<String> },
+    RequestBodyReplace {
+        set: Vec<(String, String)>,
+        body: Option<Vec<u8>>,
+        destination: Option<String>,
+    },
     /// Request trailers answer.
     RequestTrailers,
     /// Response headers answer.
@@ -151,7 +165,11 @@ pub enum Answer {
     /// Response trailers answer.
     ResponseTrailers,
     /// Immediate response.
-    Immediate { status: i32, headers: Vec<(String, String)>, body: String },
+    Immediate {
+        status: i32,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
 }
 
 fn set_headers(c: &envoy_types::pb::envoy::service::ext_proc::v3::CommonResponse) -> Vec<(String, String)> {
@@ -164,7 +182,10 @@ fn set_headers(c: &envoy_types::pb::envoy::service::ext_proc::v3::CommonResponse
                 .map(|h| {
                     let h = h.header.as_ref().expect("header");
                     assert!(h.value.is_empty(), "EPP must use raw_value only");
-                    (h.key.clone(), String::from_utf8(h.raw_value.clone()).expect("utf8"))
+                    (
+                        h.key.clone(),
+                        String::from_utf8(h.raw_value.clone()).expect("utf8"),
+                    )
                 })
                 .collect()
         })
@@ -175,7 +196,9 @@ fn set_headers(c: &envoy_types::pb::envoy::service::ext_proc::v3::CommonResponse
 
 fn destination(r: &ProcessingResponse) -> Option<String> {
     let lb = r.dynamic_metadata.as_ref()?.fields.get("envoy.lb")?;
-    let Some(Kind::StructValue(st)) = &lb.kind else { return None };
+    let Some(Kind::StructValue(st)) = &lb.kind else {
+        return None;
+    };
     match &st.fields.get("x-gateway-destination-endpoint")?.kind {
         Some(Kind::StringValue(s)) => Some(s.clone()),
         _ => None,
@@ -186,22 +209,42 @@ pub fn decode(r: &ProcessingResponse) -> Answer {
     match r.response.as_ref().expect("response set") {
         Response::RequestHeaders(h) => {
             let c = h.response.clone().unwrap_or_default();
-            Answer::RequestHeaders { set: set_headers(&c), clear_route_cache: c.clear_route_cache, destination: destination(r) }
+            Answer::RequestHeaders {
+                set: set_headers(&c),
+                clear_route_cache: c.clear_route_cache,
+                destination: destination(r),
+            }
         }
         Response::RequestBody(b) => {
             let c = b.response.clone().unwrap_or_default();
             match c.body_mutation.as_ref().and_then(|m| m.mutation.clone()) {
-                Some(Mutation::StreamedResponse(s)) => Answer::RequestChunk { body: s.body, eos: s.end_of_stream },
-                Some(Mutation::Body(body)) => Answer::RequestBodyReplace { set: set_headers(&c), body: Some(body), destination: destination(r) },
-                _ => Answer::RequestBodyReplace { set: set_headers(&c), body: None, destination: destination(r) },
+                Some(Mutation::StreamedResponse(s)) => Answer::RequestChunk {
+                    body: s.body,
+                    eos: s.end_of_stream,
+                },
+                Some(Mutation::Body(body)) => Answer::RequestBodyReplace {
+                    set: set_headers(&c),
+                    body: Some(body),
+                    destination: destination(r),
+                },
+                _ => Answer::RequestBodyReplace {
+                    set: set_headers(&c),
+                    body: None,
+                    destination: destination(r),
+                },
             }
         }
         Response::RequestTrailers(_) => Answer::RequestTrailers,
-        Response::ResponseHeaders(h) => Answer::ResponseHeaders { set: set_headers(&h.response.clone().unwrap_or_default()) },
+        Response::ResponseHeaders(h) => Answer::ResponseHeaders {
+            set: set_headers(&h.response.clone().unwrap_or_default()),
+        },
         Response::ResponseBody(b) => {
             let c = b.response.clone().unwrap_or_default();
             match c.body_mutation.as_ref().and_then(|m| m.mutation.clone()) {
-                Some(Mutation::StreamedResponse(s)) => Answer::ResponseChunk { body: s.body, eos: s.end_of_stream },
+                Some(Mutation::StreamedResponse(s)) => Answer::ResponseChunk {
+                    body: s.body,
+                    eos: s.end_of_stream,
+                },
                 Some(Mutation::Body(body)) => Answer::ResponseBodyReplace { body: Some(body) },
                 _ => Answer::ResponseBodyReplace { body: None },
             }
@@ -216,7 +259,10 @@ pub fn decode(r: &ProcessingResponse) -> Answer {
                         .iter()
                         .map(|h| {
                             let h = h.header.as_ref().expect("header");
-                            (h.key.clone(), String::from_utf8(h.raw_value.clone()).expect("utf8"))
+                            (
+                                h.key.clone(),
+                                String::from_utf8(h.raw_value.clone()).expect("utf8"),
+                            )
                         })
                         .collect()
                 })
@@ -257,13 +303,27 @@ impl TestServer {
         let addr = listener.local_addr().expect("addr");
         let svc = ExternalProcessorServer::new(ExtProcService::new(processor, TaskTracker::new()))
             .max_decoding_message_size(64 << 20);
-        tokio::spawn(Server::builder().add_service(svc).serve_with_incoming(TcpListenerStream::new(listener)));
-        TestServer { addr, metrics, snapshot }
+        tokio::spawn(
+            Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        TestServer {
+            addr,
+            metrics,
+            snapshot,
+        }
     }
 
     pub async fn client(&self) -> ExternalProcessorClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect().await.expect("connect");
-        ExternalProcessorClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+        let ch = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        ExternalProcessorClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
     }
 
     /// Send `msgs`, half-close, and collect every answer until the server ends the stream.
@@ -274,10 +334,17 @@ impl TestServer {
             tx.send(m).await.expect("send");
         }
         drop(tx);
-        let mut inbound = client.process(ReceiverStream::new(rx)).await.expect("process").into_inner();
+        let mut inbound = client
+            .process(ReceiverStream::new(rx))
+            .await
+            .expect("process")
+            .into_inner();
         let mut out = Vec::new();
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await.expect("answer within 10s") {
+            match tokio::time::timeout(Duration::from_secs(10), inbound.message())
+                .await
+                .expect("answer within 10s")
+            {
                 Ok(Some(r)) => out.push(decode(&r)),
                 Ok(None) => break,
                 Err(status) => panic!("stream error {status:?}"),

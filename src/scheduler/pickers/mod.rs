@@ -93,19 +93,30 @@ mod tests {
     use super::*;
 
     fn name() -> PluginName {
-        PluginName { kind: "max-score-picker", name: "p".into() }
+        PluginName {
+            kind: "max-score-picker",
+            name: "p".into(),
+        }
     }
 
     fn scored(v: &[f64]) -> Vec<ScoredEndpoint> {
         v.iter()
             .enumerate()
-            .map(|(i, s)| ScoredEndpoint { id: EndpointId(i as u32), score: *s })
+            .map(|(i, s)| ScoredEndpoint {
+                id: EndpointId(i as u32),
+                score: *s,
+            })
             .collect()
     }
 
     #[test]
     fn max_score_orders_best_first_and_breaks_ties_randomly() {
-        let p = MaxScorePicker::new(name(), &PickerParams { max_num_of_endpoints: 2 });
+        let p = MaxScorePicker::new(
+            name(),
+            &PickerParams {
+                max_num_of_endpoints: 2,
+            },
+        );
         let mut rng = SmallRng::seed_from_u64(1);
         let mut out = Vec::new();
         p.pick(&mut scored(&[0.5, 2.0, 1.0]), &mut rng, &mut out);
@@ -123,7 +134,12 @@ mod tests {
 
     #[test]
     fn random_picker_returns_only_candidates() {
-        let p = RandomPicker::new(name(), &PickerParams { max_num_of_endpoints: 5 });
+        let p = RandomPicker::new(
+            name(),
+            &PickerParams {
+                max_num_of_endpoints: 5,
+            },
+        );
         let mut rng = SmallRng::seed_from_u64(2);
         let mut out = Vec::new();
         p.pick(&mut scored(&[0.0, 0.0]), &mut rng, &mut out);

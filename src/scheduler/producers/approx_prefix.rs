@@ -81,7 +81,10 @@ impl ApproxPrefixProducer {
         };
         // The character-based size is ambiguous next to token blocks; upstream refuses it alone.
         if params.block_size.is_some_and(|b| b > 0) && params.block_size_tokens.is_none() {
-            return Err(issue("blockSize", "deprecated blockSize requires blockSizeTokens; set blockSizeTokens instead"));
+            return Err(issue(
+                "blockSize",
+                "deprecated blockSize requires blockSizeTokens; set blockSizeTokens instead",
+            ));
         }
         let block_size_tokens = params.block_size_tokens.unwrap_or(DEFAULT_BLOCK_SIZE_TOKENS);
         // Without auto-tuning there is no other source of a block size.
@@ -109,7 +112,11 @@ impl ApproxPrefixProducer {
             .then(|| ctx.snapshot.endpoints.first().and_then(|e| e.metrics.block_size))
             .flatten()
             .filter(|b| *b > 0);
-        tuned.unwrap_or(if self.block_size_tokens == 0 { DEFAULT_BLOCK_SIZE_TOKENS } else { self.block_size_tokens })
+        tuned.unwrap_or(if self.block_size_tokens == 0 {
+            DEFAULT_BLOCK_SIZE_TOKENS
+        } else {
+            self.block_size_tokens
+        })
     }
 
     fn purge_departed(&self, ctx: &SchedulingContext<'_>) {
@@ -184,7 +191,10 @@ impl PreRequest for ApproxPrefixProducer {
             .flatten()
             .filter(|n| *n > 0)
             .unwrap_or(u64::from(self.params.lru_capacity_per_server));
-        self.index
-            .insert(endpoint.uid, &m.hashes, usize::try_from(capacity).unwrap_or(usize::MAX));
+        self.index.insert(
+            endpoint.uid,
+            &m.hashes,
+            usize::try_from(capacity).unwrap_or(usize::MAX),
+        );
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::{
     datastore::EndpointId,
-    scheduler::plugin::{CycleState, PluginName, Scorer, SchedulingContext},
+    scheduler::plugin::{CycleState, PluginName, SchedulingContext, Scorer},
 };
 
 /// `1 − kv` scorer.

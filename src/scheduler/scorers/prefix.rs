@@ -3,7 +3,7 @@
 
 use crate::{
     datastore::EndpointId,
-    scheduler::plugin::{CycleState, Needs, PluginName, Scorer, SchedulingContext},
+    scheduler::plugin::{CycleState, Needs, PluginName, SchedulingContext, Scorer},
 };
 
 /// Prefix-match ratio scorer.
@@ -27,7 +27,13 @@ impl Scorer for PrefixCacheScorer {
         Needs { prefix_match: true }
     }
 
-    fn score(&self, ctx: &SchedulingContext<'_>, state: &CycleState, candidates: &[EndpointId], out: &mut [f64]) {
+    fn score(
+        &self,
+        ctx: &SchedulingContext<'_>,
+        state: &CycleState,
+        candidates: &[EndpointId],
+        out: &mut [f64],
+    ) {
         let Some(m) = state.prefix.as_ref().filter(|m| !m.hashes.is_empty()) else {
             out.fill(0.0);
             return;

@@ -5,7 +5,7 @@
 
 use crate::{
     datastore::EndpointId,
-    scheduler::plugin::{CycleState, PluginName, Scorer, SchedulingContext},
+    scheduler::plugin::{CycleState, PluginName, SchedulingContext, Scorer},
 };
 
 /// Which per-endpoint count is normalised.
