@@ -538,3 +538,65 @@ async fn empty_pool_is_503_for_header_only_requests() {
     let (status, _) = immediate_status(&answers[0]);
     assert_eq!(status, 503);
 }
+
+#[tokio::test]
+async fn sheddable_request_on_a_saturated_pool_is_429() {
+    let busy = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |m| {
+            m.waiting = 50;
+            m.kv_usage = Some(0.95);
+        })
+        .build();
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: inference-objectives
+  parameters:
+    objectives:
+    - {name: batch-jobs, priority: -1}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(busy, Some(config)).await;
+    let send = |objective: &'static str| {
+        vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-gateway-inference-objective", objective),
+                ],
+                false,
+            ),
+            req_body(br#"{"model":"m","prompt":"x"}"#, true),
+        ]
+    };
+    let answers = server.exchange(send("batch-jobs")).await;
+    assert_eq!(answers.len(), 1);
+    match &answers[0] {
+        Answer::Immediate {
+            status,
+            headers,
+            body,
+        } => {
+            assert_eq!(*status, 429);
+            assert!(headers.contains(&("retry-after".into(), "1".into())));
+            assert!(headers.contains(&(
+                "x-llm-d-request-dropped-reason".into(),
+                "rejected-saturated".into()
+            )));
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                v["error"]["message"],
+                "system saturated, sheddable request dropped"
+            );
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // A non-sheddable objective on the same pool is routed.
+    let answers = server.exchange(send("interactive")).await;
+    assert!(matches!(answers[0], Answer::RequestHeaders { .. }), "{answers:?}");
+}

@@ -65,6 +65,7 @@ pub struct EndpointSpec {
 pub struct EndpointLive {
     in_flight_requests: AtomicU32,
     in_flight_tokens: AtomicU64,
+    started_total: AtomicU64,
 }
 
 impl EndpointLive {
@@ -78,8 +79,14 @@ impl EndpointLive {
         self.in_flight_tokens.load(Ordering::Relaxed)
     }
 
+    /// Requests ever started on this endpoint by this EPP (monotonic).
+    pub fn started_total(&self) -> u64 {
+        self.started_total.load(Ordering::Relaxed)
+    }
+
     /// Count one more request carrying `tokens` estimated tokens.
     pub fn start(&self, tokens: u64) {
+        self.started_total.fetch_add(1, Ordering::Relaxed);
         self.in_flight_requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
     }
@@ -118,6 +125,32 @@ impl Endpoint {
     /// The endpoint's key.
     pub fn key(&self) -> &EndpointKey {
         &self.spec.key
+    }
+
+    /// Requests this EPP sent here since the last successful scrape began: the engine's queue
+    /// gauges cannot show them yet, so load-aware scorers add them (a burst between two scrapes
+    /// then spreads instead of piling onto the pod that looked idlest).
+    pub fn picks_since_scrape(&self) -> u32 {
+        let since = self
+            .live
+            .started_total()
+            .saturating_sub(self.metrics.picks_at_scrape);
+        u32::try_from(since).unwrap_or(u32::MAX)
+    }
+
+    /// Waiting queue as scraped plus picks since that scrape.
+    pub fn effective_waiting(&self) -> u32 {
+        self.metrics.waiting.saturating_add(self.picks_since_scrape())
+    }
+
+    /// How old the metrics are at `now`; `None` if never scraped (unknown, not idle).
+    pub fn metrics_age(&self, now: crate::clock::Timestamp) -> Option<std::time::Duration> {
+        self.metrics.scraped_at.map(|t| now.since(t))
+    }
+
+    /// Whether metrics exist and are at most `threshold` old at `now`.
+    pub fn is_fresh(&self, now: crate::clock::Timestamp, threshold: std::time::Duration) -> bool {
+        self.metrics_age(now).is_some_and(|age| age <= threshold)
     }
 }
 

@@ -41,7 +41,7 @@ impl EppError {
             EppError::BodyTooLarge { .. } => 413,
             EppError::NoCandidates => 503,
             EppError::Scheduling(SchedulingError::NoCandidates) => 503,
-            EppError::Scheduling(SchedulingError::Profile { .. }) => 429,
+            EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => 429,
             EppError::Internal(_) => 500,
         }
     }
@@ -64,7 +64,7 @@ impl EppError {
             EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
                 ("server_error", "no_endpoints_available")
             }
-            EppError::Scheduling(SchedulingError::Profile { .. }) => {
+            EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => {
                 ("server_overloaded", "rate_limit_exceeded")
             }
             EppError::Internal(_) => ("server_error", "internal_error"),
@@ -77,7 +77,9 @@ impl EppError {
             EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
                 Some("rejected-no-endpoints")
             }
-            EppError::Scheduling(SchedulingError::Profile { .. }) => Some("rejected-saturated"),
+            EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => {
+                Some("rejected-saturated")
+            }
             _ => None,
         }
     }

@@ -102,6 +102,7 @@ pub struct Exchange {
     request_id: Option<String>,
     generated_request_id: Option<String>,
     model_rewrite: Option<String>,
+    objective: Option<String>,
     subset: Option<Vec<String>>,
     body: Vec<u8>,
     decided: bool,
@@ -202,6 +203,7 @@ impl Exchange {
             request_id: None,
             generated_request_id: None,
             model_rewrite: None,
+            objective: None,
             subset: None,
             body: Vec::new(),
             decided: false,
@@ -284,6 +286,9 @@ impl Exchange {
                 REQUEST_ID => self.request_id = Some(text(value)),
                 k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => {
                     self.model_rewrite = Some(text(value))
+                }
+                k if OBJECTIVE_HEADERS.contains(&k) && !value.is_empty() => {
+                    self.objective = Some(text(value))
                 }
                 _ => {}
             }
@@ -413,13 +418,19 @@ impl Exchange {
         if candidates.is_empty() {
             return Err((EppError::NoCandidates, labels));
         }
+        let priority = self.p.scheduler.priority_of(self.objective.as_deref());
         let ctx = SchedulingContext {
             snapshot: &snapshot,
             request: &req,
             body,
             target_model: &target,
             now: self.p.clock.now(),
+            priority,
         };
+        self.p
+            .scheduler
+            .admit(&ctx, &candidates)
+            .map_err(|e| (EppError::Scheduling(e), labels.clone()))?;
         let mut rng = SmallRng::from_rng(&mut rand::rng());
         let started = Instant::now();
         let timer = self.p.plugin_timer();
@@ -471,7 +482,7 @@ impl Exchange {
             ])
             .inc();
         m.request_total
-            .with_label_values(&[&req.model, &target, "0"])
+            .with_label_values(&[&req.model, &target, &priority.to_string()])
             .inc();
         m.request_sizes
             .with_label_values(&[&req.model, &target])

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     clock::Clock,
-    datastore::{DatastoreEvent, EndpointUid, SnapshotReader},
+    datastore::{DatastoreEvent, EndpointLive, EndpointUid, SnapshotReader},
 };
 
 /// Largest `/metrics` body accepted; a larger (or endless) body is a [`ScrapeFailure::TooLarge`].
@@ -103,6 +103,7 @@ struct Loop {
     uid: EndpointUid,
     url: Arc<str>,
     engine: EngineSpec,
+    live: Arc<EndpointLive>,
 }
 
 /// Keep one scrape loop per endpoint of the current snapshot until `cancel`.
@@ -154,6 +155,7 @@ pub async fn run_collector(
                 uid: e.uid,
                 url: e.spec.metrics_url.clone(),
                 engine,
+                live: e.live.clone(),
             };
             tracker.spawn(scrape_loop(
                 l,
@@ -197,9 +199,11 @@ async fn scrape_loop(
             () = cancel.cancelled() => return,
         }
         let started = Instant::now();
+        let picks_at_scrape = l.live.started_total();
         match scrape_once(&client, &l.url, &l.engine, timeout).await {
             Ok(mut m) => {
                 m.scraped_at = Some(clock.now());
+                m.picks_at_scrape = picks_at_scrape;
                 last = m;
                 failures = 0;
             }

@@ -290,6 +290,7 @@ pub fn extract(spec: &EngineSpec, text: &str) -> Extracted {
             num_gpu_blocks: nb.filter(|n| *n > 0),
             scraped_at: None,
             last_error: None,
+            picks_at_scrape: 0,
         },
         bad_lines,
     }

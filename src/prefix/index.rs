@@ -155,6 +155,11 @@ impl PrefixIndex {
         }
     }
 
+    /// Live entries of one endpoint.
+    pub fn entries_of(&self, endpoint: EndpointUid) -> usize {
+        self.inner.lock().endpoints.get(&endpoint.0).map_or(0, |l| l.live)
+    }
+
     /// Live `(block, endpoint)` entries.
     pub fn entries(&self) -> usize {
         self.inner.lock().endpoints.values().map(|l| l.live).sum()

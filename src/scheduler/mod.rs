@@ -9,6 +9,7 @@
 //! - [`pipeline`]: producers, the profile, pre-request hooks.
 //! - [`scorers`], [`pickers`], [`producers`]: built-in plugins under their upstream names.
 
+pub mod filters;
 pub mod params;
 pub mod pickers;
 pub mod pipeline;
@@ -16,6 +17,7 @@ pub mod plugin;
 pub mod producers;
 pub mod profile;
 pub mod registry;
+pub mod saturation;
 pub mod scorers;
 
 #[cfg(test)]

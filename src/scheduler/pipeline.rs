@@ -3,12 +3,15 @@
 //! Pure and synchronous. The caller passes the snapshot-backed context, the candidate list (the
 //! pool, possibly narrowed by the gateway's subset hint), an RNG and optionally a timer.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use rand::RngCore;
 
 use super::{
-    plugin::{CycleState, DataProducer, ExtensionPoint, Needs, PluginTimer, PreRequest, SchedulingContext},
+    plugin::{
+        CycleState, DataProducer, ExtensionPoint, Needs, PluginTimer, PreRequest, SaturationDetector,
+        SchedulingContext,
+    },
     profile::{Profile, ProfileError, ScoreRepairs, Scratch},
 };
 use crate::datastore::EndpointId;
@@ -19,6 +22,9 @@ pub enum SchedulingError {
     /// No candidate to start from (empty pool or subset).
     #[error("failed to find endpoint candidates for serving the request")]
     NoCandidates,
+    /// A sheddable request (negative priority) met a saturated pool.
+    #[error("system saturated, sheddable request dropped")]
+    Saturated,
     /// The profile failed (filters removed everything).
     #[error("failed to find target endpoint: failed to run scheduler profile '{profile}': {source}")]
     Profile {
@@ -47,12 +53,44 @@ pub struct Scheduler {
     pub(crate) profile: Profile,
     pub(crate) pre_request: Vec<Arc<dyn PreRequest>>,
     pub(crate) needs: Needs,
+    pub(crate) detector: Arc<dyn SaturationDetector>,
+    pub(crate) objectives: HashMap<String, i32>,
 }
 
 impl Scheduler {
     /// The profile's name.
     pub fn profile_name(&self) -> &str {
         &self.profile.name
+    }
+
+    /// Priority of the objective named `objective` (unknown or absent → 0), from the
+    /// `inference-objectives` plugin.
+    pub fn priority_of(&self, objective: Option<&str>) -> i32 {
+        objective
+            .and_then(|o| self.objectives.get(o))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Saturation of `candidates` by the configured detector.
+    pub fn saturation(&self, ctx: &SchedulingContext<'_>, candidates: &[EndpointId]) -> f64 {
+        self.detector.saturation(ctx, candidates)
+    }
+
+    /// Admission before scheduling: a sheddable request (priority < 0) is refused when its
+    /// candidates are saturated; everything else is admitted (no EPP-side queue).
+    ///
+    /// # Errors
+    /// [`SchedulingError::Saturated`].
+    pub fn admit(
+        &self,
+        ctx: &SchedulingContext<'_>,
+        candidates: &[EndpointId],
+    ) -> Result<(), SchedulingError> {
+        if ctx.priority < 0 && self.saturation(ctx, candidates) >= 1.0 {
+            return Err(SchedulingError::Saturated);
+        }
+        Ok(())
     }
 
     /// Run one cycle over `candidates` (consumed as scratch).

@@ -45,6 +45,8 @@ pub struct SchedulingContext<'a> {
     pub target_model: &'a str,
     /// The current time.
     pub now: Timestamp,
+    /// Priority of the request's objective (negative = sheddable).
+    pub priority: i32,
 }
 
 /// Result of the prefix-cache producer for one request.
@@ -84,8 +86,23 @@ pub trait Filter: Send + Sync {
     fn needs(&self) -> Needs {
         Needs::default()
     }
-    /// Retain the acceptable candidates in place.
-    fn filter(&self, ctx: &SchedulingContext<'_>, state: &CycleState, candidates: &mut Vec<EndpointId>);
+    /// Retain the acceptable candidates in place. `rng` serves probabilistic filters.
+    fn filter(
+        &self,
+        ctx: &SchedulingContext<'_>,
+        state: &CycleState,
+        candidates: &mut Vec<EndpointId>,
+        rng: &mut dyn RngCore,
+    );
+}
+
+/// Estimates how saturated a set of endpoints is: below 1.0 there is headroom, at or above 1.0
+/// the set is saturated (sheddable requests are refused).
+pub trait SaturationDetector: Send + Sync {
+    /// Identity.
+    fn name(&self) -> &PluginName;
+    /// Saturation of `candidates` (1.0 for an empty set).
+    fn saturation(&self, ctx: &SchedulingContext<'_>, candidates: &[EndpointId]) -> f64;
 }
 
 /// Rates candidates.

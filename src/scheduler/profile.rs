@@ -82,7 +82,7 @@ impl Profile {
     ) -> Result<ScoreRepairs, ProfileError> {
         for filter in &self.filters {
             let started = timer.map(|t| t.start());
-            filter.filter(ctx, state, candidates);
+            filter.filter(ctx, state, candidates, rng);
             if let (Some(t), Some(s)) = (timer, started) {
                 t.record(ExtensionPoint::Filter, filter.name(), s);
             }

@@ -1,4 +1,5 @@
-//! Built-in pickers: `max-score-picker` (random tie-break) and `random-picker`.
+//! Built-in pickers: `max-score-picker` (random tie-break), `random-picker` and
+//! `weighted-random-picker`.
 
 use rand::{RngCore, seq::SliceRandom};
 use serde::Deserialize;
@@ -86,6 +87,55 @@ impl Picker for RandomPicker {
     }
 }
 
+/// Random endpoints with probability proportional to their score (A-Res weighted sampling without
+/// replacement: key `U^(1/score)`, highest keys win). Scores ≤ 0 are never chosen unless every
+/// score is ≤ 0, in which case this behaves as `random-picker`.
+pub struct WeightedRandomPicker {
+    name: PluginName,
+    count: usize,
+}
+
+impl WeightedRandomPicker {
+    /// A picker returning up to `params.maxNumOfEndpoints` endpoints.
+    pub fn new(name: PluginName, params: &PickerParams) -> Self {
+        Self {
+            name,
+            count: params.count(),
+        }
+    }
+}
+
+impl Picker for WeightedRandomPicker {
+    fn name(&self) -> &PluginName {
+        &self.name
+    }
+
+    fn pick(&self, scored: &mut [ScoredEndpoint], rng: &mut dyn RngCore, out: &mut Vec<EndpointId>) {
+        if scored.iter().all(|s| s.score <= 0.0) {
+            scored.shuffle(rng);
+            out.extend(scored.iter().take(self.count).map(|s| s.id));
+            return;
+        }
+        // Reuse the score slot for the key: the caller does not read scores after picking.
+        for s in scored.iter_mut() {
+            s.score = if s.score > 0.0 {
+                let u: f64 = rand::Rng::random::<f64>(rng).max(1e-10);
+                u.powf(1.0 / s.score)
+            } else {
+                0.0
+            };
+        }
+        scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+        out.extend(
+            scored
+                .iter()
+                .filter(|s| s.score > 0.0)
+                .take(self.count)
+                .map(|s| s.id),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{SeedableRng, rngs::SmallRng};
@@ -130,6 +180,58 @@ mod tests {
             seen[out[0].index()] += 1;
         }
         assert!(seen[0] > 100 && seen[1] > 100 && seen[2] == 0, "{seen:?}");
+    }
+
+    #[test]
+    fn max_score_upstream_vectors() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        let run = |v: &[f64], n: i64, rng: &mut SmallRng| {
+            let p = MaxScorePicker::new(
+                name(),
+                &PickerParams {
+                    max_num_of_endpoints: n,
+                },
+            );
+            let mut s = scored(v);
+            let mut out = Vec::new();
+            p.pick(&mut s, rng, &mut out);
+            out.iter().map(|id| v[id.index()]).collect::<Vec<f64>>()
+        };
+        assert_eq!(run(&[10.0, 25.0, 15.0], 1, &mut rng), vec![25.0]);
+        assert_eq!(run(&[50.0, 50.0, 30.0], 2, &mut rng), vec![50.0, 50.0]);
+        assert_eq!(run(&[20.0, 25.0, 30.0], 2, &mut rng), vec![30.0, 25.0]);
+        assert_eq!(run(&[20.0, 25.0, 30.0], 4, &mut rng), vec![30.0, 25.0, 20.0]);
+        assert_eq!(run(&[30.0, 25.0, 30.0], 3, &mut rng), vec![30.0, 30.0, 25.0]);
+    }
+
+    #[test]
+    fn weighted_random_follows_score_shares_within_five_percent() {
+        let p = WeightedRandomPicker::new(name(), &PickerParams::default());
+        let mut rng = SmallRng::seed_from_u64(11);
+        for weights in [
+            vec![10.0, 90.0],
+            vec![100.0, 100.0, 100.0],
+            vec![30.0, 0.0],
+            vec![100.0, 90.0, 50.0, 30.0, 20.0],
+        ] {
+            let mut counts = vec![0usize; weights.len()];
+            for _ in 0..10_000 {
+                let mut out = Vec::new();
+                p.pick(&mut scored(&weights), &mut rng, &mut out);
+                counts[out[0].index()] += 1;
+            }
+            let total: f64 = weights.iter().sum();
+            for (i, w) in weights.iter().enumerate() {
+                let share = counts[i] as f64 / 10_000.0;
+                assert!(
+                    (share - w / total).abs() <= 0.05,
+                    "{weights:?}: endpoint {i} got {share}"
+                );
+            }
+            if weights[1] == 0.0 {
+                assert_eq!(counts[1], 0, "a zero score is never chosen");
+            }
+        }
     }
 
     #[test]

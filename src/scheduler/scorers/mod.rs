@@ -1,9 +1,13 @@
 //! Built-in scorers.
 
 pub mod kv_cache;
+pub mod lora;
 pub mod prefix;
 pub mod queue;
+pub mod token_load;
 
 pub use kv_cache::KvCacheScorer;
+pub use lora::LoraAffinityScorer;
 pub use prefix::PrefixCacheScorer;
 pub use queue::{QueueScorer, QueueSignal};
+pub use token_load::{TokenLoadParams, TokenLoadScorer};

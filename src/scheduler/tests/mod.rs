@@ -25,6 +25,7 @@ fn run(s: &Scheduler, snap: &Snapshot, body: &[u8], rng: &mut SmallRng) -> Resul
         body,
         target_model: &req.model,
         now: Timestamp(0),
+        priority: 0,
     };
     s.schedule(&ctx, snap.all_ids().collect(), &mut Scratch::default(), rng, None)
 }
@@ -191,6 +192,7 @@ fn scores_out_of_range_are_clamped_and_nan_is_zero() {
         body,
         target_model: "m",
         now: Timestamp(0),
+        priority: 0,
     };
     let mut picked = Vec::new();
     let repairs = profile
@@ -207,3 +209,6 @@ fn scores_out_of_range_are_clamped_and_nan_is_zero() {
     assert_eq!(picked[0], EndpointId(1));
     assert_eq!((repairs.clamped, repairs.non_finite), (2, 1));
 }
+
+mod properties;
+mod upstream_vectors;
