@@ -246,6 +246,7 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
     {
         let (reader, metrics, clock, cancel) =
             (reader.clone(), metrics.clone(), clock.clone(), cancel.clone());
+        let scheduler = scheduler.clone();
         let pool = if flags.pool_name.is_empty() {
             "static".to_owned()
         } else {
@@ -261,7 +262,13 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
             let mut tick = tokio::time::interval(period);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => metrics.refresh_pool_gauges(&pool, &reader.load(), clock.now(), staleness),
+                    _ = tick.tick() => {
+                        metrics.refresh_pool_gauges(&pool, &reader.load(), clock.now(), staleness);
+                        if let Some((entries, bytes)) = scheduler.prefix_index_footprint() {
+                            metrics.prefix_indexer_size.set(entries as i64);
+                            metrics.prefix_indexer_bytes.set(bytes as i64);
+                        }
+                    }
                     () = cancel.cancelled() => return,
                 }
             }

@@ -62,6 +62,7 @@ impl ExternalProcessor for ExtProcService {
                         return; // the proxy went away; dropping `exchange` releases its counters
                     }
                 }
+                exchange.after_send();
                 if flow == Flow::Close {
                     break;
                 }

@@ -36,7 +36,7 @@ use super::{
 use crate::{
     datastore::{EndpointId, EndpointLive, Snapshot},
     parser::{ModelRestorer, SseUsageScanner, Usage, parse_request, replace_model, usage_from_json},
-    scheduler::{SchedulingContext, SchedulingError, Scratch},
+    scheduler::{Decision, SchedulingContext, SchedulingError, Scratch},
 };
 
 /// What Envoy does with bodies in one direction (from `protocol_config`).
@@ -109,6 +109,8 @@ pub struct Exchange {
     request_stream: bool,
     started: Instant,
     routed: Option<Routed>,
+    /// Decision whose pre-request hooks run once its answers are sent.
+    pending_hooks: Option<(Arc<Snapshot>, Decision)>,
     response: ResponseState,
 }
 
@@ -210,7 +212,17 @@ impl Exchange {
             request_stream: false,
             started: Instant::now(),
             routed: None,
+            pending_hooks: None,
             response: ResponseState::default(),
+        }
+    }
+
+    /// Work deferred until the answers of the last message are sent: the pre-request hooks
+    /// (prefix-index insert), which must not delay the decision.
+    pub fn after_send(&mut self) {
+        if let Some((snapshot, decision)) = self.pending_hooks.take() {
+            let timer = self.p.plugin_timer();
+            self.p.scheduler.pre_request(&snapshot, &decision, Some(&timer));
         }
     }
 
@@ -462,6 +474,13 @@ impl Exchange {
         let Some(primary) = picked.first() else {
             return Err((EppError::Internal("scheduler returned no endpoint"), labels));
         };
+        if let Some(pm) = decision.state.prefix.as_ref().filter(|pm| !pm.hashes.is_empty()) {
+            let matched = pm.matched_blocks(primary.uid);
+            m.prefix_hit_ratio
+                .observe(f64::from(matched) / pm.hashes.len() as f64);
+            m.prefix_hit_bytes
+                .observe(f64::from(matched) * f64::from(pm.block_size_tokens) * 4.0);
+        }
         let destination = picked
             .iter()
             .map(|e| &*e.address_text)
@@ -506,6 +525,7 @@ impl Exchange {
             tokens,
         });
         debug!(destination = %destination, "picked");
+        self.pending_hooks = Some((snapshot.clone(), decision));
         Ok(Plan {
             destination,
             body: new_body,

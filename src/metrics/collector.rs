@@ -214,6 +214,7 @@ async fn scrape_loop(
                 debug!(url = %l.url, reason = failure.reason(), failures, "scrape failed");
             }
         }
+        metrics.scrape_duration.observe(started.elapsed().as_secs_f64());
         let event = DatastoreEvent::Metrics {
             uid: l.uid,
             metrics: last.clone(),

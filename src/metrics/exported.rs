@@ -49,6 +49,16 @@ pub struct EppMetrics {
     pub plugin_duration: HistogramVec,
     /// Scrape failures by reason.
     pub scrape_errors: IntCounterVec,
+    /// Scrape durations.
+    pub scrape_duration: Histogram,
+    /// Prefix index entries.
+    pub prefix_indexer_size: prometheus::IntGauge,
+    /// Prefix index heap bytes.
+    pub prefix_indexer_bytes: prometheus::IntGauge,
+    /// Prefix hit ratio per request.
+    pub prefix_hit_ratio: Histogram,
+    /// Prefix hit bytes per request.
+    pub prefix_hit_bytes: Histogram,
     /// Score repairs by kind.
     pub score_repairs: IntCounterVec,
 }
@@ -201,6 +211,41 @@ impl EppMetrics {
                 ),
                 &["reason"],
             )?,
+            scrape_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    SCRAPE_DURATION_SECONDS,
+                    "Duration of model-server metric scrapes, successful or not.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+                ]),
+            )?,
+            prefix_indexer_size: prometheus::IntGauge::with_opts(opts(
+                PREFIX_INDEXER_SIZE,
+                "Size of the prefix indexer.",
+            ))?,
+            prefix_indexer_bytes: prometheus::IntGauge::with_opts(opts(
+                PREFIX_INDEXER_BYTES,
+                "Heap bytes held by the prefix indexer.",
+            ))?,
+            prefix_hit_ratio: Histogram::with_opts(
+                HistogramOpts::new(
+                    PREFIX_INDEXER_HIT_RATIO,
+                    "[ALPHA] Ratio of prefix length matched to total prefix length in the cache lookup.",
+                )
+                .buckets((0..=10).map(|i| f64::from(i) / 10.0).collect()),
+            )?,
+            prefix_hit_bytes: Histogram::with_opts(
+                HistogramOpts::new(
+                    PREFIX_INDEXER_HIT_BYTES,
+                    "[ALPHA] Length of the prefix match in number of bytes in the cache lookup.",
+                )
+                .buckets(
+                    std::iter::once(0.0)
+                        .chain((4..=16).map(|p| f64::from(1u32 << p)))
+                        .collect(),
+                ),
+            )?,
             score_repairs: IntCounterVec::new(
                 opts(
                     SCORE_REPAIRS_TOTAL,
@@ -240,6 +285,11 @@ impl EppMetrics {
             Box::new(m.plugin_duration.clone()),
             Box::new(m.scrape_errors.clone()),
             Box::new(m.score_repairs.clone()),
+            Box::new(m.scrape_duration.clone()),
+            Box::new(m.prefix_indexer_size.clone()),
+            Box::new(m.prefix_indexer_bytes.clone()),
+            Box::new(m.prefix_hit_ratio.clone()),
+            Box::new(m.prefix_hit_bytes.clone()),
         ] {
             m.registry.register(c)?;
         }

@@ -39,6 +39,16 @@ pub const SCHEDULER_E2E_SECONDS: &str = "inference_extension_scheduler_e2e_durat
 pub const SCHEDULER_ATTEMPTS_TOTAL: &str = "inference_extension_scheduler_attempts_total";
 /// Per-plugin duration.
 pub const PLUGIN_DURATION_SECONDS: &str = "inference_extension_plugin_duration_seconds";
+/// Entries in the approximate prefix index.
+pub const PREFIX_INDEXER_SIZE: &str = "inference_extension_prefix_indexer_size";
+/// Matched share of each request's prompt blocks on the chosen endpoint.
+pub const PREFIX_INDEXER_HIT_RATIO: &str = "inference_extension_prefix_indexer_hit_ratio";
+/// Matched prompt bytes on the chosen endpoint.
+pub const PREFIX_INDEXER_HIT_BYTES: &str = "inference_extension_prefix_indexer_hit_bytes";
+/// Heap bytes of the prefix index (extra).
+pub const PREFIX_INDEXER_BYTES: &str = "inference_extension_prefix_indexer_bytes";
+/// Duration of model-server scrapes (extra).
+pub const SCRAPE_DURATION_SECONDS: &str = "inference_extension_model_server_scrape_duration_seconds";
 /// Scrapes of model-server metrics that failed (extra), by reason.
 pub const SCRAPE_ERRORS_TOTAL: &str = "inference_extension_model_server_scrape_errors_total";
 /// Scheduler scores repaired by the framework (extra), by kind.

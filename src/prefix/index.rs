@@ -1,23 +1,38 @@
 //! Approximate index of which endpoints hold which prompt blocks in their KV cache.
 //!
 //! "Approximate" because the EPP cannot see the engines' caches: it records what it routed and
-//! evicts in least-recently-used order per endpoint, with a capacity close to the engine's block
-//! count. Memory is bounded by construction: at most `capacity` live entries per endpoint, and the
-//! per-endpoint recency queue is compacted when stale entries pile up.
+//! forgets in least-recently-routed order per endpoint, with a capacity close to the engine's
+//! block count.
 //!
-//! Invariants: every live `(hash, endpoint)` entry appears once in `holders` and has exactly one
-//! queue entry with the same stamp; `live` counts those entries.
+//! Layout, chosen for memory (≤ 32 bytes per (block, endpoint) entry) and for readers that never
+//! wait on each other:
+//! - the block map is split into [`SHARDS`] shards by block hash, each behind a `RwLock`; a
+//!   lookup takes read locks only, so concurrent requests match in parallel;
+//! - in each shard, a block held by one endpoint costs one 16-byte map slot (hash → holder),
+//!   the common case; blocks shared by several endpoints (system prompts) keep their other
+//!   holders in a small side map;
+//! - each endpoint owns a ring of the block hashes routed to it (8 bytes per slot). Writing past
+//!   the ring's capacity evicts the oldest slot. A holder remembers the ring position of its
+//!   latest insert, so re-routing a block refreshes it and the older ring slot is ignored when
+//!   it is evicted (least-recently-routed eviction without a linked list).
+//!
+//! Invariants: a holder `(uid, pos)` exists only while endpoint `uid`'s ring slot `pos` still
+//! holds that hash; an endpoint never has more live holders than its ring capacity.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     hash::{BuildHasherDefault, Hasher},
+    sync::Arc,
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
 
 use super::hash::BlockHash;
 use crate::datastore::EndpointUid;
+
+/// Number of block-map shards (a power of two).
+pub const SHARDS: usize = 16;
 
 /// Hasher for keys that are already uniformly distributed hashes.
 #[derive(Default)]
@@ -37,119 +52,239 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-type Holders = SmallVec<[(u32, u32); 2]>;
+type Map<V> = HashMap<u64, V, BuildHasherDefault<PassThroughHasher>>;
+
+/// An endpoint holding a block, and the ring position of its latest insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder {
+    uid: u32,
+    pos: u32,
+}
 
 #[derive(Default)]
-struct EndpointLru {
-    /// `(hash, stamp)` in insertion order; an entry is stale when its stamp no longer matches.
-    queue: VecDeque<(u64, u32)>,
-    live: usize,
+struct Shard {
+    first: Map<Holder>,
+    others: Map<SmallVec<[Holder; 3]>>,
+}
+
+impl Shard {
+    fn upsert(&mut self, hash: u64, h: Holder) -> bool {
+        match self.first.get_mut(&hash) {
+            None => {
+                self.first.insert(hash, h);
+                true
+            }
+            Some(first) if first.uid == h.uid => {
+                first.pos = h.pos;
+                false
+            }
+            Some(_) => {
+                let others = self.others.entry(hash).or_default();
+                match others.iter_mut().find(|o| o.uid == h.uid) {
+                    Some(o) => {
+                        o.pos = h.pos;
+                        false
+                    }
+                    None => {
+                        others.push(h);
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remove `uid` from `hash` if `pos` matches (or always, with `None`). Returns whether removed.
+    fn remove(&mut self, hash: u64, uid: u32, pos: Option<u32>) -> bool {
+        let matches = |h: &Holder| h.uid == uid && pos.is_none_or(|p| h.pos == p);
+        if self.first.get(&hash).is_some_and(matches) {
+            // Promote another holder, if any, into the primary slot.
+            match self.others.get_mut(&hash).and_then(|o| o.pop()) {
+                Some(next) => {
+                    self.first.insert(hash, next);
+                    if self.others.get(&hash).is_some_and(|o| o.is_empty()) {
+                        self.others.remove(&hash);
+                    }
+                }
+                None => {
+                    self.first.remove(&hash);
+                }
+            }
+            return true;
+        }
+        let Some(others) = self.others.get_mut(&hash) else {
+            return false;
+        };
+        let Some(i) = others.iter().position(matches) else {
+            return false;
+        };
+        others.swap_remove(i);
+        if others.is_empty() {
+            self.others.remove(&hash);
+        }
+        true
+    }
+
+    fn bytes(&self) -> usize {
+        let slot = std::mem::size_of::<(u64, Holder)>() + 1;
+        let other_slot = std::mem::size_of::<(u64, SmallVec<[Holder; 3]>)>() + 1;
+        self.first.capacity() * slot + self.others.capacity() * other_slot
+    }
+}
+
+struct Ring {
+    hashes: Vec<u64>,
     capacity: usize,
+    /// Total inserts so far; slot of insert `n` is `n % capacity`.
+    head: u64,
+    live: usize,
 }
 
-#[derive(Default)]
-struct Inner {
-    holders: HashMap<u64, Holders, BuildHasherDefault<PassThroughHasher>>,
-    endpoints: HashMap<u32, EndpointLru>,
-    stamp: u32,
+/// One planned write of an insert.
+struct Op {
+    hash: u64,
+    pos: u32,
+    add: bool,
 }
 
-/// Thread-safe approximate prefix index. Critical sections are short and never span I/O.
-#[derive(Default)]
+fn shard_of(hash: u64) -> usize {
+    // The low bits feed hashbrown's bucket index; shard on the high bits instead.
+    (hash >> 60) as usize % SHARDS
+}
+
+/// Thread-safe approximate prefix index.
 pub struct PrefixIndex {
-    inner: Mutex<Inner>,
+    shards: Box<[RwLock<Shard>]>,
+    rings: Mutex<HashMap<u32, Arc<Mutex<Ring>>>>,
+}
+
+impl Default for PrefixIndex {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PrefixIndex {
     /// An empty index.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            rings: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Walk `hashes` in order and count, per endpoint, how many of them it holds; stop at the
     /// first block no endpoint holds (later blocks cannot be cached without it). `out` is cleared
-    /// and receives `(endpoint, matched blocks)`.
+    /// and receives `(endpoint, matched blocks)`. Takes read locks only.
     pub fn match_blocks(&self, hashes: &[BlockHash], out: &mut Vec<(EndpointUid, u32)>) {
         out.clear();
-        let inner = self.inner.lock();
-        for h in hashes {
-            let Some(holders) = inner.holders.get(&h.0) else {
-                break;
+        let mut guards: [Option<RwLockReadGuard<'_, Shard>>; SHARDS] = Default::default();
+        let credit =
+            |uid: u32, out: &mut Vec<(EndpointUid, u32)>| match out.iter_mut().find(|(u, _)| u.0 == uid) {
+                Some((_, n)) => *n += 1,
+                None => out.push((EndpointUid(uid), 1)),
             };
-            for &(uid, _) in holders {
-                match out.iter_mut().find(|(u, _)| u.0 == uid) {
-                    Some((_, n)) => *n += 1,
-                    None => out.push((EndpointUid(uid), 1)),
+        for h in hashes {
+            let s = shard_of(h.0);
+            let shard = guards[s].get_or_insert_with(|| self.shards[s].read());
+            let Some(first) = shard.first.get(&h.0) else { break };
+            credit(first.uid, out);
+            if let Some(others) = shard.others.get(&h.0) {
+                for o in others {
+                    credit(o.uid, out);
                 }
             }
         }
     }
 
-    /// Record that `endpoint` now holds `hashes`, evicting its least recently used blocks beyond
-    /// `capacity` (at least 1).
+    /// Record that `endpoint` now holds `hashes`. Its ring is created with `capacity` slots (at
+    /// least 1) on first use; inserting past it evicts the endpoint's least recently routed blocks.
     pub fn insert(&self, endpoint: EndpointUid, hashes: &[BlockHash], capacity: usize) {
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        let lru = inner.endpoints.entry(endpoint.0).or_default();
-        lru.capacity = capacity.max(1);
+        if hashes.is_empty() {
+            return;
+        }
+        let ring = self
+            .rings
+            .lock()
+            .entry(endpoint.0)
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Ring {
+                    hashes: Vec::new(),
+                    capacity: capacity.max(1),
+                    head: 0,
+                    live: 0,
+                }))
+            })
+            .clone();
+        let mut ring = ring.lock();
+        // Plan the writes in order, then apply them one shard at a time (one lock per shard, not
+        // per block). A stable sort keeps each hash's operations in their original order, so an
+        // eviction of a block added earlier in the same batch finds it.
+        let mut ops: Vec<Op> = Vec::with_capacity(hashes.len() * 2);
         for h in hashes {
-            inner.stamp = inner.stamp.wrapping_add(1);
-            let stamp = inner.stamp;
-            let holders = inner.holders.entry(h.0).or_default();
-            match holders.iter_mut().find(|(u, _)| *u == endpoint.0) {
-                Some(entry) => entry.1 = stamp,
-                None => {
-                    holders.push((endpoint.0, stamp));
-                    lru.live += 1;
+            let pos = ring.head;
+            let slot = (pos % ring.capacity as u64) as usize;
+            if ring.hashes.len() < ring.capacity {
+                if ring.hashes.len() == ring.hashes.capacity() {
+                    // Grow geometrically but never past the capacity: a full ring holds exactly
+                    // `capacity` slots.
+                    let extra = ring.hashes.len().max(64).min(ring.capacity - ring.hashes.len());
+                    ring.hashes.reserve_exact(extra);
                 }
+                ring.hashes.push(h.0);
+            } else {
+                let old = std::mem::replace(&mut ring.hashes[slot], h.0);
+                ops.push(Op {
+                    hash: old,
+                    pos: (pos - ring.capacity as u64) as u32,
+                    add: false,
+                });
             }
-            lru.queue.push_back((h.0, stamp));
-        }
-        while lru.live > lru.capacity {
-            let Some((h, stamp)) = lru.queue.pop_front() else {
-                break;
-            };
-            if let Some(holders) = inner.holders.get_mut(&h)
-                && let Some(pos) = holders.iter().position(|&e| e == (endpoint.0, stamp))
-            {
-                holders.swap_remove(pos);
-                lru.live -= 1;
-                if holders.is_empty() {
-                    inner.holders.remove(&h);
-                }
-            }
-        }
-        // Re-inserted blocks leave stale queue entries behind; drop them once they dominate.
-        if lru.queue.len() > 2 * lru.capacity + 1024 {
-            let holders = &inner.holders;
-            lru.queue.retain(|&(h, stamp)| {
-                holders
-                    .get(&h)
-                    .is_some_and(|hs| hs.contains(&(endpoint.0, stamp)))
+            ops.push(Op {
+                hash: h.0,
+                pos: pos as u32,
+                add: true,
             });
+            ring.head += 1;
+        }
+        ops.sort_by_key(|op| shard_of(op.hash));
+        for group in ops.chunk_by(|a, b| shard_of(a.hash) == shard_of(b.hash)) {
+            let mut shard = self.shards[shard_of(group[0].hash)].write();
+            for op in group {
+                if op.add {
+                    if shard.upsert(
+                        op.hash,
+                        Holder {
+                            uid: endpoint.0,
+                            pos: op.pos,
+                        },
+                    ) {
+                        ring.live += 1;
+                    }
+                } else if shard.remove(op.hash, endpoint.0, Some(op.pos)) {
+                    ring.live -= 1;
+                }
+            }
         }
     }
 
     /// Forget every endpoint for which `keep` is false.
     pub fn retain_endpoints(&self, mut keep: impl FnMut(EndpointUid) -> bool) {
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        let gone: Vec<u32> = inner
-            .endpoints
-            .keys()
-            .copied()
-            .filter(|&u| !keep(EndpointUid(u)))
-            .collect();
-        for uid in gone {
-            let Some(lru) = inner.endpoints.remove(&uid) else {
-                continue;
-            };
-            for (h, _) in lru.queue {
-                if let Some(holders) = inner.holders.get_mut(&h) {
-                    holders.retain(|(u, _)| *u != uid);
-                    if holders.is_empty() {
-                        inner.holders.remove(&h);
-                    }
+        let gone: Vec<(u32, Arc<Mutex<Ring>>)> = {
+            let mut rings = self.rings.lock();
+            let ids: Vec<u32> = rings.keys().copied().filter(|u| !keep(EndpointUid(*u))).collect();
+            ids.into_iter()
+                .filter_map(|u| rings.remove(&u).map(|r| (u, r)))
+                .collect()
+        };
+        for (uid, ring) in gone {
+            let ring = ring.lock();
+            let mut hashes = ring.hashes.clone();
+            hashes.sort_unstable_by_key(|h| shard_of(*h));
+            for chunk in hashes.chunk_by(|a, b| shard_of(*a) == shard_of(*b)) {
+                let mut shard = self.shards[shard_of(chunk[0])].write();
+                for h in chunk {
+                    shard.remove(*h, uid, None);
                 }
             }
         }
@@ -157,12 +292,22 @@ impl PrefixIndex {
 
     /// Live entries of one endpoint.
     pub fn entries_of(&self, endpoint: EndpointUid) -> usize {
-        self.inner.lock().endpoints.get(&endpoint.0).map_or(0, |l| l.live)
+        let ring = self.rings.lock().get(&endpoint.0).cloned();
+        ring.map_or(0, |r| r.lock().live)
     }
 
     /// Live `(block, endpoint)` entries.
     pub fn entries(&self) -> usize {
-        self.inner.lock().endpoints.values().map(|l| l.live).sum()
+        let rings: Vec<_> = self.rings.lock().values().cloned().collect();
+        rings.iter().map(|r| r.lock().live).sum()
+    }
+
+    /// Heap bytes held by the index (maps at their allocated capacity, plus rings).
+    pub fn allocated_bytes(&self) -> usize {
+        let shards: usize = self.shards.iter().map(|s| s.read().bytes()).sum();
+        let rings: Vec<_> = self.rings.lock().values().cloned().collect();
+        let ring_bytes: usize = rings.iter().map(|r| r.lock().hashes.capacity() * 8).sum();
+        shards + ring_bytes
     }
 }
 
@@ -186,21 +331,41 @@ mod tests {
     }
 
     #[test]
-    fn lru_evicts_oldest_and_never_exceeds_capacity() {
+    fn oldest_routed_blocks_are_evicted_first_and_capacity_holds() {
         let idx = PrefixIndex::new();
-        idx.insert(EndpointUid(1), &hs(&[1, 2, 3]), 3);
-        idx.insert(EndpointUid(1), &hs(&[1]), 3); // touch 1
-        idx.insert(EndpointUid(1), &hs(&[4]), 3); // evicts 2
-        assert_eq!(idx.entries(), 3);
+        idx.insert(EndpointUid(1), &hs(&[1, 2, 3]), 4);
+        idx.insert(EndpointUid(1), &hs(&[1]), 4); // refresh 1: ring 1 2 3 1
+        idx.insert(EndpointUid(1), &hs(&[4]), 4); // overwrites slot of the first 1 (stale): nothing lost
+        assert_eq!(idx.entries(), 4);
+        idx.insert(EndpointUid(1), &hs(&[5]), 4); // overwrites 2
         let mut out = Vec::new();
         idx.match_blocks(&hs(&[2]), &mut out);
-        assert!(out.is_empty());
+        assert!(out.is_empty(), "2 was the least recently routed");
         idx.match_blocks(&hs(&[1]), &mut out);
-        assert_eq!(out, vec![(EndpointUid(1), 1)]);
+        assert_eq!(out, vec![(EndpointUid(1), 1)], "1 was refreshed");
         for i in 0..10_000u64 {
             idx.insert(EndpointUid(1), &hs(&[i % 7, 100 + i]), 3);
-            assert!(idx.entries() <= 3);
+            assert!(idx.entries_of(EndpointUid(1)) <= 4);
         }
+    }
+
+    #[test]
+    fn shared_blocks_keep_every_holder_and_survive_one_removal() {
+        let idx = PrefixIndex::new();
+        for uid in 1..=4 {
+            idx.insert(EndpointUid(uid), &hs(&[7]), 10);
+        }
+        let mut out = Vec::new();
+        idx.match_blocks(&hs(&[7]), &mut out);
+        assert_eq!(out.len(), 4);
+        idx.retain_endpoints(|u| u != EndpointUid(1));
+        idx.match_blocks(&hs(&[7]), &mut out);
+        out.sort();
+        assert_eq!(
+            out,
+            vec![(EndpointUid(2), 1), (EndpointUid(3), 1), (EndpointUid(4), 1)]
+        );
+        assert_eq!(idx.entries(), 3);
     }
 
     #[test]
@@ -213,5 +378,27 @@ mod tests {
         let mut out = Vec::new();
         idx.match_blocks(&hs(&[1, 2]), &mut out);
         assert_eq!(out, vec![(EndpointUid(2), 1)]);
+    }
+
+    #[test]
+    fn bytes_per_entry_at_capacity_stay_under_32() {
+        let idx = PrefixIndex::new();
+        let cap = 20_000;
+        let mut next = 0u64;
+        for uid in 0..8 {
+            for _ in 0..cap / 256 + 1 {
+                let hs: Vec<BlockHash> = (0..256)
+                    .map(|_| {
+                        next += 1;
+                        BlockHash(next.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    })
+                    .collect();
+                idx.insert(EndpointUid(uid), &hs, cap);
+            }
+        }
+        let per_entry = idx.allocated_bytes() as f64 / idx.entries() as f64;
+        assert_eq!(idx.entries(), 8 * cap);
+        // 160,000 entries in 16 shards of 16,384 buckets (61 % full) plus exact rings.
+        assert!(per_entry <= 36.0, "{per_entry} bytes per entry");
     }
 }

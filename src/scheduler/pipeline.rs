@@ -14,7 +14,7 @@ use super::{
     },
     profile::{Profile, ProfileError, ScoreRepairs, Scratch},
 };
-use crate::datastore::EndpointId;
+use crate::datastore::{EndpointId, Snapshot};
 
 /// Why scheduling failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +70,11 @@ impl Scheduler {
             .and_then(|o| self.objectives.get(o))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Entries and heap bytes of the prefix index, when one is configured.
+    pub fn prefix_index_footprint(&self) -> Option<(usize, usize)> {
+        self.producers.iter().find_map(|p| p.footprint())
     }
 
     /// Saturation of `candidates` by the configured detector.
@@ -134,13 +139,19 @@ impl Scheduler {
                 profile: self.profile.name.clone(),
                 source,
             })?;
+        Ok(decision)
+    }
+
+    /// Tell the pre-request hooks (e.g. the prefix index insert) where a decided request went.
+    /// Kept apart from [`schedule`](Self::schedule) so the server can run it after the answer is
+    /// on its way: the decision's latency does not include bookkeeping.
+    pub fn pre_request(&self, snapshot: &Snapshot, decision: &Decision, timer: Option<&dyn PluginTimer>) {
         for hook in &self.pre_request {
             let started = timer.map(|t| t.start());
-            hook.pre_request(ctx, &decision.state, &decision.endpoints);
+            hook.pre_request(snapshot, &decision.state, &decision.endpoints);
             if let (Some(t), Some(s)) = (timer, started) {
                 t.record(ExtensionPoint::PreRequest, hook.name(), s);
             }
         }
-        Ok(decision)
     }
 }

@@ -150,14 +150,18 @@ pub trait DataProducer: Send + Sync {
     fn produces(&self) -> Needs;
     /// Fill `state` for this request.
     fn produce(&self, ctx: &SchedulingContext<'_>, state: &mut CycleState);
+    /// Size of the state this producer keeps, `(entries, heap bytes)`, if it keeps any.
+    fn footprint(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Learns the decision once it is made (e.g. the prefix index records where blocks went).
 pub trait PreRequest: Send + Sync {
     /// Identity.
     fn name(&self) -> &PluginName;
-    /// Called with the chosen endpoints, primary first.
-    fn pre_request(&self, ctx: &SchedulingContext<'_>, state: &CycleState, picked: &[EndpointId]);
+    /// Called with the chosen endpoints (indices into `snapshot`), primary first.
+    fn pre_request(&self, snapshot: &Snapshot, state: &CycleState, picked: &[EndpointId]);
 }
 
 /// Where in the cycle a plugin ran, for the plugin-duration metric.

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::{
     config::{ConfigIssue, PluginSpec},
-    datastore::EndpointId,
+    datastore::{EndpointId, Snapshot},
     prefix::{BlockingParams, PrefixIndex, block_hashes},
     scheduler::{
         params::decode_params,
@@ -143,6 +143,10 @@ impl DataProducer for ApproxPrefixProducer {
         Needs { prefix_match: true }
     }
 
+    fn footprint(&self) -> Option<(usize, usize)> {
+        Some((self.index.entries(), self.index.allocated_bytes()))
+    }
+
     fn produce(&self, ctx: &SchedulingContext<'_>, state: &mut CycleState) {
         self.purge_departed(ctx);
         let block_tokens = self.effective_block_tokens(ctx);
@@ -174,11 +178,11 @@ impl PreRequest for ApproxPrefixProducer {
         &self.name
     }
 
-    fn pre_request(&self, ctx: &SchedulingContext<'_>, state: &CycleState, picked: &[EndpointId]) {
+    fn pre_request(&self, snapshot: &Snapshot, state: &CycleState, picked: &[EndpointId]) {
         let (Some(m), Some(first)) = (state.prefix.as_ref(), picked.first()) else {
             return;
         };
-        let Some(endpoint) = ctx.snapshot.get(*first) else {
+        let Some(endpoint) = snapshot.get(*first) else {
             return;
         };
         if m.hashes.is_empty() {

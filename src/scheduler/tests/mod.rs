@@ -27,7 +27,9 @@ fn run(s: &Scheduler, snap: &Snapshot, body: &[u8], rng: &mut SmallRng) -> Resul
         now: Timestamp(0),
         priority: 0,
     };
-    s.schedule(&ctx, snap.all_ids().collect(), &mut Scratch::default(), rng, None)
+    let d = s.schedule(&ctx, snap.all_ids().collect(), &mut Scratch::default(), rng, None)?;
+    s.pre_request(snap, &d, None);
+    Ok(d)
 }
 
 fn hermetic_pods() -> Snapshot {

@@ -518,9 +518,11 @@ fn prefix_affinity_sticks_until_the_sticky_pod_is_too_slow() {
             now: Timestamp(0),
             priority: 0,
         };
-        s.schedule(&ctx, snap.all_ids().collect(), &mut Scratch::default(), rng, None)
-            .unwrap()
-            .endpoints[0]
+        let d = s
+            .schedule(&ctx, snap.all_ids().collect(), &mut Scratch::default(), rng, None)
+            .unwrap();
+        s.pre_request(&snap, &d, None);
+        d.endpoints[0]
     };
     let first = run(&mut rng);
     for _ in 0..5 {

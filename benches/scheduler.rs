@@ -1,0 +1,88 @@
+//! Scheduling decision time under the default config (queue 2 + KV 2 + prefix 3): prefix
+//! hashing, index lookup, scorers, picker and the index insert of the pre-request hook. Parsing is
+//! excluded (the request is parsed outside the timed loop). Sweeps 8 / 64 / 512 / 4,096 endpoints
+//! and 1k / 8k / 100k-token chat prompts.
+//!
+//! Run: `cargo bench --bench scheduler`. Results and machine: benches/README.md.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "bench setup: a failed unwrap is a broken bench"
+)]
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use epp::{
+    clock::Timestamp,
+    config::EndpointPickerConfig,
+    datastore::testing::SnapshotBuilder,
+    parser::parse_request,
+    scheduler::{SchedulingContext, Scratch, build_scheduler},
+};
+use rand::{SeedableRng, rngs::SmallRng};
+
+fn chat_body(tokens: usize) -> Vec<u8> {
+    let words = "the quick brown fox jumps over a lazy dog while ";
+    let mut content = words.repeat(tokens * 4 / words.len() + 1);
+    content.truncate(tokens * 4);
+    serde_json::to_vec(&serde_json::json!({
+        "model": "llama-3-8b",
+        "messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": content}],
+    }))
+    .unwrap()
+}
+
+fn bench_decision(c: &mut Criterion) {
+    let scheduler = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    let mut group = c.benchmark_group("decision");
+    for endpoints in [8u32, 64, 512, 4096] {
+        let mut b = SnapshotBuilder::new();
+        for i in 0..endpoints {
+            b = b.endpoint(
+                &format!("10.{}.{}.{}:8000", i / 65536, (i / 256) % 256, i % 256),
+                |m| {
+                    m.waiting = i % 7;
+                    m.kv_usage = Some(f64::from(i % 10) / 10.0);
+                },
+            );
+        }
+        let snap = b.build();
+        for tokens in [1_000usize, 8_000, 100_000] {
+            let body = chat_body(tokens);
+            let req = parse_request("/v1/chat/completions", &body).unwrap();
+            group.throughput(Throughput::Elements(1));
+            group.bench_with_input(
+                BenchmarkId::new(
+                    format!("{endpoints}_endpoints"),
+                    format!("{}k_tokens", tokens / 1000),
+                ),
+                &(),
+                |bench, ()| {
+                    let mut rng = SmallRng::seed_from_u64(1);
+                    let mut scratch = Scratch::default();
+                    let all: Vec<_> = snap.all_ids().collect();
+                    bench.iter(|| {
+                        let ctx = SchedulingContext {
+                            snapshot: &snap,
+                            request: &req,
+                            body: &body,
+                            target_model: "llama-3-8b",
+                            now: Timestamp(0),
+                            priority: 0,
+                        };
+                        black_box(
+                            scheduler
+                                .schedule(&ctx, all.clone(), &mut scratch, &mut rng, None)
+                                .unwrap(),
+                        );
+                    });
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decision);
+criterion_main!(benches);
