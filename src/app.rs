@@ -26,7 +26,7 @@ use crate::{
     extproc::{ExtProcService, Processor},
     metrics::{
         collector::{CollectorConfig, run_collector},
-        engines::builtin_engines,
+        data_layer::{DataSourceParams, ENGINE_LABEL, data_layer},
         exported::EppMetrics,
     },
     scheduler::build_scheduler,
@@ -137,17 +137,9 @@ fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
         .static_endpoints()?
         .into_iter()
         .map(|ep| {
-            let metrics_port = match flags.model_server_metrics_port {
-                0 => ep.address.port(),
-                p => p,
-            };
-            let metrics_addr = SocketAddr::new(ep.address.ip(), metrics_port);
             let mut labels = BTreeMap::new();
             if let Some(engine) = &ep.engine {
-                labels.insert(
-                    "inference.networking.k8s.io/engine-type".to_owned(),
-                    engine.clone(),
-                );
+                labels.insert(ENGINE_LABEL.to_owned(), engine.clone());
             }
             EndpointSpec {
                 key: EndpointKey {
@@ -155,14 +147,6 @@ fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
                     name: format_address(ep.address).into(),
                 },
                 address: ep.address,
-                metrics_url: format!(
-                    "{}://{}{}",
-                    flags.model_server_metrics_scheme,
-                    format_address(metrics_addr),
-                    flags.model_server_metrics_path
-                )
-                .into(),
-                engine: ep.engine.unwrap_or_else(|| "vllm".into()).into(),
                 labels: Arc::new(labels),
             }
         })
@@ -228,10 +212,16 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
     let _ = events_tx.send(DatastoreEvent::ReplaceAll(specs)).await;
     let _ = events_tx.send(DatastoreEvent::Synced(true)).await;
 
+    let source = DataSourceParams {
+        scheme: flags.model_server_metrics_scheme.clone(),
+        path: flags.model_server_metrics_path.clone(),
+        insecure_skip_verify: flags.model_server_metrics_https_insecure_skip_verify,
+        port: (flags.model_server_metrics_port != 0).then_some(flags.model_server_metrics_port),
+    };
+    let data_layer = data_layer(&config, source).map_err(|issues| ConfigError::Invalid { issues })?;
     let collector = CollectorConfig {
         interval: flags.refresh_metrics_interval,
-        engines: Arc::new(builtin_engines()),
-        default_engine: "vllm".into(),
+        data_layer: Arc::new(data_layer),
     };
     tasks.spawn(run_collector(
         collector,

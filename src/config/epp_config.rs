@@ -421,6 +421,31 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
     }
 }
 
+/// Decode a plugin's `parameters` into `T` (`T::default()` when absent), strictly when `T` denies
+/// unknown fields.
+///
+/// # Errors
+/// A [`ConfigIssue`] whose path points into `plugins[i].parameters`.
+pub fn decode_plugin_params<T: serde::de::DeserializeOwned + Default>(
+    spec: &PluginSpec,
+) -> Result<T, ConfigIssue> {
+    if spec.parameters.is_null() {
+        return Ok(T::default());
+    }
+    serde_path_to_error::deserialize(spec.parameters.clone()).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = if inner == "." {
+            format!("{}.parameters", spec.path)
+        } else {
+            format!("{}.parameters.{inner}", spec.path)
+        };
+        ConfigIssue {
+            path,
+            reason: e.into_inner().to_string(),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,5 +4,7 @@
 pub mod epp_config;
 pub mod flags;
 
-pub use epp_config::{ConfigError, ConfigIssue, DEFAULT_CONFIG_YAML, EndpointPickerConfig, PluginSpec};
+pub use epp_config::{
+    ConfigError, ConfigIssue, DEFAULT_CONFIG_YAML, EndpointPickerConfig, PluginSpec, decode_plugin_params,
+};
 pub use flags::{FlagError, Flags, StaticEndpoint, normalize_go_args, parse_duration};

@@ -51,11 +51,7 @@ pub struct EndpointSpec {
     pub key: EndpointKey,
     /// Where requests go.
     pub address: SocketAddr,
-    /// Where metrics are scraped from (`http://ip:port/metrics` by default).
-    pub metrics_url: Arc<str>,
-    /// Engine name for metric extraction (`vllm`, `sglang`, ...).
-    pub engine: Arc<str>,
-    /// Pod labels.
+    /// Pod labels (the engine-type label selects the metric names).
     pub labels: Arc<BTreeMap<String, String>>,
 }
 

@@ -49,8 +49,6 @@ impl SnapshotBuilder {
                     name: format!("pod-{i:04}").into(),
                 },
                 address,
-                metrics_url: format!("http://{address}/metrics").into(),
-                engine: "vllm".into(),
                 labels: Default::default(),
             }),
             address_text: format_address(address).into(),

@@ -220,8 +220,6 @@ mod tests {
                 name: name.into(),
             },
             address,
-            metrics_url: format!("http://{address}/metrics").into(),
-            engine: "vllm".into(),
             labels: Default::default(),
         }
     }

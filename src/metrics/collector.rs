@@ -6,7 +6,7 @@
 //! the datastore writer as events; a failure keeps the last good values (their `scraped_at` shows
 //! their age) and records the reason.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use rand::Rng;
 use tokio::{sync::mpsc, time::Instant};
@@ -14,13 +14,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::debug;
 
 use super::{
+    data_layer::DataLayer,
     engines::{EngineSpec, extract},
     exported::EppMetrics,
     model::{EngineMetrics, ScrapeFailure},
 };
 use crate::{
     clock::Clock,
-    datastore::{DatastoreEvent, EndpointLive, EndpointUid, SnapshotReader},
+    datastore::{DatastoreEvent, EndpointLive, EndpointSpec, EndpointUid, SnapshotReader},
 };
 
 /// Largest `/metrics` body accepted; a larger (or endless) body is a [`ScrapeFailure::TooLarge`].
@@ -33,10 +34,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct CollectorConfig {
     /// Scrape period.
     pub interval: Duration,
-    /// Known engines (built-ins plus overrides).
-    pub engines: Arc<Vec<EngineSpec>>,
-    /// Engine used when an endpoint names none or an unknown one.
-    pub default_engine: Arc<str>,
+    /// Where to scrape and which names to read per engine.
+    pub data_layer: Arc<DataLayer>,
 }
 
 impl CollectorConfig {
@@ -45,12 +44,27 @@ impl CollectorConfig {
         self.interval.mul_f64(0.9).max(Duration::from_millis(10))
     }
 
-    fn engine(&self, name: &str) -> Option<EngineSpec> {
-        self.engines
+    /// The engine of `endpoint`: its engine-type label, else (or when unknown) the default.
+    pub fn engine_for(&self, endpoint: &EndpointSpec) -> Option<EngineSpec> {
+        let dl = &self.data_layer;
+        let named = endpoint
+            .labels
+            .get(&dl.engine_label_key)
+            .map(String::as_str)
+            .unwrap_or("");
+        dl.engines
             .iter()
-            .find(|e| &*e.name == name)
-            .or_else(|| self.engines.iter().find(|e| *e.name == *self.default_engine))
+            .find(|e| &*e.name == named)
+            .or_else(|| dl.engines.iter().find(|e| *e.name == *dl.default_engine))
             .cloned()
+    }
+
+    /// The metrics URL of `endpoint`: scheme, the pod IP, the serving port (or the configured
+    /// metrics port) and the path.
+    pub fn url_for(&self, endpoint: &EndpointSpec) -> String {
+        let s = &self.data_layer.source;
+        let addr = SocketAddr::new(endpoint.address.ip(), s.port.unwrap_or(endpoint.address.port()));
+        format!("{}://{}{}", s.scheme, addr, s.path)
     }
 }
 
@@ -118,7 +132,7 @@ pub async fn run_collector(
     let client = match reqwest::Client::builder()
         .pool_max_idle_per_host(2)
         .pool_idle_timeout(Duration::from_secs(90))
-        .danger_accept_invalid_certs(true)
+        .danger_accept_invalid_certs(config.data_layer.source.insecure_skip_verify)
         .build()
     {
         Ok(c) => c,
@@ -127,8 +141,12 @@ pub async fn run_collector(
             return;
         }
     };
+    if !config.data_layer.enabled {
+        tracing::info!("dataLayer has no sources: model-server metrics are not collected");
+        return;
+    }
     let tracker = TaskTracker::new();
-    let mut running: HashMap<EndpointUid, (Arc<str>, CancellationToken)> = HashMap::new();
+    let mut running: HashMap<EndpointUid, (String, CancellationToken)> = HashMap::new();
     let mut changed = reader.subscribe();
     loop {
         let snapshot = reader.load();
@@ -136,7 +154,7 @@ pub async fn run_collector(
             let keep = snapshot
                 .endpoints
                 .iter()
-                .any(|e| e.uid == *uid && e.spec.metrics_url == *url);
+                .any(|e| e.uid == *uid && config.url_for(&e.spec) == *url);
             if !keep {
                 token.cancel();
             }
@@ -146,14 +164,15 @@ pub async fn run_collector(
             if running.contains_key(&e.uid) {
                 continue;
             }
-            let Some(engine) = config.engine(&e.spec.engine) else {
+            let Some(engine) = config.engine_for(&e.spec) else {
                 continue;
             };
+            let url = config.url_for(&e.spec);
             let token = cancel.child_token();
-            running.insert(e.uid, (e.spec.metrics_url.clone(), token.clone()));
+            running.insert(e.uid, (url.clone(), token.clone()));
             let l = Loop {
                 uid: e.uid,
-                url: e.spec.metrics_url.clone(),
+                url: url.into(),
                 engine,
                 live: e.live.clone(),
             };

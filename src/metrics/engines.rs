@@ -58,8 +58,11 @@ impl MetricSelector {
         })
     }
 
+    /// A sample matches when its name is the spec's (or the spec's plus `_total`, how Python
+    /// clients expose counters) and it carries every spec label with the same value.
     fn matches(&self, s: &Sample<'_>) -> bool {
-        s.name == self.name && self.labels.iter().all(|(k, v)| s.label(k) == Some(v.as_str()))
+        (s.name == self.name || s.name.strip_suffix("_total") == Some(self.name.as_str()))
+            && self.labels.iter().all(|(k, v)| s.label(k) == Some(v.as_str()))
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`names`] and [`exported`]: the metrics this EPP exports, under the upstream names.
 
 pub mod collector;
+pub mod data_layer;
 pub mod engines;
 pub mod exported;
 pub mod exposition;

@@ -10,21 +10,7 @@ use crate::config::{ConfigIssue, PluginSpec};
 /// # Errors
 /// A [`ConfigIssue`] whose path points into `plugins[i].parameters`.
 pub fn decode_params<T: DeserializeOwned + Default>(spec: &PluginSpec) -> Result<T, ConfigIssue> {
-    if spec.parameters.is_null() {
-        return Ok(T::default());
-    }
-    serde_path_to_error::deserialize(spec.parameters.clone()).map_err(|e| {
-        let inner = e.path().to_string();
-        let path = if inner == "." {
-            format!("{}.parameters", spec.path)
-        } else {
-            format!("{}.parameters.{inner}", spec.path)
-        };
-        ConfigIssue {
-            path,
-            reason: e.into_inner().to_string(),
-        }
-    })
+    crate::config::decode_plugin_params(spec)
 }
 
 /// Refuse parameters on a plugin that takes none.
