@@ -3,7 +3,9 @@
 //! - [`emulator`]: stand-in vLLM pods (OpenAI API + `/metrics`) for demos and end-to-end tests.
 //! - [`load`]: a closed-loop load generator that reports latency, status codes and per-pod balance.
 //! - [`envoy`]: runs a real Envoy in front of an EPP from the config in `manifests/envoy/`.
+//! - [`scrape_cost`]: measures the CPU the metrics collector spends scraping N pods.
 
 pub mod emulator;
 pub mod envoy;
 pub mod load;
+pub mod scrape_cost;

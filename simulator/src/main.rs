@@ -36,6 +36,31 @@ enum Command {
     },
     /// Send chat requests with shared-prefix groups and report latency and per-pod balance.
     Load(LoadArgs),
+    /// Measure the CPU the EPP's collector spends scraping N pods serving a realistic vLLM page.
+    ScrapeCost {
+        /// Pods to scrape.
+        #[arg(long, default_value_t = 100)]
+        endpoints: usize,
+        /// Scrape interval (Go duration).
+        #[arg(long, default_value = "50ms", value_parser = epp::config::parse_duration)]
+        interval: Duration,
+        /// Measurement time in seconds (after a 1 s warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Page to serve instead of the built-in full vLLM V1 page.
+        #[arg(long)]
+        page: Option<String>,
+    },
+    /// Serve a metrics page on N ports (used by scrape-cost as its separate server process).
+    #[command(hide = true)]
+    ServePages {
+        /// Ports to serve.
+        #[arg(long)]
+        count: usize,
+        /// Page file.
+        #[arg(long)]
+        page: Option<String>,
+    },
     /// The whole picture on one machine: emulated pods, the EPP, a real Envoy, traffic, summary.
     Demo {
         /// Number of emulated pods.
@@ -195,6 +220,24 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", report.summary());
         }
         Command::Demo { pods, load } => demo(pods, load).await?,
+        Command::ScrapeCost {
+            endpoints,
+            interval,
+            seconds,
+            page,
+        } => {
+            let cost = epp_sim::scrape_cost::measure(endpoints, interval, seconds, page).await?;
+            println!(
+                "{endpoints} endpoints every {interval:?}: {:.0} scrapes/s, {:.3} cores ({:.1} µs CPU per scrape), {} errors",
+                cost.scrapes_per_second,
+                cost.cores,
+                cost.cores / cost.scrapes_per_second.max(1e-9) * 1e6,
+                cost.errors
+            );
+        }
+        Command::ServePages { count, page } => {
+            epp_sim::scrape_cost::serve_pages(count, epp_sim::scrape_cost::page(page.as_deref())?).await?;
+        }
     }
     Ok(())
 }

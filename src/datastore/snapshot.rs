@@ -20,6 +20,9 @@ pub struct Snapshot {
     uids: Vec<EndpointUid>,
     /// Bumped on every publish.
     pub generation: u64,
+    /// Bumped only when endpoints join, leave or change (not on metrics): watchers of the
+    /// endpoint set compare it to skip metrics-only publishes.
+    pub membership: u64,
     /// When this snapshot was built.
     pub built_at: Timestamp,
     /// Whether discovery has completed its first sync (readiness).
@@ -42,6 +45,7 @@ impl Snapshot {
             by_ip,
             uids,
             generation,
+            membership: 0,
             built_at,
             synced,
         }

@@ -4,16 +4,27 @@
 //! writer drains every queued event before publishing once, so a burst of scrapes costs one
 //! publish. Scrapers wait when the channel is full (back-pressure, never a dropped removal).
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 
 use super::{
     endpoint::{Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid},
     snapshot::Snapshot,
 };
 use crate::{clock::Clock, metrics::EngineMetrics};
+
+/// Shortest time between two snapshot publishes (metrics coalesce within it).
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Capacity of the event channel.
 pub const EVENT_CHANNEL_CAPACITY: usize = 4096;
@@ -40,6 +51,7 @@ pub enum DatastoreEvent {
 
 struct EndpointState {
     uid: EndpointUid,
+    address_text: Arc<str>,
     spec: Arc<EndpointSpec>,
     metrics: Arc<EngineMetrics>,
     live: Arc<EndpointLive>,
@@ -76,6 +88,8 @@ impl SnapshotReader {
 /// The writer task's state.
 pub struct DatastoreWriter {
     endpoints: BTreeMap<EndpointKey, EndpointState>,
+    keys_by_uid: HashMap<EndpointUid, EndpointKey>,
+    membership: u64,
     next_uid: u32,
     generation: u64,
     synced: bool,
@@ -95,6 +109,8 @@ impl DatastoreWriter {
         };
         let writer = Self {
             endpoints: BTreeMap::new(),
+            keys_by_uid: HashMap::new(),
+            membership: 0,
             next_uid: 0,
             generation: 0,
             synced: false,
@@ -109,27 +125,35 @@ impl DatastoreWriter {
     pub fn apply(&mut self, event: DatastoreEvent) -> bool {
         match event {
             DatastoreEvent::Upsert(spec) => self.upsert(spec),
-            DatastoreEvent::Remove(key) => self.endpoints.remove(&key).is_some(),
+            DatastoreEvent::Remove(key) => self.remove(&key),
             DatastoreEvent::ReplaceAll(specs) => {
                 let keep: std::collections::BTreeSet<EndpointKey> =
                     specs.iter().map(|s| s.key.clone()).collect();
-                let before = self.endpoints.len();
-                self.endpoints.retain(|k, _| keep.contains(k));
-                let mut changed = before != self.endpoints.len();
+                let gone: Vec<EndpointKey> = self
+                    .endpoints
+                    .keys()
+                    .filter(|k| !keep.contains(*k))
+                    .cloned()
+                    .collect();
+                let mut changed = false;
+                for key in gone {
+                    changed |= self.remove(&key);
+                }
                 for spec in specs {
                     changed |= self.upsert(spec);
                 }
                 changed
             }
             DatastoreEvent::Metrics { uid, metrics } => {
-                // Linear in the pool size; metrics arrive at most once per endpoint per interval
-                // and the writer is off the request path.
-                match self.endpoints.values_mut().find(|e| e.uid == uid) {
+                let Some(key) = self.keys_by_uid.get(&uid) else {
+                    return false; // the endpoint left while its scrape was in flight
+                };
+                match self.endpoints.get_mut(key) {
                     Some(state) => {
                         state.metrics = Arc::new(metrics);
                         true
                     }
-                    None => false, // the endpoint left while its scrape was in flight
+                    None => false,
                 }
             }
             DatastoreEvent::Synced(synced) => {
@@ -140,6 +164,17 @@ impl DatastoreWriter {
         }
     }
 
+    fn remove(&mut self, key: &EndpointKey) -> bool {
+        match self.endpoints.remove(key) {
+            Some(state) => {
+                self.keys_by_uid.remove(&state.uid);
+                self.membership += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
     fn upsert(&mut self, spec: EndpointSpec) -> bool {
         if let Some(state) = self.endpoints.get_mut(&spec.key) {
             if *state.spec == spec {
@@ -147,25 +182,32 @@ impl DatastoreWriter {
             }
             // An address change is a different server: its metrics and counters do not carry over.
             if state.spec.address != spec.address {
+                self.keys_by_uid.remove(&state.uid);
                 state.metrics = Arc::new(EngineMetrics::default());
                 state.live = Arc::new(EndpointLive::default());
                 state.uid = EndpointUid(self.next_uid);
+                state.address_text = format_address(spec.address).into();
+                self.keys_by_uid.insert(state.uid, spec.key.clone());
                 self.next_uid = self.next_uid.wrapping_add(1);
             }
             state.spec = Arc::new(spec);
+            self.membership += 1;
             return true;
         }
         let uid = EndpointUid(self.next_uid);
         self.next_uid = self.next_uid.wrapping_add(1);
+        self.keys_by_uid.insert(uid, spec.key.clone());
         self.endpoints.insert(
             spec.key.clone(),
             EndpointState {
                 uid,
+                address_text: format_address(spec.address).into(),
                 spec: Arc::new(spec),
                 metrics: Arc::new(EngineMetrics::default()),
                 live: Arc::new(EndpointLive::default()),
             },
         );
+        self.membership += 1;
         true
     }
 
@@ -177,26 +219,45 @@ impl DatastoreWriter {
             .values()
             .map(|s| Endpoint {
                 uid: s.uid,
-                address_text: format_address(s.spec.address).into(),
+                address_text: s.address_text.clone(),
                 spec: s.spec.clone(),
                 metrics: s.metrics.clone(),
                 live: s.live.clone(),
             })
             .collect();
-        let snapshot = Snapshot::new(endpoints, self.generation, self.clock.now(), self.synced);
+        let mut snapshot = Snapshot::new(endpoints, self.generation, self.clock.now(), self.synced);
+        snapshot.membership = self.membership;
         self.cell.store(Arc::new(snapshot));
         self.changed.send_replace(self.generation);
     }
 
-    /// Run until every sender is dropped: apply events, coalescing bursts into one publish.
+    /// Run until every sender is dropped: apply events as they come, publishing at most once
+    /// per [`PUBLISH_INTERVAL`] (a round of 100 scrapes costs a handful of publishes, not 100).
     pub async fn run(mut self, mut events: mpsc::Receiver<DatastoreEvent>) {
+        let mut last_publish: Option<Instant> = None;
         while let Some(event) = events.recv().await {
             let mut changed = self.apply(event);
+            if let Some(due) = last_publish.map(|t| t + PUBLISH_INTERVAL)
+                && Instant::now() < due
+            {
+                let sleep = tokio::time::sleep_until(due);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        next = events.recv() => match next {
+                            Some(e) => changed |= self.apply(e),
+                            None => break,
+                        },
+                    }
+                }
+            }
             while let Ok(event) = events.try_recv() {
                 changed |= self.apply(event);
             }
             if changed {
                 self.publish();
+                last_publish = Some(Instant::now());
             }
         }
     }

@@ -84,14 +84,18 @@ pub fn backoff(interval: Duration, failures: u32) -> Duration {
 /// The [`ScrapeFailure`] that ended the attempt.
 pub async fn scrape_once(
     client: &reqwest::Client,
-    url: &str,
+    url: impl reqwest::IntoUrl,
     engine: &EngineSpec,
     timeout: Duration,
 ) -> Result<EngineMetrics, ScrapeFailure> {
     let fetch = async {
         let mut resp = client.get(url).send().await.map_err(|_| ScrapeFailure::Connect)?;
+
         if !resp.status().is_success() {
             return Err(ScrapeFailure::HttpStatus(resp.status().as_u16()));
+        }
+        if resp.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(ScrapeFailure::TooLarge);
         }
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|_| ScrapeFailure::Connect)? {
@@ -105,7 +109,11 @@ pub async fn scrape_once(
     let body = tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| ScrapeFailure::Timeout)??;
-    let text = String::from_utf8_lossy(&body);
+    // Valid UTF-8 is the norm: validate fast, repair only when needed.
+    let text = match std::str::from_utf8(&body) {
+        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Err(_) => String::from_utf8_lossy(&body),
+    };
     let extracted = extract(engine, &text);
     if !extracted.found_required {
         return Err(ScrapeFailure::Parse);
@@ -115,7 +123,7 @@ pub async fn scrape_once(
 
 struct Loop {
     uid: EndpointUid,
-    url: Arc<str>,
+    url: reqwest::Url,
     engine: EngineSpec,
     live: Arc<EndpointLive>,
 }
@@ -148,8 +156,17 @@ pub async fn run_collector(
     let tracker = TaskTracker::new();
     let mut running: HashMap<EndpointUid, (String, CancellationToken)> = HashMap::new();
     let mut changed = reader.subscribe();
+    let mut seen_membership = None;
     loop {
         let snapshot = reader.load();
+        if seen_membership == Some(snapshot.membership) {
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { break },
+                () = cancel.cancelled() => break,
+            }
+            continue;
+        }
+        seen_membership = Some(snapshot.membership);
         running.retain(|uid, (url, token)| {
             let keep = snapshot
                 .endpoints
@@ -172,7 +189,13 @@ pub async fn run_collector(
             running.insert(e.uid, (url.clone(), token.clone()));
             let l = Loop {
                 uid: e.uid,
-                url: url.into(),
+                url: match reqwest::Url::parse(&url) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::warn!(%url, error = %e, "cannot scrape: bad metrics URL");
+                        continue;
+                    }
+                },
                 engine,
                 live: e.live.clone(),
             };
@@ -219,7 +242,7 @@ async fn scrape_loop(
         }
         let started = Instant::now();
         let picks_at_scrape = l.live.started_total();
-        match scrape_once(&client, &l.url, &l.engine, timeout).await {
+        match scrape_once(&client, l.url.clone(), &l.engine, timeout).await {
             Ok(mut m) => {
                 m.scraped_at = Some(clock.now());
                 m.picks_at_scrape = picks_at_scrape;

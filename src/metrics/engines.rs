@@ -9,8 +9,10 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use super::{
-    exposition::{Sample, for_each_sample},
+    exposition::{Sample, for_each_sample_named},
     model::{EngineMetrics, LoraState},
 };
 
@@ -239,10 +241,32 @@ pub fn extract(spec: &EngineSpec, text: &str) -> Extracted {
     let mut lora: Option<(f64, LoraState)> = None;
     let mut cache_labels: Option<(Option<u32>, Option<u64>)> = None;
 
-    let bad_lines = for_each_sample(text, |s| {
-        if s.name.ends_with("_created") {
-            return;
+    // Every sample name this spec can read, with the `_total` form of counters; checked for each
+    // line before anything else is parsed.
+    let mut names: SmallVec<[String; 16]> = SmallVec::new();
+    let mut add = |n: &str| {
+        names.push(n.to_owned());
+        names.push(format!("{n}_total"));
+    };
+    for m in spec.waiting.iter().chain(&spec.running).chain(&spec.kv_usage) {
+        add(&m.name);
+    }
+    if let Some(l) = &spec.lora_info {
+        add(l);
+    }
+    match &spec.cache_info {
+        CacheInfoSource::InfoLabels { metric, .. } => add(metric),
+        CacheInfoSource::Gauges {
+            block_size,
+            num_blocks,
+        } => {
+            add(&block_size.name);
+            add(&num_blocks.name);
         }
+        CacheInfoSource::None => {}
+    }
+    let wanted = |name: &str| names.iter().any(|n| n.len() == name.len() && n == name);
+    let bad_lines = for_each_sample_named(text, wanted, |s| {
         waiting.add(&spec.waiting, &s);
         running.add(&spec.running, &s);
         kv.add(&spec.kv_usage, &s);

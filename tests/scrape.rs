@@ -1,0 +1,340 @@
+//! The metrics collector against real HTTP servers on 127.0.0.1: published fixture pages, the
+//! full vLLM V1 page, and injected faults (timeout, 500, reset, garbage, endless and huge bodies).
+
+#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, body::Body, routing::get};
+use epp::{
+    clock::MonotonicClock,
+    datastore::{DatastoreEvent, DatastoreWriter, EndpointKey, EndpointSpec},
+    metrics::{
+        EngineMetrics, ScrapeFailure,
+        collector::{CollectorConfig, MAX_BODY_BYTES, run_collector, scrape_once},
+        data_layer::{DataLayer, DataSourceParams, ENGINE_LABEL},
+        engines::{EngineSpec, builtin_engines},
+        exported::EppMetrics,
+    },
+};
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn engine(name: &str) -> EngineSpec {
+    builtin_engines().into_iter().find(|e| &*e.name == name).unwrap()
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+async fn serve_text(text: String) -> SocketAddr {
+    serve(Router::new().route("/metrics", get(move || async move { text }))).await
+}
+
+async fn scrape(addr: SocketAddr, engine_name: &str) -> Result<EngineMetrics, ScrapeFailure> {
+    let client = reqwest::Client::new();
+    scrape_once(
+        &client,
+        &format!("http://{addr}/metrics"),
+        &engine(engine_name),
+        Duration::from_millis(500),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn published_fixture_pages_give_the_expected_values() {
+    let v0 = scrape(serve_text(fixture("vllm-v0.prom")).await, "vllm")
+        .await
+        .unwrap();
+    assert_eq!((v0.waiting, v0.running, v0.kv_usage), (0, 0, Some(0.0)));
+    assert_eq!((v0.block_size, v0.num_gpu_blocks), (Some(16), Some(81767)));
+    let lora = v0.lora.unwrap();
+    assert_eq!(
+        (lora.running.len(), lora.waiting.len(), lora.max_active),
+        (0, 0, 0)
+    );
+
+    // The published V1 sample has only the running gauge: KV is unknown, not zero.
+    let v1 = scrape(serve_text(fixture("vllm-v1.prom")).await, "vllm")
+        .await
+        .unwrap();
+    assert_eq!(
+        (v1.waiting, v1.running, v1.kv_usage, v1.lora.is_none()),
+        (0, 8, None, true)
+    );
+
+    let sg = scrape(serve_text(fixture("sglang.prom")).await, "sglang")
+        .await
+        .unwrap();
+    assert_eq!((sg.waiting, sg.running, sg.kv_usage), (2826, 162, Some(0.28)));
+
+    let tr = scrape(
+        serve_text(fixture("triton-trtllm.prom")).await,
+        "triton-tensorrt-llm",
+    )
+    .await
+    .unwrap();
+    assert_eq!((tr.waiting, tr.running, tr.kv_usage), (1, 1, Some(0.4875)));
+    assert_eq!((tr.block_size, tr.num_gpu_blocks), (Some(64), Some(6239)));
+}
+
+#[tokio::test]
+async fn full_v1_page_sums_ranks_averages_kv_and_takes_the_newest_lora_series() {
+    let m = scrape(serve_text(fixture("vllm-v1-full.prom")).await, "vllm")
+        .await
+        .unwrap();
+    assert_eq!(m.waiting, 7, "3 + 4 across data-parallel ranks");
+    assert_eq!(m.running, 16, "10 + 6");
+    assert_eq!(m.kv_usage, Some(0.5), "mean of 0.25 and 0.75");
+    let lora = m.lora.unwrap();
+    assert_eq!(
+        lora.running.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        vec!["sql-lora"]
+    );
+    assert!(lora.waiting.is_empty());
+    assert_eq!(lora.max_active, 2);
+    assert_eq!((m.block_size, m.num_gpu_blocks), (Some(16), Some(27000)));
+}
+
+#[tokio::test]
+async fn faults_are_recorded_per_kind() {
+    let slow = serve(Router::new().route(
+        "/metrics",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "vllm:num_requests_waiting 1\n"
+        }),
+    ))
+    .await;
+    assert_eq!(scrape(slow, "vllm").await, Err(ScrapeFailure::Timeout));
+
+    let status = serve(Router::new().route(
+        "/metrics",
+        get(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
+    ))
+    .await;
+    assert_eq!(scrape(status, "vllm").await, Err(ScrapeFailure::HttpStatus(500)));
+
+    let garbage = serve_text("\u{0}\u{1}not { prometheus ]] at all\n{{{{\n".into()).await;
+    assert_eq!(scrape(garbage, "vllm").await, Err(ScrapeFailure::Parse));
+
+    let wrong_types = serve_text(
+        "vllm:num_requests_waiting abc\nvllm:num_requests_running NaN\nvllm:kv_cache_usage_perc +Inf\n"
+            .into(),
+    )
+    .await;
+    assert_eq!(
+        scrape(wrong_types, "vllm").await,
+        Err(ScrapeFailure::Parse),
+        "no finite required value"
+    );
+
+    let negative = serve_text(
+        "vllm:num_requests_waiting -3\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 1.7\n".into(),
+    )
+    .await;
+    let m = scrape(negative, "vllm").await.unwrap();
+    assert_eq!(
+        (m.waiting, m.running, m.kv_usage),
+        (0, 2, Some(1.0)),
+        "clamped into range"
+    );
+
+    // A server that accepts and then resets the connection.
+    let reset = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_addr = reset.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = reset.accept().await {
+            #[allow(deprecated, reason = "a zero linger is how a test server sends a reset")]
+            sock.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(sock);
+        }
+    });
+    assert_eq!(scrape(reset_addr, "vllm").await, Err(ScrapeFailure::Connect));
+
+    // Nothing listening.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert_eq!(scrape(closed, "vllm").await, Err(ScrapeFailure::Connect));
+}
+
+#[tokio::test]
+async fn endless_and_huge_bodies_are_cut_without_growing_memory() {
+    // An endless body: chunks forever. The cap stops it long before the timeout.
+    let endless = serve(Router::new().route(
+        "/metrics",
+        get(|| async {
+            let chunk = bytes::Bytes::from(vec![b'#'; 64 * 1024]);
+            let stream = futures_stream(chunk);
+            Body::from_stream(stream)
+        }),
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let r = scrape_once(
+        &client,
+        &format!("http://{endless}/metrics"),
+        &engine("vllm"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r, Err(ScrapeFailure::TooLarge));
+
+    // A 100 MB body with a content-length.
+    let huge = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let huge_addr = huge.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = huge.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut sock, &mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\ncontent-type: text/plain\r\n\r\n";
+                let _ = sock.write_all(head.as_bytes()).await;
+                let chunk = vec![b'a'; 1 << 20];
+                for _ in 0..100 {
+                    if sock.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let r = scrape_once(
+        &client,
+        &format!("http://{huge_addr}/metrics"),
+        &engine("vllm"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r, Err(ScrapeFailure::TooLarge));
+    const { assert!(MAX_BODY_BYTES < 100_000_000) };
+}
+
+fn futures_stream(
+    chunk: bytes::Bytes,
+) -> impl tokio_stream::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    tokio_stream::iter(std::iter::repeat(chunk).map(Ok))
+}
+
+fn spec(name: &str, addr: SocketAddr, engine: Option<&str>) -> EndpointSpec {
+    let mut labels = BTreeMap::new();
+    if let Some(e) = engine {
+        labels.insert(ENGINE_LABEL.to_owned(), e.to_owned());
+    }
+    EndpointSpec {
+        key: EndpointKey {
+            namespace: "ns".into(),
+            name: name.into(),
+        },
+        address: addr,
+        labels: Arc::new(labels),
+    }
+}
+
+#[tokio::test]
+async fn a_slow_pod_delays_nobody_and_failures_keep_the_last_values() {
+    let good = serve_text(fixture("vllm-v1-full.prom")).await;
+    let sglang = serve_text(fixture("sglang.prom")).await;
+    let slow = serve(Router::new().route(
+        "/metrics",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            ""
+        }),
+    ))
+    .await;
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    let clock = Arc::new(MonotonicClock::new());
+    let (writer, reader) = DatastoreWriter::new(clock.clone());
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(writer.run(rx));
+    tx.send(DatastoreEvent::ReplaceAll(vec![
+        spec("good", good, None),
+        spec("sglang", sglang, Some("sglang")),
+        spec("slow", slow, None),
+        spec("dead", dead, None),
+    ]))
+    .await
+    .unwrap();
+    let metrics = Arc::new(EppMetrics::new().unwrap());
+    let cancel = CancellationToken::new();
+    let config = CollectorConfig {
+        interval: Duration::from_millis(20),
+        data_layer: Arc::new(DataLayer {
+            source: DataSourceParams::default(),
+            engines: builtin_engines(),
+            default_engine: "vllm".into(),
+            engine_label_key: ENGINE_LABEL.into(),
+            enabled: true,
+        }),
+    };
+    let task = tokio::spawn(run_collector(
+        config,
+        reader.clone(),
+        tx.clone(),
+        metrics.clone(),
+        clock,
+        cancel.clone(),
+    ));
+
+    // Bounded wait for the healthy pods' values (each scrape is at most one 18 ms timeout).
+    let by_name = |name: &str| {
+        let snap = reader.load();
+        snap.endpoints
+            .iter()
+            .find(|e| &*e.spec.key.name == name)
+            .map(|e| (*e.metrics).clone())
+    };
+    let mut ok = false;
+    for _ in 0..200 {
+        let g = by_name("good");
+        let s = by_name("sglang");
+        let d = by_name("dead");
+        if g.is_some_and(|m| m.waiting == 7)
+            && s.is_some_and(|m| m.waiting == 2826)
+            && d.is_some_and(|m| m.last_error == Some(ScrapeFailure::Connect))
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ok, "healthy pods are scraped while one pod hangs and one is dead");
+    let slow_m = by_name("slow").unwrap();
+    assert_eq!(slow_m.scraped_at, None, "never scraped: unknown, not idle");
+    let text = metrics.render();
+    assert!(
+        text.contains("inference_extension_model_server_scrape_errors_total{reason=\"connect\"}"),
+        "{text}"
+    );
+
+    // The endpoint leaves: its loop stops and the collector keeps serving the others.
+    tx.send(DatastoreEvent::Remove(EndpointKey {
+        namespace: "ns".into(),
+        name: "slow".into(),
+    }))
+    .await
+    .unwrap();
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("collector stops on cancel")
+        .unwrap();
+}
