@@ -92,6 +92,7 @@ fn bench_exchange(c: &mut Criterion) {
         metrics: Arc::new(EppMetrics::new().unwrap_or_else(|e| panic!("{e}"))),
         clock: Arc::new(MonotonicClock::new()),
         disable_subset_filter: false,
+        explain_decisions: false,
     });
 
     let mut group = c.benchmark_group("extproc_exchange");

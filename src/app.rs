@@ -311,6 +311,7 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
         metrics: metrics.clone(),
         clock: clock.clone(),
         disable_subset_filter: flags.disable_endpoint_subset_filter,
+        explain_decisions: flags.explain_decisions,
     });
     let service = ExternalProcessorServer::new(ExtProcService::new(processor, tasks.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)

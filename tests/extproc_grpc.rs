@@ -600,3 +600,51 @@ schedulingProfiles:
     let answers = server.exchange(send("interactive")).await;
     assert!(matches!(answers[0], Answer::RequestHeaders { .. }), "{answers:?}");
 }
+
+#[tokio::test]
+async fn decision_explanation_on_request() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let answers = server
+        .exchange(vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-request-id", "r"),
+                    ("x-epp-debug", "1"),
+                ],
+                false,
+            ),
+            req_body(br#"{"model":"m","prompt":"x"}"#, true),
+            resp_headers(&[(":status", "200")], false),
+            resp_body(b"{}", true),
+        ])
+        .await;
+    // queue: P0 .7 P1 1 P2 0; kv: .8 .9 .8 → P1 1.9 wins, P0 1.5 runner-up.
+    assert_eq!(
+        answers[2],
+        Answer::ResponseHeaders {
+            set: h(&[
+                ("x-went-into-resp-headers", "true"),
+                (
+                    "x-epp-decision",
+                    "winner 192.168.1.2:8000 total=1.900 (queue-scorer=1.000 kv-cache-utilization-scorer=0.900); \
+                     runner-up 192.168.1.1:8000 total=1.500 (queue-scorer=0.700 kv-cache-utilization-scorer=0.800)"
+                ),
+            ])
+        }
+    );
+    // Without the header, no explanation.
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/completions"), ("x-request-id", "r")], false),
+            req_body(br#"{"model":"m","prompt":"x"}"#, true),
+            resp_headers(&[(":status", "200")], false),
+        ])
+        .await;
+    assert_eq!(
+        answers[2],
+        Answer::ResponseHeaders {
+            set: h(&[("x-went-into-resp-headers", "true")])
+        }
+    );
+}

@@ -86,6 +86,12 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Pool")]
     pub disable_endpoint_subset_filter: bool,
 
+    /// Let requests carrying `x-epp-debug` receive an `x-epp-decision` response header that says
+    /// which filters removed which endpoints and each scorer's share for the winner and runner-up.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", help_heading = "Scheduling")]
+    pub explain_decisions: bool,
+
     /// EndpointPickerConfig YAML file.
     #[arg(
         long,

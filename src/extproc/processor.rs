@@ -24,6 +24,8 @@ pub struct Processor {
     pub clock: Arc<dyn Clock>,
     /// `--disable-endpoint-subset-filter`.
     pub disable_subset_filter: bool,
+    /// `--explain-decisions`.
+    pub explain_decisions: bool,
 }
 
 impl Processor {

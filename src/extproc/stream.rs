@@ -103,6 +103,8 @@ pub struct Exchange {
     generated_request_id: Option<String>,
     model_rewrite: Option<String>,
     objective: Option<String>,
+    explain: bool,
+    explanation: Option<String>,
     subset: Option<Vec<String>>,
     body: Vec<u8>,
     decided: bool,
@@ -206,6 +208,8 @@ impl Exchange {
             generated_request_id: None,
             model_rewrite: None,
             objective: None,
+            explain: false,
+            explanation: None,
             subset: None,
             body: Vec::new(),
             decided: false,
@@ -296,6 +300,7 @@ impl Exchange {
                     self.fallback_path = Some(text(value));
                 }
                 REQUEST_ID => self.request_id = Some(text(value)),
+                DEBUG_REQUEST => self.explain = self.p.explain_decisions,
                 k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => {
                     self.model_rewrite = Some(text(value))
                 }
@@ -446,10 +451,14 @@ impl Exchange {
         let mut rng = SmallRng::from_rng(&mut rand::rng());
         let started = Instant::now();
         let timer = self.p.plugin_timer();
+        let mut scratch = Scratch::default();
+        if self.explain {
+            scratch.explain = Some(Default::default());
+        }
         let decision = self
             .p
             .scheduler
-            .schedule(&ctx, candidates, &mut Scratch::default(), &mut rng, Some(&timer))
+            .schedule(&ctx, candidates, &mut scratch, &mut rng, Some(&timer))
             .map_err(|e| match e {
                 SchedulingError::NoCandidates => (EppError::NoCandidates, labels.clone()),
                 other => (EppError::Scheduling(other), labels.clone()),
@@ -524,6 +533,15 @@ impl Exchange {
             primary: Some(primary.spec.address),
             tokens,
         });
+        if let Some(e) = scratch.explain.take() {
+            let text = e.render(|id| {
+                snapshot
+                    .get(id)
+                    .map_or_else(String::new, |e| e.address_text.to_string())
+            });
+            debug!(explanation = %text, "decision explained");
+            self.explanation = Some(text);
+        }
         debug!(destination = %destination, "picked");
         self.pending_hooks = Some((snapshot.clone(), decision));
         Ok(Plan {
@@ -586,10 +604,11 @@ impl Exchange {
                         .contains("text/event-stream")
             });
         self.response.streaming = is_sse || self.request_stream;
-        out.push(response_headers_answer(common_with_headers(
-            vec![set_header(WENT_INTO_RESP_HEADERS, b"true")],
-            false,
-        )));
+        let mut headers = vec![set_header(WENT_INTO_RESP_HEADERS, b"true")];
+        if let Some(text) = self.explanation.take() {
+            headers.push(set_header(DECISION_EXPLANATION, text.as_bytes()));
+        }
+        out.push(response_headers_answer(common_with_headers(headers, false)));
         if h.end_of_stream {
             self.finish_response();
         }

@@ -20,6 +20,10 @@ pub const FAIRNESS_HEADERS: [&str; 2] = ["x-gateway-inference-fairness-id", "x-l
 pub const REQUEST_ID: &str = "x-request-id";
 /// Marker set on every response-headers answer.
 pub const WENT_INTO_RESP_HEADERS: &str = "x-went-into-resp-headers";
+/// Request header asking for a decision explanation (honoured with `--explain-decisions`).
+pub const DEBUG_REQUEST: &str = "x-epp-debug";
+/// Response header carrying the decision explanation.
+pub const DECISION_EXPLANATION: &str = "x-epp-decision";
 /// Reason header on immediate responses (successor convention).
 pub const DROPPED_REASON: &str = "x-llm-d-request-dropped-reason";
 /// Largest body chunk sent back to Envoy in one `streamed_response`.

@@ -25,5 +25,5 @@ mod tests;
 
 pub use pipeline::{Decision, Scheduler, SchedulingError};
 pub use plugin::{CycleState, PluginName, SchedulingContext};
-pub use profile::Scratch;
+pub use profile::{Explanation, Scratch};
 pub use registry::build_scheduler;
