@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, routing::get};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -24,6 +27,12 @@ use crate::{
         format_address,
     },
     extproc::{ExtProcService, Processor},
+    k8s::{
+        discovery::{PoolSource, run_discovery},
+        leader::{Candidacy, LEASE_DURATION, RENEW_EVERY, lease_name, run_leader_election},
+        objectives::run_objectives,
+        types::PoolShape,
+    },
     metrics::{
         collector::{CollectorConfig, run_collector},
         data_layer::{DataSourceParams, ENGINE_LABEL, data_layer},
@@ -56,9 +65,12 @@ pub enum AppError {
     /// TLS material could not be produced or loaded.
     #[error("TLS setup failed: {0}")]
     Tls(String),
-    /// Kubernetes discovery is requested but not available in this build.
-    #[error("Kubernetes discovery (--pool-name / --endpoint-selector) is not available yet; use --endpoints")]
-    DiscoveryUnavailable,
+    /// No Kubernetes client could be built (no in-cluster config, no kubeconfig).
+    #[error("cannot reach the Kubernetes API (needed for --pool-name / --endpoint-selector): {0}")]
+    Kube(#[source] kube::Error),
+    /// Leader election needs Kubernetes.
+    #[error("--ha-enable-leader-election needs --pool-name or --endpoint-selector (a Kubernetes pool)")]
+    HaWithoutKubernetes,
     /// Internal metric registration failed.
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -94,6 +106,8 @@ pub struct RunningApp {
     pub reader: SnapshotReader,
     /// Exported metrics.
     pub metrics: Arc<EppMetrics>,
+    /// Whether this replica leads (always true without HA).
+    pub leader: watch::Receiver<bool>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -178,10 +192,49 @@ async fn set_readiness(reporter: &HealthReporter, ready: bool) {
 /// # Errors
 /// [`AppError`] for invalid flags or config, unbindable ports, or TLS failures.
 pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
-    flags.validate()?;
-    if flags.endpoints.is_empty() {
-        return Err(AppError::DiscoveryUnavailable);
+    start_with_client(flags, None).await
+}
+
+/// The pool name used for gauges and the lease: `--pool-name`, else (standalone mode) the
+/// Deployment name derived from `$POD_NAME` by stripping the ReplicaSet and pod hashes.
+pub fn pool_display_name(flags: &Flags) -> String {
+    if !flags.pool_name.is_empty() {
+        return flags.pool_name.clone();
     }
+    if !flags.endpoints.is_empty() {
+        return "static".into();
+    }
+    let pod = std::env::var("POD_NAME").unwrap_or_default();
+    let parts: Vec<&str> = pod.rsplitn(3, '-').collect();
+    match parts.as_slice() {
+        [hash2, hash1, base]
+            if !base.is_empty()
+                && [hash1, hash2]
+                    .iter()
+                    .all(|h| h.chars().all(|c| c.is_ascii_alphanumeric())) =>
+        {
+            (*base).to_owned()
+        }
+        _ => "epp".into(),
+    }
+}
+
+/// Start the EPP with an explicit Kubernetes client (tests point one at a local API server);
+/// `None` builds one from the environment when the pool comes from Kubernetes.
+///
+/// # Errors
+/// [`AppError`] for invalid flags or config, unbindable ports, TLS failures, or no Kubernetes API.
+pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Result<RunningApp, AppError> {
+    flags.validate()?;
+    let kube_mode = flags.endpoints.is_empty();
+    if flags.ha_enable_leader_election && !kube_mode {
+        return Err(AppError::HaWithoutKubernetes);
+    }
+    let client = match (kube_mode, client) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => Some(kube::Client::try_default().await.map_err(AppError::Kube)?),
+    };
     let config = load_config(&flags)?;
     let scheduler = Arc::new(build_scheduler(&config)?);
     let metrics = Arc::new(EppMetrics::new()?);
@@ -208,9 +261,75 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
     let (writer, reader) = DatastoreWriter::new(clock.clone());
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     tasks.spawn(writer.run(events_rx));
-    let specs = static_specs(&flags)?;
-    let _ = events_tx.send(DatastoreEvent::ReplaceAll(specs)).await;
-    let _ = events_tx.send(DatastoreEvent::Synced(true)).await;
+    let namespace = flags.effective_namespace();
+    let pool = pool_display_name(&flags);
+    match &client {
+        None => {
+            let specs = static_specs(&flags)?;
+            let _ = events_tx.send(DatastoreEvent::ReplaceAll(specs)).await;
+            let _ = events_tx.send(DatastoreEvent::Synced(true)).await;
+        }
+        Some(client) => {
+            let source = if flags.pool_name.is_empty() {
+                PoolSource::Selector(PoolShape {
+                    selector: flags
+                        .endpoint_selector
+                        .split(',')
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                        .collect(),
+                    target_ports: {
+                        let mut ports = flags.endpoint_target_ports.clone();
+                        ports.dedup();
+                        ports
+                    },
+                })
+            } else {
+                PoolSource::Pool {
+                    name: flags.pool_name.clone(),
+                    group: flags.pool_group.clone(),
+                }
+            };
+            tasks.spawn(run_discovery(
+                client.clone(),
+                namespace.clone(),
+                source,
+                events_tx.clone(),
+                cancel.clone(),
+            ));
+            if !flags.pool_name.is_empty() {
+                tasks.spawn(run_objectives(
+                    client.clone(),
+                    namespace.clone(),
+                    flags.pool_name.clone(),
+                    flags.pool_group.clone(),
+                    events_tx.clone(),
+                    cancel.clone(),
+                ));
+            }
+        }
+    }
+    // Leadership: always "leader" without HA; with HA, the lease decides.
+    let (leader_tx, leader_rx) = watch::channel(!flags.ha_enable_leader_election);
+    if let (true, Some(client)) = (flags.ha_enable_leader_election, &client) {
+        let identity = std::env::var("POD_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("epp-{}", uuid::Uuid::new_v4()));
+        let candidacy = Candidacy {
+            namespace: namespace.clone(),
+            lease: lease_name(&namespace, &pool),
+            identity,
+            renew_every: RENEW_EVERY,
+            duration: LEASE_DURATION,
+        };
+        tasks.spawn(run_leader_election(
+            client.clone(),
+            candidacy,
+            leader_tx,
+            cancel.clone(),
+        ));
+    }
 
     let source = DataSourceParams {
         scheme: flags.model_server_metrics_scheme.clone(),
@@ -237,11 +356,7 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
         let (reader, metrics, clock, cancel) =
             (reader.clone(), metrics.clone(), clock.clone(), cancel.clone());
         let scheduler = scheduler.clone();
-        let pool = if flags.pool_name.is_empty() {
-            "static".to_owned()
-        } else {
-            flags.pool_name.clone()
-        };
+        let pool = pool.clone();
         let (period, staleness) = (
             flags
                 .refresh_prometheus_metrics_interval
@@ -272,19 +387,22 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
         .await;
     set_readiness(&reporter, false).await;
     {
+        // Ready = pool synced and (without HA) always, (with HA) only on the leader.
         let (reader, cancel) = (reader.clone(), cancel.clone());
         let reporter = reporter.clone();
+        let mut leader = leader_rx.clone();
         tasks.spawn(async move {
             let mut changed = reader.subscribe();
             let mut ready = false;
             loop {
-                let synced = reader.load().synced;
-                if synced != ready {
-                    ready = synced;
+                let now_ready = reader.load().synced && *leader.borrow_and_update();
+                if now_ready != ready {
+                    ready = now_ready;
                     set_readiness(&reporter, ready).await;
                 }
                 tokio::select! {
                     r = changed.changed() => if r.is_err() { return },
+                    r = leader.changed() => if r.is_err() { return },
                     () = cancel.cancelled() => return,
                 }
             }
@@ -366,6 +484,7 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
         metrics_addr,
         reader,
         metrics,
+        leader: leader_rx,
         cancel,
         tasks,
     })

@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub membership: u64,
     /// When this snapshot was built.
     pub built_at: Timestamp,
+    /// Objective priorities from the cluster (`InferenceObjective`), by name.
+    pub objectives: Arc<HashMap<String, i32>>,
     /// Whether discovery has completed its first sync (readiness).
     pub synced: bool,
 }
@@ -46,6 +48,7 @@ impl Snapshot {
             uids,
             generation,
             membership: 0,
+            objectives: Arc::default(),
             built_at,
             synced,
         }

@@ -47,6 +47,8 @@ pub enum DatastoreEvent {
     },
     /// Discovery reached (or lost) its synced state.
     Synced(bool),
+    /// Objective priorities by objective name (replaces the previous set).
+    Objectives(HashMap<String, i32>),
 }
 
 struct EndpointState {
@@ -89,6 +91,7 @@ impl SnapshotReader {
 pub struct DatastoreWriter {
     endpoints: BTreeMap<EndpointKey, EndpointState>,
     keys_by_uid: HashMap<EndpointUid, EndpointKey>,
+    objectives: Arc<HashMap<String, i32>>,
     membership: u64,
     next_uid: u32,
     generation: u64,
@@ -110,6 +113,7 @@ impl DatastoreWriter {
         let writer = Self {
             endpoints: BTreeMap::new(),
             keys_by_uid: HashMap::new(),
+            objectives: Arc::default(),
             membership: 0,
             next_uid: 0,
             generation: 0,
@@ -155,6 +159,11 @@ impl DatastoreWriter {
                     }
                     None => false,
                 }
+            }
+            DatastoreEvent::Objectives(objectives) => {
+                let changed = *self.objectives != objectives;
+                self.objectives = Arc::new(objectives);
+                changed
             }
             DatastoreEvent::Synced(synced) => {
                 let changed = self.synced != synced;
@@ -227,6 +236,7 @@ impl DatastoreWriter {
             .collect();
         let mut snapshot = Snapshot::new(endpoints, self.generation, self.clock.now(), self.synced);
         snapshot.membership = self.membership;
+        snapshot.objectives = self.objectives.clone();
         self.cell.store(Arc::new(snapshot));
         self.changed.send_replace(self.generation);
     }

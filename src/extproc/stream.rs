@@ -435,7 +435,11 @@ impl Exchange {
         if candidates.is_empty() {
             return Err((EppError::NoCandidates, labels));
         }
-        let priority = self.p.scheduler.priority_of(self.objective.as_deref());
+        // Cluster objectives first, then those declared in the config.
+        let priority = match self.objective.as_deref().and_then(|o| snapshot.objectives.get(o)) {
+            Some(p) => *p,
+            None => self.p.scheduler.priority_of(self.objective.as_deref()),
+        };
         let ctx = SchedulingContext {
             snapshot: &snapshot,
             request: &req,

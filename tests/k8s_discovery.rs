@@ -1,0 +1,294 @@
+//! Kubernetes discovery, objectives and leader election against a local API server that speaks
+//! the real JSON (lists, watch streams, bookmarks, 410 Gone, optimistic concurrency).
+
+#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
+#[path = "support/fake_kube.rs"]
+mod fake_kube;
+
+use std::time::Duration;
+
+use epp::{
+    app::{RunningApp, start_with_client},
+    config::{Flags, normalize_go_args},
+};
+use fake_kube::*;
+use serde_json::json;
+
+fn flags(extra: &[&str]) -> Flags {
+    let mut args: Vec<String> = [
+        "epp",
+        "--pool-namespace=ns",
+        "--secure-serving=false",
+        "--grpc-port=0",
+        "--grpc-health-port=0",
+        "--metrics-port=0",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).unwrap()
+}
+
+/// The endpoint set as sorted `name address` strings, and whether the pool is synced.
+fn endpoints(app: &RunningApp) -> (Vec<String>, bool) {
+    let snap = app.reader.load();
+    let mut v: Vec<String> = snap
+        .endpoints
+        .iter()
+        .map(|e| format!("{} {}", e.spec.key.name, e.spec.address))
+        .collect();
+    v.sort();
+    (v, snap.synced)
+}
+
+/// Poll (bounded: 10 s) until `want` holds.
+async fn eventually(app: &RunningApp, want: (Vec<&str>, bool), what: &str) {
+    let want = (want.0.into_iter().map(String::from).collect::<Vec<_>>(), want.1);
+    for _ in 0..400 {
+        if endpoints(app) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}: expected {want:?}, have {:?}", endpoints(app));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_pool_through_pod_churn_port_changes_and_deletion() {
+    let kube = FakeKube::start().await;
+    kube.apply(POOLS, pool("pool", json!({"app": "vllm"}), &[8000]))
+        .await;
+    kube.apply(PODS, pod("a", "10.0.0.1", true, json!({"app": "vllm"})))
+        .await;
+    kube.apply(PODS, pod("b", "10.0.0.2", false, json!({"app": "vllm"})))
+        .await;
+    kube.apply(PODS, pod("c", "10.0.0.3", true, json!({"app": "other"})))
+        .await;
+    let app = start_with_client(flags(&["--pool-name=pool"]), Some(kube.client()))
+        .await
+        .unwrap();
+
+    eventually(
+        &app,
+        (vec!["a-rank-0 10.0.0.1:8000"], true),
+        "initial sync: ready pods only",
+    )
+    .await;
+
+    kube.apply(PODS, pod("b", "10.0.0.2", true, json!({"app": "vllm"})))
+        .await;
+    eventually(
+        &app,
+        (vec!["a-rank-0 10.0.0.1:8000", "b-rank-0 10.0.0.2:8000"], true),
+        "pod became ready",
+    )
+    .await;
+
+    kube.delete(PODS, "a").await;
+    eventually(&app, (vec!["b-rank-0 10.0.0.2:8000"], true), "pod deleted").await;
+
+    kube.apply(PODS, pod("b", "10.0.0.2", true, json!({"app": "other"})))
+        .await;
+    eventually(&app, (vec![], true), "labels no longer match").await;
+
+    // Selector and port change: full resync against the new selector.
+    kube.apply(POOLS, pool("pool", json!({"app": "other"}), &[8000, 8001]))
+        .await;
+    eventually(
+        &app,
+        (
+            vec![
+                "b-rank-0 10.0.0.2:8000",
+                "b-rank-1 10.0.0.2:8001",
+                "c-rank-0 10.0.0.3:8000",
+                "c-rank-1 10.0.0.3:8001",
+            ],
+            true,
+        ),
+        "selector and ports changed",
+    )
+    .await;
+
+    // The active-ports annotation narrows one pod to one port.
+    let mut c = pod("c", "10.0.0.3", true, json!({"app": "other"}));
+    c["metadata"]["annotations"] = json!({"inference.networking.k8s.io/active-ports": "8001"});
+    kube.apply(PODS, c).await;
+    eventually(
+        &app,
+        (
+            vec![
+                "b-rank-0 10.0.0.2:8000",
+                "b-rank-1 10.0.0.2:8001",
+                "c-rank-1 10.0.0.3:8001",
+            ],
+            true,
+        ),
+        "annotation",
+    )
+    .await;
+
+    kube.delete(POOLS, "pool").await;
+    eventually(&app, (vec![], false), "pool deleted: no endpoints, not ready").await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_resume_after_410_gone_and_disconnects() {
+    let kube = FakeKube::start().await;
+    kube.apply(POOLS, pool("pool", json!({"app": "vllm"}), &[8000]))
+        .await;
+    kube.apply(PODS, pod("a", "10.0.0.1", true, json!({"app": "vllm"})))
+        .await;
+    let app = start_with_client(flags(&["--pool-name=pool"]), Some(kube.client()))
+        .await
+        .unwrap();
+    eventually(&app, (vec!["a-rank-0 10.0.0.1:8000"], true), "initial").await;
+
+    // History is compacted and every watch dropped; a change happens while nobody watches.
+    kube.compact().await;
+    kube.apply(PODS, pod("b", "10.0.0.2", true, json!({"app": "vllm"})))
+        .await;
+    eventually(
+        &app,
+        (vec!["a-rank-0 10.0.0.1:8000", "b-rank-0 10.0.0.2:8000"], true),
+        "relisted after 410",
+    )
+    .await;
+
+    // And the watch works again afterwards.
+    kube.delete(PODS, "a").await;
+    eventually(&app, (vec!["b-rank-0 10.0.0.2:8000"], true), "watching again").await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objectives_of_the_pool_set_priorities() {
+    let kube = FakeKube::start().await;
+    kube.apply(POOLS, pool("pool", json!({"app": "vllm"}), &[8000]))
+        .await;
+    let objective = |name: &str, pool: &str, priority: i32| {
+        json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
+               "metadata": {"name": name, "namespace": "ns"}, "spec": {"priority": priority, "poolRef": {"name": pool}}})
+    };
+    kube.apply(OBJECTIVES, objective("batch", "pool", -1)).await;
+    kube.apply(OBJECTIVES, objective("other-pool", "elsewhere", 5))
+        .await;
+    let app = start_with_client(flags(&["--pool-name=pool"]), Some(kube.client()))
+        .await
+        .unwrap();
+    let priorities = |app: &RunningApp| {
+        let mut v: Vec<(String, i32)> = app
+            .reader
+            .load()
+            .objectives
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        v.sort();
+        v
+    };
+    for _ in 0..400 {
+        if priorities(&app) == vec![("batch".to_owned(), -1)] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(priorities(&app), vec![("batch".to_owned(), -1)]);
+    kube.apply(OBJECTIVES, objective("chat", "pool", 2)).await;
+    for _ in 0..400 {
+        if priorities(&app).len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        priorities(&app),
+        vec![("batch".to_owned(), -1), ("chat".to_owned(), 2)]
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_selector_mode_needs_no_pool_crd() {
+    let kube = FakeKube::start().await;
+    kube.apply(
+        PODS,
+        pod("a", "10.0.0.1", true, json!({"app": "vllm", "tier": "gpu"})),
+    )
+    .await;
+    kube.apply(PODS, pod("b", "10.0.0.2", true, json!({"app": "vllm"})))
+        .await;
+    let app = start_with_client(
+        flags(&[
+            "--endpoint-selector=app=vllm,tier=gpu",
+            "--endpoint-target-ports=8000,8000,9000",
+        ]),
+        Some(kube.client()),
+    )
+    .await
+    .unwrap();
+    eventually(
+        &app,
+        (vec!["a-rank-0 10.0.0.1:8000", "a-rank-1 10.0.0.1:9000"], true),
+        "standalone",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_hands_over_and_followers_stay_warm() {
+    let kube = FakeKube::start().await;
+    kube.apply(POOLS, pool("pool", json!({"app": "vllm"}), &[8000]))
+        .await;
+    kube.apply(PODS, pod("a", "10.0.0.1", true, json!({"app": "vllm"})))
+        .await;
+    let first = start_with_client(
+        flags(&["--pool-name=pool", "--ha-enable-leader-election"]),
+        Some(kube.client()),
+    )
+    .await
+    .unwrap();
+    let mut waited = 0;
+    while !*first.leader.borrow() && waited < 200 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        waited += 1;
+    }
+    assert!(*first.leader.borrow(), "the first replica leads");
+    let second = start_with_client(
+        flags(&["--pool-name=pool", "--ha-enable-leader-election"]),
+        Some(kube.client()),
+    )
+    .await
+    .unwrap();
+    // The follower discovers the pool too (warm), but does not lead.
+    eventually(
+        &second,
+        (vec!["a-rank-0 10.0.0.1:8000"], true),
+        "follower datastore warm",
+    )
+    .await;
+    assert!(!*second.leader.borrow());
+    let lease = kube
+        .get(LEASES, "epp-ns-pool.gateway-api-inference-extension.sigs.k8s.io")
+        .await
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
+
+    // The leader shuts down and releases the lease: the follower takes over within a renewal.
+    first.shutdown().await;
+    let mut waited = 0;
+    while !*second.leader.borrow() && waited < 400 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        waited += 1;
+    }
+    assert!(*second.leader.borrow(), "the follower took over");
+    let lease = kube
+        .get(LEASES, "epp-ns-pool.gateway-api-inference-extension.sigs.k8s.io")
+        .await
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    second.shutdown().await;
+}
