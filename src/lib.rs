@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod datastore;
 pub mod extproc;
+pub mod guard;
 pub mod k8s;
 pub mod metrics;
 pub mod parser;

@@ -28,6 +28,14 @@ pub enum EppError {
     /// The scheduler could not place the request (filters removed every endpoint).
     #[error("{0}")]
     Scheduling(SchedulingError),
+    /// A prompt guard refused the request (status and message from its `customResponse`).
+    #[error("{message}")]
+    Guard {
+        /// HTTP status.
+        status: u16,
+        /// Client-facing message.
+        message: String,
+    },
     /// An invariant broke inside the EPP.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -43,6 +51,7 @@ impl EppError {
             EppError::Scheduling(SchedulingError::NoCandidates) => 503,
             EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => 429,
             EppError::Internal(_) => 500,
+            EppError::Guard { status, .. } => *status,
         }
     }
 
@@ -50,6 +59,7 @@ impl EppError {
     pub fn code(&self) -> &'static str {
         match self.http_status() {
             400 | 413 => error_code::BAD_REQUEST,
+            403 => error_code::FORBIDDEN,
             429 => error_code::RESOURCE_EXHAUSTED,
             503 => error_code::SERVICE_UNAVAILABLE,
             _ => error_code::INTERNAL,
@@ -68,6 +78,7 @@ impl EppError {
                 ("server_overloaded", "rate_limit_exceeded")
             }
             EppError::Internal(_) => ("server_error", "internal_error"),
+            EppError::Guard { .. } => ("invalid_request_error", "content_policy_violation"),
         }
     }
 

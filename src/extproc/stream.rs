@@ -35,7 +35,12 @@ use super::{
 };
 use crate::{
     datastore::{EndpointId, EndpointLive, Snapshot},
-    parser::{ModelRestorer, SseUsageScanner, Usage, parse_request, replace_model, usage_from_json},
+    guard::Placeholders,
+    parser::{
+        LlmRequest, SseUsageScanner, StreamReplacer, Usage, model_patterns, parse_request, replace_model,
+        usage_from_json,
+    },
+    scheduler::admission::GuardOutcome,
     scheduler::{Decision, SchedulingContext, SchedulingError, Scratch},
 };
 
@@ -84,7 +89,7 @@ struct Routed {
 #[derive(Default)]
 struct ResponseState {
     streaming: bool,
-    restorer: Option<ModelRestorer>,
+    restorer: Option<StreamReplacer>,
     sse: SseUsageScanner,
     json: Vec<u8>,
     json_overflow: bool,
@@ -193,6 +198,8 @@ pub fn subset_candidates(snapshot: &Snapshot, hint: &[String]) -> Vec<EndpointId
 struct Plan {
     destination: String,
     body: Vec<u8>,
+    /// Whether `body` differs from what the client sent (rewrite or masking).
+    changed: bool,
 }
 
 impl Exchange {
@@ -385,7 +392,7 @@ impl Exchange {
     fn decide_with_body(&mut self, body_ends_stream: bool, out: &mut Vec<ProcessingResponse>) -> Flow {
         self.decided = true;
         let body = std::mem::take(&mut self.body);
-        let plan = match self.schedule(&body) {
+        let plan = match self.schedule(body) {
             Ok(plan) => plan,
             Err((e, model)) => return self.fail(e, model, out),
         };
@@ -401,7 +408,7 @@ impl Exchange {
         match self.request_mode {
             BodyMode::Buffered => {
                 // Buffered: the headers answer already went out; routing rides on the body answer.
-                let replacement = (plan.body != body).then_some(plan.body);
+                let replacement = plan.changed.then_some(plan.body);
                 let mut answer = body_replace_answer(
                     Direction::Request,
                     common_with_headers(headers, true),
@@ -421,13 +428,67 @@ impl Exchange {
         Flow::Continue
     }
 
-    fn schedule(&mut self, body: &[u8]) -> Result<Plan, (EppError, Option<(String, String)>)> {
+    /// Run the prompt guards over the parsed request. Returns the masked body when a guard masked
+    /// something (placeholders are then restored on the response path).
+    fn apply_guards(&mut self, req: &LlmRequest, body: &[u8]) -> Result<Option<Vec<u8>>, EppError> {
+        let guards = self.p.scheduler.guards();
+        if guards.is_empty() {
+            return Ok(None);
+        }
+        let Ok(mut prompt) = serde_json::from_slice::<serde_json::Value>(req.prompt_bytes(body)) else {
+            return Ok(None); // the parser validated it; unreachable in practice
+        };
+        let mut placeholders = Placeholders::default();
+        for g in guards {
+            match g.check(req.api, &mut prompt, &mut placeholders) {
+                GuardOutcome::Pass | GuardOutcome::Masked => {}
+                GuardOutcome::Reject {
+                    status,
+                    message,
+                    rule,
+                } => {
+                    debug!(guard = %g.name.name, rule = %rule, "prompt rejected");
+                    return Err(EppError::Guard { status, message });
+                }
+            }
+        }
+        if placeholders.is_empty() {
+            return Ok(None);
+        }
+        debug!(masked = placeholders.len(), "prompt values masked");
+        let encoded = serde_json::to_vec(&prompt)
+            .map_err(|_| EppError::Internal("cannot re-encode a masked prompt"))?;
+        let mut out = Vec::with_capacity(body.len() + encoded.len());
+        out.extend_from_slice(&body[..req.prompt_span.start]);
+        out.extend_from_slice(&encoded);
+        out.extend_from_slice(&body[req.prompt_span.end..]);
+        let restore = placeholders.restore_patterns();
+        match self.response.restorer.as_mut() {
+            Some(r) => r.extend(restore),
+            None => self.response.restorer = Some(StreamReplacer::with_patterns(restore)),
+        }
+        Ok(Some(out))
+    }
+
+    fn schedule(&mut self, body: Vec<u8>) -> Result<Plan, (EppError, Option<(String, String)>)> {
         let path = self
             .path
             .as_deref()
             .or(self.fallback_path.as_deref())
-            .unwrap_or("/v1/completions");
-        let req = parse_request(path, body).map_err(|e| (EppError::from(e), None))?;
+            .unwrap_or("/v1/completions")
+            .to_owned();
+        let mut body = body;
+        let mut changed = false;
+        let mut req = parse_request(&path, &body).map_err(|e| (EppError::from(e), None))?;
+        if let Some(masked) = self
+            .apply_guards(&req, &body)
+            .map_err(|e| (e, Some((req.model.clone(), req.model.clone()))))?
+        {
+            body = masked;
+            changed = true;
+            req = parse_request(&path, &body).map_err(|e| (EppError::from(e), None))?;
+        }
+        let body_ref: &[u8] = &body;
         let target = self.model_rewrite.clone().unwrap_or_else(|| req.model.clone());
         let labels = Some((req.model.clone(), target.clone()));
         let snapshot = self.p.reader.load();
@@ -443,7 +504,7 @@ impl Exchange {
         let ctx = SchedulingContext {
             snapshot: &snapshot,
             request: &req,
-            body,
+            body: body_ref,
             target_model: &target,
             now: self.p.clock.now(),
             priority,
@@ -518,17 +579,18 @@ impl Exchange {
             .inc();
         m.request_sizes
             .with_label_values(&[&req.model, &target])
-            .observe(body.len() as f64);
+            .observe(body_ref.len() as f64);
         m.running_requests.with_label_values(&[&req.model]).inc();
 
-        let new_body = if target != req.model {
-            replace_model(body, req.model_span.clone(), &target)
-        } else {
-            body.to_vec()
-        };
         self.request_stream = req.stream;
         if target != req.model {
-            self.response.restorer = Some(ModelRestorer::new(&target, &req.model));
+            body = replace_model(&body, req.model_span.clone(), &target);
+            changed = true;
+            let patterns = model_patterns(&target, &req.model);
+            match self.response.restorer.as_mut() {
+                Some(r) => r.extend(patterns),
+                None => self.response.restorer = Some(StreamReplacer::with_patterns(patterns)),
+            }
         }
         self.routed = Some(Routed {
             model: req.model,
@@ -550,7 +612,8 @@ impl Exchange {
         self.pending_hooks = Some((snapshot.clone(), decision));
         Ok(Plan {
             destination,
-            body: new_body,
+            body,
+            changed,
         })
     }
 

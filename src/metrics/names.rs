@@ -95,6 +95,8 @@ pub const OUTPUT_TOKEN_BUCKETS: [f64; 11] = [
 pub mod error_code {
     /// 400.
     pub const BAD_REQUEST: &str = "BadRequest";
+    /// 403.
+    pub const FORBIDDEN: &str = "Forbidden";
     /// 429.
     pub const RESOURCE_EXHAUSTED: &str = "ResourceExhausted";
     /// 503.

@@ -11,5 +11,5 @@ pub mod usage;
 
 pub use api::ApiKind;
 pub use request::{LlmRequest, RequestError, parse_request, replace_model};
-pub use restore::ModelRestorer;
+pub use restore::{ModelRestorer, StreamReplacer, model_patterns};
 pub use usage::{SseUsageScanner, Usage, usage_from_json};

@@ -1,28 +1,52 @@
-//! Restores the client-facing model name in response bodies, chunk by chunk.
+//! Streaming byte replacement in response bodies, chunk by chunk: the client-facing model name
+//! restored after a rewrite, and masked values restored from their placeholders.
 //!
-//! When the EPP rewrote `model` upstream, the model server answers with the rewritten name; the
-//! client must see the name it asked for. The replacement works on a stream: a match split across
-//! chunks is still found, and only the few trailing bytes that could start a match are held back
-//! (SSE events end in a blank line, which never starts a match, so events are not delayed).
+//! A match split across chunks is still found, and only the few trailing bytes that could start a
+//! match are held back (SSE events end in a blank line, which never starts a match, so events are
+//! not delayed).
 
-/// Streaming replacement of `"model":"<served>"` (also with one space after the colon) by the
-/// client-facing name.
-#[derive(Debug)]
-pub struct ModelRestorer {
-    patterns: [(Vec<u8>, Vec<u8>); 2],
+/// Streaming replacement of byte patterns.
+#[derive(Debug, Default)]
+pub struct StreamReplacer {
+    patterns: Vec<(Vec<u8>, Vec<u8>)>,
     held: Vec<u8>,
 }
 
-impl ModelRestorer {
-    /// Replace `served` with `client_facing`; both are raw model names (JSON-encoded here).
+/// The model-name restore is a [`StreamReplacer`] with two patterns.
+pub type ModelRestorer = StreamReplacer;
+
+/// `(from, to)` pairs replacing `"model":"<served>"` (also with one space after the colon) by the
+/// client-facing name; both are raw model names (JSON-encoded here).
+pub fn model_patterns(served: &str, client_facing: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let s = serde_json::Value::String(served.to_owned()).to_string();
+    let c = serde_json::Value::String(client_facing.to_owned()).to_string();
+    let pat = |sep: &str, name: &str| format!("\"model\"{sep}{name}").into_bytes();
+    vec![(pat(":", &s), pat(":", &c)), (pat(": ", &s), pat(": ", &c))]
+}
+
+impl StreamReplacer {
+    /// Replace `served` with `client_facing` in `"model"` fields.
     pub fn new(served: &str, client_facing: &str) -> Self {
-        let s = serde_json::Value::String(served.to_owned()).to_string();
-        let c = serde_json::Value::String(client_facing.to_owned()).to_string();
-        let pat = |sep: &str, name: &str| format!("\"model\"{sep}{name}").into_bytes();
+        Self::with_patterns(model_patterns(served, client_facing))
+    }
+
+    /// Replace each `from` with its `to` (empty `from`s are ignored).
+    pub fn with_patterns(patterns: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
         Self {
-            patterns: [(pat(":", &s), pat(":", &c)), (pat(": ", &s), pat(": ", &c))],
+            patterns: patterns.into_iter().filter(|(f, _)| !f.is_empty()).collect(),
             held: Vec::new(),
         }
+    }
+
+    /// Add more patterns.
+    pub fn extend(&mut self, patterns: Vec<(Vec<u8>, Vec<u8>)>) {
+        self.patterns
+            .extend(patterns.into_iter().filter(|(f, _)| !f.is_empty()));
+    }
+
+    /// Whether there is nothing to replace.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
     }
 
     /// Process the next chunk; returns the bytes that can go to the client now. With

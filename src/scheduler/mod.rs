@@ -9,6 +9,7 @@
 //! - [`pipeline`]: producers, the profile, pre-request hooks.
 //! - [`scorers`], [`pickers`], [`producers`]: built-in plugins under their upstream names.
 
+pub mod admission;
 pub mod filters;
 pub mod params;
 pub mod pickers;

@@ -8,6 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 use rand::RngCore;
 
 use super::{
+    admission::PromptGuard,
     plugin::{
         CycleState, DataProducer, ExtensionPoint, Needs, PluginTimer, PreRequest, SaturationDetector,
         SchedulingContext,
@@ -55,6 +56,7 @@ pub struct Scheduler {
     pub(crate) needs: Needs,
     pub(crate) detector: Arc<dyn SaturationDetector>,
     pub(crate) objectives: HashMap<String, i32>,
+    pub(crate) guards: Vec<Arc<PromptGuard>>,
 }
 
 impl Scheduler {
@@ -70,6 +72,11 @@ impl Scheduler {
             .and_then(|o| self.objectives.get(o))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The configured prompt guards, in config order.
+    pub fn guards(&self) -> &[Arc<PromptGuard>] {
+        &self.guards
     }
 
     /// Entries and heap bytes of the prefix index, when one is configured.

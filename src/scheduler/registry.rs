@@ -11,6 +11,7 @@ use std::{collections::HashMap, sync::Arc};
 use serde::Deserialize;
 
 use super::{
+    admission::PromptGuard,
     filters::{
         DecisionTreeFilter, LeastKvCacheFilter, LeastQueueFilter, LoraAffinityFilter, LowQueueFilter,
         PrefixAffinityFilter,
@@ -29,7 +30,7 @@ use super::{
 use crate::config::{ConfigError, ConfigIssue, EndpointPickerConfig, PluginSpec};
 
 /// Plugin types accepted in `plugins[].type`.
-pub const PLUGIN_TYPES: [&str; 28] = [
+pub const PLUGIN_TYPES: [&str; 29] = [
     "queue-scorer",
     "running-requests-size-scorer",
     "kv-cache-utilization-scorer",
@@ -52,6 +53,7 @@ pub const PLUGIN_TYPES: [&str; 28] = [
     "decision-tree-filter",
     "prefix-cache-affinity-filter",
     "inference-objectives",
+    "prompt-guard",
     "openai-parser",
     "metrics-data-source",
     "core-metrics-extractor",
@@ -72,6 +74,7 @@ struct Roles {
     pre_request: Option<Arc<dyn PreRequest>>,
     detector: Option<Arc<dyn SaturationDetector>>,
     objectives: Vec<(String, i32)>,
+    guard: Option<Arc<PromptGuard>>,
 }
 
 fn kind_of(plugin_type: &str) -> Option<&'static str> {
@@ -189,6 +192,7 @@ fn build_plugin(spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
             let p: ObjectivesParams = decode_params(spec)?;
             r.objectives = p.objectives.into_iter().map(|o| (o.name, o.priority)).collect();
         }
+        "prompt-guard" => r.guard = Some(Arc::new(PromptGuard::from_config(name, spec)?)),
         "single-profile-handler" | "openai-parser" => no_params(spec)?,
         // Built in phase two (they refer to other filters), or consumed by other stages.
         _ => {}
@@ -450,5 +454,6 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
         needs,
         detector,
         objectives,
+        guards: roles.iter().filter_map(|r| r.guard.clone()).collect(),
     })
 }

@@ -1,0 +1,6 @@
+//! Admission plugins: run for every request once declared under `plugins:` (no profile entry),
+//! before scheduling. Guards run before budgets, so a rejected prompt costs nothing.
+
+pub mod prompt_guard;
+
+pub use prompt_guard::{GuardOutcome, PromptGuard};
