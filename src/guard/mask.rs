@@ -65,7 +65,7 @@ impl Placeholders {
             .iter()
             .map(|(p, o)| {
                 let quoted = Value::String(o.clone()).to_string();
-                let escaped = quoted[1..quoted.len() - 1].as_bytes().to_vec();
+                let escaped = quoted.as_bytes()[1..quoted.len() - 1].to_vec();
                 (p.as_bytes().to_vec(), escaped)
             })
             .collect()
