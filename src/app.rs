@@ -430,6 +430,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         clock: clock.clone(),
         disable_subset_filter: flags.disable_endpoint_subset_filter,
         explain_decisions: flags.explain_decisions,
+        tasks: tasks.clone(),
     });
     let service = ExternalProcessorServer::new(ExtProcService::new(processor, tasks.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)

@@ -6,6 +6,7 @@
 //! back to Envoy ([`extproc`]). See ARCHITECTURE.md for the module map.
 
 pub mod app;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod datastore;

@@ -249,6 +249,18 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
         .and_then(Value::as_u64)
         .map_or(pod.config.default_output_tokens, |v| v.clamp(1, 4096) as u32);
     let hold = headers.get("x-emulator-hold").is_some();
+    // With `x-emulator-echo`, the answer repeats the last prompt text the pod received (and names
+    // it in `x-received-prompt`): tests see exactly what reached the model server.
+    let echo = headers.get("x-emulator-echo").is_some().then(|| {
+        req.pointer("/messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("content"))
+            .or_else(|| req.get("prompt"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    });
 
     // Queue for a slot, as a continuous-batching engine's waiting queue.
     pod.waiting.fetch_add(1, Ordering::Relaxed);
@@ -293,7 +305,7 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
         tokio::time::sleep(pod.config.per_token * max_tokens).await;
         pod.running.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
-        let text = "tok ".repeat(max_tokens as usize);
+        let text = echo.clone().unwrap_or_else(|| "tok ".repeat(max_tokens as usize));
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
         } else {
@@ -304,6 +316,9 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
         )
         .into_response();
         tag(&mut r, &pod, Some(&model));
+        if let Some(v) = echo.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+            r.headers_mut().insert("x-received-prompt", v);
+        }
         return r;
     }
 

@@ -275,3 +275,122 @@ async fn shared_prefixes_stick_to_one_pod() {
     assert_eq!(pods.len(), 1, "{pods:?}");
     s.stop().await;
 }
+
+const BUDGET: &str = "--config-text=apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: token-budget
+  parameters:
+    window: 1h
+    tenants:
+      team-a:
+        tokens: 300
+        models:
+          gpt-4o: {tokens: 100, fallbackModel: small}
+- type: prompt-guard
+  parameters:
+    request:
+      regex:
+        builtins: [EMAIL]
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_budgets_fall_back_then_answer_429_and_spare_other_tenants() {
+    let s = stack(&[BUDGET]).await;
+    let ask = |tenant: &'static str| {
+        let body = json!({"model": "gpt-4o", "prompt": "hello there", "max_tokens": 40});
+        let s = &s;
+        async move {
+            s.post(
+                "/v1/completions",
+                &body,
+                &[("x-gateway-inference-fairness-id", tenant)],
+            )
+            .await
+        }
+    };
+    // 1. Within every budget: served as asked, with the budget in the headers.
+    let r = ask("team-a").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-received-model"], "gpt-4o");
+    assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "100");
+    assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"));
+    assert!(
+        r.headers()["x-ratelimit-reset-tokens"]
+            .to_str()
+            .unwrap()
+            .ends_with('s')
+    );
+    let _ = r.bytes().await;
+    // 2. gpt-4o's budget is spent (usage settled from the response): the fallback serves.
+    let mut fallbacks = 0;
+    let mut rejected = None;
+    for _ in 0..10 {
+        let r = ask("team-a").await;
+        if r.status() == 429 {
+            rejected = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        if r.headers()
+            .get("x-gateway-model-fallback")
+            .is_some_and(|v| v == "small")
+        {
+            assert_eq!(
+                r.headers()["x-received-model"],
+                "small",
+                "the upstream got the fallback model"
+            );
+            fallbacks += 1;
+        }
+        let _ = r.bytes().await;
+    }
+    assert!(fallbacks >= 1, "fallback used before the tenant budget ran out");
+    // 3. The tenant budget is spent: 429 with the OpenAI-style body and retry headers.
+    let r = rejected.expect("team-a is eventually over its 300-token budget");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&retry));
+    assert!(r.headers().contains_key("retry-after-ms"));
+    assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "300");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Token budget exceeded for tenant team-a"),
+        "{v}"
+    );
+    // 4. Another tenant is unaffected.
+    let r = ask("team-b").await;
+    assert_eq!(r.status(), 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_prompts_never_reach_the_pod_and_come_back_restored() {
+    let s = stack(&[BUDGET]).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "reply to jane@corp.com"}], "max_tokens": 2});
+    let r = s
+        .post("/v1/chat/completions", &body, &[("x-emulator-echo", "1")])
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-received-prompt"],
+        "reply to [EMAIL_1]",
+        "the pod never saw the address"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"], "reply to jane@corp.com",
+        "restored for the client"
+    );
+    s.stop().await;
+}

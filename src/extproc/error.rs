@@ -6,9 +6,14 @@ use serde_json::json;
 
 use super::{
     encode::{immediate, set_header},
-    wire::DROPPED_REASON,
+    wire::{DROPPED_REASON, RATELIMIT_LIMIT_TOKENS, RATELIMIT_REMAINING_TOKENS, RATELIMIT_RESET_TOKENS},
 };
-use crate::{metrics::names::error_code, parser::RequestError, scheduler::SchedulingError};
+use crate::{
+    budget::reset_text,
+    metrics::names::error_code,
+    parser::RequestError,
+    scheduler::{SchedulingError, admission::Rejection},
+};
 
 /// Why a request is answered by the EPP instead of a model server.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,9 @@ pub enum EppError {
     /// The scheduler could not place the request (filters removed every endpoint).
     #[error("{0}")]
     Scheduling(SchedulingError),
+    /// Over the token budget.
+    #[error("{}", .0.message())]
+    OverBudget(Rejection),
     /// A prompt guard refused the request (status and message from its `customResponse`).
     #[error("{message}")]
     Guard {
@@ -52,6 +60,7 @@ impl EppError {
             EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => 429,
             EppError::Internal(_) => 500,
             EppError::Guard { status, .. } => *status,
+            EppError::OverBudget(_) => 429,
         }
     }
 
@@ -79,6 +88,7 @@ impl EppError {
             }
             EppError::Internal(_) => ("server_error", "internal_error"),
             EppError::Guard { .. } => ("invalid_request_error", "content_policy_violation"),
+            EppError::OverBudget(_) => ("rate_limit_error", "rate_limit_exceeded"),
         }
     }
 
@@ -113,8 +123,27 @@ impl EppError {
         if let Some(reason) = self.dropped_reason() {
             headers.push(set_header(DROPPED_REASON, reason.as_bytes()));
         }
-        if self.http_status() == 429 {
-            headers.push(set_header("retry-after", b"1"));
+        match self {
+            EppError::OverBudget(r) => {
+                let secs = r.retry_after_ms.div_ceil(1000).max(1);
+                headers.push(set_header("retry-after", secs.to_string().as_bytes()));
+                headers.push(set_header(
+                    "retry-after-ms",
+                    r.retry_after_ms.to_string().as_bytes(),
+                ));
+                headers.push(set_header(RATELIMIT_LIMIT_TOKENS, r.limit.to_string().as_bytes()));
+                let remaining = r.limit.saturating_sub(r.used);
+                headers.push(set_header(
+                    RATELIMIT_REMAINING_TOKENS,
+                    remaining.to_string().as_bytes(),
+                ));
+                headers.push(set_header(
+                    RATELIMIT_RESET_TOKENS,
+                    reset_text(r.retry_after_ms).as_bytes(),
+                ));
+            }
+            _ if self.http_status() == 429 => headers.push(set_header("retry-after", b"1")),
+            _ => {}
         }
         let details = format!("epp_{}", self.code());
         immediate(self.http_status(), headers, self.body(), &details)

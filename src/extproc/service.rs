@@ -56,7 +56,7 @@ impl ExternalProcessor for ExtProcService {
                         break;
                     }
                 };
-                let flow = exchange.on_message(msg, &mut out);
+                let flow = exchange.on_message(msg, &mut out).await;
                 for answer in out.drain(..) {
                     if tx.send(Ok(answer)).await.is_err() {
                         return; // the proxy went away; dropping `exchange` releases its counters

@@ -9,7 +9,11 @@
 //! Invariants: exactly one decision per exchange; the in-flight counters taken at decision time
 //! are released exactly once, when the exchange ends or the stream drops (client cancel).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
 
 use envoy_types::pb::{
     envoy::{
@@ -40,7 +44,7 @@ use crate::{
         LlmRequest, SseUsageScanner, StreamReplacer, Usage, model_patterns, parse_request, replace_model,
         usage_from_json,
     },
-    scheduler::admission::GuardOutcome,
+    scheduler::admission::{Admitted, BudgetDecision, GuardOutcome, TokenBudget},
     scheduler::{Decision, SchedulingContext, SchedulingError, Scratch},
 };
 
@@ -108,6 +112,8 @@ pub struct Exchange {
     generated_request_id: Option<String>,
     model_rewrite: Option<String>,
     objective: Option<String>,
+    tenant: Option<String>,
+    budget: Option<(Arc<TokenBudget>, Admitted)>,
     explain: bool,
     explanation: Option<String>,
     subset: Option<Vec<String>>,
@@ -215,6 +221,8 @@ impl Exchange {
             generated_request_id: None,
             model_rewrite: None,
             objective: None,
+            tenant: None,
+            budget: None,
             explain: false,
             explanation: None,
             subset: None,
@@ -238,7 +246,7 @@ impl Exchange {
     }
 
     /// Handle one inbound message, pushing the answers to `out`.
-    pub fn on_message(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) -> Flow {
+    pub async fn on_message(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) -> Flow {
         if let Some(pc) = &msg.protocol_config {
             self.request_mode = BodyMode::from_wire(pc.request_body_mode);
             self.response_mode = BodyMode::from_wire(pc.response_body_mode);
@@ -252,12 +260,12 @@ impl Exchange {
         }
         match msg.request {
             Some(Request::RequestHeaders(h)) => self.on_request_headers(h, out),
-            Some(Request::RequestBody(b)) => self.on_request_body(b, out),
+            Some(Request::RequestBody(b)) => self.on_request_body(b, out).await,
             Some(Request::RequestTrailers(_)) => {
                 let flow = if self.decided {
                     Flow::Continue
                 } else {
-                    self.decide_with_body(false, out)
+                    self.decide_with_body(false, out).await
                 };
                 if flow == Flow::Continue {
                     out.push(trailers_answer(Direction::Request));
@@ -308,6 +316,15 @@ impl Exchange {
                 }
                 REQUEST_ID => self.request_id = Some(text(value)),
                 DEBUG_REQUEST => self.explain = self.p.explain_decisions,
+                k if self
+                    .p
+                    .scheduler
+                    .budget()
+                    .is_some_and(|b| b.policy.tenant_header == k)
+                    && !value.is_empty() =>
+                {
+                    self.tenant = Some(text(value));
+                }
                 k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => {
                     self.model_rewrite = Some(text(value))
                 }
@@ -332,7 +349,7 @@ impl Exchange {
         }
     }
 
-    fn on_request_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) -> Flow {
+    async fn on_request_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) -> Flow {
         if self.decided {
             return Flow::Continue;
         }
@@ -351,7 +368,7 @@ impl Exchange {
             self.body.extend_from_slice(&b.body);
         }
         if b.end_of_stream {
-            self.decide_with_body(true, out)
+            self.decide_with_body(true, out).await
         } else {
             Flow::Continue
         }
@@ -389,10 +406,10 @@ impl Exchange {
         }
     }
 
-    fn decide_with_body(&mut self, body_ends_stream: bool, out: &mut Vec<ProcessingResponse>) -> Flow {
+    async fn decide_with_body(&mut self, body_ends_stream: bool, out: &mut Vec<ProcessingResponse>) -> Flow {
         self.decided = true;
         let body = std::mem::take(&mut self.body);
-        let plan = match self.schedule(body) {
+        let plan = match self.schedule(body).await {
             Ok(plan) => plan,
             Err((e, model)) => return self.fail(e, model, out),
         };
@@ -470,7 +487,7 @@ impl Exchange {
         Ok(Some(out))
     }
 
-    fn schedule(&mut self, body: Vec<u8>) -> Result<Plan, (EppError, Option<(String, String)>)> {
+    async fn schedule(&mut self, body: Vec<u8>) -> Result<Plan, (EppError, Option<(String, String)>)> {
         let path = self
             .path
             .as_deref()
@@ -488,8 +505,33 @@ impl Exchange {
             changed = true;
             req = parse_request(&path, &body).map_err(|e| (EppError::from(e), None))?;
         }
+        let mut target = self.model_rewrite.clone().unwrap_or_else(|| req.model.clone());
+        if let Some(budget) = self.p.scheduler.budget().cloned() {
+            // Guards ran first: a rejected prompt costs nothing.
+            let tenant = self.tenant.clone().unwrap_or_else(|| "default".into());
+            let amount = budget
+                .policy
+                .estimate(req.estimated_prompt_tokens(), req.max_output_tokens);
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            match budget.admit(&tenant, &req.model, amount, now_ms).await {
+                Ok(BudgetDecision::Unlimited) => {}
+                Ok(BudgetDecision::Admitted(a)) => {
+                    if let Some(f) = &a.fallback {
+                        debug!(tenant = %tenant, model = %req.model, fallback = %f, "budget fallback");
+                        target = f.clone();
+                    }
+                    self.budget = Some((budget, a));
+                }
+                Ok(BudgetDecision::Rejected(r)) => {
+                    let labels = Some((req.model.clone(), target.clone()));
+                    return Err((EppError::OverBudget(r), labels));
+                }
+                Err(e) => tracing::warn!(error = %e, "budget store unavailable: admitting (fail open)"),
+            }
+        }
         let body_ref: &[u8] = &body;
-        let target = self.model_rewrite.clone().unwrap_or_else(|| req.model.clone());
         let labels = Some((req.model.clone(), target.clone()));
         let snapshot = self.p.reader.load();
         let candidates = self.candidates(&snapshot);
@@ -583,9 +625,13 @@ impl Exchange {
         m.running_requests.with_label_values(&[&req.model]).inc();
 
         self.request_stream = req.stream;
+        let fallback = self.budget.as_ref().and_then(|(_, a)| a.fallback.clone());
         if target != req.model {
             body = replace_model(&body, req.model_span.clone(), &target);
             changed = true;
+        }
+        // A fallback is reported (x-gateway-model-fallback), not hidden: only rewrites are restored.
+        if target != req.model && fallback.is_none() {
             let patterns = model_patterns(&target, &req.model);
             match self.response.restorer.as_mut() {
                 Some(r) => r.extend(patterns),
@@ -630,6 +676,11 @@ impl Exchange {
             .with_label_values(&[&model, &target, e.code()])
             .inc();
         debug!(error = %e, status = e.http_status(), "request answered by the EPP");
+        if let Some((budget, a)) = self.budget.take() {
+            self.p.tasks.spawn(async move {
+                let _ = budget.settle(&a, 0).await; // nothing was served: give the tokens back
+            });
+        }
         out.push(e.to_response());
         Flow::Close
     }
@@ -674,6 +725,12 @@ impl Exchange {
         let mut headers = vec![set_header(WENT_INTO_RESP_HEADERS, b"true")];
         if let Some(text) = self.explanation.take() {
             headers.push(set_header(DECISION_EXPLANATION, text.as_bytes()));
+        }
+        if let Some((_, a)) = &self.budget {
+            headers.extend(ratelimit_headers(a.limit, a.remaining, a.window.remaining_ms));
+            if let Some(f) = &a.fallback {
+                headers.push(set_header(MODEL_FALLBACK, f.as_bytes()));
+            }
         }
         out.push(response_headers_answer(common_with_headers(headers, false)));
         if h.end_of_stream {
@@ -728,6 +785,18 @@ impl Exchange {
             usage_from_json(&self.response.json)
         };
         self.response.json = Vec::new();
+        if let Some((budget, a)) = self.budget.take() {
+            // Settle with the actual usage; without usage (a stream cut short, a client that did
+            // not ask for it) the reservation stands.
+            if let Some(u) = usage {
+                let actual = u.total_tokens.max(u.prompt_tokens + u.completion_tokens);
+                self.p.tasks.spawn(async move {
+                    if let Err(e) = budget.settle(&a, actual).await {
+                        tracing::warn!(error = %e, "budget settlement failed");
+                    }
+                });
+            }
+        }
         let Some(routed) = self.routed.as_ref() else {
             return;
         };
@@ -781,6 +850,22 @@ impl Drop for Exchange {
         // Client cancel, Envoy reset or an unfinished response: the cleanup still runs, once.
         self.release();
     }
+}
+
+/// OpenAI-style rate-limit headers for the tightest budget layer.
+fn ratelimit_headers(
+    limit: u64,
+    remaining: u64,
+    reset_ms: u64,
+) -> [envoy_types::pb::envoy::config::core::v3::HeaderValueOption; 3] {
+    [
+        set_header(RATELIMIT_LIMIT_TOKENS, limit.to_string().as_bytes()),
+        set_header(RATELIMIT_REMAINING_TOKENS, remaining.to_string().as_bytes()),
+        set_header(
+            RATELIMIT_RESET_TOKENS,
+            crate::budget::reset_text(reset_ms).as_bytes(),
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -24,6 +24,14 @@ pub const WENT_INTO_RESP_HEADERS: &str = "x-went-into-resp-headers";
 pub const DEBUG_REQUEST: &str = "x-epp-debug";
 /// Response header carrying the decision explanation.
 pub const DECISION_EXPLANATION: &str = "x-epp-decision";
+/// Model used instead of the requested one when its budget is exhausted.
+pub const MODEL_FALLBACK: &str = "x-gateway-model-fallback";
+/// OpenAI-style token rate-limit headers.
+pub const RATELIMIT_LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
+/// Remaining tokens in the window.
+pub const RATELIMIT_REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
+/// Time until the window resets (`37s`).
+pub const RATELIMIT_RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
 /// Reason header on immediate responses (successor convention).
 pub const DROPPED_REASON: &str = "x-llm-d-request-dropped-reason";
 /// Largest body chunk sent back to Envoy in one `streamed_response`.

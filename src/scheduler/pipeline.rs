@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 use rand::RngCore;
 
 use super::{
-    admission::PromptGuard,
+    admission::{PromptGuard, TokenBudget},
     plugin::{
         CycleState, DataProducer, ExtensionPoint, Needs, PluginTimer, PreRequest, SaturationDetector,
         SchedulingContext,
@@ -57,6 +57,7 @@ pub struct Scheduler {
     pub(crate) detector: Arc<dyn SaturationDetector>,
     pub(crate) objectives: HashMap<String, i32>,
     pub(crate) guards: Vec<Arc<PromptGuard>>,
+    pub(crate) budget: Option<Arc<TokenBudget>>,
 }
 
 impl Scheduler {
@@ -77,6 +78,11 @@ impl Scheduler {
     /// The configured prompt guards, in config order.
     pub fn guards(&self) -> &[Arc<PromptGuard>] {
         &self.guards
+    }
+
+    /// The configured token budget, if any.
+    pub fn budget(&self) -> Option<&Arc<TokenBudget>> {
+        self.budget.as_ref()
     }
 
     /// Entries and heap bytes of the prefix index, when one is configured.

@@ -11,7 +11,7 @@ use std::{collections::HashMap, sync::Arc};
 use serde::Deserialize;
 
 use super::{
-    admission::PromptGuard,
+    admission::{PromptGuard, TokenBudget},
     filters::{
         DecisionTreeFilter, LeastKvCacheFilter, LeastQueueFilter, LoraAffinityFilter, LowQueueFilter,
         PrefixAffinityFilter,
@@ -30,7 +30,7 @@ use super::{
 use crate::config::{ConfigError, ConfigIssue, EndpointPickerConfig, PluginSpec};
 
 /// Plugin types accepted in `plugins[].type`.
-pub const PLUGIN_TYPES: [&str; 29] = [
+pub const PLUGIN_TYPES: [&str; 30] = [
     "queue-scorer",
     "running-requests-size-scorer",
     "kv-cache-utilization-scorer",
@@ -54,6 +54,7 @@ pub const PLUGIN_TYPES: [&str; 29] = [
     "prefix-cache-affinity-filter",
     "inference-objectives",
     "prompt-guard",
+    "token-budget",
     "openai-parser",
     "metrics-data-source",
     "core-metrics-extractor",
@@ -75,6 +76,7 @@ struct Roles {
     detector: Option<Arc<dyn SaturationDetector>>,
     objectives: Vec<(String, i32)>,
     guard: Option<Arc<PromptGuard>>,
+    budget: Option<Arc<TokenBudget>>,
 }
 
 fn kind_of(plugin_type: &str) -> Option<&'static str> {
@@ -192,6 +194,7 @@ fn build_plugin(spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
             let p: ObjectivesParams = decode_params(spec)?;
             r.objectives = p.objectives.into_iter().map(|o| (o.name, o.priority)).collect();
         }
+        "token-budget" => r.budget = Some(Arc::new(TokenBudget::from_config(name, spec)?)),
         "prompt-guard" => r.guard = Some(Arc::new(PromptGuard::from_config(name, spec)?)),
         "single-profile-handler" | "openai-parser" => no_params(spec)?,
         // Built in phase two (they refer to other filters), or consumed by other stages.
@@ -455,5 +458,6 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
         detector,
         objectives,
         guards: roles.iter().filter_map(|r| r.guard.clone()).collect(),
+        budget: roles.iter().find_map(|r| r.budget.clone()),
     })
 }

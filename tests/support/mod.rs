@@ -299,6 +299,7 @@ impl TestServer {
             clock: Arc::new(MonotonicClock::new()),
             disable_subset_filter: false,
             explain_decisions: true,
+            tasks: TaskTracker::new(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -1,0 +1,10 @@
+//! Token budgets: per tenant and per model, reserved on arrival and settled with the actual usage.
+//!
+//! - [`policy`]: the budget as data, windows and estimates (pure).
+//! - [`store`]: the [`BudgetStore`](store::BudgetStore) trait and the in-memory store.
+
+pub mod policy;
+pub mod store;
+
+pub use policy::{BudgetPolicy, Layer, ModelBudget, TenantBudget, Window, reset_text};
+pub use store::{BudgetStore, MemoryStore, Reservation, StoreError};

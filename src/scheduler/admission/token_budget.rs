@@ -1,0 +1,394 @@
+//! `token-budget`: the admission adapter over [`crate::budget`].
+//!
+//! ```yaml
+//! - type: token-budget
+//!   parameters:
+//!     tenantHeader: x-gateway-inference-fairness-id   # default
+//!     window: 60s
+//!     tenants:
+//!       team-a:
+//!         tokens: 500000
+//!         models:
+//!           gpt-4o: {tokens: 10000, fallbackModel: llama-3-8b}
+//!     defaultTenant: {tokens: 100000}                 # absent = unlimited
+//!     defaultOutputTokens: 256                        # output estimate without max_tokens
+//!     store: {memory: {}}
+//! ```
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde::Deserialize;
+
+use crate::{
+    budget::{BudgetPolicy, BudgetStore, Layer, MemoryStore, ModelBudget, Reservation, TenantBudget, Window},
+    config::{ConfigIssue, PluginSpec, decode_plugin_params, parse_duration},
+    scheduler::plugin::PluginName,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Params {
+    #[serde(default = "default_header")]
+    tenant_header: String,
+    #[serde(default = "default_window")]
+    window: String,
+    #[serde(default)]
+    tenants: HashMap<String, TenantParams>,
+    default_tenant: Option<TenantParams>,
+    #[serde(default = "default_output")]
+    default_output_tokens: u64,
+    store: Option<StoreParams>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            tenant_header: default_header(),
+            window: default_window(),
+            tenants: HashMap::new(),
+            default_tenant: None,
+            default_output_tokens: default_output(),
+            store: None,
+        }
+    }
+}
+
+fn default_header() -> String {
+    "x-gateway-inference-fairness-id".into()
+}
+fn default_window() -> String {
+    "60s".into()
+}
+fn default_output() -> u64 {
+    256
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantParams {
+    tokens: Option<u64>,
+    #[serde(default)]
+    models: HashMap<String, ModelParams>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ModelParams {
+    tokens: u64,
+    fallback_model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreParams {
+    memory: Option<serde_yaml_ng::Value>,
+    redis: Option<serde_yaml_ng::Value>,
+}
+
+fn tenant(p: TenantParams) -> TenantBudget {
+    TenantBudget {
+        tokens: p.tokens,
+        models: p
+            .models
+            .into_iter()
+            .map(|(k, m)| {
+                (
+                    k,
+                    ModelBudget {
+                        tokens: m.tokens,
+                        fallback_model: m.fallback_model,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The outcome of budget admission for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetDecision {
+    /// No budget applies to this tenant and model.
+    Unlimited,
+    /// Reserved; settle later with these layers and window.
+    Admitted(Admitted),
+    /// Over budget on one layer.
+    Rejected(Rejection),
+}
+
+/// A successful reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// Layers charged.
+    pub layers: Vec<Layer>,
+    /// Window charged.
+    pub window: Window,
+    /// Tokens reserved.
+    pub reserved: u64,
+    /// Limit of the tightest layer.
+    pub limit: u64,
+    /// Remaining tokens on the tightest layer.
+    pub remaining: u64,
+    /// The model actually used when the requested one was exhausted.
+    pub fallback: Option<String>,
+}
+
+/// Why a request does not fit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Who pays.
+    pub tenant: String,
+    /// Which model (or `None` for the tenant-wide layer).
+    pub model: Option<String>,
+    /// The layer's limit.
+    pub limit: u64,
+    /// Tokens used in the window.
+    pub used: u64,
+    /// Tokens the request needed.
+    pub requested: u64,
+    /// Window length in seconds, for the message.
+    pub window_secs: u64,
+    /// Milliseconds until the window resets.
+    pub retry_after_ms: u64,
+}
+
+impl Rejection {
+    /// The client-facing message.
+    pub fn message(&self) -> String {
+        let on = self
+            .model
+            .as_deref()
+            .map(|m| format!(" on model {m}"))
+            .unwrap_or_default();
+        format!(
+            "Token budget exceeded for tenant {}{on}: limit {} per {}s, used {}, requested {}. Try again in {}s.",
+            self.tenant,
+            self.limit,
+            self.window_secs,
+            self.used,
+            self.requested,
+            self.retry_after_ms.div_ceil(1000)
+        )
+    }
+}
+
+/// A configured token budget.
+pub struct TokenBudget {
+    /// Identity.
+    pub name: PluginName,
+    /// The budget policy.
+    pub policy: BudgetPolicy,
+    store: Arc<dyn BudgetStore>,
+}
+
+impl TokenBudget {
+    /// Build from a config entry.
+    ///
+    /// # Errors
+    /// Unknown fields, a bad window, or an unsupported store.
+    pub fn from_config(name: PluginName, spec: &PluginSpec) -> Result<Self, ConfigIssue> {
+        let p: Params = decode_plugin_params(spec)?;
+        let at = |field: &str, reason: String| ConfigIssue {
+            path: format!("{}.parameters.{field}", spec.path),
+            reason,
+        };
+        let window = parse_duration(&p.window).map_err(|e| at("window", e))?;
+        if window.is_zero() {
+            return Err(at("window", "must be > 0".into()));
+        }
+        if let Some(s) = &p.store {
+            if s.redis.is_some() {
+                return Err(at(
+                    "store.redis",
+                    "the Redis store is not available yet; use store: {memory: {}}".into(),
+                ));
+            }
+            if s.memory.is_none() {
+                return Err(at("store", "expected memory: {}".into()));
+            }
+        }
+        Ok(Self {
+            name,
+            policy: BudgetPolicy {
+                tenant_header: p.tenant_header.to_ascii_lowercase(),
+                window,
+                tenants: p.tenants.into_iter().map(|(k, t)| (k, tenant(t))).collect(),
+                default_tenant: p.default_tenant.map(tenant),
+                default_output_tokens: p.default_output_tokens,
+            },
+            store: Arc::new(MemoryStore::new()),
+        })
+    }
+
+    /// A budget over an explicit store (tests, the simulator, other backends).
+    pub fn with_store(name: PluginName, policy: BudgetPolicy, store: Arc<dyn BudgetStore>) -> Self {
+        Self { name, policy, store }
+    }
+
+    async fn try_model(
+        &self,
+        tenant: &str,
+        model: &str,
+        amount: u64,
+        window: Window,
+    ) -> Result<Result<Admitted, (usize, u64, Vec<Layer>)>, crate::budget::StoreError> {
+        let layers = self.policy.layers(tenant, model);
+        if layers.is_empty() {
+            return Ok(Ok(Admitted {
+                layers,
+                window,
+                reserved: 0,
+                limit: 0,
+                remaining: 0,
+                fallback: None,
+            }));
+        }
+        match self.store.reserve(&layers, amount, window).await? {
+            Reservation::Admitted { remaining } => {
+                let (i, rem) = remaining
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, r)| **r)
+                    .map(|(i, r)| (i, *r))
+                    .unwrap_or((0, 0));
+                let limit = layers.get(i).map_or(0, |l| l.limit);
+                Ok(Ok(Admitted {
+                    layers,
+                    window,
+                    reserved: amount,
+                    limit,
+                    remaining: rem,
+                    fallback: None,
+                }))
+            }
+            Reservation::Rejected { layer, used } => Ok(Err((layer, used, layers))),
+        }
+    }
+
+    /// Reserve `amount` tokens for `tenant` on `model` at `now_ms` (wall clock, so replicas
+    /// agree on windows), falling back to the model's `fallbackModel` when only the model layer
+    /// is exhausted.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn admit(
+        &self,
+        tenant: &str,
+        model: &str,
+        amount: u64,
+        now_ms: u64,
+    ) -> Result<BudgetDecision, crate::budget::StoreError> {
+        let window = self.policy.window_at(now_ms);
+        if self.policy.layers(tenant, model).is_empty() {
+            return Ok(BudgetDecision::Unlimited);
+        }
+        let (layer, used, layers) = match self.try_model(tenant, model, amount, window).await? {
+            Ok(a) => return Ok(BudgetDecision::Admitted(a)),
+            Err(r) => r,
+        };
+        let model_layer = layers[layer].key.starts_with("m:");
+        if model_layer && let Some(fallback) = self.policy.fallback(tenant, model) {
+            if let Ok(mut a) = self.try_model(tenant, fallback, amount, window).await? {
+                a.fallback = Some(fallback.to_owned());
+                return Ok(BudgetDecision::Admitted(a));
+            }
+        }
+        Ok(BudgetDecision::Rejected(Rejection {
+            tenant: tenant.to_owned(),
+            model: model_layer.then(|| model.to_owned()),
+            limit: layers[layer].limit,
+            used,
+            requested: amount,
+            window_secs: self.policy.window.as_secs(),
+            retry_after_ms: window.remaining_ms,
+        }))
+    }
+
+    /// Replace a reservation by the actual usage.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn settle(&self, a: &Admitted, actual: u64) -> Result<(), crate::budget::StoreError> {
+        if a.layers.is_empty() {
+            return Ok(());
+        }
+        self.store.settle(&a.layers, a.window, a.reserved, actual).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(params: &str) -> TokenBudget {
+        let spec = PluginSpec {
+            name: "b".into(),
+            plugin_type: "token-budget".into(),
+            parameters: serde_yaml_ng::from_str(params).unwrap(),
+            path: "plugins[0]".into(),
+        };
+        TokenBudget::from_config(
+            PluginName {
+                kind: "token-budget",
+                name: "b".into(),
+            },
+            &spec,
+        )
+        .unwrap()
+    }
+
+    const PARAMS: &str = "window: 60s\ntenants:\n  team-a:\n    tokens: 1000\n    models:\n      gpt-4o: {tokens: 100, fallbackModel: llama}\n      llama: {tokens: 500}\n";
+
+    #[tokio::test]
+    async fn reserve_reject_fallback_and_window_reset() {
+        let b = budget(PARAMS);
+        let BudgetDecision::Admitted(a) = b.admit("team-a", "gpt-4o", 80, 0).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!((a.limit, a.remaining, a.fallback.as_deref()), (100, 20, None));
+        // gpt-4o is exhausted: the fallback model takes the request.
+        let BudgetDecision::Admitted(f) = b.admit("team-a", "gpt-4o", 80, 1).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.fallback.as_deref(), Some("llama"));
+        assert_eq!(f.remaining, 420);
+        // Unknown tenants are unlimited without a default tenant.
+        assert_eq!(
+            b.admit("other", "gpt-4o", 1_000_000, 2).await.unwrap(),
+            BudgetDecision::Unlimited
+        );
+        // The tenant layer rejects with no fallback possible.
+        let BudgetDecision::Rejected(r) = b.admit("team-a", "llama", 900, 30_000).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (r.model.clone(), r.limit, r.used, r.requested, r.retry_after_ms),
+            (None, 1000, 160, 900, 30_000)
+        );
+        assert_eq!(
+            r.message(),
+            "Token budget exceeded for tenant team-a: limit 1000 per 60s, used 160, requested 900. Try again in 30s."
+        );
+        // A new window re-admits.
+        assert!(matches!(
+            b.admit("team-a", "llama", 450, 59_999).await.unwrap(),
+            BudgetDecision::Rejected(_)
+        ));
+        assert!(matches!(
+            b.admit("team-a", "llama", 450, 60_000).await.unwrap(),
+            BudgetDecision::Admitted(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn settle_uses_actual_usage() {
+        let b = budget(PARAMS);
+        let BudgetDecision::Admitted(a) = b.admit("team-a", "gpt-4o", 90, 0).await.unwrap() else {
+            panic!()
+        };
+        b.settle(&a, 10).await.unwrap();
+        assert!(matches!(
+            b.admit("team-a", "gpt-4o", 90, 1).await.unwrap(),
+            BudgetDecision::Admitted(Admitted { fallback: None, .. })
+        ));
+    }
+}
