@@ -286,11 +286,12 @@ impl TokenBudget {
             Err(r) => r,
         };
         let model_layer = layers[layer].key.starts_with("m:");
-        if model_layer && let Some(fallback) = self.policy.fallback(tenant, model) {
-            if let Ok(mut a) = self.try_model(tenant, fallback, amount, window).await? {
-                a.fallback = Some(fallback.to_owned());
-                return Ok(BudgetDecision::Admitted(a));
-            }
+        if model_layer
+            && let Some(fallback) = self.policy.fallback(tenant, model)
+            && let Ok(mut a) = self.try_model(tenant, fallback, amount, window).await?
+        {
+            a.fallback = Some(fallback.to_owned());
+            return Ok(BudgetDecision::Admitted(a));
         }
         Ok(BudgetDecision::Rejected(Rejection {
             tenant: tenant.to_owned(),
