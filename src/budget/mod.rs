@@ -4,7 +4,9 @@
 //! - [`store`]: the [`BudgetStore`](store::BudgetStore) trait and the in-memory store.
 
 pub mod policy;
+pub mod redis;
 pub mod store;
 
 pub use policy::{BudgetPolicy, Layer, ModelBudget, TenantBudget, Window, reset_text};
+pub use redis::RedisStore;
 pub use store::{BudgetStore, MemoryStore, Reservation, StoreError};

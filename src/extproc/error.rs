@@ -33,6 +33,9 @@ pub enum EppError {
     /// The scheduler could not place the request (filters removed every endpoint).
     #[error("{0}")]
     Scheduling(SchedulingError),
+    /// The budget store is unreachable and the budget fails closed.
+    #[error("token budget store unavailable")]
+    BudgetStoreUnavailable,
     /// Over the token budget.
     #[error("{}", .0.message())]
     OverBudget(Rejection),
@@ -61,6 +64,7 @@ impl EppError {
             EppError::Internal(_) => 500,
             EppError::Guard { status, .. } => *status,
             EppError::OverBudget(_) => 429,
+            EppError::BudgetStoreUnavailable => 503,
         }
     }
 
@@ -89,6 +93,7 @@ impl EppError {
             EppError::Internal(_) => ("server_error", "internal_error"),
             EppError::Guard { .. } => ("invalid_request_error", "content_policy_violation"),
             EppError::OverBudget(_) => ("rate_limit_error", "rate_limit_exceeded"),
+            EppError::BudgetStoreUnavailable => ("server_error", "budget_store_unavailable"),
         }
     }
 

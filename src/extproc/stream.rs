@@ -458,12 +458,24 @@ impl Exchange {
         let mut placeholders = Placeholders::default();
         for g in guards {
             match g.check(req.api, &mut prompt, &mut placeholders) {
-                GuardOutcome::Pass | GuardOutcome::Masked => {}
+                GuardOutcome::Pass => {}
+                GuardOutcome::Masked => {
+                    self.p
+                        .metrics
+                        .guard_hits
+                        .with_label_values(&[&*g.name.name, "any", "mask"])
+                        .inc();
+                }
                 GuardOutcome::Reject {
                     status,
                     message,
                     rule,
                 } => {
+                    self.p
+                        .metrics
+                        .guard_hits
+                        .with_label_values(&[&*g.name.name, rule.as_str(), "reject"])
+                        .inc();
                     debug!(guard = %g.name.name, rule = %rule, "prompt rejected");
                     return Err(EppError::Guard { status, message });
                 }
@@ -516,19 +528,51 @@ impl Exchange {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             match budget.admit(&tenant, &req.model, amount, now_ms).await {
-                Ok(BudgetDecision::Unlimited) => {}
+                Ok(BudgetDecision::Unlimited) => {
+                    if budget.note_store_health(true) {
+                        tracing::info!("budget store reachable again");
+                    }
+                }
                 Ok(BudgetDecision::Admitted(a)) => {
+                    if budget.note_store_health(true) {
+                        tracing::info!("budget store reachable again");
+                    }
+                    let m = &self.p.metrics;
+                    let model = a.fallback.as_deref().unwrap_or(&req.model);
+                    m.budget_reserved
+                        .with_label_values(&[&tenant, model])
+                        .inc_by(a.reserved);
                     if let Some(f) = &a.fallback {
+                        m.budget_fallbacks
+                            .with_label_values(&[&tenant, &req.model, f])
+                            .inc();
                         debug!(tenant = %tenant, model = %req.model, fallback = %f, "budget fallback");
                         target = f.clone();
                     }
                     self.budget = Some((budget, a));
                 }
                 Ok(BudgetDecision::Rejected(r)) => {
+                    if budget.note_store_health(true) {
+                        tracing::info!("budget store reachable again");
+                    }
+                    self.p
+                        .metrics
+                        .budget_rejections
+                        .with_label_values(&[&tenant, &req.model])
+                        .inc();
                     let labels = Some((req.model.clone(), target.clone()));
                     return Err((EppError::OverBudget(r), labels));
                 }
-                Err(e) => tracing::warn!(error = %e, "budget store unavailable: admitting (fail open)"),
+                Err(e) => {
+                    self.p.metrics.budget_store_errors.inc();
+                    if budget.note_store_health(false) {
+                        tracing::warn!(error = %e, fail_open = budget.fail_open(), "budget store unavailable");
+                    }
+                    if !budget.fail_open() {
+                        let labels = Some((req.model.clone(), target.clone()));
+                        return Err((EppError::BudgetStoreUnavailable, labels));
+                    }
+                }
             }
         }
         let body_ref: &[u8] = &body;
@@ -790,6 +834,17 @@ impl Exchange {
             // not ask for it) the reservation stands.
             if let Some(u) = usage {
                 let actual = u.total_tokens.max(u.prompt_tokens + u.completion_tokens);
+                let tenant = self.tenant.as_deref().unwrap_or("default");
+                let model = a
+                    .fallback
+                    .clone()
+                    .or_else(|| self.routed.as_ref().map(|r| r.model.clone()))
+                    .unwrap_or_default();
+                self.p
+                    .metrics
+                    .budget_settled
+                    .with_label_values(&[tenant, &model])
+                    .inc_by(actual);
                 self.p.tasks.spawn(async move {
                     if let Err(e) = budget.settle(&a, actual).await {
                         tracing::warn!(error = %e, "budget settlement failed");

@@ -61,6 +61,18 @@ pub struct EppMetrics {
     pub prefix_hit_bytes: Histogram,
     /// Score repairs by kind.
     pub score_repairs: IntCounterVec,
+    /// Budget tokens reserved.
+    pub budget_reserved: IntCounterVec,
+    /// Budget tokens settled.
+    pub budget_settled: IntCounterVec,
+    /// Budget rejections.
+    pub budget_rejections: IntCounterVec,
+    /// Budget fallbacks.
+    pub budget_fallbacks: IntCounterVec,
+    /// Budget store errors.
+    pub budget_store_errors: prometheus::IntCounter,
+    /// Guard hits.
+    pub guard_hits: IntCounterVec,
 }
 
 fn hist(
@@ -246,6 +258,36 @@ impl EppMetrics {
                         .collect(),
                 ),
             )?,
+            budget_reserved: IntCounterVec::new(
+                opts(BUDGET_RESERVED_TOKENS, "Tokens reserved by token budgets."),
+                &["tenant", "model_name"],
+            )?,
+            budget_settled: IntCounterVec::new(
+                opts(BUDGET_SETTLED_TOKENS, "Tokens settled from actual usage."),
+                &["tenant", "model_name"],
+            )?,
+            budget_rejections: IntCounterVec::new(
+                opts(BUDGET_REJECTIONS, "Requests refused by token budgets."),
+                &["tenant", "model_name"],
+            )?,
+            budget_fallbacks: IntCounterVec::new(
+                opts(
+                    BUDGET_FALLBACKS,
+                    "Requests sent to a fallback model by token budgets.",
+                ),
+                &["tenant", "model_name", "fallback_model"],
+            )?,
+            budget_store_errors: prometheus::IntCounter::with_opts(opts(
+                BUDGET_STORE_ERRORS,
+                "Token budget store failures.",
+            ))?,
+            guard_hits: IntCounterVec::new(
+                opts(
+                    GUARD_HITS,
+                    "Prompt guard hits by guard, rule and action (never the matched text).",
+                ),
+                &["guard", "rule", "action"],
+            )?,
             score_repairs: IntCounterVec::new(
                 opts(
                     SCORE_REPAIRS_TOTAL,
@@ -285,6 +327,12 @@ impl EppMetrics {
             Box::new(m.plugin_duration.clone()),
             Box::new(m.scrape_errors.clone()),
             Box::new(m.score_repairs.clone()),
+            Box::new(m.budget_reserved.clone()),
+            Box::new(m.budget_settled.clone()),
+            Box::new(m.budget_rejections.clone()),
+            Box::new(m.budget_fallbacks.clone()),
+            Box::new(m.budget_store_errors.clone()),
+            Box::new(m.guard_hits.clone()),
             Box::new(m.scrape_duration.clone()),
             Box::new(m.prefix_indexer_size.clone()),
             Box::new(m.prefix_indexer_bytes.clone()),

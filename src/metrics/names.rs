@@ -49,6 +49,18 @@ pub const PREFIX_INDEXER_HIT_BYTES: &str = "inference_extension_prefix_indexer_h
 pub const PREFIX_INDEXER_BYTES: &str = "inference_extension_prefix_indexer_bytes";
 /// Duration of model-server scrapes (extra).
 pub const SCRAPE_DURATION_SECONDS: &str = "inference_extension_model_server_scrape_duration_seconds";
+/// Tokens reserved by the token budget, by tenant and model.
+pub const BUDGET_RESERVED_TOKENS: &str = "inference_extension_budget_reserved_tokens_total";
+/// Tokens settled from actual usage, by tenant and model.
+pub const BUDGET_SETTLED_TOKENS: &str = "inference_extension_budget_settled_tokens_total";
+/// Requests refused by the token budget.
+pub const BUDGET_REJECTIONS: &str = "inference_extension_budget_rejections_total";
+/// Requests sent to a fallback model.
+pub const BUDGET_FALLBACKS: &str = "inference_extension_budget_fallbacks_total";
+/// Budget store failures.
+pub const BUDGET_STORE_ERRORS: &str = "inference_extension_budget_store_errors_total";
+/// Requests refused or masked by prompt guards, by guard, rule and action.
+pub const GUARD_HITS: &str = "inference_extension_prompt_guard_hits_total";
 /// Scrapes of model-server metrics that failed (extra), by reason.
 pub const SCRAPE_ERRORS_TOTAL: &str = "inference_extension_model_server_scrape_errors_total";
 /// Scheduler scores repaired by the framework (extra), by kind.

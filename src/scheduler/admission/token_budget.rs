@@ -15,12 +15,21 @@
 //!     store: {memory: {}}
 //! ```
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use serde::Deserialize;
 
 use crate::{
-    budget::{BudgetPolicy, BudgetStore, Layer, MemoryStore, ModelBudget, Reservation, TenantBudget, Window},
+    budget::{
+        BudgetPolicy, BudgetStore, Layer, MemoryStore, ModelBudget, RedisStore, Reservation, TenantBudget,
+        Window,
+    },
     config::{ConfigIssue, PluginSpec, decode_plugin_params, parse_duration},
     scheduler::plugin::PluginName,
 };
@@ -82,7 +91,21 @@ struct ModelParams {
 #[serde(deny_unknown_fields)]
 struct StoreParams {
     memory: Option<serde_yaml_ng::Value>,
-    redis: Option<serde_yaml_ng::Value>,
+    redis: Option<RedisParams>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RedisParams {
+    url: String,
+    #[serde(default = "fail_open_default")]
+    fail_open: bool,
+    /// Per-call timeout (Go duration), default 100ms.
+    timeout: Option<String>,
+}
+
+fn fail_open_default() -> bool {
+    true
 }
 
 fn tenant(p: TenantParams) -> TenantBudget {
@@ -178,6 +201,8 @@ pub struct TokenBudget {
     /// The budget policy.
     pub policy: BudgetPolicy,
     store: Arc<dyn BudgetStore>,
+    fail_open: bool,
+    outage: AtomicBool,
 }
 
 impl TokenBudget {
@@ -195,17 +220,26 @@ impl TokenBudget {
         if window.is_zero() {
             return Err(at("window", "must be > 0".into()));
         }
-        if let Some(s) = &p.store {
-            if s.redis.is_some() {
-                return Err(at(
-                    "store.redis",
-                    "the Redis store is not available yet; use store: {memory: {}}".into(),
-                ));
+        let (store, fail_open): (Arc<dyn BudgetStore>, bool) = match &p.store {
+            Some(StoreParams {
+                redis: Some(r),
+                memory: None,
+            }) => {
+                let timeout = match &r.timeout {
+                    Some(t) => parse_duration(t).map_err(|e| at("store.redis.timeout", e))?,
+                    None => std::time::Duration::from_millis(100),
+                };
+                let store =
+                    RedisStore::new(&r.url, window, timeout).map_err(|e| at("store.redis.url", e.reason))?;
+                (Arc::new(store), r.fail_open)
             }
-            if s.memory.is_none() {
-                return Err(at("store", "expected memory: {}".into()));
-            }
-        }
+            Some(StoreParams {
+                memory: Some(_),
+                redis: None,
+            })
+            | None => (Arc::new(MemoryStore::new()), true),
+            Some(_) => return Err(at("store", "exactly one of memory and redis".into())),
+        };
         Ok(Self {
             name,
             policy: BudgetPolicy {
@@ -215,13 +249,37 @@ impl TokenBudget {
                 default_tenant: p.default_tenant.map(tenant),
                 default_output_tokens: p.default_output_tokens,
             },
-            store: Arc::new(MemoryStore::new()),
+            store,
+            fail_open,
+            outage: AtomicBool::new(false),
         })
     }
 
     /// A budget over an explicit store (tests, the simulator, other backends).
-    pub fn with_store(name: PluginName, policy: BudgetPolicy, store: Arc<dyn BudgetStore>) -> Self {
-        Self { name, policy, store }
+    pub fn with_store(
+        name: PluginName,
+        policy: BudgetPolicy,
+        store: Arc<dyn BudgetStore>,
+        fail_open: bool,
+    ) -> Self {
+        Self {
+            name,
+            policy,
+            store,
+            fail_open,
+            outage: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether requests are admitted while the store is unreachable.
+    pub fn fail_open(&self) -> bool {
+        self.fail_open
+    }
+
+    /// Record the store's health; returns true when this call starts or ends an outage (log it
+    /// once, not per request).
+    pub fn note_store_health(&self, healthy: bool) -> bool {
+        self.outage.swap(!healthy, Ordering::Relaxed) == healthy
     }
 
     async fn try_model(
