@@ -732,3 +732,69 @@ async fn prompt_guard_masks_upstream_and_restores_for_the_client() {
         "data: {\"choices\":[{\"delta\":{\"content\":\"Charged 4111 1111 1111 1111 and wrote to jane@corp.com.\"}}]}\n\n"
     );
 }
+
+#[tokio::test]
+async fn streaming_budget_asks_for_usage_and_hides_the_extra_event() {
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: token-budget
+  parameters:
+    tenants:
+      team-a: {tokens: 100000}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(pods(), Some(config)).await;
+    let body = br#"{"model":"m","prompt":"hi","stream":true,"max_tokens":5}"#;
+    let events = b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n";
+    let answers = server
+        .exchange(vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-request-id", "r"),
+                    ("x-gateway-inference-fairness-id", "team-a"),
+                ],
+                false,
+            ),
+            req_body(body, true),
+            resp_headers(
+                &[(":status", "200"), ("content-type", "text/event-stream")],
+                false,
+            ),
+            resp_body(events, true),
+        ])
+        .await;
+    let Answer::RequestChunk { body: upstream, .. } = &answers[1] else {
+        panic!("{answers:?}")
+    };
+    assert_eq!(
+        String::from_utf8(upstream.clone()).unwrap(),
+        r#"{"stream_options":{"include_usage":true},"model":"m","prompt":"hi","stream":true,"max_tokens":5}"#
+    );
+    let Answer::ResponseHeaders { set } = &answers[2] else {
+        panic!("{answers:?}")
+    };
+    assert!(
+        set.iter()
+            .any(|(k, v)| k == "x-ratelimit-limit-tokens" && v == "100000"),
+        "{set:?}"
+    );
+    assert_eq!(
+        answers[3],
+        Answer::ResponseChunk {
+            body: b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\ndata: [DONE]\n\n".to_vec(),
+            eos: true
+        }
+    );
+    let text = server.metrics.render();
+    assert!(
+        text.contains(r#"inference_extension_budget_settled_tokens_total{model_name="m",tenant="team-a"} 4"#),
+        "{text}"
+    );
+}

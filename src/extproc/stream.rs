@@ -41,8 +41,8 @@ use crate::{
     datastore::{EndpointId, EndpointLive, Snapshot},
     guard::Placeholders,
     parser::{
-        LlmRequest, SseUsageScanner, StreamReplacer, Usage, model_patterns, parse_request, replace_model,
-        usage_from_json,
+        LlmRequest, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter, inject_include_usage,
+        model_patterns, parse_request, replace_model, usage_from_json,
     },
     scheduler::admission::{Admitted, BudgetDecision, GuardOutcome, TokenBudget},
     scheduler::{Decision, SchedulingContext, SchedulingError, Scratch},
@@ -99,6 +99,8 @@ struct ResponseState {
     json_overflow: bool,
     bytes: u64,
     finished: bool,
+    /// Drop the usage-only SSE event the EPP asked for on the client's behalf.
+    strip_usage: Option<UsageEventFilter>,
 }
 
 /// State of one exchange.
@@ -674,6 +676,19 @@ impl Exchange {
             body = replace_model(&body, req.model_span.clone(), &target);
             changed = true;
         }
+        // Spans are not used past this point: inserting into the body is safe.
+        // Budgets settle from usage: a streaming client that did not ask for it gets it asked for
+        // on its behalf, and the extra usage-only event is removed from what it sees.
+        let reserved = self.budget.as_ref().is_some_and(|(_, a)| !a.layers.is_empty());
+        if reserved
+            && req.stream
+            && !req.has_stream_options
+            && let Some(injected) = inject_include_usage(&body)
+        {
+            body = injected;
+            changed = true;
+            self.response.strip_usage = Some(UsageEventFilter::default());
+        }
         // A fallback is reported (x-gateway-model-fallback), not hidden: only rewrites are restored.
         if target != req.model && fallback.is_none() {
             let patterns = model_patterns(&target, &req.model);
@@ -796,7 +811,12 @@ impl Exchange {
                 r.json.extend_from_slice(&b.body);
             }
         }
-        let restored = r.restorer.as_mut().map(|x| x.feed(&b.body, eos));
+        let filtered = r.strip_usage.as_mut().map(|f| f.feed(&b.body, eos));
+        let visible: &[u8] = filtered.as_deref().unwrap_or(&b.body);
+        let restored = match r.restorer.as_mut() {
+            Some(x) => Some(x.feed(visible, eos)),
+            None => filtered,
+        };
         match self.response_mode {
             BodyMode::FullDuplex => {
                 let data = restored.as_deref().unwrap_or(&b.body);

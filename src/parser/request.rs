@@ -58,6 +58,8 @@ pub struct LlmRequest {
     pub stream: bool,
     /// `stream_options.include_usage` is `true`.
     pub include_usage: bool,
+    /// The body has a `stream_options` member at all.
+    pub has_stream_options: bool,
     /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is set first.
     pub max_output_tokens: Option<u64>,
     /// `cache_salt`, which isolates prefix-cache sharing between tenants.
@@ -150,6 +152,7 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<LlmRequest, RequestError
         model_span,
         prompt_span: span_of(text, prompt.get()),
         stream: raw.stream.is_some_and(|v| v.get() == "true"),
+        has_stream_options: raw.stream_options.is_some(),
         include_usage: raw
             .stream_options
             .and_then(|o| o.include_usage)
