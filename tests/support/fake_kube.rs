@@ -22,6 +22,8 @@ struct Event {
     collection: String,
     kind: &'static str,
     object: Value,
+    /// The object before this event (None when it did not exist).
+    prev: Option<Value>,
     rv: u64,
 }
 
@@ -154,6 +156,7 @@ impl FakeKube {
         inner.rv += 1;
         object["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let prev = inner.objects.get(&(collection.to_owned(), name.clone())).cloned();
         if kind == "DELETED" {
             inner.objects.remove(&(collection.to_owned(), name));
         } else {
@@ -165,6 +168,7 @@ impl FakeKube {
             collection: collection.to_owned(),
             kind,
             object: object.clone(),
+            prev,
             rv: inner.rv,
         };
         inner.history.push(ev.clone());
@@ -295,19 +299,28 @@ async fn watch_stream(fake: FakeKube, collection: String, q: BTreeMap<String, St
             .filter(|e| e.rv > since && e.collection == collection)
             .cloned()
             .collect();
-        // Objects the watcher can see at its start: those matching now, minus what the replay
-        // will (re)introduce. Approximate but enough: the replay only adds on top.
-        let visible: std::collections::BTreeSet<String> = inner
+        // What the watcher saw at `since`: for objects the replay touches, whether their state
+        // before the first replayed event matched; for the others, whether they match now.
+        let mut visible: std::collections::BTreeSet<String> = inner
             .objects
             .iter()
             .filter(|((c, _), o)| *c == collection && matches(o, &q))
-            .filter(|((_, n), _)| {
-                !replay
-                    .iter()
-                    .any(|e| e.object["metadata"]["name"].as_str() == Some(n.as_str()))
-            })
             .map(|((_, n), _)| n.clone())
             .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for e in &replay {
+            let name = e.object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if seen.insert(name.clone()) {
+                if e.prev.as_ref().is_some_and(|p| matches(p, &q)) {
+                    visible.insert(name);
+                } else {
+                    visible.remove(&name);
+                }
+            }
+        }
         (replay, since != 0 && since < inner.gone_before, inner.rv, visible)
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
@@ -358,7 +371,7 @@ async fn watch_stream(fake: FakeKube, collection: String, q: BTreeMap<String, St
         loop {
             tokio::select! {
                 ev = live.recv() => match ev {
-                    Ok(e) if e.collection == collection && e.rv > since => {
+                    Ok(e) if e.collection == collection && e.rv > rv => {
                         if let Some(kind) = translate(&e) {
                             if tx.send(Ok(line(kind, &e.object))).await.is_err() {
                                 return;
