@@ -798,3 +798,69 @@ schedulingProfiles:
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn response_guard_masks_model_output_in_json_and_sse() {
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: prompt-guard
+  parameters:
+    response:
+      regex: {builtins: [CREDIT_CARD]}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(pods(), Some(config)).await;
+    let json =
+        br#"{"choices":[{"message":{"role":"assistant","content":"use 4111 1111 1111 1111"}}],"model":"m"}"#;
+    let (a, b) = json.split_at(50);
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/chat/completions"), ("x-request-id", "r")], false),
+            req_body(
+                br#"{"model":"m","messages":[{"role":"user","content":"card?"}]}"#,
+                true,
+            ),
+            resp_headers(&[(":status", "200"), ("content-type", "application/json")], false),
+            resp_body(a, false),
+            resp_body(b, true),
+        ])
+        .await;
+    // Nothing is released before the end (a JSON body is masked whole), then the masked body.
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    let Answer::ResponseChunk { body, eos: true } = &answers[3] else {
+        panic!("{answers:?}")
+    };
+    assert_eq!(
+        String::from_utf8(body.clone()).unwrap(),
+        r#"{"choices":[{"message":{"content":"use [CREDIT_CARD]","role":"assistant"}}],"model":"m"}"#
+    );
+
+    let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"4111111111111111\"}}]}\n\ndata: [DONE]\n\n";
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/chat/completions"), ("x-request-id", "r")], false),
+            req_body(
+                br#"{"model":"m","messages":[{"role":"user","content":"card?"}],"stream":true}"#,
+                true,
+            ),
+            resp_headers(
+                &[(":status", "200"), ("content-type", "text/event-stream")],
+                false,
+            ),
+            resp_body(sse, true),
+        ])
+        .await;
+    let Answer::ResponseChunk { body, .. } = &answers[3] else {
+        panic!("{answers:?}")
+    };
+    assert_eq!(
+        String::from_utf8(body.clone()).unwrap(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"[CREDIT_CARD]\"}}]}\n\ndata: [DONE]\n\n"
+    );
+}

@@ -39,7 +39,10 @@ use super::{
 };
 use crate::{
     datastore::{EndpointId, EndpointLive, Snapshot},
-    guard::Placeholders,
+    guard::{
+        Placeholders,
+        response::{EventSplitter, mask_json_body, mask_sse_event},
+    },
     parser::{
         LlmRequest, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter, inject_include_usage,
         model_patterns, parse_request, replace_model, usage_from_json,
@@ -101,6 +104,47 @@ struct ResponseState {
     finished: bool,
     /// Drop the usage-only SSE event the EPP asked for on the client's behalf.
     strip_usage: Option<UsageEventFilter>,
+    /// Mask model output for response guards.
+    mask: Option<ResponseMask>,
+}
+
+/// Response guards at work: SSE events are masked one by one as they complete; a non-streaming
+/// body is held to its end (a JSON body can only be masked whole).
+struct ResponseMask {
+    guards: Vec<Arc<crate::scheduler::admission::PromptGuard>>,
+    events: EventSplitter,
+    held: Vec<u8>,
+}
+
+impl std::fmt::Debug for ResponseMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseMask")
+            .field("guards", &self.guards.len())
+            .finish()
+    }
+}
+
+impl ResponseMask {
+    fn feed(&mut self, data: &[u8], streaming: bool, eos: bool) -> Vec<u8> {
+        let sets: Vec<&crate::guard::PatternSet> =
+            self.guards.iter().filter_map(|g| g.response_patterns()).collect();
+        if streaming {
+            let mut out = Vec::with_capacity(data.len());
+            for ev in self.events.feed(data, eos) {
+                match mask_sse_event(&sets, &ev) {
+                    Some(m) => out.extend_from_slice(&m),
+                    None => out.extend_from_slice(&ev),
+                }
+            }
+            return out;
+        }
+        self.held.extend_from_slice(data);
+        if !eos {
+            return Vec::new();
+        }
+        let body = std::mem::take(&mut self.held);
+        mask_json_body(&sets, &body).unwrap_or(body)
+    }
 }
 
 /// State of one exchange.
@@ -577,6 +621,21 @@ impl Exchange {
                 }
             }
         }
+        let output_guards: Vec<_> = self
+            .p
+            .scheduler
+            .guards()
+            .iter()
+            .filter(|g| g.response_patterns().is_some())
+            .cloned()
+            .collect();
+        if !output_guards.is_empty() {
+            self.response.mask = Some(ResponseMask {
+                guards: output_guards,
+                events: EventSplitter::default(),
+                held: Vec::new(),
+            });
+        }
         let body_ref: &[u8] = &body;
         let labels = Some((req.model.clone(), target.clone()));
         let snapshot = self.p.reader.load();
@@ -817,11 +876,17 @@ impl Exchange {
             Some(x) => Some(x.feed(visible, eos)),
             None => filtered,
         };
+        let restored = match r.mask.as_mut() {
+            Some(mask) => Some(mask.feed(restored.as_deref().unwrap_or(&b.body), r.streaming, eos)),
+            None => restored,
+        };
         match self.response_mode {
             BodyMode::FullDuplex => {
                 let data = restored.as_deref().unwrap_or(&b.body);
-                if !data.is_empty() || eos {
-                    out.push(streamed_chunk(Direction::Response, data, eos));
+                if eos {
+                    push_streamed_body(out, Direction::Response, data, true);
+                } else if !data.is_empty() {
+                    out.push(streamed_chunk(Direction::Response, data, false));
                 }
             }
             _ => {

@@ -26,7 +26,13 @@ use crate::{
 #[serde(deny_unknown_fields)]
 struct Params {
     request: Option<RequestParams>,
-    response: Option<serde_yaml_ng::Value>,
+    response: Option<ResponseParams>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResponseParams {
+    regex: Option<RegexParams>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +102,7 @@ pub struct PromptGuard {
     /// Identity.
     pub name: PluginName,
     set: PatternSet,
+    response: Option<PatternSet>,
     action: GuardAction,
     status: u16,
     message: String,
@@ -113,36 +120,45 @@ impl PromptGuard {
             path: format!("{}.parameters.{field}", spec.path),
             reason,
         };
-        if p.response.is_some() {
-            return Err(at(
-                "response",
-                "response guards are not supported yet; remove the response section".into(),
-            ));
-        }
+        let compile = |regex: &RegexParams, side: &str| -> Result<PatternSet, ConfigIssue> {
+            let mut builtins = Vec::new();
+            for (i, b) in regex.builtins.iter().enumerate() {
+                builtins.push(Builtin::parse(b).ok_or_else(|| {
+                    at(
+                        &format!("{side}.regex.builtins[{i}]"),
+                        format!("unknown builtin {b:?}; expected SSN, CREDIT_CARD, EMAIL or PHONE_NUMBER"),
+                    )
+                })?);
+            }
+            let custom: Vec<(String, String)> = regex
+                .matches
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    (
+                        m.name.clone().unwrap_or_else(|| format!("match_{i}")),
+                        m.pattern.clone(),
+                    )
+                })
+                .collect();
+            PatternSet::new(&builtins, &custom)
+                .map_err(|e| at(&format!("{side}.regex.matches[{}].pattern", e.index), e.reason))
+        };
         let req = p.request.unwrap_or_default();
         let regex = req.regex.unwrap_or_default();
-        let mut builtins = Vec::new();
-        for (i, b) in regex.builtins.iter().enumerate() {
-            builtins.push(Builtin::parse(b).ok_or_else(|| {
-                at(
-                    &format!("request.regex.builtins[{i}]"),
-                    format!("unknown builtin {b:?}; expected SSN, CREDIT_CARD, EMAIL or PHONE_NUMBER"),
-                )
-            })?);
-        }
-        let custom: Vec<(String, String)> = regex
-            .matches
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                (
-                    m.name.clone().unwrap_or_else(|| format!("match_{i}")),
-                    m.pattern.clone(),
-                )
-            })
-            .collect();
-        let set = PatternSet::new(&builtins, &custom)
-            .map_err(|e| at(&format!("request.regex.matches[{}].pattern", e.index), e.reason))?;
+        let set = compile(&regex, "request")?;
+        let response = match p.response.and_then(|r| r.regex) {
+            Some(r) => {
+                if r.action.is_some() {
+                    return Err(at(
+                        "response.regex.action",
+                        "response matches are always masked".into(),
+                    ));
+                }
+                Some(compile(&r, "response")?)
+            }
+            None => None,
+        };
         let action = match regex.action.as_deref().unwrap_or("MASK") {
             "MASK" => GuardAction::Mask,
             "REJECT" => GuardAction::Reject,
@@ -164,10 +180,16 @@ impl PromptGuard {
         Ok(Self {
             name,
             set,
+            response,
             action,
             status,
             message: custom_response.message.unwrap_or_else(|| DEFAULT_MESSAGE.into()),
         })
+    }
+
+    /// The patterns masked in model output, if configured.
+    pub fn response_patterns(&self) -> Option<&PatternSet> {
+        self.response.as_ref().filter(|s| !s.is_empty())
     }
 
     /// Apply the guard to the prompt field of an `api` request, masking in place when the action
@@ -294,10 +316,16 @@ mod tests {
             "plugins[0].parameters.request.customResponse.statusCode"
         );
         assert_eq!(
-            guard("response:\n  regex: {builtins: [EMAIL]}\n")
+            guard("response:\n  regex: {builtins: [PASSPORT]}\n")
                 .unwrap_err()
                 .path,
-            "plugins[0].parameters.response"
+            "plugins[0].parameters.response.regex.builtins[0]"
+        );
+        assert!(
+            guard("response:\n  regex: {builtins: [EMAIL]}\n")
+                .unwrap()
+                .response_patterns()
+                .is_some()
         );
     }
 }
