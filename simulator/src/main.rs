@@ -51,6 +51,22 @@ enum Command {
         #[arg(long)]
         page: Option<String>,
     },
+    /// Drive a real `epp` process's ext_proc service over gRPC and report rps, decision latency,
+    /// CPU per request and peak RSS.
+    GrpcLoad {
+        /// Prompt size in tokens.
+        #[arg(long, default_value_t = 100_000)]
+        prompt_tokens: usize,
+        /// Concurrent streams.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Endpoints in the pool (each serves a full vLLM metrics page).
+        #[arg(long, default_value_t = 100)]
+        endpoints: usize,
+    },
     /// Serve a metrics page on N ports (used by scrape-cost as its separate server process).
     #[command(hide = true)]
     ServePages {
@@ -233,6 +249,32 @@ async fn main() -> anyhow::Result<()> {
                 cost.cores,
                 cost.cores / cost.scrapes_per_second.max(1e-9) * 1e6,
                 cost.errors
+            );
+        }
+        Command::GrpcLoad {
+            prompt_tokens,
+            concurrency,
+            seconds,
+            endpoints,
+        } => {
+            let cfg = epp_sim::grpc_load::GrpcLoad {
+                prompt_tokens,
+                concurrency,
+                duration: Duration::from_secs(seconds),
+                endpoints,
+            };
+            let r = epp_sim::grpc_load::run(cfg).await?;
+            println!(
+                "{prompt_tokens}-token chat prompts, {concurrency} streams, {endpoints} endpoints: {:.0} req/s, {:.2} EPP cores ({:.0} req/s per core), \
+                 {:.3} ms CPU/request, decision p50 {:.3} ms p99 {:.3} ms, peak RSS {:.1} MiB, {} errors",
+                r.rps,
+                r.cores,
+                r.rps / r.cores.max(1e-9),
+                r.cpu_per_request * 1e3,
+                r.decision_ms[0],
+                r.decision_ms[1],
+                r.peak_rss_mib,
+                r.errors
             );
         }
         Command::ServePages { count, page } => {

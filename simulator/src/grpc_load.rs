@@ -1,0 +1,287 @@
+//! Load on the EPP's ext_proc service straight over gRPC (no Envoy): many concurrent streams,
+//! each a full exchange (request headers, the body in 64 KiB chunks, the response), against a
+//! real `epp` process routing to N endpoints with live metrics. Reports requests per second,
+//! decision latency (last body byte sent → headers answer received), and the EPP process's CPU
+//! per request and peak RSS, read from `/proc/<pid>`.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use envoy_types::pb::envoy::{
+    config::core::v3::{HeaderMap, HeaderValue},
+    extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
+    service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProcessingRequest, ProtocolConfiguration,
+        external_processor_client::ExternalProcessorClient, processing_request::Request,
+        processing_response::Response,
+    },
+};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct GrpcLoad {
+    /// Prompt size in tokens (about four bytes each).
+    pub prompt_tokens: usize,
+    /// Concurrent streams.
+    pub concurrency: usize,
+    /// Measurement time.
+    pub duration: Duration,
+    /// Endpoints in the pool.
+    pub endpoints: usize,
+}
+
+/// What was measured.
+#[derive(Debug, Clone)]
+pub struct GrpcLoadReport {
+    /// Completed exchanges per second.
+    pub rps: f64,
+    /// Decision latency percentiles in milliseconds (p50, p99).
+    pub decision_ms: [f64; 2],
+    /// EPP CPU seconds per request.
+    pub cpu_per_request: f64,
+    /// EPP cores used.
+    pub cores: f64,
+    /// Peak RSS of the EPP, MiB.
+    pub peak_rss_mib: f64,
+    /// Failed exchanges.
+    pub errors: u64,
+}
+
+fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok((f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?) / 100.0)
+}
+
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmHWM")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+fn body(tokens: usize, i: usize) -> Vec<u8> {
+    let words = "the quick brown fox jumps over a lazy dog while ";
+    let mut content = format!("request {i}: ") + &words.repeat(tokens * 4 / words.len() + 1);
+    content.truncate(tokens * 4);
+    serde_json::to_vec(&serde_json::json!({
+        "model": "llama-3-8b",
+        "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": content}],
+        "max_tokens": 128, "stream": true
+    }))
+    .unwrap_or_default()
+}
+
+fn headers_msg() -> ProcessingRequest {
+    let h = |k: &str, v: &str| HeaderValue {
+        key: k.into(),
+        value: String::new(),
+        raw_value: v.as_bytes().to_vec(),
+    };
+    ProcessingRequest {
+        request: Some(Request::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    h(":path", "/v1/chat/completions"),
+                    h(":method", "POST"),
+                    h("x-request-id", "load"),
+                ],
+            }),
+            end_of_stream: false,
+            ..Default::default()
+        })),
+        protocol_config: Some(ProtocolConfiguration {
+            request_body_mode: BodySendMode::FullDuplexStreamed as i32,
+            response_body_mode: BodySendMode::FullDuplexStreamed as i32,
+            send_body_without_waiting_for_header_response: false,
+        }),
+        ..Default::default()
+    }
+}
+
+async fn one_exchange(
+    client: &mut ExternalProcessorClient<Channel>,
+    body: &[u8],
+) -> anyhow::Result<Duration> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut inbound = client
+        .process(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tx.send(headers_msg()).await?;
+    let chunks: Vec<&[u8]> = body.chunks(65_536).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        tx.send(ProcessingRequest {
+            request: Some(Request::RequestBody(HttpBody {
+                body: c.to_vec(),
+                end_of_stream: i + 1 == chunks.len(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let sent = Instant::now();
+    let first = inbound
+        .message()
+        .await?
+        .context("stream ended before the headers answer")?;
+    let decision = sent.elapsed();
+    if !matches!(first.response, Some(Response::RequestHeaders(_))) {
+        bail!("unexpected first answer");
+    }
+    // Drain the body echo.
+    let mut got = 0;
+    while got < body.len() {
+        match inbound
+            .message()
+            .await?
+            .context("stream ended during the body echo")?
+            .response
+        {
+            Some(Response::RequestBody(b)) => {
+                got += b.response.and_then(|c| c.body_mutation).and_then(|m| m.mutation).map_or(0, |m| match m {
+                    envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation::StreamedResponse(s) => s.body.len(),
+                    _ => 0,
+                });
+            }
+            _ => bail!("unexpected answer during the body echo"),
+        }
+    }
+    // A short streamed response closes the exchange.
+    tx.send(ProcessingRequest {
+        request: Some(Request::ResponseHeaders(HttpHeaders {
+            end_of_stream: false,
+            ..Default::default()
+        })),
+        ..Default::default()
+    })
+    .await?;
+    tx.send(ProcessingRequest {
+        request: Some(Request::ResponseBody(HttpBody {
+            body: b"data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\ndata: [DONE]\n\n".to_vec(),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    })
+    .await?;
+    drop(tx);
+    while inbound.message().await?.is_some() {}
+    Ok(decision)
+}
+
+/// Start `epp` (next to this binary) on a static pool and drive it.
+///
+/// # Errors
+/// When a process cannot start or the EPP does not answer.
+pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("binary dir")?;
+    let epp: PathBuf = dir.join("epp");
+    // Pages for the endpoints' metrics, from a separate process.
+    let mut pages = Command::new(&exe)
+        .args(["serve-pages", "--count", &cfg.endpoints.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(pages.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    let ports = line
+        .trim()
+        .strip_prefix("ports ")
+        .context("page server did not start")?
+        .to_owned();
+    let endpoints: Vec<String> = ports.split(',').map(|p| format!("127.0.0.1:{p}")).collect();
+    let grpc = crate::envoy::free_port()?;
+    let mut child: Child = Command::new(epp)
+        .args([
+            &format!("--endpoints={}", endpoints.join(",")),
+            &format!("--grpc-port={grpc}"),
+            &format!("--grpc-health-port={}", crate::envoy::free_port()?),
+            &format!("--metrics-port={}", crate::envoy::free_port()?),
+            "--secure-serving=false",
+            "--refresh-metrics-interval=50ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("the epp binary must be built next to epp-sim (cargo build --release --workspace)")?;
+    let pid = child.id();
+    let addr = SocketAddr::from(([127, 0, 0, 1], grpc));
+    let mut channel = None;
+    for _ in 0..100 {
+        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))?.connect().await {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = channel.context("epp did not listen within 5 s")?;
+    tokio::time::sleep(Duration::from_millis(500)).await; // first scrapes
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..64).map(|i| body(cfg.prompt_tokens, i)).collect());
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (cpu0, t0) = (proc_cpu_seconds(pid)?, Instant::now());
+    let deadline = t0 + cfg.duration;
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..cfg.concurrency {
+        let (bodies, latencies, errors) = (bodies.clone(), latencies.clone(), errors.clone());
+        let mut client = ExternalProcessorClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        workers.spawn(async move {
+            let mut i = w;
+            let mut local = Vec::new();
+            while Instant::now() < deadline {
+                match one_exchange(&mut client, &bodies[i % bodies.len()]).await {
+                    Ok(d) => local.push(d.as_secs_f64() * 1e3),
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                i += cfg.concurrency;
+            }
+            latencies.lock().await.extend(local);
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = proc_cpu_seconds(pid)? - cpu0;
+    let rss = peak_rss_mib(pid)?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = pages.kill();
+    let _ = pages.wait();
+    let mut l = latencies.lock().await.clone();
+    l.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        l.get(((p / 100.0) * (l.len().max(1) - 1) as f64).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let n = l.len() as f64;
+    Ok(GrpcLoadReport {
+        rps: n / wall,
+        decision_ms: [pct(50.0), pct(99.0)],
+        cpu_per_request: cpu / n.max(1.0),
+        cores: cpu / wall,
+        peak_rss_mib: rss,
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
