@@ -8,7 +8,10 @@ mod support;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-use epp::datastore::{Snapshot, testing::SnapshotBuilder};
+use epp::datastore::{
+    Snapshot,
+    testing::{SnapshotBuilder, hermetic_pods},
+};
 use support::*;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -30,20 +33,7 @@ schedulingProfiles:
 
 /// The hermetic pods: P0(q3, kv.2) P1(q0, kv.1) P2(q10, kv.2); queue+kv → P1, then P0.
 fn pods() -> Snapshot {
-    SnapshotBuilder::new()
-        .endpoint("192.168.1.1:8000", |m| {
-            m.waiting = 3;
-            m.kv_usage = Some(0.2);
-        })
-        .endpoint("192.168.1.2:8000", |m| {
-            m.waiting = 0;
-            m.kv_usage = Some(0.1);
-        })
-        .endpoint("192.168.1.3:8000", |m| {
-            m.waiting = 10;
-            m.kv_usage = Some(0.2);
-        })
-        .build()
+    hermetic_pods()
 }
 
 fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -69,3 +69,22 @@ impl SnapshotBuilder {
         Snapshot::new(self.endpoints, self.generation, Timestamp(0), true)
     }
 }
+
+/// The upstream hermetic test pods of "select lower queue and kv cache": at 192.168.1.{1,2,3}:8000
+/// with (queue, KV) = (3, 0.2), (0, 0.1), (10, 0.2). Queue + KV scoring picks the second.
+pub fn hermetic_pods() -> Snapshot {
+    SnapshotBuilder::new()
+        .endpoint("192.168.1.1:8000", |m| {
+            m.waiting = 3;
+            m.kv_usage = Some(0.2);
+        })
+        .endpoint("192.168.1.2:8000", |m| {
+            m.waiting = 0;
+            m.kv_usage = Some(0.1);
+        })
+        .endpoint("192.168.1.3:8000", |m| {
+            m.waiting = 10;
+            m.kv_usage = Some(0.2);
+        })
+        .build()
+}

@@ -6,7 +6,10 @@ use super::*;
 use crate::{
     clock::Timestamp,
     config::{ConfigError, EndpointPickerConfig},
-    datastore::{EndpointId, Snapshot, testing::SnapshotBuilder},
+    datastore::{
+        EndpointId, Snapshot,
+        testing::{SnapshotBuilder, hermetic_pods},
+    },
     parser::parse_request,
 };
 
@@ -30,24 +33,6 @@ fn run(s: &Scheduler, snap: &Snapshot, body: &[u8], rng: &mut SmallRng) -> Resul
     let d = s.schedule(&ctx, snap.all_ids().collect(), &mut Scratch::default(), rng, None)?;
     s.pre_request(snap, &d, None);
     Ok(d)
-}
-
-fn hermetic_pods() -> Snapshot {
-    // "select lower queue and kv cache": P0(3,.2) P1(0,.1) P2(10,.2).
-    SnapshotBuilder::new()
-        .endpoint("192.168.1.1:8000", |m| {
-            m.waiting = 3;
-            m.kv_usage = Some(0.2);
-        })
-        .endpoint("192.168.1.2:8000", |m| {
-            m.waiting = 0;
-            m.kv_usage = Some(0.1);
-        })
-        .endpoint("192.168.1.3:8000", |m| {
-            m.waiting = 10;
-            m.kv_usage = Some(0.2);
-        })
-        .build()
 }
 
 #[test]
