@@ -343,7 +343,12 @@ impl TokenBudget {
             Ok(a) => return Ok(BudgetDecision::Admitted(a)),
             Err(r) => r,
         };
-        let model_layer = layers[layer].key.starts_with("m:");
+        // A store could name a layer that does not exist (a corrupt Redis answer): blame the last.
+        let Some(rejected) = layers.get(layer).or(layers.last()) else {
+            return Ok(BudgetDecision::Unlimited);
+        };
+        let model_layer = rejected.key.starts_with("m:");
+        let limit = rejected.limit;
         if model_layer
             && let Some(fallback) = self.policy.fallback(tenant, model)
             && let Ok(mut a) = self.try_model(tenant, fallback, amount, window).await?
@@ -354,7 +359,7 @@ impl TokenBudget {
         Ok(BudgetDecision::Rejected(Rejection {
             tenant: tenant.to_owned(),
             model: model_layer.then(|| model.to_owned()),
-            limit: layers[layer].limit,
+            limit,
             used,
             requested: amount,
             window_secs: self.policy.window.as_secs(),
