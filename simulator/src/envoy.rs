@@ -94,12 +94,20 @@ impl Envoy {
     /// # Errors
     /// [`EnvoyError`] when the binary is missing, does not start or does not become ready.
     pub async fn start(ports: EnvoyPorts) -> Result<Self, EnvoyError> {
+        Self::start_with_config(ports, render_config(ports)).await
+    }
+
+    /// Start Envoy with an explicit config (`ports` must match it) and wait until ready.
+    ///
+    /// # Errors
+    /// [`EnvoyError`] when the binary is missing, does not start or does not become ready.
+    pub async fn start_with_config(ports: EnvoyPorts, config_text: String) -> Result<Self, EnvoyError> {
         let bin = envoy_binary().ok_or(EnvoyError::NotFound)?;
         let dir = std::env::temp_dir();
         let tag = format!("{}-{}", std::process::id(), ports.listener);
         let config = tempfile_path::TempPath(dir.join(format!("epp-envoy-{tag}.yaml")));
         let log = dir.join(format!("epp-envoy-{tag}.log"));
-        std::fs::write(config.path(), render_config(ports)).map_err(EnvoyError::Io)?;
+        std::fs::write(config.path(), config_text).map_err(EnvoyError::Io)?;
         let child = Command::new(bin)
             .arg("-c")
             .arg(config.path())

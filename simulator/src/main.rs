@@ -67,6 +67,18 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         endpoints: usize,
     },
+    /// Latency through Envoy with the EPP versus Envoy routing straight to a pod, at a fixed rate.
+    EnvoyLatency {
+        /// Requests per second (open loop).
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Prompt size in tokens.
+        #[arg(long, default_value_t = 4000)]
+        prompt_tokens: usize,
+    },
     /// Serve a metrics page on N ports (used by scrape-cost as its separate server process).
     #[command(hide = true)]
     ServePages {
@@ -275,6 +287,26 @@ async fn main() -> anyhow::Result<()> {
                 r.decision_ms[1],
                 r.peak_rss_mib,
                 r.errors
+            );
+        }
+        Command::EnvoyLatency {
+            rate,
+            seconds,
+            prompt_tokens,
+        } => {
+            let (with_epp, direct) = epp_sim::envoy_latency::measure(rate, seconds, prompt_tokens).await?;
+            println!(
+                "{prompt_tokens}-token prompts at {rate} req/s for {seconds}s:\n  Envoy + EPP: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  Envoy direct: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  added by the EPP: p50 {:+.2} ms  p99 {:+.2} ms",
+                with_epp.p50,
+                with_epp.p99,
+                with_epp.completed,
+                with_epp.errors,
+                direct.p50,
+                direct.p99,
+                direct.completed,
+                direct.errors,
+                with_epp.p50 - direct.p50,
+                with_epp.p99 - direct.p99
             );
         }
         Command::ServePages { count, page } => {
