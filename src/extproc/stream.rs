@@ -41,11 +41,11 @@ use crate::{
     datastore::{EndpointId, EndpointLive, Snapshot},
     guard::{
         Placeholders,
-        response::{EventSplitter, mask_json_body, mask_sse_event},
+        response::{mask_json_body, mask_sse_event},
     },
     parser::{
-        LlmRequest, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter, inject_include_usage,
-        model_patterns, parse_request, replace_model, usage_from_json,
+        EventSplitter, LlmRequest, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter,
+        inject_include_usage, model_patterns, parse_request, replace_model, usage_from_json,
     },
     scheduler::admission::{Admitted, BudgetDecision, GuardOutcome, TokenBudget},
     scheduler::{Decision, SchedulingContext, SchedulingError, Scratch},
@@ -130,12 +130,11 @@ impl ResponseMask {
             self.guards.iter().filter_map(|g| g.response_patterns()).collect();
         if streaming {
             let mut out = Vec::with_capacity(data.len());
-            for ev in self.events.feed(data, eos) {
-                match mask_sse_event(&sets, &ev) {
+            self.events
+                .feed_with(data, eos, |ev| match mask_sse_event(&sets, ev) {
                     Some(m) => out.extend_from_slice(&m),
-                    None => out.extend_from_slice(&ev),
-                }
-            }
+                    None => out.extend_from_slice(ev),
+                });
             return out;
         }
         self.held.extend_from_slice(data);

@@ -89,31 +89,6 @@ pub fn mask_sse_event(sets: &[&PatternSet], event: &[u8]) -> Option<Vec<u8>> {
     changed.then_some(out)
 }
 
-/// Splits an SSE byte stream into complete events (ending in a blank line).
-#[derive(Debug, Default)]
-pub struct EventSplitter {
-    partial: Vec<u8>,
-}
-
-impl EventSplitter {
-    /// Feed a chunk; returns the complete events now available (the tail too at end of stream).
-    pub fn feed(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<Vec<u8>> {
-        self.partial.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        let mut start = 0;
-        while let Some(i) = memchr::memmem::find(&self.partial[start..], b"\n\n") {
-            let end = start + i + 2;
-            events.push(self.partial[start..end].to_vec());
-            start = end;
-        }
-        self.partial.drain(..start);
-        if end_of_stream && !self.partial.is_empty() {
-            events.push(std::mem::take(&mut self.partial));
-        }
-        events
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,20 +109,5 @@ mod tests {
             b"data: {\"choices\":[{\"delta\":{\"content\":\"[CREDIT_CARD]\"}}]}\n\n".to_vec()
         );
         assert_eq!(mask_sse_event(&sets, b"data: [DONE]\n\n"), None);
-    }
-
-    #[test]
-    fn splitter_yields_whole_events_at_any_split() {
-        let stream = b"data: a\n\ndata: b\n\n";
-        for split in 0..=stream.len() {
-            let mut s = EventSplitter::default();
-            let mut evs = s.feed(&stream[..split], false);
-            evs.extend(s.feed(&stream[split..], true));
-            assert_eq!(
-                evs,
-                vec![b"data: a\n\n".to_vec(), b"data: b\n\n".to_vec()],
-                "split {split}"
-            );
-        }
     }
 }

@@ -22,31 +22,48 @@ fn is_usage_only(event: &[u8]) -> bool {
         })
 }
 
+/// Splits an SSE byte stream into complete events (each ending in a blank line), holding an
+/// unfinished event until the chunk that completes it.
+#[derive(Debug, Default)]
+pub struct EventSplitter {
+    partial: Vec<u8>,
+}
+
+impl EventSplitter {
+    /// Feed a chunk and call `f` on every event it completes (on the held tail too at end of
+    /// stream).
+    pub fn feed_with(&mut self, chunk: &[u8], end_of_stream: bool, mut f: impl FnMut(&[u8])) {
+        self.partial.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some(i) = memchr::memmem::find(&self.partial[start..], b"\n\n") {
+            let end = start + i + 2;
+            f(&self.partial[start..end]);
+            start = end;
+        }
+        self.partial.drain(..start);
+        if end_of_stream && !self.partial.is_empty() {
+            f(&self.partial);
+            self.partial.clear();
+        }
+    }
+}
+
 /// The filter state of one response stream.
 #[derive(Debug, Default)]
 pub struct UsageEventFilter {
-    partial: Vec<u8>,
+    events: EventSplitter,
 }
 
 impl UsageEventFilter {
     /// Feed the next chunk; returns what the client may see now. With `end_of_stream` the held
     /// tail is released.
     pub fn feed(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<u8> {
-        self.partial.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.partial.len());
-        let mut start = 0;
-        while let Some(i) = memchr::memmem::find(&self.partial[start..], b"\n\n") {
-            let end = start + i + 2;
-            let event = &self.partial[start..end];
+        let mut out = Vec::with_capacity(chunk.len());
+        self.events.feed_with(chunk, end_of_stream, |event| {
             if !is_usage_only(event) {
                 out.extend_from_slice(event);
             }
-            start = end;
-        }
-        self.partial.drain(..start);
-        if end_of_stream {
-            out.append(&mut self.partial);
-        }
+        });
         out
     }
 }
@@ -85,6 +102,22 @@ mod tests {
             let mut out = f.feed(&stream[..split], false);
             out.extend(f.feed(&stream[split..], true));
             assert_eq!(out, want, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn splitter_yields_whole_events_at_any_split() {
+        let stream = b"data: a\n\ndata: b\n\ntail";
+        for split in 0..=stream.len() {
+            let mut s = EventSplitter::default();
+            let mut evs = Vec::new();
+            s.feed_with(&stream[..split], false, |e| evs.push(e.to_vec()));
+            s.feed_with(&stream[split..], true, |e| evs.push(e.to_vec()));
+            assert_eq!(
+                evs,
+                vec![b"data: a\n\n".to_vec(), b"data: b\n\n".to_vec(), b"tail".to_vec()],
+                "split {split}"
+            );
         }
     }
 
