@@ -104,7 +104,7 @@ impl RedisStore {
         &self,
         script: &Script,
         keys: &[String],
-        args: &[u64],
+        args: &[i64],
     ) -> Result<T, StoreError> {
         let mut conn = self.connection().await?;
         let mut inv = script.prepare_invoke();
@@ -150,8 +150,9 @@ impl BudgetStore for RedisStore {
     ) -> StoreFuture<'a, Reservation> {
         Box::pin(async move {
             let keys: Vec<String> = layers.iter().map(|l| Self::key(l, window)).collect();
-            let mut args = vec![amount, self.ttl_ms];
-            args.extend(layers.iter().map(|l| l.limit));
+            let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let mut args = vec![int(amount), int(self.ttl_ms)];
+            args.extend(layers.iter().map(|l| int(l.limit)));
             let out: Vec<i64> = self.run(&self.reserve, &keys, &args).await?;
             match out.as_slice() {
                 [1, remaining @ ..] => Ok(Reservation::Admitted {
@@ -177,23 +178,7 @@ impl BudgetStore for RedisStore {
             let keys: Vec<String> = layers.iter().map(|l| Self::key(l, window)).collect();
             let delta =
                 i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(reserved).unwrap_or(i64::MAX);
-            let mut conn = self.connection().await?;
-            let mut inv = self.settle.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            inv.arg(delta);
-            match tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut conn)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => {
-                    self.forget_connection().await;
-                    Err(err(e))
-                }
-                Err(_) => {
-                    self.forget_connection().await;
-                    Err(err("call timed out"))
-                }
-            }
+            self.run::<i64>(&self.settle, &keys, &[delta]).await.map(|_| ())
         })
     }
 }

@@ -65,7 +65,7 @@ pub struct ApproxPrefixProducer {
     params: ApproxPrefixParams,
     block_size_tokens: u32,
     index: Arc<PrefixIndex>,
-    purged_generation: AtomicU64,
+    purged_membership: AtomicU64,
 }
 
 impl ApproxPrefixProducer {
@@ -96,7 +96,7 @@ impl ApproxPrefixProducer {
             params,
             block_size_tokens,
             index: Arc::new(PrefixIndex::new()),
-            purged_generation: AtomicU64::new(0),
+            purged_membership: AtomicU64::new(0),
         })
     }
 
@@ -119,13 +119,15 @@ impl ApproxPrefixProducer {
         })
     }
 
+    /// Drop departed endpoints from the index once per change of the endpoint set (not per
+    /// metrics publish, which happens every few milliseconds).
     fn purge_departed(&self, ctx: &SchedulingContext<'_>) {
-        let generation = ctx.snapshot.generation;
-        let seen = self.purged_generation.load(Ordering::Relaxed);
-        if seen == generation
+        let membership = ctx.snapshot.membership;
+        let seen = self.purged_membership.load(Ordering::Relaxed);
+        if seen == membership
             || self
-                .purged_generation
-                .compare_exchange(seen, generation, Ordering::Relaxed, Ordering::Relaxed)
+                .purged_membership
+                .compare_exchange(seen, membership, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
         {
             return;
