@@ -2,6 +2,7 @@
 //!
 //! - [`policy`]: the budget as data, windows and estimates (pure).
 //! - [`store`]: the [`BudgetStore`](store::BudgetStore) trait and the in-memory store.
+//! - [`redis`]: the Redis store shared by replicas (the only I/O in this module).
 
 pub mod policy;
 pub mod redis;

@@ -3,6 +3,7 @@
 //! - [`model`]: typed load signals of one endpoint (pure data).
 //! - [`exposition`]: a tolerant Prometheus text parser (pure).
 //! - [`engines`]: per-engine metric name tables as data, and extraction into [`EngineMetrics`].
+//! - [`data_layer`]: the config's `metrics-data-source` and `core-metrics-extractor` parameters.
 //! - [`collector`]: one scrape loop per endpoint, feeding the datastore.
 //! - [`names`] and [`exported`]: the metrics this EPP exports, under the upstream names.
 
