@@ -8,6 +8,7 @@
 //! - [`scrape_cost`]: measures the CPU the metrics collector spends scraping N pods.
 
 pub mod emulator;
+pub mod engine;
 pub mod envoy;
 pub mod envoy_latency;
 pub mod grpc_load;
