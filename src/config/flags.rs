@@ -57,7 +57,7 @@ pub struct Flags {
     pub health_checking: bool,
 
     /// Static pool: comma-separated ip:port model servers (no Kubernetes). An endpoint may name
-    /// its engine as ip:port@engine (vllm, sglang, triton-tensorrt-llm, trtllm-serve).
+    /// its engine as ip:port@engine (vllm, sglang, triton-tensorrt-llm, trtllm-serve, llamacpp).
     #[arg(long, value_delimiter = ',', help_heading = "Pool")]
     pub endpoints: Vec<String>,
 

@@ -166,6 +166,17 @@ pub fn builtin_engines() -> Vec<EngineSpec> {
                 num_blocks: sel("trtllm_kv_cache_max_blocks"),
             },
         },
+        // llama.cpp's `llama-server --metrics`: slots busy and requests deferred for a free
+        // slot. It exports no KV-utilization gauge (only token counters), so KV stays unknown
+        // and the KV-based plugins treat these endpoints as neutral.
+        EngineSpec {
+            name: "llamacpp".into(),
+            waiting: vec![sel("llamacpp:requests_deferred")],
+            running: vec![sel("llamacpp:requests_processing")],
+            kv_usage: Vec::new(),
+            lora_info: None,
+            cache_info: CacheInfoSource::None,
+        },
     ]
 }
 
@@ -367,6 +378,24 @@ mod tests {
         assert_eq!(e.metrics.block_size, Some(16));
         assert_eq!(e.metrics.num_gpu_blocks, Some(27000));
         assert!(!e.found_required);
+    }
+
+    #[test]
+    fn llamacpp_reads_slots_and_deferred_and_has_no_kv() {
+        let spec = builtin_engines()
+            .into_iter()
+            .find(|e| &*e.name == "llamacpp")
+            .unwrap();
+        let text = "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 2\n\
+            # TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 3\n\
+            llamacpp:kv_cache_usage_ratio 0.5\n";
+        let e = extract(&spec, text);
+        assert_eq!((e.metrics.running, e.metrics.waiting), (2, 3));
+        assert_eq!(
+            e.metrics.kv_usage, None,
+            "no KV selector: unknown even if a lookalike exists"
+        );
+        assert!(e.found_required);
     }
 
     #[test]

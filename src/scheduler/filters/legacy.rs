@@ -9,7 +9,10 @@ use serde::Deserialize;
 
 use crate::{
     datastore::EndpointId,
-    scheduler::plugin::{CycleState, Filter, PluginName, SchedulingContext},
+    scheduler::{
+        plugin::{CycleState, Filter, PluginName, SchedulingContext},
+        scorers::neutral_mean,
+    },
 };
 
 /// `low-queue-filter` parameters.
@@ -97,7 +100,12 @@ impl Filter for LeastQueueFilter {
     }
 }
 
-/// Keep `kv ≤ min + (max − min) / n` (float division); unknown KV counts as full.
+/// Keep `kv ≤ min + (max − min) / n` (float division).
+///
+/// An endpoint whose engine reports no KV utilization (llama.cpp, an old vLLM page) is *unknown*,
+/// neither empty nor full: it is judged as the mean of the candidates that do report, the same
+/// neutral value the `kv-cache-utilization-scorer` gives it. When no candidate reports KV the
+/// filter has nothing to compare and keeps them all.
 pub struct LeastKvCacheFilter {
     name: PluginName,
 }
@@ -121,15 +129,11 @@ impl Filter for LeastKvCacheFilter {
         c: &mut Vec<EndpointId>,
         _: &mut dyn RngCore,
     ) {
-        if c.is_empty() {
+        let known = |id: &EndpointId| ctx.snapshot.get(*id).and_then(|e| e.metrics.kv_usage);
+        let Some(neutral) = neutral_mean(c.iter().filter_map(known)) else {
             return;
-        }
-        let kv = |id: &EndpointId| {
-            ctx.snapshot
-                .get(*id)
-                .and_then(|e| e.metrics.kv_usage)
-                .unwrap_or(1.0)
         };
+        let kv = |id: &EndpointId| known(id).unwrap_or(neutral);
         let min = c.iter().map(kv).fold(f64::INFINITY, f64::min);
         let max = c.iter().map(kv).fold(f64::NEG_INFINITY, f64::max);
         let limit = min + (max - min) / c.len() as f64;

@@ -6,7 +6,7 @@ pub mod prefix;
 pub mod queue;
 pub mod token_load;
 
-pub use kv_cache::KvCacheScorer;
+pub use kv_cache::{KvCacheScorer, neutral_mean};
 pub use lora::LoraAffinityScorer;
 pub use prefix::PrefixCacheScorer;
 pub use queue::{QueueScorer, QueueSignal};

@@ -198,4 +198,5 @@ fn scores_out_of_range_are_clamped_and_nan_is_zero() {
 }
 
 mod properties;
+mod unknown_kv;
 mod upstream_vectors;
