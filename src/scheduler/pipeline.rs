@@ -15,7 +15,10 @@ use super::{
     },
     profile::{Profile, ProfileError, ScoreRepairs, Scratch},
 };
-use crate::datastore::{EndpointId, Snapshot};
+use crate::{
+    datastore::{EndpointId, Snapshot},
+    metrics::ScrapeFailure,
+};
 
 /// Why scheduling failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +49,25 @@ pub struct Decision {
     pub state: CycleState,
     /// Scores the framework had to repair.
     pub repairs: ScoreRepairs,
+}
+
+/// Drop the candidates whose last scrape could not connect, unless none would be left.
+///
+/// A model server that refuses connections has crashed or is restarting; in a static pool (no
+/// readiness probe to take it out) it would otherwise keep its last scraped load and keep winning
+/// picks that Envoy can only answer with 503. A slow or failing scrape (timeout, HTTP status) says
+/// nothing about serving, so only connection failures count. Failing open keeps a pool whose
+/// every scrape fails (metrics on another port, a network policy) routable. The endpoint is back
+/// as soon as a scrape succeeds.
+fn drop_unreachable(snapshot: &Snapshot, candidates: &mut Vec<EndpointId>) {
+    let reachable = |id: &EndpointId| {
+        snapshot
+            .get(*id)
+            .is_none_or(|e| e.metrics.last_error != Some(ScrapeFailure::Connect))
+    };
+    if !candidates.iter().all(reachable) && candidates.iter().any(reachable) {
+        candidates.retain(reachable);
+    }
 }
 
 /// A built scheduler. Cheap to share (`Arc`), used concurrently by every request.
@@ -126,6 +148,7 @@ impl Scheduler {
         if candidates.is_empty() {
             return Err(SchedulingError::NoCandidates);
         }
+        drop_unreachable(ctx.snapshot, &mut candidates);
         let mut decision = Decision::default();
         for producer in &self.producers {
             if producer.produces().prefix_match && !self.needs.prefix_match {

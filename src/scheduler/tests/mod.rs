@@ -108,6 +108,37 @@ fn empty_candidates_are_an_error() {
 }
 
 #[test]
+fn endpoints_refusing_connections_get_no_traffic_while_another_answers() {
+    use crate::metrics::ScrapeFailure;
+    let s = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    // Pod 0 crashed after its last good scrape showed it idle; the others are busier but alive.
+    // A timeout says nothing about serving: pod 2 stays a candidate.
+    let snap = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |m| m.last_error = Some(ScrapeFailure::Connect))
+        .endpoint("10.0.0.2:8000", |m| m.waiting = 4)
+        .endpoint("10.0.0.3:8000", |m| {
+            m.waiting = 2;
+            m.last_error = Some(ScrapeFailure::Timeout);
+        })
+        .build();
+    let mut rng = SmallRng::seed_from_u64(0);
+    for _ in 0..10 {
+        let d = run(&s, &snap, br#"{"model":"m","prompt":"x"}"#, &mut rng).unwrap();
+        assert_eq!(d.endpoints, vec![EndpointId(2)]);
+    }
+    // Every endpoint unreachable: still routed (fail open), by the last known load.
+    let all_down = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |m| {
+            m.waiting = 3;
+            m.last_error = Some(ScrapeFailure::Connect);
+        })
+        .endpoint("10.0.0.2:8000", |m| m.last_error = Some(ScrapeFailure::Connect))
+        .build();
+    let d = run(&s, &all_down, br#"{"model":"m","prompt":"x"}"#, &mut rng).unwrap();
+    assert_eq!(d.endpoints, vec![EndpointId(1)]);
+}
+
+#[test]
 fn unknown_types_and_bad_parameters_name_their_path() {
     let cfg = config(
         "  - pluginRef: nope\n  - pluginRef: picker\n",
