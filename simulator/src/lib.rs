@@ -13,4 +13,6 @@ pub mod envoy;
 pub mod envoy_latency;
 pub mod grpc_load;
 pub mod load;
+pub mod replay;
 pub mod scrape_cost;
+pub mod workload;

@@ -10,6 +10,7 @@ use epp_sim::{
     emulator::{Emulator, PodConfig},
     envoy::{Envoy, EnvoyPorts, free_port},
     load::{LoadConfig, run_load},
+    replay::command::SimArgs,
 };
 
 /// Tools around the epp Endpoint Picker: emulated vLLM pods, load, and a local demo.
@@ -36,6 +37,15 @@ enum Command {
     },
     /// Send chat requests with shared-prefix groups and report latency and per-pod balance.
     Load(LoadArgs),
+    /// Replay a trace (or a generated workload) through the EPP's scheduler against simulated
+    /// vLLM pods, in simulated time, and report TTFT, TPOT, throughput and cache hits.
+    Replay(SimArgs),
+    /// Run several configurations on one workload and print them side by side.
+    ///
+    /// Example: epp-sim compare --trace mooncake_conversation_trace.jsonl --format mooncake
+    /// --pods 8 --rate-scale 2 --config round-robin --config upstream-default --config
+    /// recommended --json out.json
+    Compare(SimArgs),
     /// Measure the CPU the EPP's collector spends scraping N pods serving a realistic vLLM page.
     ScrapeCost {
         /// Pods to scrape.
@@ -248,6 +258,12 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", report.summary());
         }
         Command::Demo { pods, load } => demo(pods, load).await?,
+        Command::Replay(args) | Command::Compare(args) => {
+            // Pure CPU work: run it off the async runtime's workers.
+            tokio::task::spawn_blocking(move || epp_sim::replay::command::run(&args))
+                .await?
+                .map_err(anyhow::Error::msg)?;
+        }
         Command::ScrapeCost {
             endpoints,
             interval,

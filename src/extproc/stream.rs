@@ -706,10 +706,7 @@ impl Exchange {
             .map(|e| &*e.address_text)
             .collect::<Vec<_>>()
             .join(",");
-        let tokens = req.estimated_prompt_tokens()
-            + req
-                .max_output_tokens
-                .unwrap_or_else(|| req.estimated_prompt_tokens().saturating_mul(3) / 2);
+        let tokens = req.estimated_load_tokens();
         primary.live.start(tokens);
         m.scheduler_attempts
             .with_label_values(&[

@@ -78,6 +78,16 @@ impl LlmRequest {
     pub fn estimated_prompt_tokens(&self) -> u64 {
         ((self.prompt_span.len() as u64) / 4).max(1)
     }
+
+    /// Tokens the request is expected to occupy on its endpoint, for in-flight accounting: the
+    /// prompt estimate plus `max_tokens`, or 1.5 × the prompt when the client sets no limit.
+    pub fn estimated_load_tokens(&self) -> u64 {
+        let prompt = self.estimated_prompt_tokens();
+        prompt
+            + self
+                .max_output_tokens
+                .unwrap_or_else(|| prompt.saturating_mul(3) / 2)
+    }
 }
 
 #[derive(Deserialize)]

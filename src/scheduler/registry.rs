@@ -17,7 +17,7 @@ use super::{
         PrefixAffinityFilter,
     },
     params::{decode_params, no_params},
-    pickers::{MaxScorePicker, PickerParams, RandomPicker, WeightedRandomPicker},
+    pickers::{MaxScorePicker, PickerParams, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     pipeline::Scheduler,
     plugin::{DataProducer, Filter, Needs, Picker, PluginName, PreRequest, SaturationDetector, Scorer},
     producers::ApproxPrefixProducer,
@@ -30,7 +30,7 @@ use super::{
 use crate::config::{ConfigError, ConfigIssue, EndpointPickerConfig, PluginSpec};
 
 /// Plugin types accepted in `plugins[].type`.
-pub const PLUGIN_TYPES: [&str; 30] = [
+pub const PLUGIN_TYPES: [&str; 31] = [
     "queue-scorer",
     "running-requests-size-scorer",
     "kv-cache-utilization-scorer",
@@ -42,6 +42,7 @@ pub const PLUGIN_TYPES: [&str; 30] = [
     "inflight-load-producer",
     "max-score-picker",
     "random-picker",
+    "round-robin-picker",
     "weighted-random-picker",
     "single-profile-handler",
     "utilization-detector",
@@ -147,6 +148,12 @@ fn build_plugin(spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
         }
         "random-picker" => {
             r.picker = Some(Arc::new(RandomPicker::new(
+                name,
+                &decode_params::<PickerParams>(spec)?,
+            )))
+        }
+        "round-robin-picker" => {
+            r.picker = Some(Arc::new(RoundRobinPicker::new(
                 name,
                 &decode_params::<PickerParams>(spec)?,
             )))

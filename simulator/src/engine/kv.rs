@@ -173,7 +173,11 @@ mod tests {
         // Two fresh blocks come from the never-used ones first, then the released tail (101).
         let mut b = Vec::new();
         assert!(pool.allocate(3, &mut b));
-        assert_eq!(pool.cached_prefix(&[100, 101]), 1, "the tail block was evicted first");
+        assert_eq!(
+            pool.cached_prefix(&[100, 101]),
+            1,
+            "the tail block was evicted first"
+        );
         assert!(!pool.allocate(2, &mut b), "only one block left");
         assert_eq!(pool.free_blocks(), 1);
     }

@@ -329,7 +329,9 @@ impl Engine {
         };
         let load_ns = self.load_adapters(&step_adapters);
         for &(slot, n) in &scheduled {
-            let Some(seq) = self.seqs[slot].as_mut() else { continue };
+            let Some(seq) = self.seqs[slot].as_mut() else {
+                continue;
+            };
             if n == 1 && seq.computed >= seq.req.prompt_tokens {
                 work.decode_context_tokens += u64::from(seq.computed);
             } else {
@@ -389,8 +391,12 @@ impl Engine {
     /// Blocks so that `slot` can hold `n` more tokens; `false` if the pool is short.
     fn grow(&mut self, slot: usize, n: u32) -> bool {
         let bs = self.profile.block_size;
-        let Some(seq) = self.seqs[slot].as_mut() else { return false };
-        let need = (seq.computed + n).div_ceil(bs).saturating_sub(seq.blocks.len() as u32);
+        let Some(seq) = self.seqs[slot].as_mut() else {
+            return false;
+        };
+        let need = (seq.computed + n)
+            .div_ceil(bs)
+            .saturating_sub(seq.blocks.len() as u32);
         need == 0 || self.pool.allocate(need, &mut seq.blocks)
     }
 
@@ -419,7 +425,8 @@ impl Engine {
         if need + taken_free > self.pool.free_blocks() {
             return None;
         }
-        self.pool.take_cached(&seq.req.block_hashes, hit_blocks, &mut seq.blocks);
+        self.pool
+            .take_cached(&seq.req.block_hashes, hit_blocks, &mut seq.blocks);
         if !self.pool.allocate(need, &mut seq.blocks) {
             return None; // unreachable: checked above
         }

@@ -147,7 +147,8 @@ impl EngineProfile {
             return Err("profile did not serialise to a mapping".into());
         };
         merged.extend(overrides);
-        let profile: Self = serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| e.to_string())?;
+        let profile: Self =
+            serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| e.to_string())?;
         profile.validate()?;
         Ok(profile)
     }

@@ -15,7 +15,9 @@ fn request(id: u64, prompt: u32, output: u32, shared: u64) -> EngineRequest {
         id,
         prompt_tokens: prompt,
         output_tokens: output,
-        block_hashes: (0..u64::from(blocks)).map(|b| shared * 1_000_000 + b).collect::<Arc<[u64]>>(),
+        block_hashes: (0..u64::from(blocks))
+            .map(|b| shared * 1_000_000 + b)
+            .collect::<Arc<[u64]>>(),
         adapter: None,
     }
 }
@@ -26,7 +28,9 @@ fn run(engine: &mut Engine) -> Vec<(u64, EngineEvent)> {
     let mut out = Vec::new();
     let mut events = Vec::new();
     for _ in 0..100_000 {
-        let Some(d) = engine.step(&mut events) else { return out };
+        let Some(d) = engine.step(&mut events) else {
+            return out;
+        };
         now += d;
         out.extend(events.drain(..).map(|e| (now, e)));
     }
@@ -42,8 +46,14 @@ fn one_request_prefills_then_decodes_to_its_output_length() {
     assert_eq!(
         kinds,
         vec![
-            EngineEvent::FirstToken { id: 1, cached_tokens: 0 },
-            EngineEvent::Finished { id: 1, output_tokens: 4 }
+            EngineEvent::FirstToken {
+                id: 1,
+                cached_tokens: 0
+            },
+            EngineEvent::Finished {
+                id: 1,
+                output_tokens: 4
+            }
         ]
     );
     let work = StepWork {
@@ -52,9 +62,21 @@ fn one_request_prefills_then_decodes_to_its_output_length() {
         prefill_attention_pairs: 1000.0 * 500.0,
         ..Default::default()
     };
-    assert_eq!(events[0].0, e.profile().step_ns(&work), "TTFT is one prefill step");
+    assert_eq!(
+        events[0].0,
+        e.profile().step_ns(&work),
+        "TTFT is one prefill step"
+    );
     let g = e.gauges();
-    assert_eq!((g.prompt_tokens, g.generation_tokens, g.prefix_queries, g.prefix_hits), (1000, 4, 1000, 0));
+    assert_eq!(
+        (
+            g.prompt_tokens,
+            g.generation_tokens,
+            g.prefix_queries,
+            g.prefix_hits
+        ),
+        (1000, 4, 1000, 0)
+    );
     assert_eq!(g.kv_usage, 0.0, "blocks are free again (cached, not referenced)");
 }
 
@@ -66,12 +88,24 @@ fn a_repeated_prompt_hits_every_full_block_but_recomputes_the_last_token() {
     e.submit(request(2, 1024, 1, 7)).unwrap();
     let events = run(&mut e);
     // 1,024 tokens = 64 full blocks, but at least one token is recomputed: 63 blocks hit.
-    assert_eq!(events[0].1, EngineEvent::FirstToken { id: 2, cached_tokens: 1008 });
+    assert_eq!(
+        events[0].1,
+        EngineEvent::FirstToken {
+            id: 2,
+            cached_tokens: 1008
+        }
+    );
     let g = e.gauges();
     assert_eq!((g.prefix_queries, g.prefix_hits), (2048, 1008));
     // A different prompt shares nothing.
     e.submit(request(3, 1024, 1, 8)).unwrap();
-    assert_eq!(run(&mut e)[0].1, EngineEvent::FirstToken { id: 3, cached_tokens: 0 });
+    assert_eq!(
+        run(&mut e)[0].1,
+        EngineEvent::FirstToken {
+            id: 3,
+            cached_tokens: 0
+        }
+    );
 }
 
 #[test]
@@ -104,7 +138,12 @@ fn requests_beyond_max_num_seqs_wait() {
     let g = e.gauges();
     assert_eq!((g.running, g.waiting), (2, 3));
     let all = run(&mut e);
-    assert_eq!(all.iter().filter(|(_, e)| matches!(e, EngineEvent::Finished { .. })).count(), 5);
+    assert_eq!(
+        all.iter()
+            .filter(|(_, e)| matches!(e, EngineEvent::Finished { .. }))
+            .count(),
+        5
+    );
 }
 
 #[test]
@@ -125,7 +164,11 @@ fn running_out_of_blocks_preempts_the_latest_admitted_request() {
             _ => None,
         })
         .collect();
-    assert_eq!(finished, vec![(1, 40), (2, 40)], "the first admitted request keeps going first");
+    assert_eq!(
+        finished,
+        vec![(1, 40), (2, 40)],
+        "the first admitted request keeps going first"
+    );
 }
 
 #[test]
@@ -153,11 +196,17 @@ fn impossible_requests_are_refused() {
     let mut e = Engine::new(small());
     assert_eq!(
         e.submit(request(1, 131_000, 100, 1)).unwrap_err(),
-        Refusal::TooLong { max: 131_072, requested: 131_100 }
+        Refusal::TooLong {
+            max: 131_072,
+            requested: 131_100
+        }
     );
     assert_eq!(
         e.submit(request(2, 16_001, 16, 1)).unwrap_err(),
-        Refusal::ExceedsCache { needed: 1002, capacity: 1_000 }
+        Refusal::ExceedsCache {
+            needed: 1002,
+            capacity: 1_000
+        }
     );
     assert!(e.is_idle());
 }

@@ -1,5 +1,7 @@
-//! Built-in pickers: `max-score-picker` (random tie-break), `random-picker` and
-//! `weighted-random-picker`.
+//! Built-in pickers: `max-score-picker` (random tie-break), `random-picker`,
+//! `weighted-random-picker`, and `round-robin-picker` (ours: a baseline, not an upstream plugin).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rand::{RngCore, seq::SliceRandom};
 use serde::Deserialize;
@@ -87,6 +89,41 @@ impl Picker for RandomPicker {
     }
 }
 
+/// Candidates in turn, ignoring scores: the n-th request goes to candidate `n mod len` in
+/// endpoint order. A baseline for comparisons; upstream has no such picker.
+pub struct RoundRobinPicker {
+    name: PluginName,
+    count: usize,
+    next: AtomicUsize,
+}
+
+impl RoundRobinPicker {
+    /// A picker returning up to `params.maxNumOfEndpoints` consecutive endpoints.
+    pub fn new(name: PluginName, params: &PickerParams) -> Self {
+        Self {
+            name,
+            count: params.count(),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Picker for RoundRobinPicker {
+    fn name(&self) -> &PluginName {
+        &self.name
+    }
+
+    fn pick(&self, scored: &mut [ScoredEndpoint], _rng: &mut dyn RngCore, out: &mut Vec<EndpointId>) {
+        if scored.is_empty() {
+            return;
+        }
+        scored.sort_by_key(|s| s.id);
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % scored.len();
+        let n = self.count.min(scored.len());
+        out.extend((0..n).map(|k| scored[(start + k) % scored.len()].id));
+    }
+}
+
 /// Random endpoints with probability proportional to their score (A-Res weighted sampling without
 /// replacement: key `U^(1/score)`, highest keys win). Scores ≤ 0 are never chosen unless every
 /// score is ≤ 0, in which case this behaves as `random-picker`.
@@ -138,6 +175,34 @@ impl Picker for WeightedRandomPicker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn round_robin_takes_candidates_in_turn() {
+        use rand::SeedableRng;
+        let picker = RoundRobinPicker::new(
+            PluginName {
+                kind: "round-robin-picker",
+                name: "rr".into(),
+            },
+            &PickerParams::default(),
+        );
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        let picks: Vec<u32> = (0..5)
+            .map(|_| {
+                let mut scored: Vec<ScoredEndpoint> = [2, 0, 1]
+                    .into_iter()
+                    .map(|i| ScoredEndpoint {
+                        id: EndpointId(i),
+                        score: f64::from(i),
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                picker.pick(&mut scored, &mut rng, &mut out);
+                out[0].0
+            })
+            .collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1]);
+    }
+
     use rand::{SeedableRng, rngs::SmallRng};
 
     use super::*;

@@ -1,0 +1,64 @@
+//! The configurations shipped for comparisons, by name. Each is an ordinary
+//! `EndpointPickerConfig` document (see `simulator/configs/`), so what wins here can be deployed
+//! as it is.
+
+use epp::config::{DEFAULT_CONFIG_YAML, EndpointPickerConfig};
+
+/// Shipped baselines: name and YAML.
+pub const BASELINES: [(&str, &str); 6] = [
+    ("round-robin", include_str!("../../configs/round-robin.yaml")),
+    ("random", include_str!("../../configs/random.yaml")),
+    ("least-queue", include_str!("../../configs/least-queue.yaml")),
+    ("upstream-default", DEFAULT_CONFIG_YAML),
+    ("sticky", include_str!("../../configs/sticky.yaml")),
+    ("recommended", include_str!("../../configs/recommended.yaml")),
+];
+
+/// Resolve `NAME` (a shipped baseline) or `NAME=FILE` into a name and a validated configuration.
+///
+/// # Errors
+/// Unknown baseline, unreadable file or invalid configuration, with the name.
+pub fn resolve(spec: &str) -> Result<(String, EndpointPickerConfig), String> {
+    let (name, text) = match spec.split_once('=') {
+        Some((name, file)) => {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("config {name}: {file}: {e}"))?;
+            (name.to_owned(), text)
+        }
+        None => {
+            let Some((_, yaml)) = BASELINES.iter().find(|(n, _)| *n == spec) else {
+                let known: Vec<&str> = BASELINES.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "unknown baseline {spec:?}: use one of {} or NAME=FILE",
+                    known.join(", ")
+                ));
+            };
+            (spec.to_owned(), (*yaml).to_owned())
+        }
+    };
+    let config = EndpointPickerConfig::from_yaml(&text).map_err(|e| format!("config {name}: {e}"))?;
+    Ok((name, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_baseline_builds_a_scheduler() {
+        for (name, _) in BASELINES {
+            let (n, config) = resolve(name).unwrap();
+            assert_eq!(n, name);
+            epp::scheduler::build_scheduler(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let e = resolve("fastest").unwrap_err();
+        assert!(
+            e.starts_with("unknown baseline \"fastest\": use one of round-robin, random"),
+            "{e}"
+        );
+        assert!(
+            resolve("x=/nonexistent/file.yaml")
+                .unwrap_err()
+                .starts_with("config x: /nonexistent/file.yaml:")
+        );
+    }
+}

@@ -1,0 +1,477 @@
+//! Deterministic discrete-event replay of a workload through the production scheduler against
+//! engine models.
+//!
+//! Time is integer nanoseconds. Events are ordered by (time, insertion sequence), and arrivals
+//! due at the same instant as another event go first, so a run is a pure function of the
+//! workload, the setup and the seed. What the EPP sees is what it would see in a cluster:
+//! - each pod is scraped every `scrape_interval` (pods staggered across the interval); the
+//!   scheduler reads only the last scrape, so its view is as stale as in production;
+//! - every request is parsed from real bytes (synthesized text) by the production parser and
+//!   scheduled by the production [`Scheduler`] built from an `EndpointPickerConfig`;
+//! - the in-flight hooks are the server's: the pick counts on the endpoint's live counters
+//!   (which load scorers add to the scraped queue) until the response ends, and the
+//!   pre-request hooks (prefix index insert) run after each decision.
+
+pub mod baselines;
+pub mod command;
+pub mod plot;
+pub mod report;
+
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use epp::{
+    clock::Timestamp,
+    config::EndpointPickerConfig,
+    datastore::{Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, Snapshot, format_address},
+    metrics::{EngineMetrics, LoraState},
+    parser::parse_request,
+    scheduler::{Scheduler, SchedulingContext, Scratch, build_scheduler},
+};
+use rand::{SeedableRng, rngs::SmallRng};
+
+use crate::{
+    engine::{Engine, EngineEvent, EngineProfile, EngineRequest},
+    workload::Workload,
+};
+
+/// Everything a run needs besides the workload.
+#[derive(Debug, Clone)]
+pub struct ReplaySetup {
+    /// Name of the configuration (reports).
+    pub name: String,
+    /// The EPP configuration.
+    pub config: EndpointPickerConfig,
+    /// Identical pods.
+    pub pods: usize,
+    /// Their engine.
+    pub profile: EngineProfile,
+    /// Metrics refresh interval, ns (the EPP's `--refresh-metrics-interval`, 50 ms by default).
+    pub scrape_interval_ns: u64,
+    /// Seed of the scheduler's RNG.
+    pub seed: u64,
+}
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served to the end.
+    Completed,
+    /// The EPP refused it (no candidate, saturated, filters emptied the pool).
+    RejectedByEpp,
+    /// The engine refused it (too long for the model or the cache).
+    RejectedByEngine,
+    /// Still in flight when the run stopped (never happens in a finished run).
+    Unfinished,
+}
+
+/// The timeline of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord {
+    /// Arrival, ns.
+    pub arrival_ns: u64,
+    /// Pod index it was routed to.
+    pub pod: Option<u32>,
+    /// First output token, ns.
+    pub first_token_ns: Option<u64>,
+    /// Last output token, ns.
+    pub finish_ns: Option<u64>,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Output tokens generated.
+    pub output_tokens: u32,
+    /// Prompt tokens served from the engine's prefix cache at admission.
+    pub cached_tokens: u32,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// Per-pod totals of a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodTotals {
+    /// Requests routed here.
+    pub requests: u64,
+    /// Time spent in engine steps, ns.
+    pub busy_ns: u64,
+    /// Preemptions.
+    pub preemptions: u64,
+    /// Adapter loads.
+    pub lora_loads: u64,
+    /// Mean of (running + waiting) per second of simulated time, as scraped.
+    pub load_per_second: Vec<f64>,
+}
+
+/// The raw result of one run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Configuration name.
+    pub name: String,
+    /// One record per workload request, in workload order.
+    pub records: Vec<RequestRecord>,
+    /// One entry per pod.
+    pub pods: Vec<PodTotals>,
+    /// When the last event happened, ns.
+    pub end_ns: u64,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The EPP configuration does not build.
+    #[error("configuration {name:?}: {reason}")]
+    Config {
+        /// Configuration name.
+        name: String,
+        /// The builder's message.
+        reason: String,
+    },
+    /// Zero pods, or a bad profile.
+    #[error("{0}")]
+    Setup(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    StepEnd(u32),
+    Scrape(u32),
+}
+
+struct Pod {
+    engine: Engine,
+    endpoint: Endpoint,
+    pending: Vec<EngineEvent>,
+    busy: bool,
+    totals: PodTotals,
+    load_sum: Vec<(f64, u32)>,
+}
+
+struct Sim<'a> {
+    setup: &'a ReplaySetup,
+    scheduler: Scheduler,
+    pods: Vec<Pod>,
+    queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    seq: u64,
+    now: u64,
+    snapshot: Arc<Snapshot>,
+    snapshot_dirty: bool,
+    generation: u64,
+    records: Vec<RequestRecord>,
+    load_tokens: Vec<u64>,
+    outstanding: usize,
+    rng: SmallRng,
+    scratch: Scratch,
+}
+
+/// Replay `workload` under `setup`. `on_arrival` is called after each arrival (progress bars).
+///
+/// # Errors
+/// [`ReplayError`] when the configuration or the setup is unusable.
+pub fn replay(
+    workload: &Workload,
+    setup: &ReplaySetup,
+    mut on_arrival: impl FnMut(usize),
+) -> Result<RunOutcome, ReplayError> {
+    if setup.pods == 0 || setup.pods > 65_000 {
+        return Err(ReplayError::Setup(format!(
+            "pods must be 1..=65000, got {}",
+            setup.pods
+        )));
+    }
+    setup.profile.validate().map_err(ReplayError::Setup)?;
+    let scheduler = build_scheduler(&setup.config).map_err(|e| ReplayError::Config {
+        name: setup.name.clone(),
+        reason: e.to_string(),
+    })?;
+    let pods: Vec<Pod> = (0..setup.pods).map(|i| new_pod(i, &setup.profile)).collect();
+    let mut sim = Sim {
+        setup,
+        scheduler,
+        snapshot: Arc::new(Snapshot::new(Vec::new(), 0, Timestamp(0), true)),
+        snapshot_dirty: true,
+        generation: 0,
+        pods,
+        queue: BinaryHeap::new(),
+        seq: 0,
+        now: 0,
+        records: Vec::with_capacity(workload.requests.len()),
+        load_tokens: Vec::with_capacity(workload.requests.len()),
+        outstanding: 0,
+        rng: SmallRng::seed_from_u64(setup.seed),
+        scratch: Scratch::default(),
+    };
+    let interval = setup.scrape_interval_ns.max(1);
+    for p in 0..setup.pods {
+        // Staggered phases, as independent per-pod scrape loops would be.
+        let phase = interval * p as u64 / setup.pods as u64;
+        sim.scrape(p as u32);
+        sim.push(phase.max(1), Event::Scrape(p as u32));
+    }
+    let mut text = String::new();
+    let mut body = Vec::new();
+    let mut next = 0;
+    loop {
+        let next_arrival = workload.requests.get(next).map(|r| r.arrival_ns);
+        let next_event = sim.queue.peek().map(|Reverse((t, _, _))| *t);
+        match (next_arrival, next_event) {
+            (Some(a), Some(e)) if a <= e => {
+                sim.arrive(workload, next, &mut text, &mut body);
+                next += 1;
+                on_arrival(next);
+            }
+            (Some(_), None) => {
+                sim.arrive(workload, next, &mut text, &mut body);
+                next += 1;
+                on_arrival(next);
+            }
+            (_, Some(_)) => {
+                if next_arrival.is_none() && sim.outstanding == 0 {
+                    break;
+                }
+                let Some(Reverse((t, _, event))) = sim.queue.pop() else {
+                    break;
+                };
+                sim.now = t;
+                match event {
+                    Event::StepEnd(p) => sim.step_end(p),
+                    Event::Scrape(p) => {
+                        sim.scrape(p);
+                        sim.push(t + interval, Event::Scrape(p));
+                    }
+                }
+            }
+            (None, None) => break,
+        }
+    }
+    let end_ns = sim.now;
+    let pods = sim
+        .pods
+        .into_iter()
+        .map(|mut p| {
+            let g = p.engine.gauges();
+            p.totals.preemptions = g.preemptions;
+            p.totals.lora_loads = g.lora_loads;
+            p.totals.load_per_second = p
+                .load_sum
+                .iter()
+                .map(|(sum, n)| if *n == 0 { 0.0 } else { sum / f64::from(*n) })
+                .collect();
+            p.totals
+        })
+        .collect();
+    Ok(RunOutcome {
+        name: setup.name.clone(),
+        records: sim.records,
+        pods,
+        end_ns,
+    })
+}
+
+fn new_pod(i: usize, profile: &EngineProfile) -> Pod {
+    let octets = u32::try_from(i).unwrap_or(0) + 1;
+    let ip = Ipv4Addr::new(10, 0, (octets >> 8) as u8, (octets & 0xff) as u8);
+    let address = SocketAddr::new(IpAddr::V4(ip), 8000);
+    Pod {
+        engine: Engine::new(profile.clone()),
+        endpoint: Endpoint {
+            uid: EndpointUid(i as u32),
+            spec: Arc::new(EndpointSpec {
+                key: EndpointKey {
+                    namespace: "sim".into(),
+                    name: format!("pod-{i:05}").into(),
+                },
+                address,
+                labels: Arc::default(),
+            }),
+            address_text: format_address(address).into(),
+            metrics: Arc::new(EngineMetrics::default()),
+            live: Arc::new(EndpointLive::default()),
+        },
+        pending: Vec::new(),
+        busy: false,
+        totals: PodTotals::default(),
+        load_sum: Vec::new(),
+    }
+}
+
+impl Sim<'_> {
+    fn push(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, event)));
+    }
+
+    /// What a `/metrics` scrape of pod `p` shows now, handed to the EPP's view.
+    fn scrape(&mut self, p: u32) {
+        let now = self.now;
+        let pod = &mut self.pods[p as usize];
+        let g = pod.engine.gauges();
+        let profile = pod.engine.profile();
+        pod.endpoint.metrics = Arc::new(EngineMetrics {
+            waiting: g.waiting,
+            running: g.running,
+            kv_usage: Some(g.kv_usage),
+            lora: Some(LoraState {
+                running: g.running_adapters.into(),
+                waiting: g.waiting_adapters.into(),
+                max_active: profile.max_loras,
+            }),
+            block_size: Some(profile.block_size),
+            num_gpu_blocks: Some(u64::from(profile.num_gpu_blocks)),
+            scraped_at: Some(Timestamp(now)),
+            last_error: None,
+            picks_at_scrape: pod.endpoint.live.started_total(),
+        });
+        let second = (now / 1_000_000_000) as usize;
+        if pod.load_sum.len() <= second {
+            pod.load_sum.resize(second + 1, (0.0, 0));
+        }
+        pod.load_sum[second].0 += f64::from(g.running + g.waiting);
+        pod.load_sum[second].1 += 1;
+        self.snapshot_dirty = true;
+    }
+
+    fn current_snapshot(&mut self) -> Arc<Snapshot> {
+        if self.snapshot_dirty {
+            self.generation += 1;
+            let endpoints = self.pods.iter().map(|p| p.endpoint.clone()).collect();
+            self.snapshot = Arc::new(Snapshot::new(
+                endpoints,
+                self.generation,
+                Timestamp(self.now),
+                true,
+            ));
+            self.snapshot_dirty = false;
+        }
+        self.snapshot.clone()
+    }
+
+    fn arrive(&mut self, workload: &Workload, index: usize, text: &mut String, body: &mut Vec<u8>) {
+        let req = &workload.requests[index];
+        self.now = self.now.max(req.arrival_ns);
+        let mut record = RequestRecord {
+            arrival_ns: req.arrival_ns,
+            pod: None,
+            first_token_ns: None,
+            finish_ns: None,
+            prompt_tokens: req.input_tokens,
+            output_tokens: 0,
+            cached_tokens: 0,
+            outcome: Outcome::RejectedByEpp,
+        };
+        text.clear();
+        workload.prompt_text(req, text);
+        let model = req.adapter.as_deref().unwrap_or(&self.setup.profile.model);
+        body.clear();
+        body.extend_from_slice(b"{\"model\":\"");
+        body.extend_from_slice(model.as_bytes());
+        body.extend_from_slice(b"\",\"messages\":[{\"role\":\"user\",\"content\":\"");
+        body.extend_from_slice(text.as_bytes());
+        body.extend_from_slice(b"\"}],\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
+        let Ok(parsed) = parse_request("/v1/chat/completions", body) else {
+            self.records.push(record);
+            self.load_tokens.push(0);
+            return;
+        };
+        let snapshot = self.current_snapshot();
+        let candidates: Vec<_> = snapshot.all_ids().collect();
+        let ctx = SchedulingContext {
+            snapshot: &snapshot,
+            request: &parsed,
+            body,
+            target_model: &parsed.model,
+            now: Timestamp(self.now),
+            priority: 0,
+        };
+        let decision = self.scheduler.admit(&ctx, &candidates).and_then(|()| {
+            self.scheduler
+                .schedule(&ctx, candidates, &mut self.scratch, &mut self.rng, None)
+        });
+        let Some(primary) = decision
+            .as_ref()
+            .ok()
+            .and_then(|d| d.endpoints.first())
+            .and_then(|id| snapshot.get(*id))
+        else {
+            self.records.push(record);
+            self.load_tokens.push(0);
+            return;
+        };
+        let p = primary.uid.0;
+        let tokens = parsed.estimated_load_tokens();
+        primary.live.start(tokens);
+        if let Ok(d) = &decision {
+            self.scheduler.pre_request(&snapshot, d, None);
+        }
+        record.pod = Some(p);
+        let pod = &mut self.pods[p as usize];
+        pod.totals.requests += 1;
+        let submitted = pod.engine.submit(EngineRequest {
+            id: index as u64,
+            prompt_tokens: req.input_tokens,
+            output_tokens: req.output_tokens,
+            block_hashes: workload.engine_hashes(req, pod.engine.profile().block_size),
+            adapter: req.adapter.clone(),
+        });
+        match submitted {
+            Ok(()) => {
+                record.outcome = Outcome::Unfinished;
+                self.outstanding += 1;
+                self.records.push(record);
+                self.load_tokens.push(tokens);
+                self.kick(p);
+            }
+            Err(_) => {
+                pod.endpoint.live.finish(tokens);
+                record.outcome = Outcome::RejectedByEngine;
+                self.records.push(record);
+                self.load_tokens.push(0);
+            }
+        }
+    }
+
+    /// Start a step on an idle pod that has work.
+    fn kick(&mut self, p: u32) {
+        let pod = &mut self.pods[p as usize];
+        if pod.busy {
+            return;
+        }
+        if let Some(d) = pod.engine.step(&mut pod.pending) {
+            pod.busy = true;
+            pod.totals.busy_ns += d;
+            let at = self.now + d.max(1);
+            self.push(at, Event::StepEnd(p));
+        }
+    }
+
+    fn step_end(&mut self, p: u32) {
+        let now = self.now;
+        let overhead = (self.setup.profile.arrival_overhead_us * 1_000.0) as u64;
+        let pod = &mut self.pods[p as usize];
+        pod.busy = false;
+        for event in pod.pending.drain(..) {
+            match event {
+                EngineEvent::FirstToken { id, cached_tokens } => {
+                    if let Some(r) = self.records.get_mut(id as usize) {
+                        r.first_token_ns = Some(now + overhead);
+                        r.cached_tokens = cached_tokens;
+                    }
+                }
+                EngineEvent::Token { .. } => {}
+                EngineEvent::Finished { id, output_tokens } => {
+                    if let Some(r) = self.records.get_mut(id as usize) {
+                        r.finish_ns = Some(now + overhead);
+                        r.output_tokens = output_tokens;
+                        r.outcome = Outcome::Completed;
+                    }
+                    let tokens = self.load_tokens.get(id as usize).copied().unwrap_or(0);
+                    pod.endpoint.live.finish(tokens);
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                }
+            }
+        }
+        self.kick(p);
+    }
+}
