@@ -1,0 +1,270 @@
+//! Replay end to end: determinism of the `compare` command on the real Mooncake trace, and
+//! sanity checks that pin known behaviour of routing policies against the engine model.
+
+use std::process::Command;
+
+use epp::config::EndpointPickerConfig;
+use epp_sim::{
+    engine::EngineProfile,
+    replay::{Outcome, ReplaySetup, RunOutcome, baselines, replay, report::Report},
+    workload::{
+        Workload,
+        generate::{self, GeneratorParams},
+    },
+};
+
+const TRACE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/traces/mooncake_conversation_trace.jsonl"
+);
+
+fn setup(name: &str, config: EndpointPickerConfig, pods: usize, profile: EngineProfile) -> ReplaySetup {
+    ReplaySetup {
+        name: name.into(),
+        config,
+        pods,
+        profile,
+        scrape_interval_ns: 50_000_000,
+        seed: 7,
+    }
+}
+
+fn baseline(name: &str) -> EndpointPickerConfig {
+    baselines::resolve(name).unwrap().1
+}
+
+fn run(workload: &Workload, setup: &ReplaySetup) -> (RunOutcome, Report) {
+    let outcome = replay(workload, setup, |_| {}).unwrap();
+    let report = Report::from_run(&outcome);
+    assert_eq!(
+        report.completed + report.rejected,
+        workload.requests.len(),
+        "every request accounted for"
+    );
+    (outcome, report)
+}
+
+#[test]
+fn compare_on_the_mooncake_trace_is_byte_identical_across_runs() {
+    let dir = tempfile_dir("determinism");
+    let out = |n: &str| dir.join(format!("{n}.json"));
+    for name in ["a", "b"] {
+        let status = Command::new(env!("CARGO_BIN_EXE_epp-sim"))
+            .args([
+                "compare", "--trace", TRACE, "--format", "mooncake", "--pods", "4", "--limit", "300",
+            ])
+            .args(["--rate-scale", "2", "--seed", "3"])
+            .args([
+                "--config",
+                "round-robin",
+                "--config",
+                "random",
+                "--config",
+                "recommended",
+            ])
+            .arg("--json")
+            .arg(out(name))
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+    let a = std::fs::read(out("a")).unwrap();
+    assert_eq!(
+        a,
+        std::fs::read(out("b")).unwrap(),
+        "same trace, configs and seed → same bytes"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&a).unwrap();
+    let results = json["results"].as_array().unwrap();
+    let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["round-robin", "random", "recommended"]);
+    for r in results {
+        for field in [
+            "requests",
+            "ttft_mean_s",
+            "ttft_p50_s",
+            "ttft_p90_s",
+            "ttft_p99_s",
+            "e2e_p90_s",
+            "throughput_tokens_per_s",
+            "prefix_hit_rate",
+            "rejected",
+        ] {
+            assert!(r[field].is_number(), "{field} in {r}");
+        }
+        assert_eq!(r["requests"], 300);
+        assert!(r["ttft_p50_s"].as_f64().unwrap() <= r["ttft_p99_s"].as_f64().unwrap());
+    }
+    // A different seed changes the random baseline only.
+    let status = Command::new(env!("CARGO_BIN_EXE_epp-sim"))
+        .args([
+            "compare", "--trace", TRACE, "--format", "mooncake", "--pods", "4", "--limit", "300",
+        ])
+        .args(["--rate-scale", "2", "--seed", "4", "--config", "random", "--json"])
+        .arg(out("c"))
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(out("c")).unwrap()).unwrap();
+    assert_ne!(c["results"][0], results[1]);
+}
+
+#[test]
+fn compare_names_a_bad_config_and_a_missing_trace() {
+    let out = Command::new(env!("CARGO_BIN_EXE_epp-sim"))
+        .args(["compare", "--format", "mooncake", "--config", "round-robin"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--format Mooncake needs --trace FILE"));
+    let out = Command::new(env!("CARGO_BIN_EXE_epp-sim"))
+        .args(["compare", "--trace", TRACE, "--config", "fastest"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown baseline \"fastest\""));
+}
+
+#[test]
+fn prefix_aware_routing_beats_round_robin_on_shared_prefixes() {
+    // 32 system prompts of 2k tokens; each pod's cache holds about 11 of them. Round robin sends
+    // every group everywhere and thrashes; prefix-aware routing partitions the groups.
+    let params = GeneratorParams {
+        requests: 1_500,
+        rate: 40.0,
+        groups: 32,
+        prefix_tokens: 2_048,
+        users: 16,
+        question_tokens: 64,
+        output_tokens: 32,
+        ..Default::default()
+    };
+    let workload = generate::shared_prefix(&params, 11);
+    let profile = EngineProfile {
+        num_gpu_blocks: 1_500,
+        ..EngineProfile::a100()
+    };
+    let (_, rr) = run(
+        &workload,
+        &setup("rr", baseline("round-robin"), 4, profile.clone()),
+    );
+    let (_, prefix) = run(
+        &workload,
+        &setup("prefix", baseline("upstream-default"), 4, profile),
+    );
+    assert!(
+        prefix.prefix_hit_rate > rr.prefix_hit_rate + 0.3,
+        "hit rate {} vs {}",
+        prefix.prefix_hit_rate,
+        rr.prefix_hit_rate
+    );
+    assert!(prefix.prefix_hit_rate > 0.7, "{}", prefix.prefix_hit_rate);
+    assert!(
+        prefix.ttft.mean_s * 2.0 < rr.ttft.mean_s,
+        "TTFT {} vs {}",
+        prefix.ttft.mean_s,
+        rr.ttft.mean_s
+    );
+}
+
+fn mean_ttft(records: &[epp_sim::replay::RequestRecord]) -> f64 {
+    let v: Vec<f64> = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Completed)
+        .map(|r| (r.first_token_ns.unwrap() - r.arrival_ns) as f64 / 1e9)
+        .collect();
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn a_saturated_pool_builds_a_queue_and_an_unsaturated_one_does_not() {
+    let profile = EngineProfile {
+        max_num_seqs: 8,
+        ..EngineProfile::a100()
+    };
+    let params = |rate: f64| GeneratorParams {
+        requests: 800,
+        rate,
+        groups: 4,
+        prefix_tokens: 256,
+        users: 1_000,
+        question_tokens: 256,
+        output_tokens: 128,
+        ..Default::default()
+    };
+    // Two pods of 8 sequences at ~128 output tokens of ~15 ms steps: about 8 requests/s in all.
+    let growth = |rate: f64| {
+        let w = generate::shared_prefix(&params(rate), 5);
+        let (outcome, report) = run(&w, &setup("lq", baseline("least-queue"), 2, profile.clone()));
+        let n = outcome.records.len();
+        let first = mean_ttft(&outcome.records[..n / 4]);
+        let last = mean_ttft(&outcome.records[n - n / 4..]);
+        let peak = outcome
+            .pods
+            .iter()
+            .flat_map(|p| p.load_per_second.iter().copied())
+            .fold(0.0, f64::max);
+        (last / first, peak, report)
+    };
+    let (calm, calm_peak, _) = growth(3.0);
+    let (busy, busy_peak, busy_report) = growth(30.0);
+    assert!(calm < 2.0, "unsaturated TTFT drifted {calm}x");
+    assert!(busy > 4.0, "saturated TTFT grew only {busy}x");
+    assert!(
+        busy_peak > 10.0 * calm_peak.max(1.0),
+        "queue {busy_peak} vs {calm_peak}"
+    );
+    assert_eq!(
+        busy_report.rejected, 0,
+        "no EPP-side shedding for priority-0 traffic"
+    );
+}
+
+#[test]
+fn lora_affinity_reduces_adapter_loads() {
+    let profile = EngineProfile {
+        max_loras: 2,
+        ..EngineProfile::h100()
+    };
+    let params = GeneratorParams {
+        requests: 1_000,
+        rate: 30.0,
+        adapters: 8,
+        prefix_tokens: 128,
+        question_tokens: 128,
+        output_tokens: 64,
+        ..Default::default()
+    };
+    let workload = generate::multi_lora(&params, 9);
+    let affinity = EndpointPickerConfig::from_yaml(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\n\
+         kind: EndpointPickerConfig\n\
+         plugins:\n- type: lora-affinity-scorer\n- type: queue-scorer\n\
+         schedulingProfiles:\n- name: default\n  plugins:\n\
+         \x20 - pluginRef: lora-affinity-scorer\n    weight: 3\n\
+         \x20 - pluginRef: queue-scorer\n    weight: 1\n",
+    )
+    .unwrap();
+    let (_, rr) = run(
+        &workload,
+        &setup("rr", baseline("round-robin"), 4, profile.clone()),
+    );
+    let (_, lora) = run(&workload, &setup("lora", affinity, 4, profile));
+    assert!(rr.lora_loads > 0);
+    assert!(
+        lora.lora_loads * 2 < rr.lora_loads,
+        "adapter loads {} with affinity vs {} round robin",
+        lora.lora_loads,
+        rr.lora_loads
+    );
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
