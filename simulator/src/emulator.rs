@@ -1,20 +1,24 @@
-//! Stand-in vLLM pods: an OpenAI-compatible HTTP server per pod with a `/metrics` page in vLLM's
-//! names, for demos and end-to-end tests.
+//! Emulated vLLM pods: an OpenAI-compatible HTTP server per pod, driven in real time by the
+//! [engine model](crate::engine), with a `/metrics` page in vLLM's names.
 //!
-//! Each pod runs requests on a fixed number of slots (`max_num_seqs`); requests beyond wait, and
-//! the waiting and running counts are what `/metrics` reports, so the EPP sees real load. Prompt
-//! prefixes this pod has served before are "cached" and skip most of their prefill time, which is
-//! what makes prefix-aware routing visible. Every response names the pod that served it in the
-//! `x-emulated-pod` header and echoes the model it was asked for in `x-received-model`.
+//! Each pod owns one engine task that runs steps back to back while there is work, sleeping
+//! each step's modelled duration divided by `time_scale` (infinite = no sleeping), and hands the
+//! tokens of each step to the requests' streams. What `/metrics` shows (queue, running, KV
+//! usage, LoRA adapters, prefix-cache counters) is the engine's state after the latest step, so
+//! the EPP sees real load and real cache behaviour. Prompts are hashed in 64-byte blocks (16
+//! tokens at four bytes per token), so shared prompt prefixes become prefix-cache hits.
 //!
-//! This is a stand-in, not the engine model: timing is a simple per-token cost.
+//! Test hooks (request headers): `x-emulator-hold` pauses a stream after its first event until
+//! [`PodState::release`] is notified; `x-emulator-echo` answers with the last prompt text the pod
+//! received (also in `x-received-prompt`). Every response names its pod in `x-emulated-pod` and
+//! the model it was asked for in `x-received-model`.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -30,42 +34,65 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::{
     net::TcpListener,
-    sync::{Mutex, Notify, Semaphore, mpsc},
+    sync::{Notify, mpsc, watch},
+    time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Bytes of prompt per cached block (about 64 tokens).
-const BLOCK_BYTES: usize = 256;
+use crate::engine::{Engine, EngineEvent, EngineGauges, EngineProfile, EngineRequest};
 
-/// Timing and capacity of one emulated pod.
+/// Bytes of prompt per token (the EPP's estimate as well).
+const BYTES_PER_TOKEN: usize = 4;
+
+/// One emulated pod's engine and behaviour.
 #[derive(Debug, Clone)]
 pub struct PodConfig {
-    /// Concurrent sequences (`max_num_seqs`).
-    pub slots: u32,
-    /// Prefill cost per uncached prompt block.
-    pub prefill_per_block: Duration,
-    /// Decode cost per output token.
-    pub per_token: Duration,
+    /// The engine model (capacity and timing).
+    pub profile: EngineProfile,
+    /// Simulated seconds per wall second (1 = real time; `f64::INFINITY` = as fast as possible).
+    pub time_scale: f64,
     /// Output tokens when the request does not say.
     pub default_output_tokens: u32,
     /// Added to the reported waiting queue (tests use it to make one pod look busy).
     pub extra_waiting: u32,
-    /// KV blocks reported in `vllm:cache_config_info`.
-    pub num_gpu_blocks: u32,
+    /// Model names served as LoRA adapters; any other model name is the base model.
+    pub adapters: Vec<String>,
 }
 
 impl Default for PodConfig {
     fn default() -> Self {
         Self {
-            slots: 4,
-            prefill_per_block: Duration::from_micros(400),
-            per_token: Duration::from_millis(2),
+            profile: EngineProfile::h100(),
+            time_scale: 1.0,
             default_output_tokens: 16,
             extra_waiting: 0,
-            num_gpu_blocks: 4096,
+            adapters: Vec::new(),
         }
     }
+}
+
+impl PodConfig {
+    /// Pods that answer as fast as they can, one output token by default (latency baselines).
+    pub fn instant() -> Self {
+        Self {
+            time_scale: f64::INFINITY,
+            default_output_tokens: 1,
+            ..Self::default()
+        }
+    }
+}
+
+enum Command {
+    Submit(EngineRequest, mpsc::UnboundedSender<Progress>),
+    Abort(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Progress {
+    First { cached: u32 },
+    Token,
+    Finished { output: u32 },
 }
 
 /// Shared state of one pod.
@@ -73,45 +100,75 @@ pub struct PodState {
     /// `ip:port` of this pod.
     pub name: String,
     config: PodConfig,
-    slots: Arc<Semaphore>,
-    waiting: AtomicU32,
-    running: AtomicU32,
+    commands: mpsc::UnboundedSender<Command>,
+    gauges: watch::Receiver<EngineGauges>,
     served: AtomicU64,
-    prefix_queries: AtomicU64,
-    prefix_hits: AtomicU64,
-    cache: Mutex<HashSet<u64>>,
+    next_id: AtomicU64,
+    tasks: TaskTracker,
     /// Streams that ask for it (`x-emulator-hold: 1`) pause after their first event until this
     /// is notified: tests use it to prove events reach the client one by one.
     pub release: Notify,
 }
 
 impl PodState {
-    /// Requests served so far.
+    /// Requests accepted so far.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
 
+    /// The engine's gauges after its latest step.
+    pub fn gauges(&self) -> EngineGauges {
+        self.gauges.borrow().clone()
+    }
+
     fn metrics_text(&self) -> String {
-        let waiting = self.waiting.load(Ordering::Relaxed) + self.config.extra_waiting;
-        let running = self.running.load(Ordering::Relaxed);
-        let kv = f64::from(running) / f64::from(self.config.slots.max(1)) * 0.5;
+        let g = self.gauges();
+        let p = &self.config.profile;
+        let model = &p.model;
+        let waiting = g.waiting + self.config.extra_waiting;
+        let join = |v: &[Arc<str>]| v.iter().map(|a| a.as_ref()).collect::<Vec<_>>().join(",");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         format!(
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
              # TYPE vllm:num_requests_waiting gauge\n\
-             vllm:num_requests_waiting{{engine=\"0\",model_name=\"emulated\"}} {waiting}.0\n\
+             vllm:num_requests_waiting{{engine=\"0\",model_name=\"{model}\"}} {waiting}.0\n\
+             # HELP vllm:num_requests_running Number of requests in model execution batches.\n\
              # TYPE vllm:num_requests_running gauge\n\
-             vllm:num_requests_running{{engine=\"0\",model_name=\"emulated\"}} {running}.0\n\
+             vllm:num_requests_running{{engine=\"0\",model_name=\"{model}\"}} {}.0\n\
+             # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
              # TYPE vllm:kv_cache_usage_perc gauge\n\
-             vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"emulated\"}} {kv}\n\
+             vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"{model}\"}} {}\n\
+             # HELP vllm:lora_requests_info Running stats on lora requests.\n\
+             # TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {now:.3}\n\
+             # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n\
              # TYPE vllm:cache_config_info gauge\n\
-             vllm:cache_config_info{{block_size=\"16\",engine=\"0\",num_gpu_blocks=\"{}\"}} 1.0\n\
+             vllm:cache_config_info{{block_size=\"{}\",enable_prefix_caching=\"{}\",engine=\"0\",num_gpu_blocks=\"{}\"}} 1.0\n\
              # TYPE vllm:prefix_cache_queries counter\n\
-             vllm:prefix_cache_queries_total{{engine=\"0\",model_name=\"emulated\"}} {}.0\n\
+             vllm:prefix_cache_queries_total{{engine=\"0\",model_name=\"{model}\"}} {}.0\n\
              # TYPE vllm:prefix_cache_hits counter\n\
-             vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"emulated\"}} {}.0\n",
-            self.config.num_gpu_blocks,
-            self.prefix_queries.load(Ordering::Relaxed),
-            self.prefix_hits.load(Ordering::Relaxed),
+             vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"{model}\"}} {}.0\n\
+             # TYPE vllm:num_preemptions counter\n\
+             vllm:num_preemptions_total{{engine=\"0\",model_name=\"{model}\"}} {}.0\n\
+             # TYPE vllm:prompt_tokens counter\n\
+             vllm:prompt_tokens_total{{engine=\"0\",model_name=\"{model}\"}} {}.0\n\
+             # TYPE vllm:generation_tokens counter\n\
+             vllm:generation_tokens_total{{engine=\"0\",model_name=\"{model}\"}} {}.0\n",
+            g.running,
+            g.kv_usage,
+            p.max_loras,
+            join(&g.running_adapters),
+            join(&g.waiting_adapters),
+            p.block_size,
+            if p.enable_prefix_caching { "True" } else { "False" },
+            p.num_gpu_blocks,
+            g.prefix_queries,
+            g.prefix_hits,
+            g.preemptions,
+            g.prompt_tokens,
+            g.generation_tokens,
         )
     }
 }
@@ -131,26 +188,36 @@ impl Emulator {
     /// consecutive ports from it).
     ///
     /// # Errors
-    /// When a port cannot be bound.
+    /// When a port cannot be bound or a profile is invalid.
     pub async fn start(configs: Vec<PodConfig>, base_port: u16) -> std::io::Result<Self> {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let mut pods = Vec::new();
         let mut addrs = Vec::new();
         for (i, config) in configs.into_iter().enumerate() {
+            config.profile.validate().map_err(std::io::Error::other)?;
             let port = if base_port == 0 { 0 } else { base_port + i as u16 };
             let listener = TcpListener::bind(("127.0.0.1", port)).await?;
             let addr = listener.local_addr()?;
+            let (commands, command_rx) = mpsc::unbounded_channel();
+            let mut engine = Engine::new(config.profile.clone());
+            engine.set_token_events(true);
+            let (gauges_tx, gauges) = watch::channel(engine.gauges());
+            tasks.spawn(drive(
+                engine,
+                command_rx,
+                gauges_tx,
+                config.time_scale,
+                cancel.clone(),
+            ));
             let state = Arc::new(PodState {
                 name: addr.to_string(),
-                slots: Arc::new(Semaphore::new(config.slots as usize)),
                 config,
-                waiting: AtomicU32::new(0),
-                running: AtomicU32::new(0),
+                commands,
+                gauges,
                 served: AtomicU64::new(0),
-                prefix_queries: AtomicU64::new(0),
-                prefix_hits: AtomicU64::new(0),
-                cache: Mutex::new(HashSet::new()),
+                next_id: AtomicU64::new(0),
+                tasks: tasks.clone(),
                 release: Notify::new(),
             });
             let app = Router::new()
@@ -185,6 +252,113 @@ impl Emulator {
     }
 }
 
+/// The engine task: steps while there is work, in (scaled) real time.
+async fn drive(
+    mut engine: Engine,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    gauges: watch::Sender<EngineGauges>,
+    time_scale: f64,
+    cancel: CancellationToken,
+) {
+    let mut waiters: HashMap<u64, mpsc::UnboundedSender<Progress>> = HashMap::new();
+    let mut events = Vec::new();
+    loop {
+        while let Ok(c) = commands.try_recv() {
+            apply(&mut engine, &mut waiters, c);
+        }
+        if engine.is_idle() {
+            gauges.send_replace(engine.gauges());
+            tokio::select! {
+                c = commands.recv() => match c {
+                    Some(c) => apply(&mut engine, &mut waiters, c),
+                    None => return,
+                },
+                () = cancel.cancelled() => return,
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let Some(ns) = engine.step(&mut events) else {
+            continue;
+        };
+        gauges.send_replace(engine.gauges());
+        if time_scale.is_finite() && time_scale > 0.0 {
+            let wall = Duration::from_nanos((ns as f64 / time_scale) as u64);
+            tokio::select! {
+                () = tokio::time::sleep_until(started + wall) => {}
+                () = cancel.cancelled() => return,
+            }
+        } else {
+            tokio::task::yield_now().await;
+        }
+        for event in events.drain(..) {
+            let (id, progress) = match event {
+                EngineEvent::FirstToken { id, cached_tokens } => (
+                    id,
+                    Progress::First {
+                        cached: cached_tokens,
+                    },
+                ),
+                EngineEvent::Token { id } => (id, Progress::Token),
+                EngineEvent::Finished { id, output_tokens } => (
+                    id,
+                    Progress::Finished {
+                        output: output_tokens,
+                    },
+                ),
+            };
+            let finished = matches!(progress, Progress::Finished { .. });
+            let delivered = waiters.get(&id).is_some_and(|tx| tx.send(progress).is_ok());
+            if finished {
+                waiters.remove(&id);
+            } else if !delivered {
+                // The client went away: stop spending the engine on it.
+                engine.abort(id);
+                waiters.remove(&id);
+            }
+        }
+    }
+}
+
+fn apply(engine: &mut Engine, waiters: &mut HashMap<u64, mpsc::UnboundedSender<Progress>>, c: Command) {
+    match c {
+        Command::Submit(req, tx) => {
+            let id = req.id;
+            // Admissibility was checked by the handler; a refusal here only drops the stream.
+            if engine.submit(req).is_ok() {
+                waiters.insert(id, tx);
+            }
+        }
+        Command::Abort(id) => {
+            engine.abort(id);
+            waiters.remove(&id);
+        }
+    }
+}
+
+/// Aborts the request in the engine unless disarmed (the handler or stream was dropped early).
+struct AbortOnDrop {
+    id: u64,
+    commands: mpsc::UnboundedSender<Command>,
+    armed: bool,
+}
+
+impl AbortOnDrop {
+    /// The request ended normally: nothing to abort. (A method, so that a closure moving the
+    /// guard captures all of it, not just the flag.)
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.commands.send(Command::Abort(self.id));
+        }
+    }
+}
+
 async fn metrics(State(pod): State<Arc<PodState>>) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
@@ -193,8 +367,14 @@ async fn metrics(State(pod): State<Arc<PodState>>) -> impl IntoResponse {
 }
 
 async fn models(State(pod): State<Arc<PodState>>) -> Response {
-    let mut r = axum::Json(json!({"object": "list", "data": [{"id": "emulated", "object": "model"}]}))
-        .into_response();
+    let mut data = vec![json!({"id": pod.config.profile.model, "object": "model"})];
+    data.extend(
+        pod.config
+            .adapters
+            .iter()
+            .map(|a| json!({"id": a, "object": "model", "parent": pod.config.profile.model})),
+    );
+    let mut r = axum::Json(json!({"object": "list", "data": data})).into_response();
     tag(&mut r, &pod, None);
     r
 }
@@ -213,21 +393,65 @@ fn error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-/// Prompt blocks of a request, chained so that equal prefixes give equal leading hashes.
-fn prompt_blocks(body: &Value) -> Vec<u64> {
-    let text = body
-        .get("messages")
+/// The prompt's text as the engine sees it: the raw JSON of `messages` or `prompt`.
+fn prompt_text(body: &Value) -> String {
+    body.get("messages")
         .or_else(|| body.get("prompt"))
         .map(Value::to_string)
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Chained hashes of the prompt's full blocks of `block_tokens` tokens.
+fn block_hashes(text: &str, block_tokens: u32) -> Arc<[u64]> {
     let mut prev = 0u64;
     text.as_bytes()
-        .chunks(BLOCK_BYTES)
+        .chunks_exact(block_tokens as usize * BYTES_PER_TOKEN)
         .map(|c| {
             prev = xxhash_rust::xxh64::xxh64(c, prev);
             prev
         })
         .collect()
+}
+
+struct Shape {
+    chat: bool,
+    model: String,
+    include_usage: bool,
+    id: String,
+    prompt_tokens: u32,
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.chat, chunk) {
+            (true, false) => "chat.completion",
+            (true, true) => "chat.completion.chunk",
+            (false, _) => "text_completion",
+        }
+    }
+
+    fn usage(&self, output: u32, cached: u32) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": output,
+            "total_tokens": self.prompt_tokens + output,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        })
+    }
+
+    fn chunk(&self, text: &str, finish: Option<&str>) -> Bytes {
+        let choice = if self.chat {
+            json!({"index": 0, "delta": {"content": text}, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish})
+        };
+        let mut event =
+            json!({"id": self.id, "object": self.object(true), "model": self.model, "choices": [choice]});
+        if self.include_usage {
+            event["usage"] = Value::Null;
+        }
+        Bytes::from(format!("data: {event}\n\n"))
+    }
 }
 
 async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
@@ -237,17 +461,12 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
     let Some(model) = req.get("model").and_then(Value::as_str).map(str::to_owned) else {
         return error(StatusCode::BAD_REQUEST, "model is required");
     };
-    let chat = uri.path().ends_with("/chat/completions");
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = req
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let max_tokens = req
         .get("max_tokens")
         .or_else(|| req.get("max_completion_tokens"))
         .and_then(Value::as_u64)
-        .map_or(pod.config.default_output_tokens, |v| v.clamp(1, 4096) as u32);
+        .map_or(pod.config.default_output_tokens, |v| v.clamp(1, 1 << 20) as u32);
     let hold = headers.get("x-emulator-hold").is_some();
     // With `x-emulator-echo`, the answer repeats the last prompt text the pod received (and names
     // it in `x-received-prompt`): tests see exactly what reached the model server.
@@ -261,59 +480,67 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
             .unwrap_or_default()
             .to_owned()
     });
-
-    // Queue for a slot, as a continuous-batching engine's waiting queue.
-    pod.waiting.fetch_add(1, Ordering::Relaxed);
-    let permit = pod.slots.clone().acquire_owned().await;
-    pod.waiting.fetch_sub(1, Ordering::Relaxed);
-    let Ok(permit) = permit else {
+    let text = prompt_text(&req);
+    let profile = &pod.config.profile;
+    let prompt_tokens = u32::try_from((text.len() / BYTES_PER_TOKEN).max(1)).unwrap_or(u32::MAX);
+    if let Err(refusal) = profile.admissible(prompt_tokens, max_tokens) {
+        return error(StatusCode::BAD_REQUEST, &refusal.to_string());
+    }
+    let id = pod.next_id.fetch_add(1, Ordering::Relaxed);
+    let adapter = pod
+        .config
+        .adapters
+        .contains(&model)
+        .then(|| Arc::<str>::from(model.as_str()));
+    let engine_request = EngineRequest {
+        id,
+        prompt_tokens,
+        output_tokens: max_tokens,
+        block_hashes: block_hashes(&text, profile.block_size),
+        adapter,
+    };
+    let (tx, mut progress) = mpsc::unbounded_channel();
+    if pod.commands.send(Command::Submit(engine_request, tx)).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    };
-    pod.running.fetch_add(1, Ordering::Relaxed);
+    }
     pod.served.fetch_add(1, Ordering::Relaxed);
-
-    // Prefill: only the blocks past the cached prefix cost time.
-    let blocks = prompt_blocks(&req);
-    let cached = {
-        let mut cache = pod.cache.lock().await;
-        let hit = blocks.iter().take_while(|b| cache.contains(b)).count();
-        cache.extend(blocks.iter().copied());
-        hit
+    let mut guard = AbortOnDrop {
+        id,
+        commands: pod.commands.clone(),
+        armed: true,
     };
-    let block_tokens = (BLOCK_BYTES / 4) as u64;
-    pod.prefix_queries
-        .fetch_add(blocks.len() as u64 * block_tokens, Ordering::Relaxed);
-    pod.prefix_hits
-        .fetch_add(cached as u64 * block_tokens, Ordering::Relaxed);
-    tokio::time::sleep(pod.config.prefill_per_block * (blocks.len() - cached) as u32).await;
-
-    let prompt_tokens = (body.len() / 4).max(1) as u64;
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": max_tokens,
-        "total_tokens": prompt_tokens + u64::from(max_tokens),
-        "prompt_tokens_details": {"cached_tokens": cached as u64 * block_tokens},
-    });
-    let object = if chat {
-        "chat.completion"
-    } else {
-        "text_completion"
+    let shape = Shape {
+        chat: uri.path().ends_with("/chat/completions"),
+        model: model.clone(),
+        include_usage: req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        id: format!("cmpl-{}-{id}", pod.name),
+        prompt_tokens,
     };
-    let id = format!("cmpl-{}", pod.served());
 
     if !stream {
-        tokio::time::sleep(pod.config.per_token * max_tokens).await;
-        pod.running.fetch_sub(1, Ordering::Relaxed);
-        drop(permit);
-        let text = echo.clone().unwrap_or_else(|| "tok ".repeat(max_tokens as usize));
-        let choice = if chat {
+        let mut cached = 0;
+        let output = loop {
+            match progress.recv().await {
+                Some(Progress::First { cached: c }) => cached = c,
+                Some(Progress::Token) => {}
+                Some(Progress::Finished { output }) => break output,
+                None => return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+            }
+        };
+        guard.disarm();
+        let text = echo.clone().unwrap_or_else(|| "tok ".repeat(output as usize));
+        let choice = if shape.chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
         } else {
             json!({"index": 0, "text": text, "finish_reason": "length"})
         };
-        let mut r = axum::Json(
-            json!({"id": id, "object": object, "model": model, "choices": [choice], "usage": usage}),
-        )
+        let mut r = axum::Json(json!({
+            "id": shape.id, "object": shape.object(false), "model": model,
+            "choices": [choice], "usage": shape.usage(output, cached),
+        }))
         .into_response();
         tag(&mut r, &pod, Some(&model));
         if let Some(v) = echo.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
@@ -322,45 +549,41 @@ async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap
         return r;
     }
 
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    let chunk_object = if chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
+    let (out, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let pod2 = pod.clone();
-    let model2 = model.clone();
-    tokio::spawn(async move {
-        let _permit = permit;
-        for i in 0..max_tokens {
-            let choice = if chat {
-                json!({"index": 0, "delta": {"content": "tok "}, "finish_reason": null})
-            } else {
-                json!({"index": 0, "text": "tok ", "finish_reason": null})
+    pod.tasks.spawn(async move {
+        let mut cached = 0;
+        let mut sent_first = false;
+        while let Some(p) = progress.recv().await {
+            let (bytes, done) = match p {
+                Progress::First { cached: c } => {
+                    cached = c;
+                    (shape.chunk("tok ", None), None)
+                }
+                Progress::Token => (shape.chunk("tok ", None), None),
+                Progress::Finished { output } => {
+                    let last = if output > 1 { "tok " } else { "" };
+                    (shape.chunk(last, Some("length")), Some(output))
+                }
             };
-            let mut event = json!({"id": id, "object": chunk_object, "model": model2, "choices": [choice]});
-            if include_usage {
-                event["usage"] = Value::Null;
+            if out.send(Ok(bytes)).await.is_err() {
+                return; // client gone; the guard aborts the request
             }
-            if tx
-                .send(Ok(Bytes::from(format!("data: {event}\n\n"))))
-                .await
-                .is_err()
-            {
-                break;
-            }
-            if i == 0 && hold {
+            if !sent_first && hold {
                 pod2.release.notified().await;
             }
-            tokio::time::sleep(pod2.config.per_token).await;
+            sent_first = true;
+            if let Some(output) = done {
+                guard.disarm();
+                if shape.include_usage {
+                    let event = json!({"id": shape.id, "object": shape.object(true), "model": shape.model,
+                        "choices": [], "usage": shape.usage(output, cached)});
+                    let _ = out.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
+                }
+                let _ = out.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+                return;
+            }
         }
-        if include_usage {
-            let event =
-                json!({"id": id, "object": chunk_object, "model": model2, "choices": [], "usage": usage});
-            let _ = tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
-        }
-        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
-        pod2.running.fetch_sub(1, Ordering::Relaxed);
     });
     let mut r = Response::new(Body::from_stream(ReceiverStream::new(rx)));
     r.headers_mut()

@@ -129,13 +129,7 @@ async fn open_loop(url: &str, rate: u32, seconds: u64, prompt_tokens: usize) -> 
 /// # Errors
 /// When Envoy, the EPP or the pods cannot start.
 pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::Result<(Run, Run)> {
-    let instant = PodConfig {
-        slots: 256,
-        prefill_per_block: Duration::ZERO,
-        per_token: Duration::ZERO,
-        default_output_tokens: 1,
-        ..PodConfig::default()
-    };
+    let instant = PodConfig::instant();
     let emulator = Emulator::start(vec![instant; 3], 0).await?;
     let endpoints: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
     let grpc = free_port()?;

@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run emulated vLLM pods (OpenAI API + /metrics) on 127.0.0.1 until Ctrl-C.
+    /// Run emulated vLLM pods (OpenAI API + /metrics, driven by the engine model in real time)
+    /// on 127.0.0.1 until Ctrl-C.
     Emulate {
         /// Number of pods.
         #[arg(long, default_value_t = 3)]
@@ -31,9 +32,15 @@ enum Command {
         /// First port; pods take consecutive ports.
         #[arg(long, default_value_t = 8000)]
         base_port: u16,
-        /// Concurrent sequences per pod.
-        #[arg(long, default_value_t = 4)]
-        slots: u32,
+        /// Engine profile: `h100`, `a100`, or a YAML/JSON file overriding a preset.
+        #[arg(long, default_value = "h100")]
+        profile: String,
+        /// Simulated seconds per wall second (10 = ten times faster than the modelled GPU).
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// Model names to serve as LoRA adapters (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        adapters: Vec<String>,
     },
     /// Send chat requests with shared-prefix groups and report latency and per-pod balance.
     Load(LoadArgs),
@@ -237,10 +244,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Emulate {
             pods,
             base_port,
-            slots,
+            profile,
+            time_scale,
+            adapters,
         } => {
+            if time_scale.is_nan() || time_scale <= 0.0 {
+                bail!("--time-scale must be positive, got {time_scale}");
+            }
             let config = PodConfig {
-                slots,
+                profile: epp_sim::engine::EngineProfile::load(&profile).map_err(anyhow::Error::msg)?,
+                time_scale,
+                adapters,
                 ..PodConfig::default()
             };
             let emulator = Emulator::start(vec![config; pods], base_port).await?;

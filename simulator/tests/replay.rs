@@ -1,6 +1,8 @@
 //! Replay end to end: determinism of the `compare` command on the real Mooncake trace, and
 //! sanity checks that pin known behaviour of routing policies against the engine model.
 
+#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
 use std::process::Command;
 
 use epp::config::EndpointPickerConfig;

@@ -190,20 +190,7 @@ impl Engine {
     pub fn submit(&mut self, req: EngineRequest) -> Result<(), Refusal> {
         let output = req.output_tokens.max(1);
         let prompt = req.prompt_tokens.max(1);
-        let requested = u64::from(prompt) + u64::from(output);
-        if requested > u64::from(self.profile.max_model_len) {
-            return Err(Refusal::TooLong {
-                max: self.profile.max_model_len,
-                requested,
-            });
-        }
-        let needed = requested.div_ceil(u64::from(self.profile.block_size));
-        if needed > u64::from(self.pool.capacity()) {
-            return Err(Refusal::ExceedsCache {
-                needed,
-                capacity: self.pool.capacity(),
-            });
-        }
+        self.profile.admissible(prompt, output)?;
         let seq = Seq {
             req: EngineRequest {
                 prompt_tokens: prompt,
@@ -228,6 +215,19 @@ impl Engine {
         };
         self.waiting.push_back(slot);
         Ok(())
+    }
+
+    /// Drop request `id` wherever it is (the client went away) and free its blocks. Returns
+    /// whether it was found.
+    pub fn abort(&mut self, id: u64) -> bool {
+        let found = self
+            .seqs
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|q| q.req.id == id));
+        let Some(slot) = found else { return false };
+        self.waiting.retain(|s| *s != slot);
+        self.finish(slot);
+        true
     }
 
     /// Gauges as of now.

@@ -190,6 +190,29 @@ impl EngineProfile {
         Ok(())
     }
 
+    /// Whether a request of `prompt` + `output` tokens can ever be served (vLLM answers 400
+    /// otherwise).
+    ///
+    /// # Errors
+    /// [`Refusal`] with the reason.
+    pub fn admissible(&self, prompt: u32, output: u32) -> Result<(), super::Refusal> {
+        let requested = u64::from(prompt) + u64::from(output);
+        if requested > u64::from(self.max_model_len) {
+            return Err(super::Refusal::TooLong {
+                max: self.max_model_len,
+                requested,
+            });
+        }
+        let needed = requested.div_ceil(u64::from(self.block_size.max(1)));
+        if needed > u64::from(self.num_gpu_blocks) {
+            return Err(super::Refusal::ExceedsCache {
+                needed,
+                capacity: self.num_gpu_blocks,
+            });
+        }
+        Ok(())
+    }
+
     /// Nanoseconds to load one adapter.
     pub fn lora_load_ns(&self) -> u64 {
         us_to_ns(self.lora_load_fixed_us + self.lora_load_per_rank_us * f64::from(self.lora_rank))

@@ -210,3 +210,19 @@ fn impossible_requests_are_refused() {
     );
     assert!(e.is_idle());
 }
+
+#[test]
+fn an_aborted_request_leaves_and_frees_its_blocks() {
+    let mut e = Engine::new(small());
+    e.submit(request(1, 320, 50, 1)).unwrap();
+    e.submit(request(2, 320, 50, 2)).unwrap();
+    let mut events = Vec::new();
+    e.step(&mut events);
+    assert!(e.gauges().kv_usage > 0.0);
+    assert!(e.abort(1));
+    assert!(!e.abort(1), "already gone");
+    assert!(e.abort(2));
+    assert!(e.is_idle());
+    assert_eq!(e.gauges().kv_usage, 0.0);
+    assert_eq!(e.step(&mut events), None);
+}
