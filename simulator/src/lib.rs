@@ -15,4 +15,5 @@ pub mod grpc_load;
 pub mod load;
 pub mod replay;
 pub mod scrape_cost;
+pub mod trace_load;
 pub mod workload;

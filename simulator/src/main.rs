@@ -42,8 +42,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         adapters: Vec<String>,
     },
-    /// Send chat requests with shared-prefix groups and report latency and per-pod balance.
-    Load(LoadArgs),
+    /// Open-loop load from a trace or generator against an OpenAI-style endpoint (e.g. Envoy):
+    /// every request leaves at its arrival time; TTFT and latency are measured at the client.
+    Load(TraceLoadArgs),
     /// Replay a trace (or a generated workload) through the EPP's scheduler against simulated
     /// vLLM pods, in simulated time, and report TTFT, TPOT, throughput and cache hits.
     Replay(SimArgs),
@@ -116,6 +117,28 @@ enum Command {
     },
 }
 
+#[derive(Args, Clone)]
+struct TraceLoadArgs {
+    #[command(flatten)]
+    workload: epp_sim::replay::command::WorkloadArgs,
+    /// Base URL (Envoy's listener).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    url: String,
+    /// `model` of requests that do not name an adapter.
+    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+    model: String,
+    /// Header that carries the workload's tenant (multi-tenant generator).
+    #[arg(long, default_value = "x-gateway-inference-fairness-id")]
+    tenant_header: String,
+    /// Per-request timeout (Go duration).
+    #[arg(long, default_value = "300s", value_parser = epp::config::parse_duration)]
+    timeout: Duration,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// The closed-loop load of the demo.
 #[derive(Args, Clone)]
 struct LoadArgs {
     /// Base URL (Envoy's listener).
@@ -268,8 +291,25 @@ async fn main() -> anyhow::Result<()> {
             emulator.shutdown().await;
         }
         Command::Load(args) => {
-            let report = run_load(args.config(args.url.clone())).await;
+            let workload = args.workload.load().map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "{}: {} requests open loop against {}",
+                workload.name,
+                workload.requests.len(),
+                args.url
+            );
+            let cfg = epp_sim::trace_load::TraceLoadConfig {
+                url: args.url.trim_end_matches('/').to_owned(),
+                model: args.model,
+                tenant_header: args.tenant_header,
+                timeout: args.timeout,
+            };
+            let report = epp_sim::trace_load::run(&workload, &cfg).await;
             println!("{}", report.summary());
+            if let Some(path) = args.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+                    .with_context(|| path.display().to_string())?;
+            }
         }
         Command::Demo { pods, load } => demo(pods, load).await?,
         Command::Replay(args) | Command::Compare(args) => {

@@ -168,3 +168,42 @@ async fn a_client_that_goes_away_frees_the_engine() {
     assert_eq!(metric(&addr, "vllm:kv_cache_usage_perc").await, 0.0);
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn open_loop_trace_load_measures_ttft_and_reads_cached_tokens() {
+    use epp_sim::{
+        trace_load::{TraceLoadConfig, run},
+        workload::generate::{GeneratorParams, shared_prefix},
+    };
+    let config = PodConfig {
+        time_scale: 20.0,
+        ..PodConfig::default()
+    };
+    let emulator = Emulator::start(vec![config], 0).await.unwrap();
+    let params = GeneratorParams {
+        requests: 40,
+        rate: 200.0,
+        groups: 2,
+        prefix_tokens: 512,
+        users: 4,
+        question_tokens: 32,
+        output_tokens: 8,
+        ..Default::default()
+    };
+    let workload = shared_prefix(&params, 3);
+    let cfg = TraceLoadConfig {
+        url: format!("http://{}", emulator.addrs[0]),
+        model: "m".into(),
+        tenant_header: "x-tenant".into(),
+        timeout: Duration::from_secs(30),
+    };
+    let report = run(&workload, &cfg).await;
+    assert_eq!(report.requests, 40);
+    assert_eq!(report.status.get(&200), Some(&40), "{report:?}");
+    assert_eq!(report.per_pod.values().sum::<usize>(), 40);
+    assert!(report.ttft.p50_s > 0.0 && report.ttft.p50_s <= report.e2e.p50_s);
+    assert!(report.ttft.max_s <= report.e2e.max_s);
+    // Two groups of 512 shared tokens: after the first request of each, most prompt is cached.
+    assert!(report.cached_share > 0.5, "{}", report.cached_share);
+    emulator.shutdown().await;
+}

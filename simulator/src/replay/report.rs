@@ -27,7 +27,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut values: Vec<f64>) -> Self {
+    /// Summarise `values` (seconds); all zero when empty.
+    pub fn of(mut values: Vec<f64>) -> Self {
         if values.is_empty() {
             return Self::default();
         }
