@@ -87,6 +87,20 @@ async fn published_fixture_pages_give_the_expected_values() {
     assert_eq!((tr.block_size, tr.num_gpu_blocks), (Some(64), Some(6239)));
 }
 
+/// A page captured from a real `llama-server --metrics -np 2` (llama.cpp) while it processed two
+/// requests and deferred a third: no KV gauge, so KV is unknown.
+#[tokio::test]
+async fn llamacpp_page_gives_busy_slots_deferred_requests_and_unknown_kv() {
+    let m = scrape(serve_text(fixture("llamacpp.prom")).await, "llamacpp")
+        .await
+        .unwrap();
+    assert_eq!((m.running, m.waiting, m.kv_usage), (2, 1, None));
+    assert_eq!((m.block_size, m.num_gpu_blocks, m.lora), (None, None, None));
+    // Read as vLLM (the default engine), the page has none of the required signals.
+    let wrong = scrape(serve_text(fixture("llamacpp.prom")).await, "vllm").await;
+    assert_eq!(wrong, Err(ScrapeFailure::Parse));
+}
+
 #[tokio::test]
 async fn full_v1_page_sums_ranks_averages_kv_and_takes_the_newest_lora_series() {
     let m = scrape(serve_text(fixture("vllm-v1-full.prom")).await, "vllm")
