@@ -36,6 +36,11 @@ pub struct GrpcLoad {
     pub duration: Duration,
     /// Endpoints in the pool.
     pub endpoints: usize,
+    /// CPUs the EPP is pinned to (`taskset -c` list), so that its CPU is not shared with the
+    /// load generator (run `epp-sim` itself under `taskset` on the other CPUs).
+    pub epp_cpus: Option<String>,
+    /// The EPP's metrics refresh interval (Go duration), `50ms` by default.
+    pub refresh_interval: String,
 }
 
 /// What was measured.
@@ -209,14 +214,23 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
         .to_owned();
     let endpoints: Vec<String> = ports.split(',').map(|p| format!("127.0.0.1:{p}")).collect();
     let grpc = crate::envoy::free_port()?;
-    let mut child: Child = Command::new(epp)
+    let mut command = match &cfg.epp_cpus {
+        Some(cpus) => {
+            // taskset execs the EPP: the pid stays the EPP's.
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(&epp);
+            c
+        }
+        None => Command::new(&epp),
+    };
+    let mut child: Child = command
         .args([
             &format!("--endpoints={}", endpoints.join(",")),
             &format!("--grpc-port={grpc}"),
             &format!("--grpc-health-port={}", crate::envoy::free_port()?),
             &format!("--metrics-port={}", crate::envoy::free_port()?),
             "--secure-serving=false",
-            "--refresh-metrics-interval=50ms",
+            &format!("--refresh-metrics-interval={}", cfg.refresh_interval),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -84,6 +84,13 @@ enum Command {
         /// Endpoints in the pool (each serves a full vLLM metrics page).
         #[arg(long, default_value_t = 100)]
         endpoints: usize,
+        /// Pin the EPP to these CPUs (`taskset -c` list, e.g. `0`); run epp-sim itself on the
+        /// others (`taskset -c 1 epp-sim grpc-load --epp-cpus 0`).
+        #[arg(long)]
+        epp_cpus: Option<String>,
+        /// The EPP's metrics refresh interval (a long one leaves only the request path).
+        #[arg(long, default_value = "50ms")]
+        refresh: String,
     },
     /// Latency through Envoy with the EPP versus Envoy routing straight to a pod, at a fixed rate.
     EnvoyLatency {
@@ -338,12 +345,16 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             seconds,
             endpoints,
+            epp_cpus,
+            refresh,
         } => {
             let cfg = epp_sim::grpc_load::GrpcLoad {
                 prompt_tokens,
                 concurrency,
                 duration: Duration::from_secs(seconds),
                 endpoints,
+                epp_cpus,
+                refresh_interval: refresh,
             };
             let r = epp_sim::grpc_load::run(cfg).await?;
             println!(

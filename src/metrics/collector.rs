@@ -97,7 +97,9 @@ pub async fn scrape_once(
         if resp.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
             return Err(ScrapeFailure::TooLarge);
         }
-        let mut body = Vec::new();
+        // Sized once when the server says how much is coming: no doubling, no slack kept.
+        let expected = resp.content_length().map_or(0, |n| n as usize);
+        let mut body = Vec::with_capacity(expected);
         while let Some(chunk) = resp.chunk().await.map_err(|_| ScrapeFailure::Connect)? {
             if body.len() + chunk.len() > MAX_BODY_BYTES {
                 return Err(ScrapeFailure::TooLarge);
