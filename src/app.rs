@@ -13,7 +13,7 @@ use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
 };
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -414,7 +414,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         tasks.spawn(async move {
             let r = Server::builder()
                 .add_service(health_service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(health_listener), cancel.cancelled())
+                .serve_with_incoming_shutdown(no_delay(health_listener), cancel.cancelled())
                 .await;
             if let Err(e) = r {
                 warn!(error = %e, "health server stopped");
@@ -456,7 +456,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         let cancel = cancel.clone();
         tasks.spawn(async move {
             if let Err(e) = router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), cancel.cancelled())
+                .serve_with_incoming_shutdown(no_delay(grpc_listener), cancel.cancelled())
                 .await
             {
                 warn!(error = %e, "ext_proc server stopped");
@@ -495,5 +495,20 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         leader: leader_rx,
         cancel,
         tasks,
+    })
+}
+
+/// Accepted connections with Nagle's algorithm off. tonic's own `tcp_nodelay` applies only when
+/// it binds the listener itself; without this, a small answer written after a large body can wait
+/// for the peer's delayed ACK (~40 ms on Linux), which showed as a 40 ms p99.
+fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error = %e, "cannot disable Nagle on an accepted connection");
+            }
+        })
     })
 }
