@@ -128,8 +128,12 @@ pub struct LlamaServerConfig {
     /// Name the server answers with in `model` (`--alias`); the file name otherwise.
     pub alias: Option<String>,
     /// Host-memory prompt cache in MiB (`--cache-ram`; 0 turns it off); the server's default
-    /// (8 GiB) when `None`.
+    /// (8 GiB) when `None`. It also holds at most `ctx` tokens.
     pub cache_ram_mib: Option<u32>,
+    /// Keep the full KV cache of sliding-window layers (`--swa-full`). Gemma 3 uses sliding
+    /// windows; without this, reusing a cached prompt needs context checkpoints, which make each
+    /// cached prompt several times larger.
+    pub swa_full: bool,
 }
 
 impl Default for LlamaServerConfig {
@@ -140,6 +144,7 @@ impl Default for LlamaServerConfig {
             threads: 1,
             alias: None,
             cache_ram_mib: None,
+            swa_full: false,
         }
     }
 }
@@ -188,6 +193,9 @@ impl LlamaServer {
         }
         if let Some(mib) = config.cache_ram_mib {
             cmd.args(["--cache-ram", &mib.to_string()]);
+        }
+        if config.swa_full {
+            cmd.arg("--swa-full");
         }
         let child = cmd
             .stdin(Stdio::null())

@@ -44,10 +44,8 @@ async fn stack() -> Stack {
     let model = gemma_model(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap_or_else(|e| panic!("{e}"));
     let config = LlamaServerConfig {
         ctx: 4096,
-        parallel: 2,
-        threads: 1,
         alias: Some(SERVED.into()),
-        cache_ram_mib: None,
+        ..LlamaServerConfig::default()
     };
     let mut servers = Vec::new();
     for _ in 0..3 {
