@@ -1,0 +1,727 @@
+//! `epp-sim shared-docs`: a real-hardware benchmark with real model servers.
+//!
+//! Several `llama-server` processes (llama.cpp serving Gemma 3 270M on the CPU) sit behind a real
+//! Envoy and the EPP. The workload is document question answering: a handful of long documents
+//! (about 3k tokens each), many short questions about them, arriving as a seeded Poisson process.
+//! A question about a document whose KV cache a server already holds costs that server a few
+//! dozen prompt tokens; anywhere else it costs the whole document. The same trace runs once per
+//! EPP config, each time on freshly started servers (cold caches), and the report gives time to
+//! first token, throughput and the share of prompt tokens the servers themselves report as cached
+//! (`usage.prompt_tokens_details.cached_tokens`).
+//!
+//! Each server's cache is deliberately small, as a GPU server keeps only part of a large working
+//! set: one slot (`-np 1`, so a question about a document that is still being prefilled waits for
+//! it instead of prefilling it a second time) and a host-memory prompt cache (`--cache-ram`) that
+//! holds at most the context size, 8192 tokens: two documents. The slot's document is saved
+//! there before another is loaded, so a server keeps two documents, and the pool keeps all four
+//! only if each document stays on one server. `--swa-full` keeps Gemma's sliding-window layers
+//! whole, so a cached document is its plain KV state (16 MiB) rather than a set of checkpoints.
+//! With llama.cpp's defaults (8 GiB prompt cache, several slots) every server would soon hold
+//! every document of this small workload, and routing would only matter during the warm-up.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use epp::{
+    config::{EndpointPickerConfig, Flags, normalize_go_args},
+    scheduler::build_scheduler,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::{
+    envoy::{Envoy, EnvoyPorts, free_port, render_config},
+    llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary},
+    replay::{baselines::BASELINES, report::Latency},
+};
+
+/// Options of `epp-sim shared-docs`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SharedDocsArgs {
+    /// llama-server processes behind Envoy.
+    #[arg(long, default_value_t = 3)]
+    pub servers: usize,
+    /// Documents questions are asked about.
+    #[arg(long, default_value_t = 4)]
+    pub docs: usize,
+    /// Approximate length of each document in tokens.
+    #[arg(long, default_value_t = 3000)]
+    pub doc_tokens: usize,
+    /// Questions sent per config.
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// Mean arrival rate in requests per second (Poisson arrivals).
+    #[arg(long, default_value_t = 0.5)]
+    pub rate: f64,
+    /// Output tokens per answer.
+    #[arg(long, default_value_t = 8)]
+    pub max_tokens: u32,
+    /// Seed of the documents, the questions and the arrival times.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// EPP configs to compare, in order: shipped configs by name (`round-robin`,
+    /// `upstream-default`, `recommended`, `sticky`, ...; see `simulator/configs/`) or
+    /// `NAME=FILE` for an `EndpointPickerConfig` file. The first is the baseline of "Gain".
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "round-robin,upstream-default,recommended"
+    )]
+    pub configs: Vec<String>,
+    /// Parallel slots per server (`-np`).
+    #[arg(long, default_value_t = 1)]
+    pub parallel: u32,
+    /// CPU threads per server (`-t`).
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    /// Context per server (`-c`), shared by its slots.
+    #[arg(long, default_value_t = 8192)]
+    pub ctx: u32,
+    /// Host-memory prompt cache per server in MiB (`--cache-ram`; 0 = only what the slots hold).
+    /// It is also capped at `--ctx` tokens.
+    #[arg(long, default_value_t = 64)]
+    pub cache_ram_mib: u32,
+    /// Directory the Gemma GGUF is assembled into when `$GEMMA_GGUF` is not set.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// The EPP's scrape period (Go duration).
+    #[arg(long, default_value = "50ms")]
+    pub refresh_metrics_interval: String,
+    /// Give up on a request after this many seconds (counted as an error).
+    #[arg(long, default_value_t = 3600)]
+    pub request_timeout: u64,
+    /// Envoy's stream and route idle timeouts in seconds (the shipped config has 300), so that
+    /// the long waits of an overloaded config are measured rather than cut.
+    #[arg(long, default_value_t = 3600)]
+    pub envoy_idle_timeout: u64,
+    /// Print every request as it completes: arrival, document, picked server, TTFT, cached.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// Results of one config.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigRun {
+    /// Config name as given.
+    pub config: String,
+    /// Requests answered with 200 and a complete stream.
+    pub completed: usize,
+    /// Requests that failed (status, transport, timeout).
+    pub errors: usize,
+    /// Requests per HTTP status (0: transport error or client timeout).
+    pub status: BTreeMap<u16, usize>,
+    /// Time to first token of completed requests (client side, through Envoy).
+    pub ttft: Latency,
+    /// End-to-end latency of completed requests.
+    pub e2e: Latency,
+    /// First arrival to last completion, seconds.
+    pub makespan_s: f64,
+    /// Completed requests per second over the makespan.
+    pub throughput_rps: f64,
+    /// Generated tokens per second over the makespan.
+    pub output_tokens_per_s: f64,
+    /// Prompt tokens the servers reported in the answers (sum of `usage.prompt_tokens`).
+    pub prompt_tokens: u64,
+    /// Of which cached (sum of `usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u64,
+    /// Prompt tokens each server had to compute (its `llamacpp:prompt_tokens_total`), thousands.
+    pub prefill_ktokens_per_server: Vec<f64>,
+}
+
+impl ConfigRun {
+    /// Cached share of prompt tokens.
+    pub fn cached_share(&self) -> f64 {
+        self.cached_tokens as f64 / self.prompt_tokens.max(1) as f64
+    }
+}
+
+/// The benchmark's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct SharedDocsReport {
+    /// What ran.
+    pub servers: usize,
+    /// Documents.
+    pub docs: usize,
+    /// Mean prompt tokens per request, as the servers counted them.
+    pub mean_prompt_tokens: usize,
+    /// Requests per config.
+    pub requests: usize,
+    /// Arrival rate.
+    pub rate: f64,
+    /// Output tokens per answer.
+    pub max_tokens: u32,
+    /// Seed.
+    pub seed: u64,
+    /// One entry per config, in the order run.
+    pub runs: Vec<ConfigRun>,
+}
+
+impl SharedDocsReport {
+    /// A Markdown table of the runs. "Gain" is the first config's mean TTFT divided by this one's.
+    pub fn table(&self) -> String {
+        let base = self.runs.first().map_or(0.0, |r| r.ttft.mean_s);
+        let mut out = String::from(
+            "| Config | OK | Errors | TTFT p50 | TTFT p90 | TTFT mean | Gain | E2E mean | Throughput | Output tok/s | Cached share | Prefill per server (k tokens) |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in &self.runs {
+            let ratio = if r.ttft.mean_s > 0.0 {
+                base / r.ttft.mean_s
+            } else {
+                0.0
+            };
+            let failures: Vec<String> = r
+                .status
+                .iter()
+                .filter(|(code, _)| **code != 200)
+                .map(|(code, n)| format!("{code}×{n}"))
+                .collect();
+            let errors = if failures.is_empty() {
+                r.errors.to_string()
+            } else {
+                format!("{} ({})", r.errors, failures.join(", "))
+            };
+            let split: Vec<String> = r
+                .prefill_ktokens_per_server
+                .iter()
+                .map(|k| format!("{k:.0}"))
+                .collect();
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {:.1}× | {:.2} s | {:.2} req/s | {:.1} | {:.1} % | {} |\n",
+                r.config,
+                r.completed,
+                errors,
+                r.ttft.p50_s,
+                r.ttft.p90_s,
+                r.ttft.mean_s,
+                ratio,
+                r.e2e.mean_s,
+                r.throughput_rps,
+                r.output_tokens_per_s,
+                r.cached_share() * 100.0,
+                split.join(" / ")
+            ));
+        }
+        out
+    }
+}
+
+/// SplitMix64: a small, well-mixed seeded generator, enough for workloads.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+const WORDS: &[&str] = &[
+    "river", "market", "engine", "harvest", "council", "winter", "bridge", "ledger", "garden", "signal",
+    "copper", "harbor", "lantern", "meadow", "orchard", "pilot", "quarry", "rail", "summit", "timber",
+    "valley", "whistle", "anchor", "barley", "canal", "dynamo", "ember", "falcon", "glacier", "hammer",
+    "island", "juniper", "kettle", "lumber", "marble", "needle", "oyster", "pepper", "quilt", "ribbon",
+    "saddle", "tunnel", "umbrella", "velvet", "wagon", "yarn", "zephyr", "archive", "beacon", "cellar",
+    "delta", "estate", "fabric", "granite", "horizon", "inlet", "jasmine", "kiln", "lagoon", "mill",
+];
+
+const VERBS: &[&str] = &[
+    "supplies", "measures", "protects", "records", "connects", "replaces", "inspects", "carries", "repairs",
+    "divides", "follows", "surveys", "stores", "lights", "feeds", "guards",
+];
+
+/// Document `d`: a title, then numbered sections of plain sentences, about `tokens` long (one
+/// sentence is about 14 tokens for Gemma's tokenizer). Documents differ from their first words.
+fn document(seed: u64, d: usize, tokens: usize) -> String {
+    let mut rng = Rng(seed ^ (0xD0C0_0000 + d as u64).wrapping_mul(0x9E37_79B9));
+    let mut text = format!(
+        "Document {d}: the {} {} report.\n",
+        WORDS[rng.below(WORDS.len())],
+        WORDS[rng.below(WORDS.len())]
+    );
+    let sentences = tokens / 14;
+    for s in 0..sentences {
+        if s % 8 == 0 {
+            text.push_str(&format!("\nSection {}.\n", s / 8 + 1));
+        }
+        text.push_str(&format!(
+            "The {} {} the {} near the {} {}. ",
+            WORDS[rng.below(WORDS.len())],
+            VERBS[rng.below(VERBS.len())],
+            WORDS[rng.below(WORDS.len())],
+            WORDS[rng.below(WORDS.len())],
+            rng.below(1000)
+        ));
+    }
+    text
+}
+
+/// One request of the trace.
+#[derive(Debug, Clone)]
+struct Arrival {
+    at: Duration,
+    doc: usize,
+    question: String,
+}
+
+fn trace(args: &SharedDocsArgs) -> Vec<Arrival> {
+    let mut rng = Rng(args.seed);
+    let mut t = 0.0;
+    (0..args.requests)
+        .map(|i| {
+            t += -rng.unit().ln() / args.rate.max(1e-6);
+            let doc = rng.below(args.docs);
+            let section = rng.below((args.doc_tokens / 96).max(1)) + 1;
+            let word = WORDS[rng.below(WORDS.len())];
+            Arrival {
+                at: Duration::from_secs_f64(t),
+                doc,
+                question: format!(
+                    "Question {i}: in one short sentence, what does section {section} say about the {word}?"
+                ),
+            }
+        })
+        .collect()
+}
+
+/// What one request saw.
+#[derive(Debug, Clone, Default)]
+struct Outcome {
+    ok: bool,
+    /// HTTP status (0: transport error or client timeout).
+    status: u16,
+    /// The endpoint the EPP picked (from its `x-epp-decision` explanation).
+    server: Option<String>,
+    ttft: Option<Duration>,
+    done_at: Duration,
+    latency: Duration,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// Send one streaming chat request and time its first content token.
+async fn ask(client: &reqwest::Client, url: &str, body: String, timeout: Duration) -> Outcome {
+    let started = Instant::now();
+    let mut out = Outcome::default();
+    let attempt = async {
+        let mut resp = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("x-epp-debug", "1")
+            .body(body)
+            .send()
+            .await
+            .ok()?;
+        out.status = resp.status().as_u16();
+        if !resp.status().is_success() {
+            return None;
+        }
+        out.server = resp
+            .headers()
+            .get("x-epp-decision")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split("winner ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .map(str::to_owned);
+        let mut buf = Vec::new();
+        let mut done = false;
+        while let Some(chunk) = resp.chunk().await.ok()? {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                let Some(data) = text.trim().strip_prefix("data:") else {
+                    continue;
+                };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    done = true;
+                    continue;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                let has_text = v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty());
+                if has_text && out.ttft.is_none() {
+                    out.ttft = Some(started.elapsed());
+                }
+                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                    out.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+                    out.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+                    out.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        Some(done)
+    };
+    let finished = tokio::time::timeout(timeout, attempt).await;
+    out.latency = started.elapsed();
+    out.ok = matches!(finished, Ok(Some(true))) && out.ttft.is_some();
+    out
+}
+
+/// The YAML of `spec`: a shipped baseline by name (`simulator/configs/`, or `upstream-default`),
+/// or `NAME=FILE`.
+fn config_text(spec: &str) -> anyhow::Result<(String, String)> {
+    if let Some((name, file)) = spec.split_once('=') {
+        let text = std::fs::read_to_string(file).with_context(|| format!("config {name}: {file}"))?;
+        return Ok((name.to_owned(), text));
+    }
+    match BASELINES.iter().find(|(n, _)| *n == spec) {
+        Some((name, yaml)) => Ok(((*name).to_owned(), (*yaml).to_owned())),
+        None => {
+            let known: Vec<&str> = BASELINES.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "unknown config {spec:?}: use one of {} or NAME=FILE",
+                known.join(", ")
+            )
+        }
+    }
+}
+
+/// Sum of one counter family on a llama-server's `/metrics` page.
+async fn server_counter(client: &reqwest::Client, server: &LlamaServer, name: &str) -> f64 {
+    let Ok(resp) = client.get(format!("{}/metrics", server.url())).send().await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(n, _)| *n == name)
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+struct Fleet {
+    servers: Vec<LlamaServer>,
+}
+
+async fn start_fleet(
+    args: &SharedDocsArgs,
+    bin: &std::path::Path,
+    model: &std::path::Path,
+) -> anyhow::Result<Fleet> {
+    let config = LlamaServerConfig {
+        ctx: args.ctx,
+        parallel: args.parallel,
+        threads: args.threads,
+        alias: Some("gemma-3-270m".into()),
+        cache_ram_mib: Some(args.cache_ram_mib),
+        swa_full: true,
+    };
+    let mut servers = Vec::with_capacity(args.servers);
+    for _ in 0..args.servers {
+        servers.push(LlamaServer::start(bin, model, free_port()?, &config).await?);
+    }
+    Ok(Fleet { servers })
+}
+
+async fn run_config(
+    args: &SharedDocsArgs,
+    (name, text): &(String, String),
+    bin: &std::path::Path,
+    model: &std::path::Path,
+    docs: &Arc<Vec<String>>,
+    arrivals: &[Arrival],
+) -> anyhow::Result<ConfigRun> {
+    let fleet = start_fleet(args, bin, model).await?;
+    let endpoints: Vec<String> = fleet
+        .servers
+        .iter()
+        .map(|s| format!("{}@llamacpp", s.endpoint()))
+        .collect();
+    let grpc = free_port()?;
+    let mut flags = vec![
+        "epp".to_owned(),
+        format!("--endpoints={}", endpoints.join(",")),
+        format!("--grpc-port={grpc}"),
+        format!("--grpc-health-port={}", free_port()?),
+        format!("--metrics-port={}", free_port()?),
+        format!("--refresh-metrics-interval={}", args.refresh_metrics_interval),
+        "--explain-decisions".to_owned(),
+    ];
+    flags.push(format!("--config-text={text}"));
+    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(flags))?;
+    let app = epp::app::start(flags)
+        .await
+        .with_context(|| format!("starting the EPP with config {name}"))?;
+    let mut scraped = false;
+    for _ in 0..200 {
+        let snap = app.reader.load();
+        if snap.len() == args.servers && snap.endpoints.iter().all(|e| e.metrics.scraped_at.is_some()) {
+            scraped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !scraped {
+        bail!("the EPP did not scrape every llama-server within 10 s");
+    }
+    let ports = EnvoyPorts {
+        listener: free_port()?,
+        admin: free_port()?,
+        epp: grpc,
+    };
+    // The shipped config's 300 s idle timeouts would cut the longest waits short and hide them;
+    // everything else is as shipped.
+    let idle = format!(": {}s", args.envoy_idle_timeout);
+    let envoy = Envoy::start_with_config(ports, render_config(ports).replace(": 300s", &idle)).await?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let url = format!("{}/v1/chat/completions", envoy.url());
+    let outcomes = Arc::new(Mutex::new(Vec::with_capacity(arrivals.len())));
+    let timeout = Duration::from_secs(args.request_timeout);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for a in arrivals {
+        tokio::time::sleep_until((started + a.at).into()).await;
+        let body = json!({
+            "model": "gemma-3-270m",
+            "messages": [
+                {"role": "system", "content": format!("Answer from this document only.\n\n{}", docs[a.doc])},
+                {"role": "user", "content": a.question},
+            ],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        })
+        .to_string();
+        let (client, url, outcomes) = (client.clone(), url.clone(), outcomes.clone());
+        let (doc, at, verbose) = (a.doc, a.at, args.verbose);
+        tasks.spawn(async move {
+            let mut o = ask(&client, &url, body, timeout).await;
+            o.done_at = started.elapsed();
+            if verbose {
+                eprintln!(
+                    "  t={:7.1}s doc {doc} → {} ttft {:6.2}s cached {}/{}",
+                    at.as_secs_f64(),
+                    o.server.as_deref().unwrap_or("?"),
+                    o.ttft.map_or(f64::NAN, |d| d.as_secs_f64()),
+                    o.cached_tokens,
+                    o.prompt_tokens
+                );
+            }
+            outcomes.lock().await.push(o);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut prefill = Vec::with_capacity(fleet.servers.len());
+    for s in &fleet.servers {
+        prefill.push(server_counter(&client, s, "llamacpp:prompt_tokens_total").await / 1000.0);
+    }
+    drop(envoy);
+    app.shutdown().await;
+    drop(fleet);
+
+    let outcomes = outcomes.lock().await.clone();
+    let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
+    let first = arrivals.first().map_or(Duration::ZERO, |a| a.at);
+    let last = ok.iter().map(|o| o.done_at).max().unwrap_or(first);
+    let makespan = (last.saturating_sub(first)).as_secs_f64().max(1e-9);
+    Ok(ConfigRun {
+        config: name.clone(),
+        completed: ok.len(),
+        errors: outcomes.len() - ok.len(),
+        status: outcomes.iter().fold(BTreeMap::new(), |mut m, o| {
+            *m.entry(o.status).or_default() += 1;
+            m
+        }),
+        ttft: Latency::of(
+            ok.iter()
+                .filter_map(|o| o.ttft)
+                .map(|d| d.as_secs_f64())
+                .collect(),
+        ),
+        e2e: Latency::of(ok.iter().map(|o| o.latency.as_secs_f64()).collect()),
+        makespan_s: makespan,
+        throughput_rps: ok.len() as f64 / makespan,
+        output_tokens_per_s: ok.iter().map(|o| o.completion_tokens).sum::<u64>() as f64 / makespan,
+        prompt_tokens: ok.iter().map(|o| o.prompt_tokens).sum(),
+        cached_tokens: ok.iter().map(|o| o.cached_tokens).sum(),
+        prefill_ktokens_per_server: prefill,
+    })
+}
+
+/// Run the benchmark: the same seeded trace once per config, each on fresh servers.
+///
+/// # Errors
+/// A missing `llama-server`, model or Envoy, or a component that does not start.
+pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
+    if args.servers == 0 || args.docs == 0 || args.requests == 0 || args.rate <= 0.0 {
+        bail!("--servers, --docs, --requests and --rate must be positive");
+    }
+    let bin = llama_server_binary()?;
+    let model_dir = args
+        .model_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("epp-sim-models"));
+    let model = gemma_model(&model_dir)?;
+    let docs: Arc<Vec<String>> = Arc::new(
+        (0..args.docs)
+            .map(|d| document(args.seed, d, args.doc_tokens))
+            .collect(),
+    );
+    let arrivals = trace(&args);
+    // Every config is checked before any server starts.
+    let mut configs = Vec::with_capacity(args.configs.len());
+    for spec in &args.configs {
+        let (name, text) = config_text(spec)?;
+        let parsed = EndpointPickerConfig::from_yaml(&text).with_context(|| format!("config {name}"))?;
+        build_scheduler(&parsed).map_err(|e| anyhow::anyhow!("config {name}: {e}"))?;
+        configs.push((name, text));
+    }
+    let mut runs = Vec::new();
+    let mut mean_prompt_tokens = 0;
+    for config in &configs {
+        let name = &config.0;
+        eprintln!(
+            "shared-docs: config {name}: {} requests at {} req/s over {} servers...",
+            args.requests, args.rate, args.servers
+        );
+        let run = run_config(&args, config, &bin, &model, &docs, &arrivals).await?;
+        eprintln!(
+            "shared-docs: config {name}: TTFT mean {:.2} s, {} ok, {} errors, cached {:.1} %",
+            run.ttft.mean_s,
+            run.completed,
+            run.errors,
+            run.cached_share() * 100.0
+        );
+        if run.completed > 0 {
+            mean_prompt_tokens = (run.prompt_tokens / run.completed as u64) as usize;
+        }
+        runs.push(run);
+    }
+    Ok(SharedDocsReport {
+        servers: args.servers,
+        docs: args.docs,
+        mean_prompt_tokens,
+        requests: args.requests,
+        rate: args.rate,
+        max_tokens: args.max_tokens,
+        seed: args.seed,
+        runs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SharedDocsArgs,
+    }
+
+    fn args(extra: &[&str]) -> SharedDocsArgs {
+        Cli::parse_from(std::iter::once("shared-docs").chain(extra.iter().copied())).args
+    }
+
+    #[test]
+    fn the_trace_is_a_function_of_the_seed() {
+        let a = trace(&args(&[]));
+        let b = trace(&args(&[]));
+        assert_eq!(a.len(), 200);
+        assert!(
+            a.iter()
+                .zip(&b)
+                .all(|(x, y)| x.at == y.at && x.doc == y.doc && x.question == y.question)
+        );
+        let c = trace(&args(&["--seed", "8"]));
+        assert!(a.iter().zip(&c).any(|(x, y)| x.at != y.at));
+        // Poisson at 0.5/s: 200 arrivals take about 400 s; every document is asked about.
+        let span = a.last().unwrap().at.as_secs_f64();
+        assert!((300.0..500.0).contains(&span), "{span}");
+        assert!((0..4).all(|d| a.iter().any(|x| x.doc == d)));
+    }
+
+    #[test]
+    fn documents_are_distinct_from_their_first_words_and_about_the_asked_length() {
+        let docs: Vec<String> = (0..4).map(|d| document(7, d, 3000)).collect();
+        for (i, a) in docs.iter().enumerate() {
+            assert!(a.starts_with(&format!("Document {i}: ")));
+            // About four bytes per token.
+            assert!((9_000..15_000).contains(&a.len()), "{}", a.len());
+            for b in &docs[i + 1..] {
+                assert_ne!(a[..40], b[..40]);
+            }
+        }
+        assert_eq!(document(7, 1, 3000), docs[1]);
+    }
+
+    #[test]
+    fn default_configs_resolve_and_unknown_names_are_refused() {
+        for spec in args(&[]).configs {
+            let (name, text) = config_text(&spec).unwrap();
+            assert_eq!(name, spec);
+            build_scheduler(&EndpointPickerConfig::from_yaml(&text).unwrap()).unwrap();
+        }
+        let err = config_text("fastest").unwrap_err().to_string();
+        assert!(
+            err.starts_with("unknown config \"fastest\": use one of round-robin"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_table_reports_gain_over_the_first_config_and_failures_by_status() {
+        let run = |config: &str, mean: f64, status: &[(u16, usize)]| ConfigRun {
+            config: config.into(),
+            completed: status.iter().filter(|(c, _)| *c == 200).map(|(_, n)| n).sum(),
+            errors: status.iter().filter(|(c, _)| *c != 200).map(|(_, n)| n).sum(),
+            status: status.iter().copied().collect(),
+            ttft: Latency {
+                mean_s: mean,
+                ..Latency::default()
+            },
+            e2e: Latency::default(),
+            makespan_s: 1.0,
+            throughput_rps: 1.0,
+            output_tokens_per_s: 8.0,
+            prompt_tokens: 100,
+            cached_tokens: 90,
+            prefill_ktokens_per_server: vec![3.0, 3.0],
+        };
+        let report = SharedDocsReport {
+            servers: 2,
+            docs: 4,
+            mean_prompt_tokens: 3000,
+            requests: 4,
+            rate: 0.5,
+            max_tokens: 8,
+            seed: 7,
+            runs: vec![
+                run("round-robin", 40.0, &[(200, 3), (504, 1)]),
+                run("recommended", 2.0, &[(200, 4)]),
+            ],
+        };
+        let table = report.table();
+        assert!(table.contains("| round-robin | 3 | 1 (504×1) |"), "{table}");
+        assert!(table.contains("| 2.00 s | 20.0× |"), "{table}");
+        assert!(table.contains("| 90.0 % | 3 / 3 |"), "{table}");
+    }
+}
