@@ -5,6 +5,8 @@
 //! - [`envoy`]: runs a real Envoy in front of an EPP from the config in `manifests/envoy/`.
 //! - [`envoy_latency`]: the latency Envoy + EPP adds compared with Envoy routing straight to a pod.
 //! - [`grpc_load`]: load on a real `epp` process's ext_proc service over gRPC, with its CPU and RSS.
+//! - [`llama_server`]: real llama.cpp `llama-server` processes (Gemma 3 270M on the CPU) for end-to-end tests and benchmarks.
+//! - [`shared_docs`]: `epp-sim shared-docs`, the real-hardware benchmark: llama-server behind Envoy and the EPP.
 //! - [`scrape_cost`]: measures the CPU the metrics collector spends scraping N pods.
 
 pub mod emulator;
@@ -12,8 +14,10 @@ pub mod engine;
 pub mod envoy;
 pub mod envoy_latency;
 pub mod grpc_load;
+pub mod llama_server;
 pub mod load;
 pub mod replay;
 pub mod scrape_cost;
+pub mod shared_docs;
 pub mod trace_load;
 pub mod workload;

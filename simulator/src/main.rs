@@ -48,6 +48,9 @@ enum Command {
     /// Replay a trace (or a generated workload) through the EPP's scheduler against simulated
     /// vLLM pods, in simulated time, and report TTFT, TPOT, throughput and cache hits.
     Replay(SimArgs),
+    /// Real-hardware benchmark: llama-server processes (Gemma 3 270M, CPU) behind Envoy and the
+    /// EPP, questions about shared long documents; TTFT, throughput and cached share per config.
+    SharedDocs(epp_sim::shared_docs::SharedDocsArgs),
     /// Run several configurations on one workload and print them side by side.
     ///
     /// Example: epp-sim compare --trace mooncake_conversation_trace.jsonl --format mooncake
@@ -319,6 +322,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Demo { pods, load } => demo(pods, load).await?,
+        Command::SharedDocs(args) => {
+            let report = epp_sim::shared_docs::run(args).await?;
+            println!("{}", report.table());
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Command::Replay(args) | Command::Compare(args) => {
             // Pure CPU work: run it off the async runtime's workers.
             tokio::task::spawn_blocking(move || epp_sim::replay::command::run(&args))
