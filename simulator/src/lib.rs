@@ -1,7 +1,11 @@
 //! `epp-sim`: tools around the `epp` Endpoint Picker.
 //!
-//! - [`emulator`]: stand-in vLLM pods (OpenAI API + `/metrics`) for demos and end-to-end tests.
-//! - [`load`]: a closed-loop load generator that reports latency, status codes and per-pod balance.
+//! - [`engine`]: the vLLM V1 engine model (batching, chunked prefill, prefix-cached KV, LoRA, timing).
+//! - [`workload`]: traces (Mooncake, Azure) and generators, with synthesized prompt text.
+//! - [`replay`]: deterministic replay through the production scheduler; reports, plots, baselines.
+//! - [`emulator`]: emulated vLLM pods (OpenAI API + `/metrics`) driven by the engine model in real time.
+//! - [`trace_load`]: open-loop replay of a workload against an HTTP endpoint (`epp-sim load`).
+//! - [`load`]: the demo's closed-loop load generator (latency, status codes, per-pod balance).
 //! - [`envoy`]: runs a real Envoy in front of an EPP from the config in `manifests/envoy/`.
 //! - [`envoy_latency`]: the latency Envoy + EPP adds compared with Envoy routing straight to a pod.
 //! - [`grpc_load`]: load on a real `epp` process's ext_proc service over gRPC, with its CPU and RSS.
