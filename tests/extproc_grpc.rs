@@ -136,36 +136,66 @@ async fn body_split_across_chunks_is_joined() {
 
 #[tokio::test]
 async fn two_megabyte_body_goes_back_in_62000_byte_chunks() {
-    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
-    let prompt = "x".repeat(2 << 20);
-    let body = format!(r#"{{"model":"m","prompt":"{prompt}"}}"#).into_bytes();
-    let mut msgs = vec![req_headers(
-        &[(":path", "/v1/completions"), ("x-request-id", "r")],
-        false,
-    )];
-    let chunks: Vec<&[u8]> = body.chunks(65_536).collect();
-    for (i, c) in chunks.iter().enumerate() {
-        msgs.push(req_body(c, i + 1 == chunks.len()));
-    }
-    let answers = server.exchange(msgs).await;
-    let Answer::RequestHeaders { set, .. } = &answers[0] else {
-        panic!("headers first")
-    };
-    assert!(set.contains(&("Content-Length".into(), body.len().to_string())));
-    let chunks: Vec<(usize, bool)> = answers[1..]
-        .iter()
-        .map(|a| match a {
-            Answer::RequestChunk { body, eos } => (body.len(), *eos),
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
+    // As Envoy sends a body that arrived at once: one piece, then an empty end-of-stream one.
+    let body = two_megabyte_body();
+    let answers = exchange_body_pieces(&body, &[&body, b""]).await;
+    let chunks = request_chunks(&answers, &body);
     assert_eq!(chunks.len(), body.len().div_ceil(62_000));
     assert!(
         chunks[..chunks.len() - 1]
             .iter()
             .all(|&(n, eos)| n == 62_000 && !eos)
     );
-    assert!(chunks.last().unwrap().1);
+    assert_eq!(chunks.last(), Some(&(body.len() % 62_000, true)));
+}
+
+#[tokio::test]
+async fn body_received_in_pieces_goes_back_piece_by_piece_split_at_62000_bytes() {
+    // Unchanged pieces are sent back as they came (no copy), split only where over the limit.
+    let body = two_megabyte_body();
+    let pieces: Vec<&[u8]> = body.chunks(65_536).collect();
+    let answers = exchange_body_pieces(&body, &pieces).await;
+    let chunks = request_chunks(&answers, &body);
+    let mut expected = Vec::new();
+    for piece in &pieces {
+        expected.push((piece.len().min(62_000), false));
+        if piece.len() > 62_000 {
+            expected.push((piece.len() - 62_000, false));
+        }
+    }
+    if let Some(last) = expected.last_mut() {
+        last.1 = true;
+    }
+    assert_eq!(chunks, expected);
+}
+
+fn two_megabyte_body() -> Vec<u8> {
+    let prompt = "x".repeat(2 << 20);
+    format!(r#"{{"model":"m","prompt":"{prompt}"}}"#).into_bytes()
+}
+
+/// Send `pieces` (which make up `body`, the last one ending the stream) and return the answers,
+/// after checking the headers answer's content length.
+async fn exchange_body_pieces(body: &[u8], pieces: &[&[u8]]) -> Vec<Answer> {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let mut msgs = vec![req_headers(
+        &[(":path", "/v1/completions"), ("x-request-id", "r")],
+        false,
+    )];
+    for (i, c) in pieces.iter().enumerate() {
+        msgs.push(req_body(c, i + 1 == pieces.len()));
+    }
+    let answers = server.exchange(msgs).await;
+    let Answer::RequestHeaders { set, .. } = &answers[0] else {
+        panic!("headers first")
+    };
+    assert!(set.contains(&("Content-Length".into(), body.len().to_string())));
+    answers
+}
+
+/// The (size, end_of_stream) of every body chunk after the headers answer; checks that they
+/// join to `body`.
+fn request_chunks(answers: &[Answer], body: &[u8]) -> Vec<(usize, bool)> {
     let joined: Vec<u8> = answers[1..]
         .iter()
         .flat_map(|a| match a {
@@ -174,6 +204,13 @@ async fn two_megabyte_body_goes_back_in_62000_byte_chunks() {
         })
         .collect();
     assert_eq!(joined, body);
+    answers[1..]
+        .iter()
+        .map(|a| match a {
+            Answer::RequestChunk { body, eos } => (body.len(), *eos),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect()
 }
 
 #[tokio::test]

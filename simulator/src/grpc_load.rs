@@ -41,6 +41,12 @@ pub struct GrpcLoad {
     pub epp_cpus: Option<String>,
     /// The EPP's metrics refresh interval (Go duration), `50ms` by default.
     pub refresh_interval: String,
+    /// Body bytes per request-body message; 0: the whole body in one message, then an empty
+    /// end-of-stream message (what Envoy 1.40 sends when the body arrives at once).
+    pub chunk_bytes: usize,
+    /// Open loop at this many exchanges per second (each on a new stream) instead of
+    /// `concurrency` busy streams.
+    pub rate: Option<f64>,
 }
 
 /// What was measured.
@@ -117,9 +123,24 @@ fn headers_msg() -> ProcessingRequest {
     }
 }
 
+/// The request-body messages of one exchange: `chunk_bytes` each, or (0) the whole body and
+/// then an empty end-of-stream message.
+fn body_messages(body: &[u8], chunk_bytes: usize) -> Vec<(Vec<u8>, bool)> {
+    if chunk_bytes == 0 {
+        return vec![(body.to_vec(), false), (Vec::new(), true)];
+    }
+    let chunks: Vec<&[u8]> = body.chunks(chunk_bytes).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_vec(), i + 1 == chunks.len()))
+        .collect()
+}
+
 async fn one_exchange(
     client: &mut ExternalProcessorClient<Channel>,
     body: &[u8],
+    chunk_bytes: usize,
 ) -> anyhow::Result<Duration> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut inbound = client
@@ -127,12 +148,11 @@ async fn one_exchange(
         .await?
         .into_inner();
     tx.send(headers_msg()).await?;
-    let chunks: Vec<&[u8]> = body.chunks(65_536).collect();
-    for (i, c) in chunks.iter().enumerate() {
+    for (piece, end_of_stream) in body_messages(body, chunk_bytes) {
         tx.send(ProcessingRequest {
             request: Some(Request::RequestBody(HttpBody {
-                body: c.to_vec(),
-                end_of_stream: i + 1 == chunks.len(),
+                body: piece,
+                end_of_stream,
                 ..Default::default()
             })),
             ..Default::default()
@@ -254,25 +274,51 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
     let (cpu0, t0) = (proc_cpu_seconds(pid)?, Instant::now());
     let deadline = t0 + cfg.duration;
     let mut workers = tokio::task::JoinSet::new();
-    for w in 0..cfg.concurrency {
-        let (bodies, latencies, errors) = (bodies.clone(), latencies.clone(), errors.clone());
-        let mut client = ExternalProcessorClient::new(channel.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        workers.spawn(async move {
-            let mut i = w;
-            let mut local = Vec::new();
+    let client = ExternalProcessorClient::new(channel.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let chunk_bytes = cfg.chunk_bytes;
+    match cfg.rate {
+        Some(rate) => {
+            // Open loop: arrivals on a fixed schedule, whether or not earlier ones finished.
+            let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut i = 0;
             while Instant::now() < deadline {
-                match one_exchange(&mut client, &bodies[i % bodies.len()]).await {
-                    Ok(d) => local.push(d.as_secs_f64() * 1e3),
-                    Err(_) => {
-                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ticks.tick().await;
+                let (bodies, latencies, errors) = (bodies.clone(), latencies.clone(), errors.clone());
+                let mut client = client.clone();
+                workers.spawn(async move {
+                    match one_exchange(&mut client, &bodies[i % bodies.len()], chunk_bytes).await {
+                        Ok(d) => latencies.lock().await.push(d.as_secs_f64() * 1e3),
+                        Err(_) => {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
-                }
-                i += cfg.concurrency;
+                });
+                i += 1;
             }
-            latencies.lock().await.extend(local);
-        });
+        }
+        None => {
+            for w in 0..cfg.concurrency {
+                let (bodies, latencies, errors) = (bodies.clone(), latencies.clone(), errors.clone());
+                let mut client = client.clone();
+                workers.spawn(async move {
+                    let mut i = w;
+                    let mut local = Vec::new();
+                    while Instant::now() < deadline {
+                        match one_exchange(&mut client, &bodies[i % bodies.len()], chunk_bytes).await {
+                            Ok(d) => local.push(d.as_secs_f64() * 1e3),
+                            Err(_) => {
+                                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        i += cfg.concurrency;
+                    }
+                    latencies.lock().await.extend(local);
+                });
+            }
+        }
     }
     while workers.join_next().await.is_some() {}
     let wall = t0.elapsed().as_secs_f64();

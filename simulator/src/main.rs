@@ -94,6 +94,14 @@ enum Command {
         /// The EPP's metrics refresh interval (a long one leaves only the request path).
         #[arg(long, default_value = "50ms")]
         refresh: String,
+        /// Body bytes per request-body message; 0 sends the whole body in one message followed
+        /// by an empty end-of-stream one, as Envoy 1.40 does for a body that arrives at once.
+        #[arg(long, default_value_t = 0)]
+        chunk_bytes: usize,
+        /// Open loop: start this many exchanges per second, each on its own stream, instead of
+        /// keeping `--concurrency` streams busy. Latency at a load below saturation.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Latency through Envoy with the EPP versus Envoy routing straight to a pod, at a fixed rate.
     EnvoyLatency {
@@ -355,6 +363,8 @@ async fn main() -> anyhow::Result<()> {
             endpoints,
             epp_cpus,
             refresh,
+            chunk_bytes,
+            rate,
         } => {
             let cfg = epp_sim::grpc_load::GrpcLoad {
                 prompt_tokens,
@@ -363,10 +373,16 @@ async fn main() -> anyhow::Result<()> {
                 endpoints,
                 epp_cpus,
                 refresh_interval: refresh,
+                chunk_bytes,
+                rate,
             };
             let r = epp_sim::grpc_load::run(cfg).await?;
+            let load = match rate {
+                Some(rate) => format!("open loop at {rate} req/s"),
+                None => format!("{concurrency} streams"),
+            };
             println!(
-                "{prompt_tokens}-token chat prompts, {concurrency} streams, {endpoints} endpoints: {:.0} req/s, {:.2} EPP cores ({:.0} req/s per core), \
+                "{prompt_tokens}-token chat prompts, {load}, {endpoints} endpoints: {:.0} req/s, {:.2} EPP cores ({:.0} req/s per core), \
                  {:.3} ms CPU/request, decision p50 {:.3} ms p99 {:.3} ms, peak RSS {:.1} MiB, {} errors",
                 r.rps,
                 r.cores,

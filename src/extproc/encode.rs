@@ -112,12 +112,16 @@ fn body_answer(direction: Direction, common: CommonResponse) -> ProcessingRespon
 
 /// One `streamed_response` body answer (full-duplex mode).
 pub fn streamed_chunk(direction: Direction, body: &[u8], end_of_stream: bool) -> ProcessingResponse {
+    streamed_answer(direction, body.to_vec(), end_of_stream)
+}
+
+fn streamed_answer(direction: Direction, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
     body_answer(
         direction,
         CommonResponse {
             body_mutation: Some(BodyMutation {
                 mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
-                    body: body.to_vec(),
+                    body,
                     end_of_stream,
                     ..Default::default()
                 })),
@@ -142,6 +146,34 @@ pub fn push_streamed_body(
     let chunks = body.len().div_ceil(BODY_CHUNK_BYTES);
     for (i, chunk) in body.chunks(BODY_CHUNK_BYTES).enumerate() {
         out.push(streamed_chunk(direction, chunk, end_of_stream && i + 1 == chunks));
+    }
+}
+
+/// `pieces` as `streamed_response` answers, each piece moved into its own answer (a piece over
+/// [`BODY_CHUNK_BYTES`] is split); `end_of_stream` on the last answer only when `end_of_stream`.
+/// No pieces, or only empty ones, make one empty chunk.
+pub fn push_streamed_pieces(
+    out: &mut Vec<ProcessingResponse>,
+    direction: Direction,
+    pieces: Vec<Vec<u8>>,
+    end_of_stream: bool,
+) {
+    let mut pieces: Vec<Vec<u8>> = pieces.into_iter().filter(|p| !p.is_empty()).collect();
+    let Some(last) = pieces.pop() else {
+        out.push(streamed_chunk(direction, &[], end_of_stream));
+        return;
+    };
+    for piece in pieces {
+        push_piece(out, direction, piece, false);
+    }
+    push_piece(out, direction, last, end_of_stream);
+}
+
+fn push_piece(out: &mut Vec<ProcessingResponse>, direction: Direction, piece: Vec<u8>, end_of_stream: bool) {
+    if piece.len() > BODY_CHUNK_BYTES {
+        push_streamed_body(out, direction, &piece, end_of_stream);
+    } else {
+        out.push(streamed_answer(direction, piece, end_of_stream));
     }
 }
 
@@ -202,6 +234,10 @@ mod tests {
     fn sizes(body_len: usize) -> Vec<(usize, bool)> {
         let mut out = Vec::new();
         push_streamed_body(&mut out, Direction::Request, &vec![b'x'; body_len], true);
+        chunk_sizes(&out)
+    }
+
+    fn chunk_sizes(out: &[ProcessingResponse]) -> Vec<(usize, bool)> {
         out.iter()
             .map(|r| match &r.response {
                 Some(Response::RequestBody(b)) => match &b
@@ -232,5 +268,22 @@ mod tests {
             sizes(125_000),
             vec![(62_000, false), (62_000, false), (1_000, true)]
         );
+    }
+
+    #[test]
+    fn pieces_are_sent_as_received_and_oversized_ones_split() {
+        let mut out = Vec::new();
+        let pieces = vec![vec![b'a'; 10], Vec::new(), vec![b'b'; 70_000], vec![b'c'; 5]];
+        push_streamed_pieces(&mut out, Direction::Request, pieces, true);
+        assert_eq!(
+            chunk_sizes(&out),
+            vec![(10, false), (62_000, false), (8_000, false), (5, true)]
+        );
+        let mut out = Vec::new();
+        push_streamed_pieces(&mut out, Direction::Request, vec![vec![b'a'; 3]], false);
+        assert_eq!(chunk_sizes(&out), vec![(3, false)]);
+        let mut out = Vec::new();
+        push_streamed_pieces(&mut out, Direction::Request, vec![Vec::new()], true);
+        assert_eq!(chunk_sizes(&out), vec![(0, true)]);
     }
 }

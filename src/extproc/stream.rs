@@ -26,12 +26,13 @@ use envoy_types::pb::{
     google::protobuf::value::Kind,
 };
 use rand::{SeedableRng, rngs::SmallRng, seq::IndexedRandom};
-use tracing::debug;
+use tracing::{debug, trace};
 
 use super::{
     encode::{
         Direction, body_replace_answer, common_with_headers, destination_metadata, push_streamed_body,
-        request_headers_answer, response_headers_answer, set_header, streamed_chunk, trailers_answer,
+        push_streamed_pieces, request_headers_answer, response_headers_answer, set_header, streamed_chunk,
+        trailers_answer,
     },
     error::EppError,
     processor::Processor,
@@ -162,7 +163,10 @@ pub struct Exchange {
     explain: bool,
     explanation: Option<String>,
     subset: Option<Vec<String>>,
-    body: Vec<u8>,
+    /// The request body as received, one piece per message: kept as sent so that an unchanged
+    /// body is re-emitted without copying, and joined once (exactly sized) for parsing.
+    body_pieces: Vec<Vec<u8>>,
+    body_len: usize,
     decided: bool,
     request_stream: bool,
     started: Instant,
@@ -271,7 +275,8 @@ impl Exchange {
             explain: false,
             explanation: None,
             subset: None,
-            body: Vec::new(),
+            body_pieces: Vec::new(),
+            body_len: 0,
             decided: false,
             request_stream: false,
             started: Instant::now(),
@@ -398,7 +403,7 @@ impl Exchange {
         if self.decided {
             return Flow::Continue;
         }
-        if self.body.len() + b.body.len() > MAX_REQUEST_BODY_BYTES {
+        if self.body_len + b.body.len() > MAX_REQUEST_BODY_BYTES {
             return self.fail(
                 EppError::BodyTooLarge {
                     limit: MAX_REQUEST_BODY_BYTES,
@@ -407,10 +412,14 @@ impl Exchange {
                 out,
             );
         }
-        if self.body.is_empty() && b.end_of_stream {
-            self.body = b.body;
-        } else {
-            self.body.extend_from_slice(&b.body);
+        trace!(
+            bytes = b.body.len(),
+            end_of_stream = b.end_of_stream,
+            "request body piece"
+        );
+        self.body_len += b.body.len();
+        if !b.body.is_empty() {
+            self.body_pieces.push(b.body);
         }
         if b.end_of_stream {
             self.decide_with_body(true, out).await
@@ -453,7 +462,16 @@ impl Exchange {
 
     async fn decide_with_body(&mut self, body_ends_stream: bool, out: &mut Vec<ProcessingResponse>) -> Flow {
         self.decided = true;
-        let body = std::mem::take(&mut self.body);
+        let mut pieces = std::mem::take(&mut self.body_pieces);
+        let body = if pieces.len() == 1 {
+            pieces.pop().unwrap_or_default()
+        } else {
+            let mut joined = Vec::with_capacity(self.body_len);
+            for piece in &pieces {
+                joined.extend_from_slice(piece);
+            }
+            joined
+        };
         let plan = match self.schedule(body).await {
             Ok(plan) => plan,
             Err((e, model)) => return self.fail(e, model, out),
@@ -484,7 +502,13 @@ impl Exchange {
                     common_with_headers(headers, true),
                     Some(metadata),
                 ));
-                push_streamed_body(out, Direction::Request, &plan.body, body_ends_stream);
+                // Unchanged and received in pieces: send the pieces back as they came.
+                let pieces = if plan.changed || pieces.is_empty() {
+                    vec![plan.body]
+                } else {
+                    pieces
+                };
+                push_streamed_pieces(out, Direction::Request, pieces, body_ends_stream);
             }
         }
         Flow::Continue
