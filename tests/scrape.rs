@@ -11,7 +11,7 @@ use epp::{
     datastore::{DatastoreEvent, DatastoreWriter, EndpointKey, EndpointSpec},
     metrics::{
         EngineMetrics, ScrapeFailure,
-        collector::{CollectorConfig, MAX_BODY_BYTES, run_collector, scrape_once},
+        collector::{CollectorConfig, MAX_BODY_BYTES, PageSource, run_collector, scrape_once},
         data_layer::{DataLayer, DataSourceParams, ENGINE_LABEL},
         engines::{EngineSpec, builtin_engines},
         exported::EppMetrics,
@@ -117,6 +117,116 @@ async fn full_v1_page_sums_ranks_averages_kv_and_takes_the_newest_lora_series() 
     assert!(lora.waiting.is_empty());
     assert_eq!(lora.max_active, 2);
     assert_eq!((m.block_size, m.num_gpu_blocks), (Some(16), Some(27000)));
+}
+
+#[tokio::test]
+async fn a_chunked_page_in_small_pieces_gives_the_same_values() {
+    let page = fixture("vllm-v1-full.prom");
+    let whole = scrape(serve_text(page.clone()).await, "vllm").await.unwrap();
+    let chunked = serve(Router::new().route(
+        "/metrics",
+        get(move || {
+            let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = page
+                .as_bytes()
+                .chunks(997)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            async move { Body::from_stream(tokio_stream::iter(pieces)) }
+        }),
+    ))
+    .await;
+    assert_eq!(scrape(chunked, "vllm").await.unwrap(), whole);
+}
+
+/// A raw HTTP/1.1 server answering `page` to every request; counts connections and requests.
+/// With `close_after_each`, it closes the connection after each answer without saying so (as
+/// a server whose idle timeout fired does).
+async fn counting_server(
+    page: &'static str,
+    close_after_each: bool,
+) -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connections, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                loop {
+                    let n = tokio::io::AsyncReadExt::read(&mut sock, &mut buf)
+                        .await
+                        .unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{page}",
+                            page.len()
+                        );
+                        if sock.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        if close_after_each {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections, requests)
+}
+
+#[tokio::test]
+async fn the_connection_is_kept_between_scrapes_and_reopened_when_the_pod_closed_it() {
+    use std::sync::atomic::Ordering;
+    const PAGE: &str = "vllm:num_requests_waiting 2\nvllm:num_requests_running 1\n";
+    let client = reqwest::Client::new();
+    for (close_after_each, want_connections) in [(false, 1), (true, 3)] {
+        let (addr, connections, requests) = counting_server(PAGE, close_after_each).await;
+        let mut source = PageSource::new(&client, &format!("http://{addr}/metrics")).unwrap();
+        assert!(matches!(source, PageSource::Plain(_)));
+        for _ in 0..3 {
+            let spec = engine("vllm");
+            let names = epp::metrics::engines::sample_names(&spec);
+            let m = source
+                .scrape(&spec, &names, Duration::from_secs(2))
+                .await
+                .unwrap();
+            assert_eq!((m.waiting, m.running), (2, 1));
+        }
+        assert_eq!(requests.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            want_connections,
+            "close_after_each: {close_after_each}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn https_and_host_names_go_through_the_general_client() {
+    let client = reqwest::Client::new();
+    for url in ["https://10.0.0.1:8000/metrics", "http://pod.example:8000/metrics"] {
+        assert!(matches!(
+            PageSource::new(&client, url).unwrap(),
+            PageSource::Client { .. }
+        ));
+    }
+    assert!(PageSource::new(&client, "not a url").is_err());
 }
 
 #[tokio::test]

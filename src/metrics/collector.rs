@@ -15,9 +15,10 @@ use tracing::debug;
 
 use super::{
     data_layer::DataLayer,
-    engines::{EngineSpec, extract},
+    engines::{EngineSpec, PageExtractor, sample_names},
     exported::EppMetrics,
     model::{EngineMetrics, ScrapeFailure},
+    page_connection::PageConnection,
 };
 use crate::{
     clock::Clock,
@@ -78,55 +79,123 @@ pub fn backoff(interval: Duration, failures: u32) -> Duration {
         .min(MAX_BACKOFF.max(interval))
 }
 
-/// Fetch and extract one scrape.
+/// Where one endpoint's page comes from: for plain `http` to an IP address (the pods' case), a
+/// [`PageConnection`] kept alive between scrapes; otherwise (`https`, host names) `reqwest`.
+#[derive(Debug)]
+pub enum PageSource {
+    /// Our own HTTP/1.1 connection.
+    Plain(PageConnection),
+    /// A general client, for TLS.
+    Client {
+        /// The shared client.
+        client: reqwest::Client,
+        /// The page.
+        url: reqwest::Url,
+    },
+}
+
+impl PageSource {
+    /// The source for `url`.
+    ///
+    /// # Errors
+    /// When `url` does not parse.
+    pub fn new(client: &reqwest::Client, url: &str) -> Result<Self, String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+        let ip = parsed.host_str().and_then(|h| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .ok()
+        });
+        match (parsed.scheme(), ip, parsed.port_or_known_default()) {
+            ("http", Some(ip), Some(port)) => {
+                let path = match parsed.query() {
+                    Some(q) => format!("{}?{q}", parsed.path()),
+                    None => parsed.path().to_owned(),
+                };
+                Ok(Self::Plain(PageConnection::new(SocketAddr::new(ip, port), &path)))
+            }
+            _ => Ok(Self::Client {
+                client: client.clone(),
+                url: parsed,
+            }),
+        }
+    }
+
+    /// Fetch the page and extract `engine`'s signals (`names`: its [`sample_names`]), within
+    /// `timeout`.
+    ///
+    /// # Errors
+    /// The [`ScrapeFailure`] that ended the attempt.
+    pub async fn scrape(
+        &mut self,
+        engine: &EngineSpec,
+        names: &[String],
+        timeout: Duration,
+    ) -> Result<EngineMetrics, ScrapeFailure> {
+        // The page is read as it arrives: no copy of it is kept, only an unfinished line.
+        let mut page = PageExtractor::new(engine, names);
+        let fetch = async {
+            match self {
+                Self::Plain(connection) => connection.get(MAX_BODY_BYTES, |piece| page.feed(piece)).await,
+                Self::Client { client, url } => fetch_with_client(client, url.clone(), &mut page).await,
+            }
+        };
+        tokio::time::timeout(timeout, fetch)
+            .await
+            .map_err(|_| ScrapeFailure::Timeout)??;
+        let extracted = page.finish();
+        if !extracted.found_required {
+            return Err(ScrapeFailure::Parse);
+        }
+        Ok(extracted.metrics)
+    }
+}
+
+async fn fetch_with_client(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    page: &mut PageExtractor<'_>,
+) -> Result<(), ScrapeFailure> {
+    let mut resp = client.get(url).send().await.map_err(|_| ScrapeFailure::Connect)?;
+    if !resp.status().is_success() {
+        return Err(ScrapeFailure::HttpStatus(resp.status().as_u16()));
+    }
+    if resp.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ScrapeFailure::TooLarge);
+    }
+    let mut received = 0;
+    while let Some(piece) = resp.chunk().await.map_err(|_| ScrapeFailure::Connect)? {
+        received += piece.len();
+        if received > MAX_BODY_BYTES {
+            return Err(ScrapeFailure::TooLarge);
+        }
+        page.feed(&piece);
+    }
+    Ok(())
+}
+
+/// Fetch and extract one scrape of `url` (a fresh [`PageSource`]; the scrape loops keep theirs).
 ///
 /// # Errors
-/// The [`ScrapeFailure`] that ended the attempt.
+/// The [`ScrapeFailure`] that ended the attempt; [`ScrapeFailure::Connect`] for a bad URL.
 pub async fn scrape_once(
     client: &reqwest::Client,
-    url: impl reqwest::IntoUrl,
+    url: &str,
     engine: &EngineSpec,
     timeout: Duration,
 ) -> Result<EngineMetrics, ScrapeFailure> {
-    let fetch = async {
-        let mut resp = client.get(url).send().await.map_err(|_| ScrapeFailure::Connect)?;
-
-        if !resp.status().is_success() {
-            return Err(ScrapeFailure::HttpStatus(resp.status().as_u16()));
-        }
-        if resp.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-            return Err(ScrapeFailure::TooLarge);
-        }
-        // Sized once when the server says how much is coming: no doubling, no slack kept.
-        let expected = resp.content_length().map_or(0, |n| n as usize);
-        let mut body = Vec::with_capacity(expected);
-        while let Some(chunk) = resp.chunk().await.map_err(|_| ScrapeFailure::Connect)? {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(ScrapeFailure::TooLarge);
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    };
-    let body = tokio::time::timeout(timeout, fetch)
-        .await
-        .map_err(|_| ScrapeFailure::Timeout)??;
-    // Valid UTF-8 is the norm: validate fast, repair only when needed.
-    let text = match std::str::from_utf8(&body) {
-        Ok(t) => std::borrow::Cow::Borrowed(t),
-        Err(_) => String::from_utf8_lossy(&body),
-    };
-    let extracted = extract(engine, &text);
-    if !extracted.found_required {
-        return Err(ScrapeFailure::Parse);
-    }
-    Ok(extracted.metrics)
+    let mut source = PageSource::new(client, url).map_err(|_| ScrapeFailure::Connect)?;
+    source.scrape(engine, &sample_names(engine), timeout).await
 }
 
 struct Loop {
     uid: EndpointUid,
-    url: reqwest::Url,
+    url: String,
+    source: PageSource,
     engine: EngineSpec,
+    /// The engine's [`sample_names`].
+    names: Vec<String>,
     live: Arc<EndpointLive>,
 }
 
@@ -191,20 +260,21 @@ pub async fn run_collector(
             running.insert(e.uid, (url.clone(), token.clone()));
             let l = Loop {
                 uid: e.uid,
-                url: match reqwest::Url::parse(&url) {
-                    Ok(u) => u,
+                source: match PageSource::new(&client, &url) {
+                    Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(%url, error = %e, "cannot scrape: bad metrics URL");
                         continue;
                     }
                 },
+                url,
+                names: sample_names(&engine),
                 engine,
                 live: e.live.clone(),
             };
             tracker.spawn(scrape_loop(
                 l,
                 config.clone(),
-                client.clone(),
                 events.clone(),
                 metrics.clone(),
                 clock.clone(),
@@ -224,9 +294,8 @@ pub async fn run_collector(
 }
 
 async fn scrape_loop(
-    l: Loop,
+    mut l: Loop,
     config: CollectorConfig,
-    client: reqwest::Client,
     events: mpsc::Sender<DatastoreEvent>,
     metrics: Arc<EppMetrics>,
     clock: Arc<dyn Clock>,
@@ -244,7 +313,7 @@ async fn scrape_loop(
         }
         let started = Instant::now();
         let picks_at_scrape = l.live.started_total();
-        match scrape_once(&client, l.url.clone(), &l.engine, timeout).await {
+        match l.source.scrape(&l.engine, &l.names, timeout).await {
             Ok(mut m) => {
                 m.scraped_at = Some(clock.now());
                 m.picks_at_scrape = picks_at_scrape;

@@ -9,10 +9,8 @@
 
 use std::sync::Arc;
 
-use smallvec::SmallVec;
-
 use super::{
-    exposition::{Sample, for_each_sample_named},
+    exposition::{Sample, SampleReader, for_each_sample_named},
     model::{EngineMetrics, LoraState},
 };
 
@@ -181,7 +179,7 @@ pub fn builtin_engines() -> Vec<EngineSpec> {
 }
 
 /// Running aggregate of the series matching one field's selectors.
-#[derive(Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Agg {
     /// Index of the best (lowest) selector seen so far, and its sum and count.
     best: Option<usize>,
@@ -247,14 +245,61 @@ pub struct Extracted {
 
 /// Extract `spec`'s signals from exposition `text` in one pass.
 pub fn extract(spec: &EngineSpec, text: &str) -> Extracted {
-    let (mut waiting, mut running, mut kv) = (Agg::default(), Agg::default(), Agg::default());
-    let (mut block_size, mut num_blocks) = (Agg::default(), Agg::default());
-    let mut lora: Option<(f64, LoraState)> = None;
-    let mut cache_labels: Option<(Option<u32>, Option<u64>)> = None;
+    let names = sample_names(spec);
+    let mut found = Found::default();
+    let bad_lines = for_each_sample_named(text.as_bytes(), &names, |s| found.add(spec, &s));
+    found.finish(bad_lines)
+}
 
-    // Every sample name this spec can read, with the `_total` form of counters; checked for each
-    // line before anything else is parsed.
-    let mut names: SmallVec<[String; 16]> = SmallVec::new();
+/// [`extract`] for a page that arrives in pieces (a scrape's HTTP body): lines are read as
+/// their piece arrives, so the page is never held whole.
+#[derive(Debug)]
+pub struct PageExtractor<'s> {
+    spec: &'s EngineSpec,
+    names: &'s [String],
+    reader: SampleReader,
+    found: Found,
+}
+
+impl<'s> PageExtractor<'s> {
+    /// An extractor for `spec`'s signals; `names` are [`sample_names`] of `spec` (computed once
+    /// per endpoint, not per scrape).
+    pub fn new(spec: &'s EngineSpec, names: &'s [String]) -> Self {
+        Self {
+            spec,
+            names,
+            reader: SampleReader::default(),
+            found: Found::default(),
+        }
+    }
+
+    /// Read the next piece of the page.
+    pub fn feed(&mut self, piece: &[u8]) {
+        let Self {
+            spec,
+            names,
+            reader,
+            found,
+        } = self;
+        reader.feed(piece, names, |s| found.add(spec, &s));
+    }
+
+    /// The signals of the whole page.
+    pub fn finish(self) -> Extracted {
+        let Self {
+            spec,
+            names,
+            reader,
+            mut found,
+        } = self;
+        let bad_lines = reader.finish(names, |s| found.add(spec, &s));
+        found.finish(bad_lines)
+    }
+}
+
+/// Every sample name `spec` can read, with the `_total` form of counters.
+pub fn sample_names(spec: &EngineSpec) -> Vec<String> {
+    let mut names = Vec::new();
     let mut add = |n: &str| {
         names.push(n.to_owned());
         names.push(format!("{n}_total"));
@@ -276,11 +321,26 @@ pub fn extract(spec: &EngineSpec, text: &str) -> Extracted {
         }
         CacheInfoSource::None => {}
     }
-    let wanted = |name: &str| names.iter().any(|n| n.len() == name.len() && n == name);
-    let bad_lines = for_each_sample_named(text, wanted, |s| {
-        waiting.add(&spec.waiting, &s);
-        running.add(&spec.running, &s);
-        kv.add(&spec.kv_usage, &s);
+    names
+}
+
+/// What the samples read so far say.
+#[derive(Debug, Default)]
+struct Found {
+    waiting: Agg,
+    running: Agg,
+    kv: Agg,
+    block_size: Agg,
+    num_blocks: Agg,
+    lora: Option<(f64, LoraState)>,
+    cache_labels: Option<(Option<u32>, Option<u64>)>,
+}
+
+impl Found {
+    fn add(&mut self, spec: &EngineSpec, s: &Sample<'_>) {
+        self.waiting.add(&spec.waiting, s);
+        self.running.add(&spec.running, s);
+        self.kv.add(&spec.kv_usage, s);
         match &spec.cache_info {
             CacheInfoSource::InfoLabels {
                 metric,
@@ -289,48 +349,51 @@ pub fn extract(spec: &EngineSpec, text: &str) -> Extracted {
             } if s.name == metric => {
                 let bs = s.label(block_size_label).and_then(|v| v.parse().ok());
                 let nb = s.label(num_blocks_label).and_then(|v| v.parse().ok());
-                cache_labels.get_or_insert((bs, nb));
+                self.cache_labels.get_or_insert((bs, nb));
             }
             CacheInfoSource::Gauges {
                 block_size: b,
                 num_blocks: n,
             } => {
-                block_size.add(std::slice::from_ref(b), &s);
-                num_blocks.add(std::slice::from_ref(n), &s);
+                self.block_size.add(std::slice::from_ref(b), s);
+                self.num_blocks.add(std::slice::from_ref(n), s);
             }
             _ => {}
         }
-        if spec.lora_info.as_deref() == Some(s.name) && lora.as_ref().is_none_or(|(t, _)| s.value > *t) {
+        // The newest series (largest value: a timestamp) of the LoRA info gauge wins.
+        if spec.lora_info.as_deref() == Some(s.name) && self.lora.as_ref().is_none_or(|(t, _)| s.value > *t) {
             let state = LoraState {
                 running: split_adapters(s.label("running_lora_adapters").unwrap_or("")),
                 waiting: split_adapters(s.label("waiting_lora_adapters").unwrap_or("")),
                 max_active: s.label("max_lora").and_then(|v| v.parse().ok()).unwrap_or(0),
             };
-            lora = Some((s.value, state));
+            self.lora = Some((s.value, state));
         }
-    });
+    }
 
-    let (bs, nb) = match cache_labels {
-        Some(v) => v,
-        None => (
-            block_size.mean().map(|v| v.max(0.0) as u32),
-            num_blocks.mean().map(|v| v.max(0.0) as u64),
-        ),
-    };
-    Extracted {
-        found_required: waiting.best.is_some() || running.best.is_some(),
-        metrics: EngineMetrics {
-            waiting: count(waiting.sum()),
-            running: count(running.sum()),
-            kv_usage: kv.mean().map(|v| v.clamp(0.0, 1.0)),
-            lora: lora.map(|(_, l)| l),
-            block_size: bs.filter(|b| *b > 0),
-            num_gpu_blocks: nb.filter(|n| *n > 0),
-            scraped_at: None,
-            last_error: None,
-            picks_at_scrape: 0,
-        },
-        bad_lines,
+    fn finish(self, bad_lines: usize) -> Extracted {
+        let (bs, nb) = match self.cache_labels {
+            Some(v) => v,
+            None => (
+                self.block_size.mean().map(|v| v.max(0.0) as u32),
+                self.num_blocks.mean().map(|v| v.max(0.0) as u64),
+            ),
+        };
+        Extracted {
+            found_required: self.waiting.best.is_some() || self.running.best.is_some(),
+            metrics: EngineMetrics {
+                waiting: count(self.waiting.sum()),
+                running: count(self.running.sum()),
+                kv_usage: self.kv.mean().map(|v| v.clamp(0.0, 1.0)),
+                lora: self.lora.map(|(_, l)| l),
+                block_size: bs.filter(|b| *b > 0),
+                num_gpu_blocks: nb.filter(|n| *n > 0),
+                scraped_at: None,
+                last_error: None,
+                picks_at_scrape: 0,
+            },
+            bad_lines,
+        }
     }
 }
 
@@ -402,5 +465,37 @@ mod tests {
     fn missing_kv_is_unknown_not_zero() {
         let e = extract(&vllm(), "vllm:num_requests_waiting 1\n");
         assert_eq!(e.metrics.kv_usage, None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_page_read_in_pieces_gives_what_the_whole_page_gives(
+            cuts in proptest::collection::vec(0usize..100_000, 0..40),
+        ) {
+            for page in [
+                include_str!("../../tests/fixtures/vllm-v1-full.prom"),
+                include_str!("../../tests/fixtures/vllm-v1.prom"),
+            ] {
+                let spec = vllm();
+                let whole = extract(&spec, page);
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (page.len() + 1)).collect();
+                cuts.sort_unstable();
+                let names = sample_names(&spec);
+                let mut x = PageExtractor::new(&spec, &names);
+                let mut from = 0;
+                for cut in cuts.into_iter().chain([page.len()]) {
+                    x.feed(&page.as_bytes()[from..cut]);
+                    from = cut;
+                }
+                proptest::prop_assert_eq!(x.finish(), whole);
+            }
+        }
+    }
+
+    #[test]
+    fn full_vllm_page_values() {
+        let e = extract(&vllm(), include_str!("../../tests/fixtures/vllm-v1-full.prom"));
+        assert!(e.found_required);
+        assert_eq!(e.bad_lines, 0);
     }
 }

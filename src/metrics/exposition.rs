@@ -30,38 +30,153 @@ impl Sample<'_> {
 }
 
 /// Call `f` for every well-formed sample in `text`; returns the number of malformed lines.
-pub fn for_each_sample<'a>(text: &'a str, f: impl FnMut(Sample<'a>)) -> usize {
-    for_each_sample_named(text, |_| true, f)
-}
-
-/// Like [`for_each_sample`], but lines whose metric name `wanted` rejects are skipped after
-/// reading the name only: their labels and values are never parsed. A `/metrics` page is mostly
-/// histogram buckets the EPP does not read, so this is where the time goes.
-pub fn for_each_sample_named<'a>(
-    text: &'a str,
-    mut wanted: impl FnMut(&str) -> bool,
-    mut f: impl FnMut(Sample<'a>),
-) -> usize {
+pub fn for_each_sample<'a>(text: &'a str, mut f: impl FnMut(Sample<'a>)) -> usize {
     let mut bad = 0;
-    let bytes = text.as_bytes();
-    let mut start = 0;
-    while start < bytes.len() {
-        let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i);
-        let line = text[start..end].trim_ascii();
-        start = end + 1;
-        if line.is_empty() || line.as_bytes()[0] == b'#' {
+    for line in text.lines() {
+        let line = line.trim_ascii();
+        if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let name_end = memchr::memchr3(b'{', b' ', b'\t', line.as_bytes()).unwrap_or(line.len());
-        if !wanted(&line[..name_end]) {
-            continue;
-        }
         match parse_line(line, name_end) {
             Some(s) => f(s),
             None => bad += 1,
         }
     }
     bad
+}
+
+/// Like [`for_each_sample`], but only for samples named in `wanted` (exact names): other lines
+/// are skipped after reading their name, and the lines of a family that cannot hold a wanted
+/// name (declared by a `# TYPE` or `# HELP` line) after comparing their first bytes with the
+/// family's name. A `/metrics` page is mostly histogram buckets the EPP does not read, so this
+/// is where the time goes. Only wanted lines are checked for UTF-8.
+pub fn for_each_sample_named<'a, N: AsRef<str>>(
+    text: &'a [u8],
+    wanted: &[N],
+    mut f: impl FnMut(Sample<'a>),
+) -> usize {
+    let mut filter = LineFilter::default();
+    let mut start = 0;
+    while start < text.len() {
+        let end = memchr::memchr(b'\n', &text[start..]).map_or(text.len(), |i| start + i);
+        filter.line(&text[start..end], wanted, &mut f);
+        start = end + 1;
+    }
+    filter.bad
+}
+
+/// [`for_each_sample_named`] over a page that arrives in pieces: complete lines are read as
+/// soon as their piece arrives and only an unfinished last line is kept, so no page is ever
+/// held whole.
+#[derive(Debug, Default)]
+pub struct SampleReader {
+    filter: LineFilter,
+    /// The unfinished line at the end of the last piece.
+    carry: Vec<u8>,
+}
+
+impl SampleReader {
+    /// Read the complete lines of `piece` (with the unfinished line before it).
+    pub fn feed<N: AsRef<str>>(&mut self, mut piece: &[u8], wanted: &[N], mut f: impl FnMut(Sample<'_>)) {
+        if !self.carry.is_empty() {
+            let Some(nl) = memchr::memchr(b'\n', piece) else {
+                self.carry.extend_from_slice(piece);
+                return;
+            };
+            self.carry.extend_from_slice(&piece[..nl]);
+            self.filter.line(&self.carry, wanted, &mut f);
+            self.carry.clear();
+            piece = &piece[nl + 1..];
+        }
+        let complete = match memchr::memrchr(b'\n', piece) {
+            Some(last) => last,
+            None => {
+                self.carry.extend_from_slice(piece);
+                return;
+            }
+        };
+        let mut start = 0;
+        while start < complete {
+            let end = memchr::memchr(b'\n', &piece[start..complete]).map_or(complete, |i| start + i);
+            self.filter.line(&piece[start..end], wanted, &mut f);
+            start = end + 1;
+        }
+        self.carry.extend_from_slice(&piece[complete + 1..]);
+    }
+
+    /// Read the last line (a page need not end with a newline); returns the malformed lines.
+    pub fn finish<N: AsRef<str>>(mut self, wanted: &[N], mut f: impl FnMut(Sample<'_>)) -> usize {
+        if !self.carry.is_empty() {
+            self.filter.line(&self.carry, wanted, &mut f);
+        }
+        self.filter.bad
+    }
+}
+
+/// Per-line state of a named read: the family being skipped and the malformed-line count.
+#[derive(Debug, Default)]
+struct LineFilter {
+    /// Name of the current family when it cannot hold a wanted sample (empty: none).
+    skipped_family: Vec<u8>,
+    bad: usize,
+}
+
+impl LineFilter {
+    fn line<'a, N: AsRef<str>>(&mut self, raw: &'a [u8], wanted: &[N], f: &mut impl FnMut(Sample<'a>)) {
+        // Fast path: a sample of the skipped family (`family`, `family_bucket{...`, ...).
+        if !self.skipped_family.is_empty()
+            && raw.starts_with(&self.skipped_family)
+            && raw
+                .get(self.skipped_family.len())
+                .is_some_and(|c| matches!(c, b'_' | b'{' | b' ' | b'\t'))
+        {
+            return;
+        }
+        let line = raw.trim_ascii();
+        if line.is_empty() {
+            return;
+        }
+        if line[0] == b'#' {
+            self.comment(line, wanted);
+            return;
+        }
+        let name_end = memchr::memchr3(b'{', b' ', b'\t', line).unwrap_or(line.len());
+        let name = &line[..name_end];
+        if !wanted.iter().any(|w| w.as_ref().as_bytes() == name) {
+            return;
+        }
+        match std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| parse_line(l, name_end))
+        {
+            Some(s) => f(s),
+            None => self.bad += 1,
+        }
+    }
+
+    /// `# TYPE name ...` and `# HELP name ...` start a family: skip its samples when no wanted
+    /// name begins with its name.
+    fn comment<N: AsRef<str>>(&mut self, line: &[u8], wanted: &[N]) {
+        let rest = line[1..].trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b"TYPE").or_else(|| rest.strip_prefix(b"HELP")) else {
+            self.skipped_family.clear();
+            return;
+        };
+        let rest = rest.trim_ascii_start();
+        let family = &rest[..memchr::memchr2(b' ', b'\t', rest).unwrap_or(rest.len())];
+        if family.is_empty() {
+            self.skipped_family.clear();
+            return;
+        }
+        if family == self.skipped_family.as_slice() {
+            return; // the TYPE line after the HELP line of the same skipped family
+        }
+        self.skipped_family.clear();
+        if !wanted.iter().any(|w| w.as_ref().as_bytes().starts_with(family)) {
+            self.skipped_family.extend_from_slice(family);
+        }
+    }
 }
 
 fn parse_line(line: &str, name_end: usize) -> Option<Sample<'_>> {
@@ -223,5 +338,53 @@ mod tests {
         ] {
             for_each_sample(text, |_| {});
         }
+    }
+
+    fn named(text: &[u8], wanted: &[&str]) -> (Vec<(String, f64)>, usize) {
+        let mut got = Vec::new();
+        let bad = for_each_sample_named(text, wanted, |s| got.push((s.name.to_owned(), s.value)));
+        (got, bad)
+    }
+
+    #[test]
+    fn skipped_families_never_hide_a_wanted_sample() {
+        let text = b"# TYPE lat histogram\n\
+            lat_bucket{le=\"1\"} 1\n\
+            lat_count 1\n\
+            want 7\n\
+            # HELP want_more some help\n\
+            want_more_total 2\n\
+            # TYPE w gauge\n\
+            w_x 1\n\
+            want 8\n";
+        let (got, bad) = named(text, &["want", "want_more_total"]);
+        assert_eq!(bad, 0);
+        assert_eq!(
+            got,
+            vec![
+                ("want".to_owned(), 7.0),
+                ("want_more_total".to_owned(), 2.0),
+                ("want".to_owned(), 8.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_counts_only_on_wanted_lines() {
+        let text = b"skipped{a=\"\xff\"} 1\nwant{a=\"\xff\"} 2\nwant 3";
+        let (got, bad) = named(text, &["want"]);
+        assert_eq!(bad, 1);
+        assert_eq!(got, vec![("want".to_owned(), 3.0)]);
+    }
+
+    #[test]
+    fn reader_joins_lines_split_across_pieces() {
+        let mut r = SampleReader::default();
+        let mut got = Vec::new();
+        for piece in [&b"wa"[..], b"nt{a=\"x", b"\"} 1\n", b"want 2\nwa", b"nt 3"] {
+            r.feed(piece, &["want"], |s| got.push(s.value));
+        }
+        let bad = r.finish(&["want"], |s| got.push(s.value));
+        assert_eq!((got, bad), (vec![1.0, 2.0, 3.0], 0));
     }
 }
