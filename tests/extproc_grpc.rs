@@ -244,6 +244,36 @@ async fn header_only_request_gets_an_endpoint_at_once() {
     // No x-request-id was sent, so one is generated (a UUID) and set upstream.
     let id = &set.iter().find(|(k, _)| k == "x-request-id").unwrap().1;
     assert_eq!(id.len(), 36);
+    assert_eq!(
+        server.metrics.request_decision.get_sample_count(),
+        0,
+        "no body, no body-to-answer decision time"
+    );
+}
+
+#[tokio::test]
+async fn each_routed_body_records_one_decision_time() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    for _ in 0..2 {
+        let answers = server
+            .exchange(vec![
+                req_headers(&[(":path", "/v1/completions")], false),
+                req_body(br#"{"model":"m","prompt":"hello"}"#, false),
+                req_body(b"", true),
+            ])
+            .await;
+        assert!(matches!(answers[0], Answer::RequestHeaders { .. }), "{answers:?}");
+    }
+    // A rejected body (no model) is answered, but not routed.
+    let _ = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/completions")], false),
+            req_body(br#"{"prompt":"hello"}"#, true),
+        ])
+        .await;
+    let decisions = &server.metrics.request_decision;
+    assert_eq!(decisions.get_sample_count(), 2);
+    assert!(decisions.get_sample_sum() > 0.0);
 }
 
 fn immediate_status(a: &Answer) -> (i32, serde_json::Value) {

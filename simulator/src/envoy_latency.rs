@@ -11,7 +11,19 @@ use tokio::{sync::Mutex, time::Instant};
 use crate::{
     emulator::{Emulator, PodConfig},
     envoy::{Envoy, EnvoyPorts, free_port},
+    epp_process::EppProcess,
 };
+
+/// Until something listens on 127.0.0.1:`port` (at most 5 s).
+async fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("nothing listens on port {port}")
+}
 
 /// Envoy routing every request to one static endpoint, no ext_proc.
 fn direct_config(listener: u16, admin: u16, pod: u16) -> String {
@@ -133,16 +145,20 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
     let emulator = Emulator::start(vec![instant; 3], 0).await?;
     let endpoints: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
     let grpc = free_port()?;
-    let args = [
-        "epp".to_owned(),
-        format!("--endpoints={}", endpoints.join(",")),
-        format!("--grpc-port={grpc}"),
-        format!("--grpc-health-port={}", free_port()?),
-        format!("--metrics-port={}", free_port()?),
-    ];
-    let flags = <epp::config::Flags as clap::Parser>::try_parse_from(epp::config::normalize_go_args(args))?;
-    let app = epp::app::start(flags).await.context("starting the EPP")?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its own process, as deployed: the EPP does not share this process's runtime with the
+    // load generator and the pods.
+    let epp = EppProcess::start(
+        &[
+            format!("--endpoints={}", endpoints.join(",")),
+            format!("--grpc-port={grpc}"),
+            format!("--grpc-health-port={}", free_port()?),
+            format!("--metrics-port={}", free_port()?),
+        ],
+        None,
+    )?;
+    wait_for_port(grpc)
+        .await
+        .context("the EPP did not listen within 5 s")?;
     let with_epp = Envoy::start(EnvoyPorts {
         listener: free_port()?,
         admin: free_port()?,
@@ -170,7 +186,7 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
     let direct_run = open_loop(&direct.url(), rate, seconds, prompt_tokens).await;
     drop(with_epp);
     drop(direct);
-    app.shutdown().await;
+    drop(epp);
     emulator.shutdown().await;
     Ok((epp_run, direct_run))
 }

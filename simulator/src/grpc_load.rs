@@ -6,8 +6,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -24,6 +23,8 @@ use envoy_types::pb::envoy::{
 };
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
+
+use crate::epp_process::EppProcess;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -64,6 +65,57 @@ pub struct GrpcLoadReport {
     pub peak_rss_mib: f64,
     /// Failed exchanges.
     pub errors: u64,
+    /// The EPP's own decision time (last body message in → routing answer out), from its
+    /// `inference_extension_request_decision_duration_seconds` histogram over the run:
+    /// p50 and p99 in milliseconds (interpolated within buckets).
+    pub epp_decision_ms: [f64; 2],
+    /// Share of the run's decisions that took at most 2 ms (exact: 2 ms is a bucket bound).
+    pub epp_decision_within_2ms: f64,
+}
+
+/// Cumulative bucket counts `(upper bound, count)` of the decision histogram on `/metrics`.
+async fn decision_buckets(metrics_url: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+    let text = reqwest::get(metrics_url).await?.text().await?;
+    let mut buckets = Vec::new();
+    epp::metrics::exposition::for_each_sample(&text, |s| {
+        if s.name == "inference_extension_request_decision_duration_seconds_bucket"
+            && let Some(le) = s.label("le")
+        {
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            buckets.push((bound, s.value));
+        }
+    });
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(buckets)
+}
+
+/// Quantile `q` (0..1) of a cumulative histogram, linear within its bucket; in the bound's unit.
+fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return lower; // beyond the last finite bound: report that bound
+            }
+            let share = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                1.0
+            };
+            return lower + (bound - lower) * share;
+        }
+        (lower, below) = (bound, count);
+    }
+    lower
 }
 
 fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -215,8 +267,6 @@ async fn one_exchange(
 /// When a process cannot start or the EPP does not answer.
 pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("binary dir")?;
-    let epp: PathBuf = dir.join("epp");
     // Pages for the endpoints' metrics, from a separate process.
     let mut pages = Command::new(&exe)
         .args(["serve-pages", "--count", &cfg.endpoints.to_string()])
@@ -234,29 +284,20 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
         .to_owned();
     let endpoints: Vec<String> = ports.split(',').map(|p| format!("127.0.0.1:{p}")).collect();
     let grpc = crate::envoy::free_port()?;
-    let mut command = match &cfg.epp_cpus {
-        Some(cpus) => {
-            // taskset execs the EPP: the pid stays the EPP's.
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(&epp);
-            c
-        }
-        None => Command::new(&epp),
-    };
-    let mut child: Child = command
-        .args([
-            &format!("--endpoints={}", endpoints.join(",")),
-            &format!("--grpc-port={grpc}"),
-            &format!("--grpc-health-port={}", crate::envoy::free_port()?),
-            &format!("--metrics-port={}", crate::envoy::free_port()?),
-            "--secure-serving=false",
-            &format!("--refresh-metrics-interval={}", cfg.refresh_interval),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("the epp binary must be built next to epp-sim (cargo build --release --workspace)")?;
-    let pid = child.id();
+    let metrics_port = crate::envoy::free_port()?;
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let epp = EppProcess::start(
+        &[
+            format!("--endpoints={}", endpoints.join(",")),
+            format!("--grpc-port={grpc}"),
+            format!("--grpc-health-port={}", crate::envoy::free_port()?),
+            format!("--metrics-port={metrics_port}"),
+            "--secure-serving=false".to_owned(),
+            format!("--refresh-metrics-interval={}", cfg.refresh_interval),
+        ],
+        cfg.epp_cpus.as_deref(),
+    )?;
+    let pid = epp.pid();
     let addr = SocketAddr::from(([127, 0, 0, 1], grpc));
     let mut channel = None;
     for _ in 0..100 {
@@ -271,6 +312,7 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..64).map(|i| body(cfg.prompt_tokens, i)).collect());
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let buckets0 = decision_buckets(&metrics_url).await?;
     let (cpu0, t0) = (proc_cpu_seconds(pid)?, Instant::now());
     let deadline = t0 + cfg.duration;
     let mut workers = tokio::task::JoinSet::new();
@@ -324,8 +366,18 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
     let wall = t0.elapsed().as_secs_f64();
     let cpu = proc_cpu_seconds(pid)? - cpu0;
     let rss = peak_rss_mib(pid)?;
-    let _ = child.kill();
-    let _ = child.wait();
+    let buckets1 = decision_buckets(&metrics_url).await?;
+    // The run's own histogram: the end's counts minus the warm-up's.
+    let run: Vec<(f64, f64)> = buckets1
+        .iter()
+        .map(|&(bound, count)| {
+            let before = buckets0.iter().find(|b| b.0 == bound).map_or(0.0, |b| b.1);
+            (bound, count - before)
+        })
+        .collect();
+    let total = run.last().map_or(0.0, |b| b.1);
+    let within_2ms = run.iter().find(|b| b.0 == 0.002).map_or(0.0, |b| b.1) / total.max(1.0);
+    drop(epp);
     let _ = pages.kill();
     let _ = pages.wait();
     let mut l = latencies.lock().await.clone();
@@ -343,5 +395,27 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
         cores: cpu / wall,
         peak_rss_mib: rss,
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        epp_decision_ms: [
+            histogram_quantile(&run, 0.5) * 1e3,
+            histogram_quantile(&run, 0.99) * 1e3,
+        ],
+        epp_decision_within_2ms: within_2ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::histogram_quantile;
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket() {
+        // 10 at or below 1, 90 in (1, 2], none above.
+        let b = [(1.0, 10.0), (2.0, 100.0), (f64::INFINITY, 100.0)];
+        assert_eq!(histogram_quantile(&b, 0.1), 1.0);
+        assert!((histogram_quantile(&b, 0.55) - 1.5).abs() < 1e-12);
+        assert_eq!(histogram_quantile(&b, 1.0), 2.0);
+        assert!(histogram_quantile(&[], 0.5).is_nan());
+        // Everything beyond the last finite bound reports that bound.
+        assert_eq!(histogram_quantile(&[(1.0, 0.0), (f64::INFINITY, 5.0)], 0.5), 1.0);
+    }
 }

@@ -17,6 +17,7 @@ pub mod emulator;
 pub mod engine;
 pub mod envoy;
 pub mod envoy_latency;
+pub mod epp_process;
 pub mod grpc_load;
 pub mod llama_server;
 pub mod load;

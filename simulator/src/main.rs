@@ -383,13 +383,17 @@ async fn main() -> anyhow::Result<()> {
             };
             println!(
                 "{prompt_tokens}-token chat prompts, {load}, {endpoints} endpoints: {:.0} req/s, {:.2} EPP cores ({:.0} req/s per core), \
-                 {:.3} ms CPU/request, decision p50 {:.3} ms p99 {:.3} ms, peak RSS {:.1} MiB, {} errors",
+                 {:.3} ms CPU/request, decision p50 {:.3} ms p99 {:.3} ms (client), EPP-side decision p50 {:.3} ms p99 {:.3} ms ({:.1} % within 2 ms), \
+                 peak RSS {:.1} MiB, {} errors",
                 r.rps,
                 r.cores,
                 r.rps / r.cores.max(1e-9),
                 r.cpu_per_request * 1e3,
                 r.decision_ms[0],
                 r.decision_ms[1],
+                r.epp_decision_ms[0],
+                r.epp_decision_ms[1],
+                r.epp_decision_within_2ms * 100.0,
                 r.peak_rss_mib,
                 r.errors
             );

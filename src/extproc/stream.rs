@@ -168,6 +168,9 @@ pub struct Exchange {
     body_pieces: Vec<Vec<u8>>,
     body_len: usize,
     decided: bool,
+    /// Set when the last message produced the routing answer for a request body (taken by the
+    /// service once the answers are handed on, to time the decision).
+    routed_by_last_message: bool,
     request_stream: bool,
     started: Instant,
     routed: Option<Routed>,
@@ -278,6 +281,7 @@ impl Exchange {
             body_pieces: Vec::new(),
             body_len: 0,
             decided: false,
+            routed_by_last_message: false,
             request_stream: false,
             started: Instant::now(),
             routed: None,
@@ -293,6 +297,11 @@ impl Exchange {
             let timer = self.p.plugin_timer();
             self.p.scheduler.pre_request(&snapshot, &decision, Some(&timer));
         }
+    }
+
+    /// Whether the last message was a request body's end that got its routing answer (once).
+    pub fn take_routed_by_last_message(&mut self) -> bool {
+        std::mem::take(&mut self.routed_by_last_message)
     }
 
     /// Handle one inbound message, pushing the answers to `out`.
@@ -498,6 +507,7 @@ impl Exchange {
                 out.push(answer);
             }
             _ => {
+                self.routed_by_last_message = true;
                 out.push(request_headers_answer(
                     common_with_headers(headers, true),
                     Some(metadata),

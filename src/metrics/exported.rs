@@ -43,6 +43,8 @@ pub struct EppMetrics {
     pub pool_per_pod_queue: GaugeVec,
     /// Scheduler cycle.
     pub scheduler_e2e: Histogram,
+    /// Last request-body message in → routing answer handed to the stream.
+    pub request_decision: Histogram,
     /// Scheduling attempts.
     pub scheduler_attempts: IntCounterVec,
     /// Per-plugin duration.
@@ -206,6 +208,13 @@ impl EppMetrics {
                 )
                 .buckets(SCHEDULER_BUCKETS.to_vec()),
             )?,
+            request_decision: Histogram::with_opts(
+                HistogramOpts::new(
+                    REQUEST_DECISION_SECONDS,
+                    "Time from a request body's last message to the routing answer handed to the ext_proc stream, in seconds.",
+                )
+                .buckets(DECISION_BUCKETS.to_vec()),
+            )?,
             scheduler_attempts: IntCounterVec::new(
                 opts(SCHEDULER_ATTEMPTS_TOTAL, "Total number of scheduling attempts."),
                 &["status", "target_model_name", "pod_name", "namespace", "port"],
@@ -323,6 +332,7 @@ impl EppMetrics {
             Box::new(m.pool_avg_running.clone()),
             Box::new(m.pool_per_pod_queue.clone()),
             Box::new(m.scheduler_e2e.clone()),
+            Box::new(m.request_decision.clone()),
             Box::new(m.scheduler_attempts.clone()),
             Box::new(m.plugin_duration.clone()),
             Box::new(m.scrape_errors.clone()),

@@ -35,6 +35,8 @@ pub const POOL_PER_POD_QUEUE: &str = "inference_pool_per_pod_queue_size";
 pub const EXTENSION_INFO: &str = "inference_extension_info";
 /// Scheduler cycle duration.
 pub const SCHEDULER_E2E_SECONDS: &str = "inference_extension_scheduler_e2e_duration_seconds";
+/// Last request-body message in → routing answer out (this EPP's own metric).
+pub const REQUEST_DECISION_SECONDS: &str = "inference_extension_request_decision_duration_seconds";
 /// Scheduling attempts.
 pub const SCHEDULER_ATTEMPTS_TOTAL: &str = "inference_extension_scheduler_attempts_total";
 /// Per-plugin duration.
@@ -73,6 +75,10 @@ pub const DURATION_BUCKETS: [f64; 35] = [
     3600.0,
 ];
 
+/// Buckets of the decision latency (seconds): fine around the 2 ms target.
+pub const DECISION_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+];
 /// Scheduler and plugin duration buckets (seconds), as upstream.
 pub const SCHEDULER_BUCKETS: [f64; 10] = [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
 

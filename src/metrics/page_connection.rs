@@ -85,7 +85,15 @@ impl PageConnection {
         if !(200..300).contains(&status) {
             return Err(ScrapeFailure::HttpStatus(status));
         }
-        let framing = Framing::of(&response)?;
+        // 204 has no body by definition; anything else says how its body ends.
+        let framing = if status == 204 {
+            Framing::Length(0)
+        } else {
+            Framing::of(&response)?
+        };
+        if matches!(framing, Framing::Length(n) if n > max_body) {
+            return Err(ScrapeFailure::TooLarge);
+        }
         let keep_alive = response.version == Some(1) && !has_token(&response, "connection", "close");
 
         let mut body = BodyReader::new(framing, max_body);
