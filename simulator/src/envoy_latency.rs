@@ -11,7 +11,7 @@ use tokio::{sync::Mutex, time::Instant};
 use crate::{
     emulator::{Emulator, PodConfig},
     envoy::{Envoy, EnvoyPorts, free_port},
-    epp_process::EppProcess,
+    epp_process::{EppProcess, decision_buckets, histogram_delta, histogram_quantile},
 };
 
 /// Until something listens on 127.0.0.1:`port` (at most 5 s).
@@ -136,15 +136,28 @@ async fn open_loop(url: &str, rate: u32, seconds: u64, prompt_tokens: usize) -> 
     }
 }
 
-/// Measure both paths; returns `(with the EPP, direct)`.
+/// Both paths measured, and the EPP's own share.
+#[derive(Debug, Clone, Copy)]
+pub struct Latencies {
+    /// Through Envoy with the EPP.
+    pub with_epp: Run,
+    /// Through Envoy straight to a pod.
+    pub direct: Run,
+    /// The EPP's own decision time during the EPP run (last body message in → routing answer
+    /// out), p50 and p99 in milliseconds, from its histogram.
+    pub epp_decision_ms: [f64; 2],
+}
+
+/// Measure both paths.
 ///
 /// # Errors
 /// When Envoy, the EPP or the pods cannot start.
-pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::Result<(Run, Run)> {
+pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::Result<Latencies> {
     let instant = PodConfig::instant();
     let emulator = Emulator::start(vec![instant; 3], 0).await?;
     let endpoints: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
     let grpc = free_port()?;
+    let metrics_port = free_port()?;
     // Its own process, as deployed: the EPP does not share this process's runtime with the
     // load generator and the pods.
     let epp = EppProcess::start(
@@ -152,7 +165,7 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
             format!("--endpoints={}", endpoints.join(",")),
             format!("--grpc-port={grpc}"),
             format!("--grpc-health-port={}", free_port()?),
-            format!("--metrics-port={}", free_port()?),
+            format!("--metrics-port={metrics_port}"),
         ],
         None,
     )?;
@@ -182,11 +195,21 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
     // Warm both paths (connections, ORIGINAL_DST hosts), then measure each in turn.
     let _ = open_loop(&with_epp.url(), 50, 1, prompt_tokens).await;
     let _ = open_loop(&direct.url(), 50, 1, prompt_tokens).await;
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let before = decision_buckets(&metrics_url).await?;
     let epp_run = open_loop(&with_epp.url(), rate, seconds, prompt_tokens).await;
+    let decisions = histogram_delta(&before, &decision_buckets(&metrics_url).await?);
     let direct_run = open_loop(&direct.url(), rate, seconds, prompt_tokens).await;
     drop(with_epp);
     drop(direct);
     drop(epp);
     emulator.shutdown().await;
-    Ok((epp_run, direct_run))
+    Ok(Latencies {
+        with_epp: epp_run,
+        direct: direct_run,
+        epp_decision_ms: [
+            histogram_quantile(&decisions, 0.5) * 1e3,
+            histogram_quantile(&decisions, 0.99) * 1e3,
+        ],
+    })
 }

@@ -61,6 +61,66 @@ impl Drop for EppProcess {
     }
 }
 
+/// Cumulative bucket counts `(upper bound, count)` of the EPP's decision histogram
+/// (`inference_extension_request_decision_duration_seconds`) on its `/metrics` page.
+///
+/// # Errors
+/// When the page cannot be fetched.
+pub async fn decision_buckets(metrics_url: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+    let text = reqwest::get(metrics_url).await?.text().await?;
+    let mut buckets = Vec::new();
+    epp::metrics::exposition::for_each_sample(&text, |s| {
+        if s.name == "inference_extension_request_decision_duration_seconds_bucket"
+            && let Some(le) = s.label("le")
+        {
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            buckets.push((bound, s.value));
+        }
+    });
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(buckets)
+}
+
+/// The counts between two readings of one cumulative histogram (`after` minus `before`).
+pub fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(bound, count)| {
+            let earlier = before.iter().find(|b| b.0 == bound).map_or(0.0, |b| b.1);
+            (bound, count - earlier)
+        })
+        .collect()
+}
+
+/// Quantile `q` (0..1) of a cumulative histogram, linear within its bucket; in the bound's unit.
+pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return lower; // beyond the last finite bound: report that bound
+            }
+            let share = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                1.0
+            };
+            return lower + (bound - lower) * share;
+        }
+        (lower, below) = (bound, count);
+    }
+    lower
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -71,6 +131,21 @@ mod tests {
                 .lines()
                 .any(|l| l.trim() == format!("ENV GLIBC_TUNABLES={}", super::GLIBC_TUNABLES)),
             "Dockerfile and epp_process::GLIBC_TUNABLES differ"
+        );
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket() {
+        // 10 at or below 1, 90 in (1, 2], none above.
+        let b = [(1.0, 10.0), (2.0, 100.0), (f64::INFINITY, 100.0)];
+        assert_eq!(super::histogram_quantile(&b, 0.1), 1.0);
+        assert!((super::histogram_quantile(&b, 0.55) - 1.5).abs() < 1e-12);
+        assert_eq!(super::histogram_quantile(&b, 1.0), 2.0);
+        assert!(super::histogram_quantile(&[], 0.5).is_nan());
+        // Everything beyond the last finite bound reports that bound.
+        assert_eq!(
+            super::histogram_quantile(&[(1.0, 0.0), (f64::INFINITY, 5.0)], 0.5),
+            1.0
         );
     }
 }

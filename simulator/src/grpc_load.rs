@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::{
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::epp_process::EppProcess;
+use crate::epp_process::{EppProcess, decision_buckets, histogram_delta, histogram_quantile};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -71,51 +71,6 @@ pub struct GrpcLoadReport {
     pub epp_decision_ms: [f64; 2],
     /// Share of the run's decisions that took at most 2 ms (exact: 2 ms is a bucket bound).
     pub epp_decision_within_2ms: f64,
-}
-
-/// Cumulative bucket counts `(upper bound, count)` of the decision histogram on `/metrics`.
-async fn decision_buckets(metrics_url: &str) -> anyhow::Result<Vec<(f64, f64)>> {
-    let text = reqwest::get(metrics_url).await?.text().await?;
-    let mut buckets = Vec::new();
-    epp::metrics::exposition::for_each_sample(&text, |s| {
-        if s.name == "inference_extension_request_decision_duration_seconds_bucket"
-            && let Some(le) = s.label("le")
-        {
-            let bound = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().unwrap_or(f64::NAN)
-            };
-            buckets.push((bound, s.value));
-        }
-    });
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok(buckets)
-}
-
-/// Quantile `q` (0..1) of a cumulative histogram, linear within its bucket; in the bound's unit.
-fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
-    let total = buckets.last().map_or(0.0, |b| b.1);
-    if total <= 0.0 {
-        return f64::NAN;
-    }
-    let rank = q * total;
-    let (mut lower, mut below) = (0.0, 0.0);
-    for &(bound, count) in buckets {
-        if count >= rank {
-            if bound.is_infinite() {
-                return lower; // beyond the last finite bound: report that bound
-            }
-            let share = if count > below {
-                (rank - below) / (count - below)
-            } else {
-                1.0
-            };
-            return lower + (bound - lower) * share;
-        }
-        (lower, below) = (bound, count);
-    }
-    lower
 }
 
 fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -367,14 +322,7 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
     let cpu = proc_cpu_seconds(pid)? - cpu0;
     let rss = peak_rss_mib(pid)?;
     let buckets1 = decision_buckets(&metrics_url).await?;
-    // The run's own histogram: the end's counts minus the warm-up's.
-    let run: Vec<(f64, f64)> = buckets1
-        .iter()
-        .map(|&(bound, count)| {
-            let before = buckets0.iter().find(|b| b.0 == bound).map_or(0.0, |b| b.1);
-            (bound, count - before)
-        })
-        .collect();
+    let run = histogram_delta(&buckets0, &buckets1);
     let total = run.last().map_or(0.0, |b| b.1);
     let within_2ms = run.iter().find(|b| b.0 == 0.002).map_or(0.0, |b| b.1) / total.max(1.0);
     drop(epp);
@@ -401,21 +349,4 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
         ],
         epp_decision_within_2ms: within_2ms,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::histogram_quantile;
-
-    #[test]
-    fn quantiles_interpolate_within_the_bucket() {
-        // 10 at or below 1, 90 in (1, 2], none above.
-        let b = [(1.0, 10.0), (2.0, 100.0), (f64::INFINITY, 100.0)];
-        assert_eq!(histogram_quantile(&b, 0.1), 1.0);
-        assert!((histogram_quantile(&b, 0.55) - 1.5).abs() < 1e-12);
-        assert_eq!(histogram_quantile(&b, 1.0), 2.0);
-        assert!(histogram_quantile(&[], 0.5).is_nan());
-        // Everything beyond the last finite bound reports that bound.
-        assert_eq!(histogram_quantile(&[(1.0, 0.0), (f64::INFINITY, 5.0)], 0.5), 1.0);
-    }
 }

@@ -403,9 +403,13 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             prompt_tokens,
         } => {
-            let (with_epp, direct) = epp_sim::envoy_latency::measure(rate, seconds, prompt_tokens).await?;
+            let epp_sim::envoy_latency::Latencies {
+                with_epp,
+                direct,
+                epp_decision_ms,
+            } = epp_sim::envoy_latency::measure(rate, seconds, prompt_tokens).await?;
             println!(
-                "{prompt_tokens}-token prompts at {rate} req/s for {seconds}s:\n  Envoy + EPP: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  Envoy direct: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  added by the EPP: p50 {:+.2} ms  p99 {:+.2} ms",
+                "{prompt_tokens}-token prompts at {rate} req/s for {seconds}s:\n  Envoy + EPP: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  Envoy direct: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  added by the EPP: p50 {:+.2} ms  p99 {:+.2} ms\n  of which the EPP's own decision (its histogram): p50 {:.3} ms  p99 {:.3} ms",
                 with_epp.p50,
                 with_epp.p99,
                 with_epp.completed,
@@ -415,7 +419,9 @@ async fn main() -> anyhow::Result<()> {
                 direct.completed,
                 direct.errors,
                 with_epp.p50 - direct.p50,
-                with_epp.p99 - direct.p99
+                with_epp.p99 - direct.p99,
+                epp_decision_ms[0],
+                epp_decision_ms[1]
             );
         }
         Command::ServePages { count, page } => {
