@@ -137,55 +137,60 @@ pub fn shared_prefix(p: &GeneratorParams, seed: u64) -> Workload {
 /// Multi-LoRA: every request asks for adapter `lora-k`, k Zipf-distributed; prompts share a
 /// per-adapter system prompt and end in a unique question.
 pub fn multi_lora(p: &GeneratorParams, seed: u64) -> Workload {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let cdf = zipf_table(p.adapters, p.zipf);
-    let times = arrivals(p, &mut rng);
-    let requests = times
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let k = zipf_pick(&cdf, &mut rng);
-            let (input, blocks) = prompt(u64::from(k) + 1_000, p.prefix_tokens, i as u64, p.question_tokens);
-            TraceRequest {
-                arrival_ns: t,
-                input_tokens: input,
-                output_tokens: p.output_tokens.max(1),
-                blocks,
-                adapter: Some(format!("lora-{k}").into()),
-                tenant: None,
-            }
-        })
-        .collect();
-    Workload {
-        name: "multi-lora".into(),
-        block_tokens: BLOCK_TOKENS,
-        requests,
-    }
+    zipf_keyed(p, seed, Owner::Adapter)
 }
 
 /// Multi-tenant: tenant `team-k` (Zipf share) sends its own system prompt plus a unique question.
 pub fn multi_tenant(p: &GeneratorParams, seed: u64) -> Workload {
+    zipf_keyed(p, seed, Owner::Tenant)
+}
+
+/// What the Zipf-distributed key of a request names.
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    /// A LoRA adapter, `lora-k`.
+    Adapter,
+    /// A tenant, `team-k`.
+    Tenant,
+}
+
+/// Requests keyed by a Zipf-distributed `k`: the key's own system prompt, then a unique question.
+fn zipf_keyed(p: &GeneratorParams, seed: u64, owner: Owner) -> Workload {
+    // Distinct prefix-key ranges, so an adapter's and a tenant's system prompts never coincide.
+    let (keys, prefix_base, name) = match owner {
+        Owner::Adapter => (p.adapters, 1_000, "multi-lora"),
+        Owner::Tenant => (p.tenants, 2_000, "multi-tenant"),
+    };
     let mut rng = SmallRng::seed_from_u64(seed);
-    let cdf = zipf_table(p.tenants, p.zipf);
+    let cdf = zipf_table(keys, p.zipf);
     let times = arrivals(p, &mut rng);
     let requests = times
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
             let k = zipf_pick(&cdf, &mut rng);
-            let (input, blocks) = prompt(u64::from(k) + 2_000, p.prefix_tokens, i as u64, p.question_tokens);
+            let (input, blocks) = prompt(
+                u64::from(k) + prefix_base,
+                p.prefix_tokens,
+                i as u64,
+                p.question_tokens,
+            );
+            let (adapter, tenant) = match owner {
+                Owner::Adapter => (Some(format!("lora-{k}").into()), None),
+                Owner::Tenant => (None, Some(format!("team-{k}").into())),
+            };
             TraceRequest {
                 arrival_ns: t,
                 input_tokens: input,
                 output_tokens: p.output_tokens.max(1),
                 blocks,
-                adapter: None,
-                tenant: Some(format!("team-{k}").into()),
+                adapter,
+                tenant,
             }
         })
         .collect();
     Workload {
-        name: "multi-tenant".into(),
+        name: name.into(),
         block_tokens: BLOCK_TOKENS,
         requests,
     }
