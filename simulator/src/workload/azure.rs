@@ -45,12 +45,7 @@ pub fn parse(name: &str, text: &str) -> Result<Workload, String> {
             tenant: None,
         });
     }
-    requests.sort_by_key(|r| r.arrival_ns);
-    Ok(Workload {
-        name: name.into(),
-        block_tokens: BLOCK_TOKENS,
-        requests,
-    })
+    Ok(Workload::by_arrival(name, BLOCK_TOKENS, requests))
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.fffffff]` → ns since the Unix epoch (UTC).

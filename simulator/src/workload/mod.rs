@@ -50,6 +50,17 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// A workload of `requests` in any order, sorted by arrival (stable: equal arrival times keep
+    /// their order in the file).
+    pub fn by_arrival(name: impl Into<String>, block_tokens: u32, mut requests: Vec<TraceRequest>) -> Self {
+        requests.sort_by_key(|r| r.arrival_ns);
+        Self {
+            name: name.into(),
+            block_tokens,
+            requests,
+        }
+    }
+
     /// Divide every arrival time by `scale` (2.0 = twice the rate).
     pub fn scale_rate(&mut self, scale: f64) {
         if scale > 0.0 && scale.is_finite() && scale != 1.0 {

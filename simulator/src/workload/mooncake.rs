@@ -38,12 +38,7 @@ pub fn parse(name: &str, text: &str) -> Result<Workload, String> {
         });
     }
     // Stable: equal timestamps keep file order.
-    requests.sort_by_key(|r| r.arrival_ns);
-    Ok(Workload {
-        name: name.into(),
-        block_tokens: BLOCK_TOKENS,
-        requests,
-    })
+    Ok(Workload::by_arrival(name, BLOCK_TOKENS, requests))
 }
 
 #[cfg(test)]
