@@ -133,24 +133,27 @@ impl Report {
         let prompt: u64 = done.iter().map(|r| u64::from(r.prompt_tokens)).sum();
         let cached: u64 = done.iter().map(|r| u64::from(r.cached_tokens)).sum();
         let count = |o: Outcome| run.records.iter().filter(|r| r.outcome == o).count();
+        // Prompt and cached tokens per pod, in one pass over the completed requests.
+        let mut per_pod = vec![(0u64, 0u64); run.pods.len()];
+        for r in &done {
+            if let Some(t) = r.pod.and_then(|i| per_pod.get_mut(i as usize)) {
+                t.0 += u64::from(r.prompt_tokens);
+                t.1 += u64::from(r.cached_tokens);
+            }
+        }
         let pods: Vec<PodReport> = run
             .pods
             .iter()
+            .zip(per_pod)
             .enumerate()
-            .map(|(i, p)| {
-                let mine = done.iter().filter(|r| r.pod == Some(i as u32));
-                let (prompt, cached) = mine.fold((0u64, 0u64), |(a, b), r| {
-                    (a + u64::from(r.prompt_tokens), b + u64::from(r.cached_tokens))
-                });
-                PodReport {
-                    pod: i,
-                    requests: p.requests,
-                    prompt_tokens: prompt,
-                    prefix_hit_rate: ratio(cached, prompt),
-                    busy_fraction: secs(p.busy_ns) / span_s,
-                    preemptions: p.preemptions,
-                    lora_loads: p.lora_loads,
-                }
+            .map(|(i, (p, (prompt, cached)))| PodReport {
+                pod: i,
+                requests: p.requests,
+                prompt_tokens: prompt,
+                prefix_hit_rate: ratio(cached, prompt),
+                busy_fraction: secs(p.busy_ns) / span_s,
+                preemptions: p.preemptions,
+                lora_loads: p.lora_loads,
             })
             .collect();
         let mean_requests = pods.iter().map(|p| p.requests as f64).sum::<f64>() / pods.len().max(1) as f64;
