@@ -264,6 +264,14 @@ async fn each_routed_body_records_one_decision_time() {
             .await;
         assert!(matches!(answers[0], Answer::RequestHeaders { .. }), "{answers:?}");
     }
+    // Buffered mode: the routing answer is the body answer.
+    let answers = server
+        .exchange(vec![
+            req_headers_mode(&[(":path", "/v1/completions")], BodySendMode::Buffered),
+            req_body(br#"{"model":"m","prompt":"hello"}"#, true),
+        ])
+        .await;
+    assert_eq!(answers.len(), 2, "{answers:?}");
     // A rejected body (no model) is answered, but not routed.
     let _ = server
         .exchange(vec![
@@ -272,7 +280,7 @@ async fn each_routed_body_records_one_decision_time() {
         ])
         .await;
     let decisions = &server.metrics.request_decision;
-    assert_eq!(decisions.get_sample_count(), 2);
+    assert_eq!(decisions.get_sample_count(), 3);
     assert!(decisions.get_sample_sum() > 0.0);
 }
 

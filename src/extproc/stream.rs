@@ -494,6 +494,7 @@ impl Exchange {
         }
         headers.extend(self.generated_id_header());
         let metadata = destination_metadata(&plan.destination);
+        self.routed_by_last_message = true;
         match self.request_mode {
             BodyMode::Buffered => {
                 // Buffered: the headers answer already went out; routing rides on the body answer.
@@ -507,7 +508,6 @@ impl Exchange {
                 out.push(answer);
             }
             _ => {
-                self.routed_by_last_message = true;
                 out.push(request_headers_answer(
                     common_with_headers(headers, true),
                     Some(metadata),
