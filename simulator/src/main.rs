@@ -71,6 +71,10 @@ enum Command {
         /// Page to serve instead of the built-in full vLLM V1 page.
         #[arg(long)]
         page: Option<String>,
+        /// Run the page server on these CPUs (`taskset -c` list), apart from the collector's
+        /// (`taskset -c 0 epp-sim scrape-cost --pages-cpus 1`), as remote pods would be.
+        #[arg(long)]
+        pages_cpus: Option<String>,
     },
     /// Drive a real `epp` process's ext_proc service over gRPC and report rps, decision latency,
     /// CPU per request and peak RSS.
@@ -346,8 +350,9 @@ async fn main() -> anyhow::Result<()> {
             interval,
             seconds,
             page,
+            pages_cpus,
         } => {
-            let cost = epp_sim::scrape_cost::measure(endpoints, interval, seconds, page).await?;
+            let cost = epp_sim::scrape_cost::measure(endpoints, interval, seconds, page, pages_cpus).await?;
             println!(
                 "{endpoints} endpoints every {interval:?}: {:.0} scrapes/s, {:.3} cores ({:.1} µs CPU per scrape), {} errors",
                 cost.scrapes_per_second,

@@ -77,7 +77,9 @@ pub struct ScrapeCost {
     pub errors: u64,
 }
 
-/// Scrape `endpoints` pages every `interval` for `seconds` and report the cost.
+/// Scrape `endpoints` pages every `interval` for `seconds` and report the cost. With
+/// `pages_cpus` (a `taskset -c` list) the page server runs on those CPUs, as remote pods would
+/// be; otherwise it inherits this process's CPUs.
 ///
 /// # Errors
 /// When the page server cannot be started.
@@ -86,9 +88,17 @@ pub async fn measure(
     interval: Duration,
     seconds: u64,
     page_file: Option<String>,
+    pages_cpus: Option<String>,
 ) -> anyhow::Result<ScrapeCost> {
     let exe = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = match &pages_cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     cmd.arg("serve-pages").arg("--count").arg(endpoints.to_string());
     if let Some(f) = &page_file {
         cmd.arg("--page").arg(f);
