@@ -161,3 +161,24 @@ impl Drop for Envoy {
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// Wait until the EPP behind `reader` knows `endpoints` endpoints and has scraped each at least
+/// once (checked every 25 ms, for at most `within`); whether that happened. Routing before the
+/// first scrape would be on empty metrics.
+pub async fn wait_until_scraped(
+    reader: &epp::datastore::SnapshotReader,
+    endpoints: usize,
+    within: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let snap = reader.load();
+        if snap.len() == endpoints && snap.endpoints.iter().all(|e| e.metrics.scraped_at.is_some()) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

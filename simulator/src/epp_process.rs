@@ -3,6 +3,8 @@
 //! the EPP's CPU and memory apart from the load generator's, so both can be read from `/proc`.
 //! The process gets the image's malloc settings ([`GLIBC_TUNABLES`]) unless the caller's
 //! environment sets its own, so that the numbers are those of the shipped container.
+//! Also here, for the harnesses: pinning any child to CPUs ([`pinned_command`]) and reading the
+//! EPP's decision-time histogram from its `/metrics` page.
 
 use std::{
     path::PathBuf,
@@ -13,6 +15,19 @@ use anyhow::Context;
 
 /// The `GLIBC_TUNABLES` value of the shipped image (see the Dockerfile).
 pub const GLIBC_TUNABLES: &str = "glibc.malloc.trim_threshold=67108864:glibc.malloc.mmap_threshold=4194304";
+
+/// A command running `program`, on `cpus` (a `taskset -c` list) when given. taskset execs the
+/// program, so the child's pid is the program's.
+pub fn pinned_command(program: &std::path::Path, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
 
 /// A running `epp`.
 pub struct EppProcess {
@@ -27,15 +42,7 @@ impl EppProcess {
     pub fn start(flags: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let epp: PathBuf = exe.parent().context("binary dir")?.join("epp");
-        let mut command = match cpus {
-            Some(cpus) => {
-                // taskset execs the EPP: the pid stays the EPP's.
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpus]).arg(&epp);
-                c
-            }
-            None => Command::new(&epp),
-        };
+        let mut command = pinned_command(&epp, cpus);
         if std::env::var_os("GLIBC_TUNABLES").is_none() {
             command.env("GLIBC_TUNABLES", GLIBC_TUNABLES);
         }

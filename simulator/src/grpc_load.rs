@@ -6,7 +6,6 @@
 
 use std::{
     net::SocketAddr,
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -24,7 +23,10 @@ use envoy_types::pb::envoy::{
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::epp_process::{EppProcess, decision_buckets, histogram_delta, histogram_quantile};
+use crate::{
+    epp_process::{EppProcess, decision_buckets, histogram_delta, histogram_quantile},
+    scrape_cost::PageServer,
+};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -216,28 +218,30 @@ async fn one_exchange(
     Ok(decision)
 }
 
+/// One exchange, its decision latency (ms) recorded in `latencies` or its failure counted.
+async fn timed_exchange(
+    client: &mut ExternalProcessorClient<Channel>,
+    body: &[u8],
+    chunk_bytes: usize,
+    latencies: &Mutex<Vec<f64>>,
+    errors: &std::sync::atomic::AtomicU64,
+) {
+    match one_exchange(client, body, chunk_bytes).await {
+        Ok(d) => latencies.lock().await.push(d.as_secs_f64() * 1e3),
+        Err(_) => {
+            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Start `epp` (next to this binary) on a static pool and drive it.
 ///
 /// # Errors
 /// When a process cannot start or the EPP does not answer.
 pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
-    let exe = std::env::current_exe()?;
     // Pages for the endpoints' metrics, from a separate process.
-    let mut pages = Command::new(&exe)
-        .args(["serve-pages", "--count", &cfg.endpoints.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(pages.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
-    let ports = line
-        .trim()
-        .strip_prefix("ports ")
-        .context("page server did not start")?
-        .to_owned();
-    let endpoints: Vec<String> = ports.split(',').map(|p| format!("127.0.0.1:{p}")).collect();
+    let pages = PageServer::start(cfg.endpoints, None, None)?;
+    let endpoints: Vec<String> = pages.addrs.iter().map(ToString::to_string).collect();
     let grpc = crate::envoy::free_port()?;
     let metrics_port = crate::envoy::free_port()?;
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
@@ -286,12 +290,8 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
                 let (bodies, latencies, errors) = (bodies.clone(), latencies.clone(), errors.clone());
                 let mut client = client.clone();
                 workers.spawn(async move {
-                    match one_exchange(&mut client, &bodies[i % bodies.len()], chunk_bytes).await {
-                        Ok(d) => latencies.lock().await.push(d.as_secs_f64() * 1e3),
-                        Err(_) => {
-                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
+                    let body = &bodies[i % bodies.len()];
+                    timed_exchange(&mut client, body, chunk_bytes, &latencies, &errors).await;
                 });
                 i += 1;
             }
@@ -302,17 +302,11 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
                 let mut client = client.clone();
                 workers.spawn(async move {
                     let mut i = w;
-                    let mut local = Vec::new();
                     while Instant::now() < deadline {
-                        match one_exchange(&mut client, &bodies[i % bodies.len()], chunk_bytes).await {
-                            Ok(d) => local.push(d.as_secs_f64() * 1e3),
-                            Err(_) => {
-                                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                        }
+                        let body = &bodies[i % bodies.len()];
+                        timed_exchange(&mut client, body, chunk_bytes, &latencies, &errors).await;
                         i += cfg.concurrency;
                     }
-                    latencies.lock().await.extend(local);
                 });
             }
         }
@@ -326,8 +320,7 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
     let total = run.last().map_or(0.0, |b| b.1);
     let within_2ms = run.iter().find(|b| b.0 == 0.002).map_or(0.0, |b| b.1) / total.max(1.0);
     drop(epp);
-    let _ = pages.kill();
-    let _ = pages.wait();
+    drop(pages);
     let mut l = latencies.lock().await.clone();
     l.sort_by(f64::total_cmp);
     let pct = |p: f64| {

@@ -9,6 +9,7 @@
 //! - [`envoy`]: runs a real Envoy in front of an EPP from the config in `manifests/envoy/`.
 //! - [`envoy_latency`]: the latency Envoy + EPP adds compared with Envoy routing straight to a pod.
 //! - [`grpc_load`]: load on a real `epp` process's ext_proc service over gRPC, with its CPU and RSS.
+//! - [`epp_process`]: a real `epp` process for the load harnesses, and reading its decision histogram.
 //! - [`llama_server`]: real llama.cpp `llama-server` processes (Gemma 3 270M on the CPU) for end-to-end tests and benchmarks.
 //! - [`shared_docs`]: `epp-sim shared-docs`, the real-hardware benchmark: llama-server behind Envoy and the EPP.
 //! - [`scrape_cost`]: measures the CPU the metrics collector spends scraping N pods.

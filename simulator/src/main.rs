@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use epp::config::{Flags, normalize_go_args};
 use epp_sim::{
     emulator::{Emulator, PodConfig},
-    envoy::{Envoy, EnvoyPorts, free_port},
+    envoy::{Envoy, EnvoyPorts, free_port, wait_until_scraped},
     load::{LoadConfig, run_load},
     replay::command::SimArgs,
 };
@@ -224,17 +224,7 @@ async fn demo(pods: usize, load: LoadArgs) -> anyhow::Result<()> {
         app.grpc_addr, app.health_addr, app.metrics_addr
     );
 
-    // Wait (bounded) until the EPP has scraped every pod once.
-    let mut scraped = false;
-    for _ in 0..100 {
-        let snap = app.reader.load();
-        if snap.len() == pods && snap.endpoints.iter().all(|e| e.metrics.scraped_at.is_some()) {
-            scraped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if !scraped {
+    if !wait_until_scraped(&app.reader, pods, Duration::from_secs(5)).await {
         bail!("the EPP did not scrape every emulated pod within 5 s");
     }
 

@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Command, Stdio},
+    process::{Child, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -77,6 +77,56 @@ pub struct ScrapeCost {
     pub errors: u64,
 }
 
+/// `epp-sim serve-pages` as a child process: `count` metrics pages on 127.0.0.1, killed on drop.
+pub struct PageServer {
+    child: Child,
+    /// Where the pages are.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl PageServer {
+    /// Start it (serving `page_file`, or the full vLLM page), on `cpus` when given.
+    ///
+    /// # Errors
+    /// When it cannot start or does not report its ports.
+    pub fn start(count: usize, page_file: Option<&str>, cpus: Option<&str>) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = crate::epp_process::pinned_command(&exe, cpus);
+        cmd.arg("serve-pages").arg("--count").arg(count.to_string());
+        if let Some(f) = page_file {
+            cmd.arg("--page").arg(f);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+        let mut line = String::new();
+        let read = child
+            .stdout
+            .take()
+            .context("child stdout")
+            .and_then(|out| Ok(BufReader::new(out).read_line(&mut line)?));
+        let ports = match (read, line.trim().strip_prefix("ports ")) {
+            (Ok(_), Some(ports)) => ports.to_owned(),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("page server did not start: {line:?}");
+            }
+        };
+        let addrs = ports
+            .split(',')
+            .filter_map(|p| p.parse::<u16>().ok())
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        Ok(Self { child, addrs })
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Scrape `endpoints` pages every `interval` for `seconds` and report the cost. With
 /// `pages_cpus` (a `taskset -c` list) the page server runs on those CPUs, as remote pods would
 /// be; otherwise it inherits this process's CPUs.
@@ -90,32 +140,8 @@ pub async fn measure(
     page_file: Option<String>,
     pages_cpus: Option<String>,
 ) -> anyhow::Result<ScrapeCost> {
-    let exe = std::env::current_exe()?;
-    let mut cmd = match &pages_cpus {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(exe);
-            c
-        }
-        None => Command::new(exe),
-    };
-    cmd.arg("serve-pages").arg("--count").arg(endpoints.to_string());
-    if let Some(f) = &page_file {
-        cmd.arg("--page").arg(f);
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let Some(ports) = line.trim().strip_prefix("ports ") else {
-        let _ = child.kill();
-        bail!("page server did not start: {line:?}");
-    };
-    let addrs: Vec<SocketAddr> = ports
-        .split(',')
-        .filter_map(|p| p.parse::<u16>().ok())
-        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
-        .collect();
+    let pages = PageServer::start(endpoints, page_file.as_deref(), pages_cpus.as_deref())?;
+    let addrs = pages.addrs.clone();
 
     let clock = Arc::new(MonotonicClock::new());
     let (writer, reader) = DatastoreWriter::new(clock.clone());
@@ -172,8 +198,7 @@ pub async fn measure(
         .sum();
     cancel.cancel();
     let _ = task.await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(pages);
     Ok(ScrapeCost {
         cores: (cpu1 - cpu0) / wall,
         scrapes_per_second: (n1 - n0) as f64 / wall,

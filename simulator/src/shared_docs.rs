@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::{
-    envoy::{Envoy, EnvoyPorts, free_port, render_config},
+    envoy::{Envoy, EnvoyPorts, free_port, render_config, wait_until_scraped},
     llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary},
     replay::{baselines::BASELINES, report::Latency},
 };
@@ -406,12 +406,13 @@ async fn server_counter(client: &reqwest::Client, server: &LlamaServer, name: &s
         return 0.0;
     };
     let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(n, _)| *n == name)
-        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
-        .sum()
+    let mut sum = 0.0;
+    epp::metrics::exposition::for_each_sample(&text, |s| {
+        if s.name == name {
+            sum += s.value;
+        }
+    });
+    sum
 }
 
 struct Fleet {
@@ -467,16 +468,7 @@ async fn run_config(
     let app = epp::app::start(flags)
         .await
         .with_context(|| format!("starting the EPP with config {name}"))?;
-    let mut scraped = false;
-    for _ in 0..200 {
-        let snap = app.reader.load();
-        if snap.len() == args.servers && snap.endpoints.iter().all(|e| e.metrics.scraped_at.is_some()) {
-            scraped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if !scraped {
+    if !wait_until_scraped(&app.reader, args.servers, Duration::from_secs(10)).await {
         bail!("the EPP did not scrape every llama-server within 10 s");
     }
     let ports = EnvoyPorts {

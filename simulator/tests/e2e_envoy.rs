@@ -14,7 +14,7 @@ use epp::{
 };
 use epp_sim::{
     emulator::{Emulator, PodConfig},
-    envoy::{Envoy, EnvoyPorts, free_port},
+    envoy::{Envoy, EnvoyPorts, free_port, wait_until_scraped},
 };
 use serde_json::{Value, json};
 
@@ -48,19 +48,8 @@ async fn stack(extra_flags: &[&str]) -> Stack {
     args.extend(extra_flags.iter().map(|s| (*s).to_owned()));
     let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).expect("flags");
     let app = epp::app::start(flags).await.expect("epp starts");
-    for _ in 0..200 {
-        let snap = app.reader.load();
-        if snap.endpoints.iter().all(|e| e.metrics.scraped_at.is_some()) && snap.len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     assert!(
-        app.reader
-            .load()
-            .endpoints
-            .iter()
-            .all(|e| e.metrics.scraped_at.is_some()),
+        wait_until_scraped(&app.reader, 3, Duration::from_secs(5)).await,
         "EPP scraped every pod"
     );
     let ports = EnvoyPorts {

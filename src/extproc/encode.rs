@@ -155,10 +155,10 @@ pub fn push_streamed_body(
 pub fn push_streamed_pieces(
     out: &mut Vec<ProcessingResponse>,
     direction: Direction,
-    pieces: Vec<Vec<u8>>,
+    mut pieces: Vec<Vec<u8>>,
     end_of_stream: bool,
 ) {
-    let mut pieces: Vec<Vec<u8>> = pieces.into_iter().filter(|p| !p.is_empty()).collect();
+    pieces.retain(|p| !p.is_empty());
     let Some(last) = pieces.pop() else {
         out.push(streamed_chunk(direction, &[], end_of_stream));
         return;

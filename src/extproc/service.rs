@@ -6,7 +6,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingRequest, ProcessingResponse, external_processor_server::ExternalProcessor,
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
@@ -44,8 +44,7 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(ANSWER_BUFFER);
-        let processor = self.processor.clone();
-        let mut exchange = Exchange::new(processor.clone());
+        let mut exchange = Exchange::new(self.processor.clone());
         self.tasks.spawn(async move {
             let mut out = Vec::with_capacity(8);
             loop {
@@ -57,18 +56,11 @@ impl ExternalProcessor for ExtProcService {
                         break;
                     }
                 };
-                let received = Instant::now();
                 let flow = exchange.on_message(msg, &mut out).await;
                 for answer in out.drain(..) {
                     if tx.send(Ok(answer)).await.is_err() {
                         return; // the proxy went away; dropping `exchange` releases its counters
                     }
-                }
-                if exchange.take_routed_by_last_message() {
-                    processor
-                        .metrics
-                        .request_decision
-                        .observe(received.elapsed().as_secs_f64());
                 }
                 exchange.after_send();
                 if flow == Flow::Close {

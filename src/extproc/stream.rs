@@ -168,9 +168,9 @@ pub struct Exchange {
     body_pieces: Vec<Vec<u8>>,
     body_len: usize,
     decided: bool,
-    /// Set when the last message produced the routing answer for a request body (taken by the
-    /// service once the answers are handed on, to time the decision).
-    routed_by_last_message: bool,
+    /// When the body's last message was taken up, once it got its routing answer: the decision
+    /// time is observed in [`Exchange::after_send`], when the answers have been handed on.
+    routed_from: Option<Instant>,
     request_stream: bool,
     started: Instant,
     routed: Option<Routed>,
@@ -281,7 +281,7 @@ impl Exchange {
             body_pieces: Vec::new(),
             body_len: 0,
             decided: false,
-            routed_by_last_message: false,
+            routed_from: None,
             request_stream: false,
             started: Instant::now(),
             routed: None,
@@ -293,15 +293,16 @@ impl Exchange {
     /// Work deferred until the answers of the last message are sent: the pre-request hooks
     /// (prefix-index insert), which must not delay the decision.
     pub fn after_send(&mut self) {
+        if let Some(from) = self.routed_from.take() {
+            self.p
+                .metrics
+                .request_decision
+                .observe(from.elapsed().as_secs_f64());
+        }
         if let Some((snapshot, decision)) = self.pending_hooks.take() {
             let timer = self.p.plugin_timer();
             self.p.scheduler.pre_request(&snapshot, &decision, Some(&timer));
         }
-    }
-
-    /// Whether the last message was a request body's end that got its routing answer (once).
-    pub fn take_routed_by_last_message(&mut self) -> bool {
-        std::mem::take(&mut self.routed_by_last_message)
     }
 
     /// Handle one inbound message, pushing the answers to `out`.
@@ -470,6 +471,7 @@ impl Exchange {
     }
 
     async fn decide_with_body(&mut self, body_ends_stream: bool, out: &mut Vec<ProcessingResponse>) -> Flow {
+        let taken_up = Instant::now();
         self.decided = true;
         let mut pieces = std::mem::take(&mut self.body_pieces);
         let body = if pieces.len() == 1 {
@@ -494,7 +496,7 @@ impl Exchange {
         }
         headers.extend(self.generated_id_header());
         let metadata = destination_metadata(&plan.destination);
-        self.routed_by_last_message = true;
+        self.routed_from = Some(taken_up);
         match self.request_mode {
             BodyMode::Buffered => {
                 // Buffered: the headers answer already went out; routing rides on the body answer.

@@ -2,7 +2,8 @@
 //!
 //! Each loop owns its schedule: a jittered first tick (so 100 pods are not scraped in lockstep),
 //! a per-scrape timeout below the interval, a capped body size, and exponential backoff while an
-//! endpoint fails. Loops never wait on each other, so a slow pod delays only itself. Results go to
+//! endpoint fails. It also owns its [`PageSource`]: a kept-alive connection for plain `http`
+//! (the pods' case), and the page is parsed as its body arrives. Loops never wait on each other, so a slow pod delays only itself. Results go to
 //! the datastore writer as events; a failure keeps the last good values (their `scraped_at` shows
 //! their age) and records the reason.
 

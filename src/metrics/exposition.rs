@@ -57,13 +57,19 @@ pub fn for_each_sample_named<'a, N: AsRef<str>>(
     mut f: impl FnMut(Sample<'a>),
 ) -> usize {
     let mut filter = LineFilter::default();
+    for_each_line(text, |line| filter.line(line, wanted, &mut f));
+    filter.bad
+}
+
+/// Call `f` with each `\n`-separated line of `bytes` (without the `\n`; a last line without
+/// one included).
+fn for_each_line<'a>(bytes: &'a [u8], mut f: impl FnMut(&'a [u8])) {
     let mut start = 0;
-    while start < text.len() {
-        let end = memchr::memchr(b'\n', &text[start..]).map_or(text.len(), |i| start + i);
-        filter.line(&text[start..end], wanted, &mut f);
+    while start < bytes.len() {
+        let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i);
+        f(&bytes[start..end]);
         start = end + 1;
     }
-    filter.bad
 }
 
 /// [`for_each_sample_named`] over a page that arrives in pieces: complete lines are read as
@@ -96,12 +102,7 @@ impl SampleReader {
                 return;
             }
         };
-        let mut start = 0;
-        while start < complete {
-            let end = memchr::memchr(b'\n', &piece[start..complete]).map_or(complete, |i| start + i);
-            self.filter.line(&piece[start..end], wanted, &mut f);
-            start = end + 1;
-        }
+        for_each_line(&piece[..complete], |line| self.filter.line(line, wanted, &mut f));
         self.carry.extend_from_slice(&piece[complete + 1..]);
     }
 
