@@ -3,7 +3,9 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin epp
+# The release profile keeps full debug info for local profiling (152 MB); the image keeps the
+# symbols, so a profile of a running pod still names functions, and drops the rest (24 MB).
+RUN CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked --bin epp
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/epp /epp
