@@ -3,7 +3,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# The release profile keeps full debug info for local profiling (152 MB); the image keeps the
+# The release profile keeps line tables for local profiling (65 MB); the image keeps the
 # symbols, so a profile of a running pod still names functions, and drops the rest (24 MB).
 RUN CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked --bin epp
 
