@@ -2,6 +2,9 @@
 //! of requests with a prompt of a given size) once through Envoy with the EPP (the shipped
 //! `manifests/envoy/envoy.yaml`) and once through an Envoy that routes straight to one pod.
 //! Emulated pods answer at once, so the difference is the EPP's share.
+//! Envoy's own view is read too: the EPP run's Envoy writes an access log line per request with
+//! the ext_proc filter's per-phase call latencies (its `ExtProcLoggingInfo` filter state), so the
+//! time Envoy spent waiting on the EPP is known per request, free of the client's queueing.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,7 +13,7 @@ use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
     emulator::{Emulator, PodConfig},
-    envoy::{Envoy, EnvoyPorts, free_port},
+    envoy::{Envoy, EnvoyPorts, free_port, render_config},
     epp_process::{EppProcess, decision_buckets, histogram_delta, histogram_quantile},
 };
 
@@ -64,6 +67,115 @@ static_resources:
     )
 }
 
+/// The ext_proc phases Envoy times, in the order of an exchange: a label, the access-log field
+/// its latency is read from (microseconds; the sum when a phase made several calls), and whether
+/// it counts in the per-request sum. It does not for the request headers: in full-duplex mode
+/// Envoy sends the headers and the body back to back and the EPP answers both once the body is
+/// in, so the headers call runs inside the body call. The other three follow one another.
+pub const EXT_PROC_PHASES: [(&str, &str, bool); 4] = [
+    ("request headers", "request_header_latency_us", false),
+    ("request body", "request_body_total_latency_us", true),
+    ("response headers", "response_header_latency_us", true),
+    ("response body", "response_body_total_latency_us", true),
+];
+
+/// `config` (the shipped Envoy config) with a file access log at `path` whose lines are the
+/// ext_proc phase latencies of [`EXT_PROC_PHASES`], space-separated (`-` for a phase not run).
+pub fn with_ext_proc_log(config: &str, path: &std::path::Path) -> anyhow::Result<String> {
+    let fields: Vec<String> = EXT_PROC_PHASES
+        .iter()
+        .map(|(_, field, _)| format!("%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:{field})%"))
+        .collect();
+    let anchor = "          stat_prefix: inference\n";
+    anyhow::ensure!(
+        config.contains(anchor),
+        "the Envoy config has no `stat_prefix: inference` line"
+    );
+    let log = format!(
+        "{anchor}          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format:
+                text_format_source:
+                  inline_string: \"{}\\n\"
+",
+        path.display(),
+        fields.join(" ")
+    );
+    Ok(config.replacen(anchor, &log, 1))
+}
+
+/// Per-request ext_proc time as Envoy saw it, from the access log.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtProcTimes {
+    /// p50 and p99 (ms) of each phase of [`EXT_PROC_PHASES`], over the requests that ran it.
+    pub phases: [[f64; 2]; 4],
+    /// How many requests ran each phase (logged a latency for it).
+    pub ran: [usize; 4],
+    /// p50 and p99 (ms) of a request's time waiting on the EPP: the sum of its phases that
+    /// follow one another (see [`EXT_PROC_PHASES`]).
+    pub total: [f64; 2],
+    /// Access-log lines read.
+    pub requests: usize,
+}
+
+/// Percentiles of the access-log lines `text` (see [`with_ext_proc_log`]).
+pub fn ext_proc_times(text: &str) -> ExtProcTimes {
+    let mut phases: [Vec<f64>; 4] = Default::default();
+    let mut totals = Vec::new();
+    for line in text.lines() {
+        let mut total = 0.0;
+        for ((samples, value), (_, _, counted)) in phases.iter_mut().zip(line.split(' ')).zip(EXT_PROC_PHASES)
+        {
+            if let Ok(us) = value.trim_matches('"').parse::<f64>() {
+                samples.push(us / 1e3);
+                if counted {
+                    total += us / 1e3;
+                }
+            }
+        }
+        totals.push(total);
+    }
+    let mut times = ExtProcTimes {
+        requests: totals.len(),
+        total: p50_p99(&mut totals),
+        ..ExtProcTimes::default()
+    };
+    for ((out, ran), samples) in times.phases.iter_mut().zip(&mut times.ran).zip(phases.iter_mut()) {
+        *ran = samples.len();
+        *out = p50_p99(samples);
+    }
+    times
+}
+
+/// Nearest-rank p50 and p99 of `samples` (sorted in place); zeros when empty.
+fn p50_p99(samples: &mut [f64]) -> [f64; 2] {
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        samples
+            .get(((p / 100.0) * (samples.len().max(1) - 1) as f64).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    [pct(50.0), pct(99.0)]
+}
+
+/// The access log's text once it holds at least `lines` lines (Envoy flushes it on a timer),
+/// waiting at most 15 s; whatever is there by then otherwise.
+pub async fn read_access_log(path: &std::path::Path, lines: usize) -> String {
+    let mut text = String::new();
+    for _ in 0..150 {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= lines {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    text
+}
+
 /// Latency percentiles (ms) of one run, and failures.
 #[derive(Debug, Clone, Copy)]
 pub struct Run {
@@ -75,6 +187,13 @@ pub struct Run {
     pub errors: u64,
     /// Requests completed.
     pub completed: usize,
+}
+
+impl Run {
+    /// Requests sent: completed or failed.
+    fn requests(&self) -> usize {
+        self.completed + usize::try_from(self.errors).unwrap_or(usize::MAX)
+    }
 }
 
 async fn open_loop(url: &str, rate: u32, seconds: u64, prompt_tokens: usize) -> Run {
@@ -122,15 +241,10 @@ async fn open_loop(url: &str, rate: u32, seconds: u64, prompt_tokens: usize) -> 
     }
     while tasks.join_next().await.is_some() {}
     let mut s = samples.lock().await.clone();
-    s.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        s.get(((p / 100.0) * (s.len().max(1) - 1) as f64).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let [p50, p99] = p50_p99(&mut s);
     Run {
-        p50: pct(50.0),
-        p99: pct(99.0),
+        p50,
+        p99,
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
         completed: s.len(),
     }
@@ -146,6 +260,8 @@ pub struct Latencies {
     /// The EPP's own decision time during the EPP run (last body message in → routing answer
     /// out), p50 and p99 in milliseconds, from its histogram.
     pub epp_decision_ms: [f64; 2],
+    /// Envoy's time in ext_proc calls during the EPP run, per phase and per request.
+    pub envoy_ext_proc: ExtProcTimes,
 }
 
 /// Measure both paths.
@@ -172,11 +288,20 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
     wait_for_port(grpc)
         .await
         .context("the EPP did not listen within 5 s")?;
-    let with_epp = Envoy::start(EnvoyPorts {
+    let epp_ports = EnvoyPorts {
         listener: free_port()?,
         admin: free_port()?,
         epp: grpc,
-    })
+    };
+    let access_log = AccessLog(std::env::temp_dir().join(format!(
+        "epp-envoy-latency-{}-{}.log",
+        std::process::id(),
+        epp_ports.listener
+    )));
+    let with_epp = Envoy::start_with_config(
+        epp_ports,
+        with_ext_proc_log(&render_config(epp_ports), &access_log.0)?,
+    )
     .await?;
     let direct_ports = EnvoyPorts {
         listener: free_port()?,
@@ -193,12 +318,20 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
     )
     .await?;
     // Warm both paths (connections, ORIGINAL_DST hosts), then measure each in turn.
-    let _ = open_loop(&with_epp.url(), 50, 1, prompt_tokens).await;
+    let warm_up = open_loop(&with_epp.url(), 50, 1, prompt_tokens).await;
     let _ = open_loop(&direct.url(), 50, 1, prompt_tokens).await;
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let before = decision_buckets(&metrics_url).await?;
+    // Every request, failed or not, gets a line; the warm-up's come first.
+    let warm_up_lines = read_access_log(&access_log.0, warm_up.requests())
+        .await
+        .lines()
+        .count();
     let epp_run = open_loop(&with_epp.url(), rate, seconds, prompt_tokens).await;
     let decisions = histogram_delta(&before, &decision_buckets(&metrics_url).await?);
+    let logged = read_access_log(&access_log.0, warm_up_lines + epp_run.requests()).await;
+    let measured: Vec<&str> = logged.lines().skip(warm_up_lines).collect();
+    let envoy_ext_proc = ext_proc_times(&measured.join("\n"));
     let direct_run = open_loop(&direct.url(), rate, seconds, prompt_tokens).await;
     drop(with_epp);
     drop(direct);
@@ -211,5 +344,72 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
             histogram_quantile(&decisions, 0.5) * 1e3,
             histogram_quantile(&decisions, 0.99) * 1e3,
         ],
+        envoy_ext_proc,
     })
+}
+
+/// The access log file, removed on drop.
+struct AccessLog(std::path::PathBuf);
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_lines_give_per_phase_and_per_request_percentiles() {
+        // Request headers overlap the body call and stay out of the per-request sum; `-` is a
+        // phase Envoy did not run, quoted numbers are what some formatters write.
+        let text = "500 600 300 400\n700 900 \"200\" -\n100 300 100 100\n";
+        let t = ext_proc_times(text);
+        assert_eq!(t.requests, 3);
+        assert_eq!(t.ran, [3, 3, 3, 2]);
+        assert_eq!(t.phases[0], [0.5, 0.7]);
+        assert_eq!(t.phases[1], [0.6, 0.9]);
+        assert_eq!(t.phases[2], [0.2, 0.3]);
+        // Two samples: nearest rank rounds p50 up to the second.
+        assert_eq!(t.phases[3], [0.4, 0.4]);
+        // Totals 1.3, 1.1, 0.5 ms.
+        let [p50, p99] = t.total;
+        assert!(
+            (p50 - 1.1).abs() < 1e-9 && (p99 - 1.3).abs() < 1e-9,
+            "{:?}",
+            t.total
+        );
+    }
+
+    #[test]
+    fn no_lines_give_zeros() {
+        let t = ext_proc_times("");
+        assert_eq!(t.requests, 0);
+        assert_eq!(t.ran, [0; 4]);
+        assert_eq!(t.total, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn the_access_log_goes_into_the_shipped_listener() {
+        let config = render_config(EnvoyPorts {
+            listener: 1,
+            admin: 2,
+            epp: 3,
+        });
+        let logged = with_ext_proc_log(&config, std::path::Path::new("/tmp/x.log")).unwrap();
+        let format = "inline_string: \"%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_header_latency_us)% \
+            %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_body_total_latency_us)% \
+            %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_header_latency_us)% \
+            %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_body_total_latency_us)%\\n\"";
+        assert!(logged.contains(format), "{logged}");
+        assert!(logged.contains("              path: /tmp/x.log\n"));
+        assert_eq!(logged.matches("access_log:").count(), 1);
+        let err = with_ext_proc_log("admin: {}", std::path::Path::new("/tmp/x.log")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the Envoy config has no `stat_prefix: inference` line"
+        );
+    }
 }

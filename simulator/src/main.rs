@@ -402,6 +402,7 @@ async fn main() -> anyhow::Result<()> {
                 with_epp,
                 direct,
                 epp_decision_ms,
+                envoy_ext_proc,
             } = epp_sim::envoy_latency::measure(rate, seconds, prompt_tokens).await?;
             println!(
                 "{prompt_tokens}-token prompts at {rate} req/s for {seconds}s:\n  Envoy + EPP: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  Envoy direct: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  added by the EPP: p50 {:+.2} ms  p99 {:+.2} ms\n  of which the EPP's own decision (its histogram): p50 {:.3} ms  p99 {:.3} ms",
@@ -418,6 +419,18 @@ async fn main() -> anyhow::Result<()> {
                 epp_decision_ms[0],
                 epp_decision_ms[1]
             );
+            println!(
+                "Envoy's time in ext_proc calls ({} requests, from its access log):",
+                envoy_ext_proc.requests
+            );
+            for ((phase, _, _), [p50, p99]) in epp_sim::envoy_latency::EXT_PROC_PHASES
+                .iter()
+                .zip(envoy_ext_proc.phases)
+            {
+                println!("  {phase:<17} p50 {p50:.3} ms  p99 {p99:.3} ms");
+            }
+            let [p50, p99] = envoy_ext_proc.total;
+            println!("  per request (sum of the last three) p50 {p50:.3} ms  p99 {p99:.3} ms");
         }
         Command::ServePages { count, page } => {
             epp_sim::scrape_cost::serve_pages(count, epp_sim::scrape_cost::page(page.as_deref())?).await?;

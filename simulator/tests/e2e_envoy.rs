@@ -14,7 +14,8 @@ use epp::{
 };
 use epp_sim::{
     emulator::{Emulator, PodConfig},
-    envoy::{Envoy, EnvoyPorts, free_port, wait_until_scraped},
+    envoy::{Envoy, EnvoyPorts, free_port, render_config, wait_until_scraped},
+    envoy_latency::{ext_proc_times, read_access_log, with_ext_proc_log},
 };
 use serde_json::{Value, json};
 
@@ -28,6 +29,11 @@ struct Stack {
 /// Three pods; pod 1 reports an empty queue, the others a busy one, so the default config must
 /// pick pod 1 for short prompts (no prefix match yet, equal KV).
 async fn stack(extra_flags: &[&str]) -> Stack {
+    stack_logging(extra_flags, None).await
+}
+
+/// [`stack`], with Envoy's ext_proc phase latencies logged to `access_log` when given.
+async fn stack_logging(extra_flags: &[&str], access_log: Option<&std::path::Path>) -> Stack {
     let busy = PodConfig {
         extra_waiting: 8,
         ..PodConfig::default()
@@ -57,7 +63,11 @@ async fn stack(extra_flags: &[&str]) -> Stack {
         admin: free_port().expect("port"),
         epp: grpc,
     };
-    let envoy = Envoy::start(ports)
+    let config = match access_log {
+        Some(path) => with_ext_proc_log(&render_config(ports), path).expect("config"),
+        None => render_config(ports),
+    };
+    let envoy = Envoy::start_with_config(ports, config)
         .await
         .expect("envoy 1.40 must be installed and start");
     Stack {
@@ -112,6 +122,36 @@ async fn routes_chat_and_completions_to_the_least_loaded_pod() {
         assert_eq!(v["model"], "m");
     }
     s.stop().await;
+}
+
+/// `epp-sim envoy-latency` reads Envoy's own ext_proc timings from an access log; Envoy 1.40
+/// must accept that config and log every phase of every exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_logs_the_ext_proc_time_of_every_phase() {
+    let log = std::env::temp_dir().join(format!("epp-e2e-ext-proc-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let s = stack_logging(&[], Some(&log)).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    for _ in 0..5 {
+        let r = s.post("/v1/chat/completions", &body, &[]).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    // Envoy writes the log on a timer: wait (bounded) for the five lines.
+    let text = read_access_log(&log, 5).await;
+    s.stop().await;
+    let _ = std::fs::remove_file(&log);
+    let times = ext_proc_times(&text);
+    assert_eq!(times.requests, 5, "{text}");
+    assert_eq!(times.ran, [5, 5, 5, 5], "{text}");
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields.len(), 4, "{line}");
+        assert!(
+            fields.iter().all(|f| f.parse::<u64>().is_ok_and(|us| us > 0)),
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
