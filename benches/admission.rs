@@ -1,6 +1,6 @@
 //! Admission costs: a prompt guard with the four builtins and ten custom patterns over a
 //! 100k-token chat prompt (clean, so every pattern scans all of it), and one in-memory budget
-//! reserve + settle.
+//! reserve + settle, and a response guard masking a streamed answer across its SSE events.
 //!
 //! Run: `cargo bench --bench admission`. Results and machine: benches/README.md.
 
@@ -12,7 +12,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use epp::{
     budget::{Layer, MemoryStore, Window},
     config::PluginSpec,
-    guard::Placeholders,
+    guard::{Builtin, PatternSet, Placeholders, response::StreamMask},
     parser::ApiKind,
     scheduler::{PluginName, admission::PromptGuard},
 };
@@ -76,6 +76,49 @@ fn bench_admission(c: &mut Criterion) {
         b.iter(|| {
             let mut p: serde_json::Value = serde_json::from_slice(black_box(&raw)).unwrap();
             black_box(g.check(ApiKind::ChatCompletions, &mut p, &mut Placeholders::default()))
+        })
+    });
+    // A streamed answer as vLLM sends it: 1,000 chunks of a few characters each, one email
+    // address and one card number among them, then the finish chunk and [DONE].
+    let answer = "Sure. Write to jane.doe@example.com or pay with 4111 1111 1111 1111 today. ".repeat(54);
+    let mut events: Vec<Vec<u8>> = answer
+        .as_bytes()
+        .chunks(4)
+        .take(1000)
+        .map(|piece| {
+            let piece = String::from_utf8_lossy(piece);
+            let chunk = serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+            format!("data: {chunk}\n\n").into_bytes()
+        })
+        .collect();
+    events.push(
+        br#"data: {"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}
+
+"#
+        .to_vec(),
+    );
+    events.push(b"data: [DONE]\n\n".to_vec());
+    let builtins = PatternSet::new(
+        &[
+            Builtin::Ssn,
+            Builtin::CreditCard,
+            Builtin::Email,
+            Builtin::PhoneNumber,
+        ],
+        &[],
+    )
+    .unwrap();
+    let sets = [&builtins];
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("response_guard_stream_1000_events_4_builtins", |b| {
+        b.iter(|| {
+            let mut mask = StreamMask::default();
+            let mut bytes = 0;
+            for event in &events {
+                bytes += mask.event(&sets, black_box(event)).len();
+            }
+            black_box(bytes + mask.finish(&sets).len())
         })
     });
     group.throughput(Throughput::Elements(1));

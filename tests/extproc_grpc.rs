@@ -906,7 +906,10 @@ schedulingProfiles:
         r#"{"choices":[{"message":{"content":"use [CREDIT_CARD]","role":"assistant"}}],"model":"m"}"#
     );
 
-    let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"4111111111111111\"}}]}\n\ndata: [DONE]\n\n";
+    // Streamed, the card number is split over two events in two body messages, as a model
+    // streams it: the first event's text is held back, and the finish event carries it masked.
+    let first = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"card 4111 1111\"}}]}\n\n";
+    let rest = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" 1111 1111\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
     let answers = server
         .exchange(vec![
             req_headers(&[(":path", "/v1/chat/completions"), ("x-request-id", "r")], false),
@@ -918,14 +921,30 @@ schedulingProfiles:
                 &[(":status", "200"), ("content-type", "text/event-stream")],
                 false,
             ),
-            resp_body(sse, true),
+            resp_body(first, false),
+            resp_body(rest, true),
         ])
         .await;
-    let Answer::ResponseChunk { body, .. } = &answers[3] else {
+    assert_eq!(answers.len(), 5, "{answers:?}");
+    let (
+        Answer::ResponseChunk {
+            body: held,
+            eos: false,
+        },
+        Answer::ResponseChunk {
+            body: released,
+            eos: true,
+        },
+    ) = (&answers[3], &answers[4])
+    else {
         panic!("{answers:?}")
     };
     assert_eq!(
-        String::from_utf8(body.clone()).unwrap(),
-        "data: {\"choices\":[{\"delta\":{\"content\":\"[CREDIT_CARD]\"}}]}\n\ndata: [DONE]\n\n"
+        String::from_utf8(held.clone()).unwrap(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"\"},\"index\":0}]}\n\n"
+    );
+    assert_eq!(
+        String::from_utf8(released.clone()).unwrap(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"card [CREDIT_CARD]\"},\"finish_reason\":\"stop\",\"index\":0}]}\n\ndata: [DONE]\n\n"
     );
 }

@@ -42,7 +42,7 @@ use crate::{
     datastore::{EndpointId, EndpointLive, Snapshot},
     guard::{
         Placeholders,
-        response::{mask_json_body, mask_sse_event},
+        response::{StreamMask, mask_json_body},
     },
     parser::{
         EventSplitter, LlmRequest, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter,
@@ -109,11 +109,13 @@ struct ResponseState {
     mask: Option<ResponseMask>,
 }
 
-/// Response guards at work: SSE events are masked one by one as they complete; a non-streaming
-/// body is held to its end (a JSON body can only be masked whole).
+/// Response guards at work: SSE events are split out as they complete and masked across events
+/// ([`StreamMask`]); a non-streaming body is held to its end (a JSON body can only be masked
+/// whole).
 struct ResponseMask {
     guards: Vec<Arc<crate::scheduler::admission::PromptGuard>>,
     events: EventSplitter,
+    stream: StreamMask,
     held: Vec<u8>,
 }
 
@@ -131,11 +133,12 @@ impl ResponseMask {
             self.guards.iter().filter_map(|g| g.response_patterns()).collect();
         if streaming {
             let mut out = Vec::with_capacity(data.len());
+            let stream = &mut self.stream;
             self.events
-                .feed_with(data, eos, |ev| match mask_sse_event(&sets, ev) {
-                    Some(m) => out.extend_from_slice(&m),
-                    None => out.extend_from_slice(ev),
-                });
+                .feed_with(data, eos, |ev| out.extend_from_slice(&stream.event(&sets, ev)));
+            if eos {
+                out.extend_from_slice(&self.stream.finish(&sets));
+            }
             return out;
         }
         self.held.extend_from_slice(data);
@@ -668,6 +671,7 @@ impl Exchange {
             self.response.mask = Some(ResponseMask {
                 guards: output_guards,
                 events: EventSplitter::default(),
+                stream: StreamMask::default(),
                 held: Vec::new(),
             });
         }

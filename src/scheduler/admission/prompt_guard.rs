@@ -112,8 +112,8 @@ impl PromptGuard {
     /// Build from a config entry.
     ///
     /// # Errors
-    /// Unknown fields, unknown builtins or actions, a status outside 200–599, a pattern that does
-    /// not compile, or response guards (not supported yet: refused rather than ignored).
+    /// Unknown fields, unknown builtins or actions, a status outside 200–599, or a pattern (of
+    /// the prompt or the response side) that does not compile.
     pub fn from_config(name: PluginName, spec: &PluginSpec) -> Result<Self, ConfigIssue> {
         let p: Params = decode_plugin_params(spec)?;
         let at = |field: &str, reason: String| ConfigIssue {
