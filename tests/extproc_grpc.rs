@@ -798,6 +798,88 @@ async fn prompt_guard_masks_upstream_and_restores_for_the_client() {
     );
 }
 
+/// Team A's streamed completion through `server`: `body` up, `events` back.
+async fn team_a_stream(server: &TestServer, body: &[u8], events: &[u8]) -> Vec<Answer> {
+    server
+        .exchange(vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-request-id", "r"),
+                    ("x-gateway-inference-fairness-id", "team-a"),
+                ],
+                false,
+            ),
+            req_body(body, true),
+            resp_headers(
+                &[(":status", "200"), ("content-type", "text/event-stream")],
+                false,
+            ),
+            resp_body(events, true),
+        ])
+        .await
+}
+
+/// A stream whose second event is the usage-only one, which the client must not see.
+const STREAM_WITH_USAGE: &[u8] = b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n";
+
+/// A client whose `stream_options` does not ask for usage (`include_usage: false`, or an empty
+/// object) gets `include_usage: true` set in them, other members kept, also when the budget
+/// falls back to another model and the body's `model` is rewritten too (before or after
+/// `stream_options` in the body).
+#[tokio::test]
+async fn streaming_budget_sets_include_usage_in_existing_stream_options() {
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: token-budget
+  parameters:
+    tenants:
+      team-a:
+        tokens: 100000
+        models:
+          m: {tokens: 1, fallbackModel: cheap}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(pods(), Some(config)).await;
+    for (sent, upstream_want) in [
+        (
+            r#"{"model":"m","prompt":"hi","stream":true,"stream_options":{"include_usage":false,"continuous_usage_stats":true},"max_tokens":5}"#,
+            r#"{"model":"cheap","prompt":"hi","stream":true,"stream_options":{"continuous_usage_stats":true,"include_usage":true},"max_tokens":5}"#,
+        ),
+        (
+            r#"{"stream_options":{},"model":"m","prompt":"hi","stream":true,"max_tokens":5}"#,
+            r#"{"stream_options":{"include_usage":true},"model":"cheap","prompt":"hi","stream":true,"max_tokens":5}"#,
+        ),
+    ] {
+        let answers = team_a_stream(&server, sent.as_bytes(), STREAM_WITH_USAGE).await;
+        let Answer::RequestChunk { body: upstream, .. } = &answers[1] else {
+            panic!("{answers:?}")
+        };
+        assert_eq!(String::from_utf8(upstream.clone()).unwrap(), upstream_want);
+        assert_eq!(
+            answers[3],
+            Answer::ResponseChunk {
+                body: b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\ndata: [DONE]\n\n".to_vec(),
+                eos: true
+            },
+            "{sent}"
+        );
+    }
+    let text = server.metrics.render();
+    assert!(
+        text.contains(
+            r#"inference_extension_budget_settled_tokens_total{model_name="cheap",tenant="team-a"} 8"#
+        ),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn streaming_budget_asks_for_usage_and_hides_the_extra_event() {
     let config = "\
@@ -816,25 +898,7 @@ schedulingProfiles:
 ";
     let server = TestServer::start(pods(), Some(config)).await;
     let body = br#"{"model":"m","prompt":"hi","stream":true,"max_tokens":5}"#;
-    let events = b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n";
-    let answers = server
-        .exchange(vec![
-            req_headers(
-                &[
-                    (":path", "/v1/completions"),
-                    ("x-request-id", "r"),
-                    ("x-gateway-inference-fairness-id", "team-a"),
-                ],
-                false,
-            ),
-            req_body(body, true),
-            resp_headers(
-                &[(":status", "200"), ("content-type", "text/event-stream")],
-                false,
-            ),
-            resp_body(events, true),
-        ])
-        .await;
+    let answers = team_a_stream(&server, body, STREAM_WITH_USAGE).await;
     let Answer::RequestChunk { body: upstream, .. } = &answers[1] else {
         panic!("{answers:?}")
     };

@@ -45,8 +45,8 @@ use crate::{
         response::{StreamMask, mask_json_body},
     },
     parser::{
-        EventSplitter, LlmRequest, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter,
-        inject_include_usage, model_patterns, parse_request, replace_model, usage_from_json,
+        EventSplitter, LlmRequest, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter, ask_for_usage,
+        model_patterns, parse_request, replace_model, usage_from_json,
     },
     scheduler::admission::{Admitted, BudgetDecision, GuardOutcome, TokenBudget},
     scheduler::{Decision, SchedulingContext, SchedulingError, Scratch},
@@ -767,20 +767,24 @@ impl Exchange {
 
         self.request_stream = req.stream;
         let fallback = self.budget.as_ref().and_then(|(_, a)| a.fallback.clone());
+        // Budgets settle from usage: a streaming client that did not ask for it (no
+        // `stream_options`, or one without `include_usage: true`) gets it asked for on its
+        // behalf, and the extra usage-only event is removed from what it sees.
+        let reserved = self.budget.as_ref().is_some_and(|(_, a)| !a.layers.is_empty());
+        let ask_usage = reserved && req.stream && !req.include_usage;
+        // Both edits work at spans of the parsed body: the one further into the body goes
+        // first, so that the other's span still holds.
+        let usage_first = req
+            .stream_options_span
+            .as_ref()
+            .is_some_and(|s| s.start > req.model_span.start);
+        let mut asked = ask_usage && usage_first && ask_for_usage(&mut body, req.stream_options_span.clone());
         if target != req.model {
             body = replace_model(&body, req.model_span.clone(), &target);
             changed = true;
         }
-        // Spans are not used past this point: inserting into the body is safe.
-        // Budgets settle from usage: a streaming client that did not ask for it gets it asked for
-        // on its behalf, and the extra usage-only event is removed from what it sees.
-        let reserved = self.budget.as_ref().is_some_and(|(_, a)| !a.layers.is_empty());
-        if reserved
-            && req.stream
-            && !req.has_stream_options
-            && let Some(injected) = inject_include_usage(&body)
-        {
-            body = injected;
+        asked |= ask_usage && !usage_first && ask_for_usage(&mut body, req.stream_options_span.clone());
+        if asked {
             changed = true;
             self.response.strip_usage = Some(UsageEventFilter::default());
         }

@@ -14,5 +14,5 @@ pub mod usage;
 pub use api::ApiKind;
 pub use request::{LlmRequest, RequestError, parse_request, replace_model};
 pub use restore::{ModelRestorer, StreamReplacer, model_patterns};
-pub use sse_filter::{EventSplitter, UsageEventFilter, inject_include_usage};
+pub use sse_filter::{EventSplitter, UsageEventFilter, ask_for_usage};
 pub use usage::{SseUsageScanner, Usage, usage_from_json};

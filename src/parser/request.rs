@@ -58,8 +58,9 @@ pub struct LlmRequest {
     pub stream: bool,
     /// `stream_options.include_usage` is `true`.
     pub include_usage: bool,
-    /// The body has a `stream_options` member at all.
-    pub has_stream_options: bool,
+    /// Byte span of the raw JSON of `stream_options`, when the body has that member (even
+    /// `null`).
+    pub stream_options_span: Option<Range<usize>>,
     /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is set first.
     pub max_output_tokens: Option<u64>,
     /// `cache_salt`, which isolates prefix-cache sharing between tenants.
@@ -90,6 +91,11 @@ impl LlmRequest {
     }
 }
 
+/// A member that is present, whatever its value (`Option` alone reads `null` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as Deserialize>::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 struct RawBody<'a> {
     #[serde(borrow)]
@@ -104,7 +110,9 @@ struct RawBody<'a> {
     items: Option<&'a RawValue>,
     #[serde(borrow)]
     stream: Option<&'a RawValue>,
-    stream_options: Option<StreamOptions>,
+    /// `Some` also for an explicit `null`, whose span is needed to replace it.
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
     #[serde(borrow)]
     max_tokens: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -162,9 +170,10 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<LlmRequest, RequestError
         model_span,
         prompt_span: span_of(text, prompt.get()),
         stream: raw.stream.is_some_and(|v| v.get() == "true"),
-        has_stream_options: raw.stream_options.is_some(),
+        stream_options_span: raw.stream_options.map(|o| span_of(text, o.get())),
         include_usage: raw
             .stream_options
+            .and_then(|o| serde_json::from_str::<StreamOptions>(o.get()).ok())
             .and_then(|o| o.include_usage)
             .is_some_and(|v| v == serde_json::Value::Bool(true)),
         max_output_tokens,
