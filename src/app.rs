@@ -15,7 +15,7 @@ use tokio::{
 };
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
@@ -39,7 +39,13 @@ use crate::{
         exported::EppMetrics,
     },
     scheduler::build_scheduler,
+    tls::{self, ServingCert},
 };
+
+/// How often `--enable-cert-reload` reads `tls.crt` and `tls.key` again. Two small files a
+/// second cost nothing, and a rotated Secret (whose volume Kubernetes updates within a minute
+/// or so anyway) is served a second after it lands.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Largest gRPC message accepted: buffered-mode bodies arrive whole.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
@@ -131,18 +137,6 @@ async fn bind(port: u16) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| AppError::Bind { addr, source })
-}
-
-fn tls_identity(flags: &Flags) -> Result<Identity, AppError> {
-    if let Some(dir) = flags.cert_dir() {
-        let read = |f: &str| {
-            std::fs::read(dir.join(f)).map_err(|e| AppError::Tls(format!("{}: {e}", dir.join(f).display())))
-        };
-        return Ok(Identity::from_pem(read("tls.crt")?, read("tls.key")?));
-    }
-    let names = vec!["localhost".to_owned(), "epp".to_owned()];
-    let ck = rcgen::generate_simple_self_signed(names).map_err(|e| AppError::Tls(e.to_string()))?;
-    Ok(Identity::from_pem(ck.cert.pem(), ck.signing_key.serialize_pem()))
 }
 
 fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
@@ -443,25 +437,46 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         .max_frame_size(Some(256 * 1024))
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024));
-    if flags.secure_serving {
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(tls_identity(&flags)?))
-            .map_err(|e| AppError::Tls(e.to_string()))?;
-    }
     let mut router = builder.add_service(service);
     if flags.health_checking {
         router = router.add_service(health_service);
     }
+    let serving_cert = if flags.secure_serving {
+        let cert = match flags.cert_dir() {
+            Some(dir) => ServingCert::from_dir(&dir),
+            None => ServingCert::self_signed(),
+        }
+        .map_err(|e| AppError::Tls(e.to_string()))?;
+        Some(Arc::new(cert))
+    } else {
+        None
+    };
     {
         let cancel = cancel.clone();
+        let served = match &serving_cert {
+            Some(cert) => {
+                let incoming =
+                    tls::accept(no_delay(grpc_listener), cert).map_err(|e| AppError::Tls(e.to_string()))?;
+                tasks.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+                        .await
+                })
+            }
+            None => tasks.spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(no_delay(grpc_listener), cancel.cancelled())
+                    .await
+            }),
+        };
         tasks.spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(no_delay(grpc_listener), cancel.cancelled())
-                .await
-            {
+            if let Ok(Err(e)) = served.await {
                 warn!(error = %e, "ext_proc server stopped");
             }
         });
+    }
+    if let Some(cert) = serving_cert.filter(|_| flags.enable_cert_reload && flags.cert_dir().is_some()) {
+        tasks.spawn(cert.watch(CERT_CHECK_INTERVAL, cancel.clone()));
     }
 
     // Prometheus metrics.

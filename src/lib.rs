@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod parser;
 pub mod prefix;
 pub mod scheduler;
+pub mod tls;

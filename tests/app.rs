@@ -85,45 +85,40 @@ async fn health_names_and_metrics_endpoint() {
     app.shutdown().await;
 }
 
+type SelfSigned = rcgen::CertifiedKey<rcgen::KeyPair>;
+
+/// A fresh self-signed certificate for `localhost`.
+fn localhost_cert() -> SelfSigned {
+    rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap()
+}
+
+/// `ck` as `tls.key` and `tls.crt` in `dir`. The key goes first: in between, the pair does not
+/// match, which a reload must survive.
+fn write_cert(dir: &std::path::Path, ck: &SelfSigned) {
+    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
+}
+
+/// A certificate directory named after `tag` holding a fresh certificate.
+fn cert_dir(tag: &str) -> (std::path::PathBuf, SelfSigned) {
+    let dir = std::env::temp_dir().join(format!("epp-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = localhost_cert();
+    write_cert(&dir, &ck);
+    (dir, ck)
+}
+
 #[tokio::test]
 async fn tls_serves_with_cert_path_and_refuses_plaintext() {
-    let dir = std::env::temp_dir().join(format!("epp-tls-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    let (dir, ck) = cert_dir("tls-test");
     let app = start(flags(&[&format!("--cert-path={}", dir.display())]))
         .await
         .expect("start");
 
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ck.cert.pem()))
-        .domain_name("localhost");
-    let ch = tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", app.grpc_addr.port()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
+    let ch = channel_trusting(app.grpc_addr.port(), &ck.cert.pem())
         .await
         .expect("TLS connect");
-    let mut client = ExternalProcessorClient::new(ch);
-    let headers = ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    let mut answers = client
-        .process(tokio_stream::iter(vec![headers]))
-        .await
-        .expect("call")
-        .into_inner();
-    let first = answers.message().await.expect("answer").expect("one answer");
-    assert!(
-        matches!(first.response, Some(Response::RequestHeaders(_))),
-        "{first:?}"
-    );
+    assert!(answers_headers(ch).await);
 
     let plaintext = async {
         let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", app.grpc_addr.port()))
@@ -176,4 +171,95 @@ async fn invalid_config_fails_at_startup_with_its_path() {
             .starts_with("cannot read config file /nonexistent/epp.yaml"),
         "{err}"
     );
+}
+
+/// A TLS channel to `port` that trusts only `ca_pem` for `localhost`.
+async fn channel_trusting(
+    port: u16,
+    ca_pem: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+}
+
+/// One header-only exchange on `channel`: the EPP's first answer is to the request headers.
+async fn answers_headers(channel: tonic::transport::Channel) -> bool {
+    let headers = ProcessingRequest {
+        request: Some(Request::RequestHeaders(HttpHeaders {
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let Ok(answers) = ExternalProcessorClient::new(channel)
+        .process(tokio_stream::iter(vec![headers]))
+        .await
+    else {
+        return false;
+    };
+    let first = answers.into_inner().message().await;
+    matches!(first, Ok(Some(m)) if matches!(m.response, Some(Response::RequestHeaders(_))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let (dir, old) = cert_dir("tls-rotate");
+    let app = start(flags(&[
+        &format!("--cert-path={}", dir.display()),
+        "--enable-cert-reload",
+    ]))
+    .await
+    .expect("start");
+    let port = app.grpc_addr.port();
+    let before = channel_trusting(port, &old.cert.pem())
+        .await
+        .expect("old certificate served");
+
+    let new = localhost_cert();
+    assert!(
+        channel_trusting(port, &new.cert.pem()).await.is_err(),
+        "not served before the rotation"
+    );
+    write_cert(&dir, &new);
+    // The files are checked every second: wait (bounded) for a handshake with the new one.
+    let mut after = None;
+    for _ in 0..50 {
+        if let Ok(ch) = channel_trusting(port, &new.cert.pem()).await {
+            after = Some(ch);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = after.expect("the new certificate is served within 10 s");
+    assert!(answers_headers(after).await);
+    // The connection made before the rotation keeps working; new ones get the new certificate.
+    assert!(answers_headers(before).await);
+    assert!(channel_trusting(port, &old.cert.pem()).await.is_err());
+    app.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn without_reload_a_changed_certificate_is_not_picked_up() {
+    let (dir, old) = cert_dir("tls-static");
+    let app = start(flags(&[&format!("--cert-path={}", dir.display())]))
+        .await
+        .expect("start");
+    write_cert(&dir, &localhost_cert());
+    // Longer than the reload interval: still the certificate the EPP started with.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ch = channel_trusting(app.grpc_addr.port(), &old.cert.pem())
+        .await
+        .expect("old certificate");
+    assert!(answers_headers(ch).await);
+    app.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

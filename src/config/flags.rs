@@ -46,7 +46,8 @@ pub struct Flags {
     #[arg(long, default_value = "", help_heading = "Serving")]
     pub cert_path: String,
 
-    /// Reload the certificate when the files change (accepted; certificates load at start).
+    /// Serve a changed tls.crt/tls.key from --cert-path to new connections without a restart
+    /// (the files are checked every second).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", help_heading = "Serving")]
     pub enable_cert_reload: bool,
