@@ -455,8 +455,8 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         let cancel = cancel.clone();
         let served = match &serving_cert {
             Some(cert) => {
-                let incoming =
-                    tls::accept(no_delay(grpc_listener), cert).map_err(|e| AppError::Tls(e.to_string()))?;
+                let incoming = tls::accept(no_delay(grpc_listener), cert, &tasks)
+                    .map_err(|e| AppError::Tls(e.to_string()))?;
                 tasks.spawn(async move {
                     router
                         .serve_with_incoming_shutdown(incoming, cancel.cancelled())
@@ -470,8 +470,10 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
             }),
         };
         tasks.spawn(async move {
-            if let Ok(Err(e)) = served.await {
-                warn!(error = %e, "ext_proc server stopped");
+            match served.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "ext_proc server stopped"),
+                Err(e) => warn!(error = %e, "ext_proc server task failed"),
             }
         });
     }

@@ -27,11 +27,14 @@ use rustls::{
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 /// Longest a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed accept before the next one.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// A certificate that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -150,16 +153,26 @@ impl ServingCert {
     pub async fn watch(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The same failure is logged once, not at every check.
+        let mut last_error = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
             match self.reload() {
-                Ok(true) => info!("serving a new TLS certificate"),
-                Ok(false) => {}
+                Ok(changed) => {
+                    if changed {
+                        info!("serving a new TLS certificate");
+                    }
+                    last_error = None;
+                }
                 Err(e) => {
-                    warn!(error = %e, "the changed TLS certificate cannot be loaded; keeping the current one")
+                    let e = e.to_string();
+                    if last_error.as_ref() != Some(&e) {
+                        warn!(error = %e, "the changed TLS certificate cannot be loaded; keeping the current one");
+                        last_error = Some(e);
+                    }
                 }
             }
         }
@@ -196,10 +209,12 @@ impl ResolvesServerCert for ServingCert {
 pub fn accept(
     incoming: impl Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
     cert: &Arc<ServingCert>,
+    tasks: &TaskTracker,
 ) -> Result<ReceiverStream<std::io::Result<TlsStream<TcpStream>>>, TlsError> {
     let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
+    // Tracked, so that shutdown returns only once the listener is closed.
+    tasks.spawn(async move {
         let mut incoming = std::pin::pin!(incoming);
         loop {
             let accepted = tokio::select! {
@@ -212,7 +227,9 @@ pub fn accept(
             let tcp = match accepted {
                 Ok(tcp) => tcp,
                 Err(e) => {
-                    debug!(error = %e, "accept failed");
+                    // Out of file descriptors, say: retrying at once would spin a core.
+                    warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }
             };

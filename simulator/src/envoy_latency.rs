@@ -126,20 +126,21 @@ pub fn ext_proc_times(text: &str) -> ExtProcTimes {
     let mut phases: [Vec<f64>; 4] = Default::default();
     let mut totals = Vec::new();
     for line in text.lines() {
-        let mut total = 0.0;
+        // A request that never reached the EPP (no counted phase logged) is not a 0 ms wait.
+        let mut total = None;
         for ((samples, value), (_, _, counted)) in phases.iter_mut().zip(line.split(' ')).zip(EXT_PROC_PHASES)
         {
             if let Ok(us) = value.trim_matches('"').parse::<f64>() {
                 samples.push(us / 1e3);
                 if counted {
-                    total += us / 1e3;
+                    *total.get_or_insert(0.0) += us / 1e3;
                 }
             }
         }
-        totals.push(total);
+        totals.extend(total);
     }
     let mut times = ExtProcTimes {
-        requests: totals.len(),
+        requests: text.lines().count(),
         total: p50_p99(&mut totals),
         ..ExtProcTimes::default()
     };
@@ -365,9 +366,10 @@ mod tests {
     fn access_log_lines_give_per_phase_and_per_request_percentiles() {
         // Request headers overlap the body call and stay out of the per-request sum; `-` is a
         // phase Envoy did not run, quoted numbers are what some formatters write.
-        let text = "500 600 300 400\n700 900 \"200\" -\n100 300 100 100\n";
+        // The last line is a request rejected before the EPP saw it: counted, but no wait.
+        let text = "500 600 300 400\n700 900 \"200\" -\n100 300 100 100\n- - - -\n";
         let t = ext_proc_times(text);
-        assert_eq!(t.requests, 3);
+        assert_eq!(t.requests, 4);
         assert_eq!(t.ran, [3, 3, 3, 2]);
         assert_eq!(t.phases[0], [0.5, 0.7]);
         assert_eq!(t.phases[1], [0.6, 0.9]);

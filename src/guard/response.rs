@@ -7,7 +7,8 @@
 //! (`delta.content` or `text`) is therefore held back by [`STREAM_HOLD_BYTES`] and released
 //! masked; text is only released once no match can reach into it from what follows, and the rest
 //! goes out with the choice's last event (`finish_reason` set), before `data: [DONE]`, or at the
-//! end of the stream. Events keep their order and count; only their text shifts later.
+//! end of the stream. Events keep their order and count; only their text shifts later. A whole
+//! `message` in a stream event is masked as it is.
 
 use serde_json::{Map, Value};
 
@@ -19,8 +20,9 @@ use super::patterns::{Hit, PatternSet};
 /// the match already reaches past the held bytes when they would be released.
 pub const STREAM_HOLD_BYTES: usize = 128;
 
-/// Held text past this size is released whatever it holds, so that a pattern that keeps
-/// matching cannot make the EPP hold a whole answer.
+/// Held text past this size is released up to the hold window even where a match still grows
+/// (that match goes out masked as far as it has come), so that a pattern that keeps matching
+/// cannot make the EPP hold a whole answer.
 const MAX_HELD_BYTES: usize = 64 * 1024;
 
 fn mask_text(sets: &[&PatternSet], text: &mut String) -> bool {
@@ -108,19 +110,22 @@ fn masked_prefix(text: &str, cut: usize, hits: &[(Hit, &str)]) -> String {
 }
 
 /// Where held `text` can be cut: [`STREAM_HOLD_BYTES`] from its end, moved back to the start of
-/// any match that reaches past it (the next text could still extend that match).
+/// any match that reaches past it (the next text could still extend that match). Past
+/// [`MAX_HELD_BYTES`] the cut moves forward to the end of that match instead: it goes out whole
+/// and masked, and whatever follows it is matched afresh.
 fn release_point(text: &str, hits: &[(Hit, &str)]) -> usize {
-    if text.len() > MAX_HELD_BYTES {
-        return text.len();
-    }
     let mut cut = text.len().saturating_sub(STREAM_HOLD_BYTES);
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
     // Hits are in order and disjoint: at most one straddles the cut, and moving the cut to its
-    // start leaves every earlier hit whole before it.
+    // start (or end) leaves every other hit whole on one side.
     if let Some((h, _)) = hits.iter().find(|(h, _)| h.start < cut && h.end > cut) {
-        cut = h.start;
+        cut = if text.len() > MAX_HELD_BYTES {
+            h.end
+        } else {
+            h.start
+        };
     }
     cut
 }
@@ -220,7 +225,10 @@ impl StreamMask {
     /// Take the chunk's choice texts into the held text and put back what may be released.
     /// Returns whether the chunk changed.
     fn hold(&mut self, sets: &[&PatternSet], chunk: &mut Value) -> bool {
-        let Some(object) = chunk.as_object() else {
+        let Some(object) = chunk
+            .as_object()
+            .filter(|o| o.get("choices").is_some_and(Value::is_array))
+        else {
             return false;
         };
         self.template = object
@@ -237,6 +245,10 @@ impl StreamMask {
                 .get("index")
                 .and_then(Value::as_u64)
                 .unwrap_or(position as u64);
+            // A whole message in one event (some servers stream those) is masked as it is.
+            if let Some(Value::String(content)) = choice.pointer_mut("/message/content") {
+                changed |= mask_text(sets, content);
+            }
             let field = if choice.get("delta").is_some_and(Value::is_object) {
                 TextField::Delta
             } else if choice.get("text").is_some() {
@@ -489,6 +501,45 @@ mod tests {
         assert_eq!(
             mask.event(&sets, b"data: [DONE]\n\n"),
             b"data: {\"choices\":[{\"delta\":{\"content\":\"ok \"},\"index\":1}]}\n\ndata: [DONE]\n\n"
+                .to_vec()
+        );
+    }
+
+    #[test]
+    fn past_the_cap_a_value_near_the_end_is_still_held_whole() {
+        let set = PatternSet::new(&[Builtin::CreditCard], &[]).unwrap();
+        let sets = [&set];
+        let clean = "lorem ipsum ".repeat(6000);
+        let events = chat_stream(&[&format!("{clean}card 4111 1111 1111"), " 1111 ok"]);
+        let (seen, text) = run(&sets, &events);
+        assert_eq!(text, format!("{clean}card [CREDIT_CARD] ok"));
+        for e in &seen {
+            assert!(!String::from_utf8_lossy(e).contains("4111"));
+        }
+    }
+
+    #[test]
+    fn whole_messages_are_masked_and_error_events_are_no_template() {
+        let set = PatternSet::new(&[Builtin::CreditCard], &[]).unwrap();
+        let sets = [&set];
+        let mut mask = StreamMask::default();
+        let out = mask.event(
+            &sets,
+            b"data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"message\":{\"content\":\"card 4111 1111 1111 1111\"}}]}\n\n",
+        );
+        assert_eq!(
+            out,
+            b"data: {\"choices\":[{\"index\":0,\"message\":{\"content\":\"card [CREDIT_CARD]\"}}],\"id\":\"c1\"}\n\n".to_vec()
+        );
+        mask.event(
+            &sets,
+            b"data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"held\"}}]}\n\n",
+        );
+        let error = b"data: {\"object\":\"error\",\"message\":\"overloaded\"}\n\n";
+        assert_eq!(mask.event(&sets, error), error.to_vec());
+        assert_eq!(
+            mask.finish(&sets),
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"held\"},\"index\":0}],\"id\":\"c1\"}\n\n"
                 .to_vec()
         );
     }
