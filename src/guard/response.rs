@@ -416,6 +416,23 @@ mod tests {
     }
 
     #[test]
+    fn crlf_streams_are_masked_too() {
+        let set = PatternSet::new(&[Builtin::CreditCard], &[]).unwrap();
+        let sets = [&set];
+        let events: Vec<Vec<u8>> = chat_stream(&["card 4111 1111", " 1111 1111 ok"])
+            .into_iter()
+            .map(|e| String::from_utf8(e).unwrap().replace('\n', "\r\n").into_bytes())
+            .collect();
+        let mut splitter = crate::parser::EventSplitter::default();
+        let mut split = Vec::new();
+        splitter.feed_with(&events.concat(), true, |e| split.push(e.to_vec()));
+        assert_eq!(split, events, "one event per blank line");
+        let (seen, text) = run(&sets, &split);
+        assert_eq!(text, "card [CREDIT_CARD] ok");
+        assert!(seen.iter().all(|e| !String::from_utf8_lossy(e).contains("4111")));
+    }
+
+    #[test]
     fn any_split_of_the_text_gives_the_same_masked_text() {
         let set = PatternSet::new(&[Builtin::Ssn, Builtin::PhoneNumber], &[]).unwrap();
         let sets = [&set];

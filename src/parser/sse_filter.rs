@@ -24,11 +24,21 @@ fn is_usage_only(event: &[u8]) -> bool {
         })
 }
 
-/// Splits an SSE byte stream into complete events (each ending in a blank line), holding an
-/// unfinished event until the chunk that completes it.
+/// Splits an SSE byte stream into complete events (each ending in a blank line, after `\n` or
+/// `\r\n` line endings), holding an unfinished event until the chunk that completes it.
 #[derive(Debug, Default)]
 pub struct EventSplitter {
     partial: Vec<u8>,
+}
+
+/// The end (exclusive) of the first event in `bytes`: just past its blank line.
+fn event_end(bytes: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(bytes, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(bytes, b"\n\r\n").map(|i| i + 3);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl EventSplitter {
@@ -37,8 +47,8 @@ impl EventSplitter {
     pub fn feed_with(&mut self, chunk: &[u8], end_of_stream: bool, mut f: impl FnMut(&[u8])) {
         self.partial.extend_from_slice(chunk);
         let mut start = 0;
-        while let Some(i) = memchr::memmem::find(&self.partial[start..], b"\n\n") {
-            let end = start + i + 2;
+        while let Some(len) = event_end(&self.partial[start..]) {
+            let end = start + len;
             f(&self.partial[start..end]);
             start = end;
         }
@@ -139,20 +149,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn splitter_yields_whole_events_at_any_split() {
-        let stream = b"data: a\n\ndata: b\n\ntail";
+    /// Feed `stream` to a splitter cut at every byte; each cut must give exactly `want`.
+    fn assert_splits_into(stream: &[u8], want: &[&[u8]]) {
         for split in 0..=stream.len() {
             let mut s = EventSplitter::default();
             let mut evs = Vec::new();
             s.feed_with(&stream[..split], false, |e| evs.push(e.to_vec()));
             s.feed_with(&stream[split..], true, |e| evs.push(e.to_vec()));
-            assert_eq!(
-                evs,
-                vec![b"data: a\n\n".to_vec(), b"data: b\n\n".to_vec(), b"tail".to_vec()],
-                "split {split}"
-            );
+            assert_eq!(evs, want, "split {split}");
         }
+    }
+
+    #[test]
+    fn splitter_yields_whole_events_at_any_split() {
+        assert_splits_into(
+            b"data: a\n\ndata: b\n\ntail",
+            &[b"data: a\n\n", b"data: b\n\n", b"tail"],
+        );
+    }
+
+    #[test]
+    fn crlf_events_are_split_too() {
+        assert_splits_into(
+            b"data: a\r\n\r\ndata: b\n\ndata: c\r\n\r\ntail",
+            &[b"data: a\r\n\r\n", b"data: b\n\n", b"data: c\r\n\r\n", b"tail"],
+        );
     }
 
     #[test]
