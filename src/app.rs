@@ -5,7 +5,7 @@
 //! health, metrics), and returns a [`RunningApp`] whose [`shutdown`](RunningApp::shutdown) drains
 //! them. Every background task is owned by one tracker and one cancellation token.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use axum::{Router, routing::get};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -452,28 +452,19 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         None
     };
     {
-        let cancel = cancel.clone();
-        let served = match &serving_cert {
-            Some(cert) => {
-                let incoming = tls::accept(no_delay(grpc_listener), cert, &tasks)
-                    .map_err(|e| AppError::Tls(e.to_string()))?;
-                tasks.spawn(async move {
-                    router
-                        .serve_with_incoming_shutdown(incoming, cancel.cancelled())
-                        .await
-                })
-            }
-            None => tasks.spawn(async move {
-                router
-                    .serve_with_incoming_shutdown(no_delay(grpc_listener), cancel.cancelled())
-                    .await
-            }),
-        };
+        let stop = cancel.clone().cancelled_owned();
+        let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match &serving_cert {
+                Some(cert) => {
+                    let incoming = tls::accept(no_delay(grpc_listener), cert, &tasks)
+                        .map_err(|e| AppError::Tls(e.to_string()))?;
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+                }
+                None => Box::pin(router.serve_with_incoming_shutdown(no_delay(grpc_listener), stop)),
+            };
         tasks.spawn(async move {
-            match served.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, "ext_proc server stopped"),
-                Err(e) => warn!(error = %e, "ext_proc server task failed"),
+            if let Err(e) = serve.await {
+                warn!(error = %e, "ext_proc server stopped");
             }
         });
     }

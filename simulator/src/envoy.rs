@@ -45,25 +45,22 @@ pub struct Envoy {
     child: Child,
     /// Its ports.
     pub ports: EnvoyPorts,
-    _config: tempfile_path::TempPath,
+    _config: TempPath,
 }
 
-mod tempfile_path {
-    use std::path::{Path, PathBuf};
+/// A file removed on drop (Envoy's config; the harnesses' access logs).
+pub struct TempPath(pub PathBuf);
 
-    /// A file removed on drop.
-    pub struct TempPath(pub PathBuf);
-
-    impl TempPath {
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
+impl TempPath {
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.0
     }
+}
 
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -105,7 +102,7 @@ impl Envoy {
         let bin = envoy_binary().ok_or(EnvoyError::NotFound)?;
         let dir = std::env::temp_dir();
         let tag = format!("{}-{}", std::process::id(), ports.listener);
-        let config = tempfile_path::TempPath(dir.join(format!("epp-envoy-{tag}.yaml")));
+        let config = TempPath(dir.join(format!("epp-envoy-{tag}.yaml")));
         let log = dir.join(format!("epp-envoy-{tag}.log"));
         std::fs::write(config.path(), config_text).map_err(EnvoyError::Io)?;
         let child = Command::new(bin)

@@ -13,7 +13,7 @@ use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
     emulator::{Emulator, PodConfig},
-    envoy::{Envoy, EnvoyPorts, free_port, render_config},
+    envoy::{Envoy, EnvoyPorts, TempPath, free_port, render_config},
     epp_process::{EppProcess, decision_buckets, histogram_delta, histogram_quantile},
 };
 
@@ -294,14 +294,14 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
         admin: free_port()?,
         epp: grpc,
     };
-    let access_log = AccessLog(std::env::temp_dir().join(format!(
+    let access_log = TempPath(std::env::temp_dir().join(format!(
         "epp-envoy-latency-{}-{}.log",
         std::process::id(),
         epp_ports.listener
     )));
     let with_epp = Envoy::start_with_config(
         epp_ports,
-        with_ext_proc_log(&render_config(epp_ports), &access_log.0)?,
+        with_ext_proc_log(&render_config(epp_ports), access_log.path())?,
     )
     .await?;
     let direct_ports = EnvoyPorts {
@@ -324,13 +324,13 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let before = decision_buckets(&metrics_url).await?;
     // Every request, failed or not, gets a line; the warm-up's come first.
-    let warm_up_lines = read_access_log(&access_log.0, warm_up.requests())
+    let warm_up_lines = read_access_log(access_log.path(), warm_up.requests())
         .await
         .lines()
         .count();
     let epp_run = open_loop(&with_epp.url(), rate, seconds, prompt_tokens).await;
     let decisions = histogram_delta(&before, &decision_buckets(&metrics_url).await?);
-    let logged = read_access_log(&access_log.0, warm_up_lines + epp_run.requests()).await;
+    let logged = read_access_log(access_log.path(), warm_up_lines + epp_run.requests()).await;
     let measured: Vec<&str> = logged.lines().skip(warm_up_lines).collect();
     let envoy_ext_proc = ext_proc_times(&measured.join("\n"));
     let direct_run = open_loop(&direct.url(), rate, seconds, prompt_tokens).await;
@@ -347,15 +347,6 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
         ],
         envoy_ext_proc,
     })
-}
-
-/// The access log file, removed on drop.
-struct AccessLog(std::path::PathBuf);
-
-impl Drop for AccessLog {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[cfg(test)]

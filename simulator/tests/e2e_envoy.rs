@@ -14,7 +14,7 @@ use epp::{
 };
 use epp_sim::{
     emulator::{Emulator, PodConfig},
-    envoy::{Envoy, EnvoyPorts, free_port, render_config, wait_until_scraped},
+    envoy::{Envoy, EnvoyPorts, TempPath, free_port, render_config, wait_until_scraped},
     envoy_latency::{ext_proc_times, read_access_log, with_ext_proc_log},
 };
 use serde_json::{Value, json};
@@ -128,9 +128,9 @@ async fn routes_chat_and_completions_to_the_least_loaded_pod() {
 /// must accept that config and log every phase of every exchange.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_logs_the_ext_proc_time_of_every_phase() {
-    let log = std::env::temp_dir().join(format!("epp-e2e-ext-proc-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
-    let s = stack_logging(&[], Some(&log)).await;
+    let log = TempPath(std::env::temp_dir().join(format!("epp-e2e-ext-proc-{}.log", std::process::id())));
+    let _ = std::fs::remove_file(log.path());
+    let s = stack_logging(&[], Some(log.path())).await;
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
     for _ in 0..5 {
         let r = s.post("/v1/chat/completions", &body, &[]).await;
@@ -138,9 +138,8 @@ async fn envoy_logs_the_ext_proc_time_of_every_phase() {
         r.bytes().await.expect("body");
     }
     // Envoy writes the log on a timer: wait (bounded) for the five lines.
-    let text = read_access_log(&log, 5).await;
+    let text = read_access_log(log.path(), 5).await;
     s.stop().await;
-    let _ = std::fs::remove_file(&log);
     let times = ext_proc_times(&text);
     assert_eq!(times.requests, 5, "{text}");
     assert_eq!(times.ran, [5, 5, 5, 5], "{text}");

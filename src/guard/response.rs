@@ -25,27 +25,14 @@ pub const STREAM_HOLD_BYTES: usize = 128;
 /// cannot make the EPP hold a whole answer.
 const MAX_HELD_BYTES: usize = 64 * 1024;
 
+/// Replace every match of `sets` in `text` by `[RULE]`; whether anything matched.
 fn mask_text(sets: &[&PatternSet], text: &mut String) -> bool {
-    let mut changed = false;
-    for set in sets {
-        let hits = set.hits(text);
-        if hits.is_empty() {
-            continue;
-        }
-        let mut out = String::with_capacity(text.len());
-        let mut pos = 0;
-        for h in hits {
-            out.push_str(&text[pos..h.start]);
-            out.push('[');
-            out.push_str(set.rule_name(h.rule));
-            out.push(']');
-            pos = h.end;
-        }
-        out.push_str(&text[pos..]);
-        *text = out;
-        changed = true;
+    let hits = merged_hits(sets, text);
+    if hits.is_empty() {
+        return false;
     }
-    changed
+    *text = masked_prefix(text, text.len(), &hits);
+    true
 }
 
 /// Mask the output text fields of one response object (a JSON body or an SSE event's data).
@@ -79,9 +66,10 @@ fn merged_hits<'s>(sets: &[&'s PatternSet], text: &str) -> Vec<(Hit, &'s str)> {
     let mut all: Vec<(Hit, &str)> = sets
         .iter()
         .flat_map(|set| {
-            set.hits(text)
-                .into_iter()
-                .map(|h| (h.clone(), set.rule_name(h.rule)))
+            set.hits(text).into_iter().map(|h| {
+                let name = set.rule_name(h.rule);
+                (h, name)
+            })
         })
         .collect();
     all.sort_by(|(a, _), (b, _)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
@@ -153,8 +141,9 @@ struct HeldChoice {
 #[derive(Debug, Default)]
 pub struct StreamMask {
     held: Vec<HeldChoice>,
-    /// The last chunk's top-level members but `choices` and `usage` (id, object, created,
-    /// model), for the event that carries text still held at the end.
+    /// The first chunk's top-level members but `choices` and `usage` (id, object, created,
+    /// model: the same in every chunk of a stream), for the event that carries text still held
+    /// at the end.
     template: Map<String, Value>,
 }
 
@@ -202,9 +191,9 @@ impl StreamMask {
         let choices: Vec<Value> = std::mem::take(&mut self.held)
             .into_iter()
             .filter(|c| !c.text.is_empty())
-            .map(|c| {
-                let hits = merged_hits(sets, &c.text);
-                let text = masked_prefix(&c.text, c.text.len(), &hits);
+            .map(|mut c| {
+                mask_text(sets, &mut c.text);
+                let text = c.text;
                 match c.field {
                     TextField::Delta => serde_json::json!({"index": c.index, "delta": {"content": text}}),
                     TextField::Text => serde_json::json!({"index": c.index, "text": text}),
@@ -231,11 +220,13 @@ impl StreamMask {
         else {
             return false;
         };
-        self.template = object
-            .iter()
-            .filter(|(k, _)| *k != "choices" && *k != "usage")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        if self.template.is_empty() {
+            self.template = object
+                .iter()
+                .filter(|(k, _)| *k != "choices" && *k != "usage")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
         let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) else {
             return false;
         };

@@ -1,6 +1,6 @@
 //! Pure parsing of what flows through the EPP: request bodies into [`LlmRequest`], response
 //! usage (JSON and SSE), streaming byte replacement (model-name and placeholder restore), SSE
-//! event splitting, and the `include_usage` injection for budget settlement.
+//! event splitting, and asking for `include_usage` for budget settlement.
 //!
 //! No I/O and no clock; every function is deterministic in its input, so the simulator and the
 //! server share it.

@@ -1,7 +1,8 @@
-//! Drops the usage-only event of an SSE stream (`"choices": []` with a `usage` object), which
-//! the EPP asked for on the client's behalf (`stream_options.include_usage`) to settle token
-//! budgets. Works on whole events: an event split across chunks is held until its blank line,
-//! everything else passes as it arrives.
+//! Token-budget settlement for streaming clients that did not ask for usage: [`ask_for_usage`]
+//! sets `stream_options.include_usage` in the request body, and [`UsageEventFilter`] drops the
+//! usage-only event (`"choices": []` with a `usage` object) that this adds to the stream. Works
+//! on whole events ([`EventSplitter`], blank lines after `\n` or `\r\n` endings): an event split
+//! across chunks is held until its blank line, everything else passes as it arrives.
 
 use std::ops::Range;
 
