@@ -102,6 +102,37 @@ impl EndpointLive {
     }
 }
 
+/// One request counted on an endpoint's live counters. Released exactly once: when it is
+/// dropped (the response ended, the client went away, the stream was reset), or when it is
+/// replaced by the count on the endpoint that actually served.
+#[derive(Debug)]
+pub struct InFlight {
+    live: Arc<EndpointLive>,
+    tokens: u64,
+}
+
+impl InFlight {
+    /// Count one request of `tokens` estimated tokens on `live`.
+    pub fn start(live: &Arc<EndpointLive>, tokens: u64) -> Self {
+        live.start(tokens);
+        Self {
+            live: live.clone(),
+            tokens,
+        }
+    }
+
+    /// The estimated tokens counted.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.live.finish(self.tokens);
+    }
+}
+
 /// An endpoint inside a snapshot.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -153,6 +184,18 @@ impl Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_is_released_once_on_drop() {
+        let live = Arc::new(EndpointLive::default());
+        let a = InFlight::start(&live, 10);
+        let b = InFlight::start(&live, 5);
+        assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (2, 15));
+        drop(a);
+        assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (1, 5));
+        drop(b);
+        assert_eq!((live.in_flight_requests(), live.in_flight_tokens(), live.started_total()), (0, 0, 2));
+    }
 
     #[test]
     fn live_counters_saturate_at_zero() {

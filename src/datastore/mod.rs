@@ -2,13 +2,13 @@
 //!
 //! Invariants: the request path reads one [`Snapshot`] per request through [`SnapshotReader`];
 //! only [`DatastoreWriter`] publishes; per-request counters live in [`EndpointLive`] outside the
-//! snapshot so that requests never rebuild it.
+//! snapshot so that requests never rebuild it; an [`InFlight`] count is released exactly once.
 
 mod endpoint;
 mod snapshot;
 pub mod testing;
 mod writer;
 
-pub use endpoint::{Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid};
+pub use endpoint::{Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, InFlight};
 pub use snapshot::Snapshot;
 pub use writer::{DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, SnapshotReader, format_address};

@@ -12,7 +12,10 @@ use crate::{
     budget::reset_text,
     metrics::names::error_code,
     parser::RequestError,
-    scheduler::{SchedulingError, admission::Rejection},
+    scheduler::{
+        SchedulingError,
+        admission::{Refusal, Rejection},
+    },
 };
 
 /// Why a request is answered by the EPP instead of a model server.
@@ -50,6 +53,19 @@ pub enum EppError {
     /// An invariant broke inside the EPP.
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl From<Refusal> for EppError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Guard { status, message } => EppError::Guard { status, message },
+            Refusal::OverBudget(rejection) => EppError::OverBudget(rejection),
+            Refusal::BudgetStoreUnavailable => EppError::BudgetStoreUnavailable,
+            Refusal::NoCandidates => EppError::NoCandidates,
+            Refusal::Scheduling(e) => EppError::Scheduling(e),
+            Refusal::Internal(what) => EppError::Internal(what),
+        }
+    }
 }
 
 impl EppError {

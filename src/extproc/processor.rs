@@ -58,4 +58,9 @@ impl PluginTimer for MetricsTimer<'_> {
             .with_label_values(&[point.as_str(), plugin.kind, &plugin.name])
             .observe(nanos as f64 / 1e9);
     }
+
+    fn record_cycle(&self, started: u64) {
+        let nanos = self.start().saturating_sub(started);
+        self.metrics.scheduler_e2e.observe(nanos as f64 / 1e9);
+    }
 }

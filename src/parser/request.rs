@@ -134,7 +134,14 @@ struct StreamOptions {
 /// [`RequestError`] when the body is not a JSON object, has no string `model`, or lacks the
 /// API's prompt field.
 pub fn parse_request(path: &str, body: &[u8]) -> Result<LlmRequest, RequestError> {
-    let api = ApiKind::from_path(path);
+    parse_request_as(ApiKind::from_path(path), body)
+}
+
+/// Parse an OpenAI-style request body for `api` (a body parsed again after an edit).
+///
+/// # Errors
+/// As [`parse_request`].
+pub fn parse_request_as(api: ApiKind, body: &[u8]) -> Result<LlmRequest, RequestError> {
     let text = std::str::from_utf8(body).map_err(|e| RequestError::InvalidJson {
         reason: e.to_string(),
     })?;
@@ -200,12 +207,7 @@ fn is_non_empty(raw: &str) -> bool {
 /// `body` with the `model` value at `span` replaced by `new_model`, as a JSON string.
 /// Every other byte is kept as sent.
 pub fn replace_model(body: &[u8], span: Range<usize>, new_model: &str) -> Vec<u8> {
-    let encoded = serde_json::Value::String(new_model.to_owned()).to_string();
-    let mut out = Vec::with_capacity(body.len() + encoded.len());
-    out.extend_from_slice(&body[..span.start.min(body.len())]);
-    out.extend_from_slice(encoded.as_bytes());
-    out.extend_from_slice(&body[span.end.min(body.len())..]);
-    out
+    super::apply_edits(body, &mut [super::model_edit(span, new_model)])
 }
 
 #[cfg(test)]

@@ -1,17 +1,18 @@
 //! The scheduler: producers → profile → picked endpoints → pre-request hooks.
 //!
-//! Pure and synchronous. The caller passes the snapshot-backed context, the candidate list (the
-//! pool, possibly narrowed by the gateway's subset hint), an RNG and optionally a timer.
+//! Pure and synchronous. [`decide`](super::decide) calls [`Scheduler::schedule`] once admission
+//! has let a request in, with the snapshot-backed context, the candidate list (the pool,
+//! possibly narrowed by the gateway's subset hint), an RNG and optionally a timer.
 
 use std::{collections::HashMap, sync::Arc};
 
 use rand::RngCore;
 
 use super::{
-    admission::{PromptGuard, TokenBudget},
+    admission::{AdmissionStage, PromptGuard, saturation_gate::shed_when_saturated},
     plugin::{
-        CycleState, DataProducer, ExtensionPoint, Needs, PluginTimer, PreRequest, SaturationDetector,
-        SchedulingContext,
+        CycleState, DataProducer, ExtensionPoint, Needs, PluginName, PluginTimer, PreRequest,
+        SaturationDetector, SchedulingContext,
     },
     profile::{Profile, ProfileError, ScoreRepairs, Scratch},
 };
@@ -78,8 +79,12 @@ pub struct Scheduler {
     pub(crate) needs: Needs,
     pub(crate) detector: Arc<dyn SaturationDetector>,
     pub(crate) objectives: HashMap<String, i32>,
-    pub(crate) guards: Vec<Arc<PromptGuard>>,
-    pub(crate) budget: Option<Arc<TokenBudget>>,
+    /// Admission stages in their documented order (guards, budget, saturation gate).
+    pub(crate) admission: Vec<Arc<dyn AdmissionStage>>,
+    /// Guards that mask model output.
+    pub(crate) output_guards: Vec<Arc<PromptGuard>>,
+    /// The header naming the tenant, when a token budget is configured (lower case).
+    pub(crate) tenant_header: Option<String>,
 }
 
 impl Scheduler {
@@ -97,14 +102,15 @@ impl Scheduler {
             .unwrap_or(0)
     }
 
-    /// The configured prompt guards, in config order.
-    pub fn guards(&self) -> &[Arc<PromptGuard>] {
-        &self.guards
+    /// The header that names the tenant a token budget charges (lower case), if one is
+    /// configured: the adapter reads it into [`RequestMeta::tenant`](super::RequestMeta).
+    pub fn tenant_header(&self) -> Option<&str> {
+        self.tenant_header.as_deref()
     }
 
-    /// The configured token budget, if any.
-    pub fn budget(&self) -> Option<&Arc<TokenBudget>> {
-        self.budget.as_ref()
+    /// The admission stages, in the order they run.
+    pub fn admission_stages(&self) -> impl Iterator<Item = &PluginName> {
+        self.admission.iter().map(|s| s.name())
     }
 
     /// Entries and heap bytes of the prefix index, when one is configured.
@@ -117,8 +123,8 @@ impl Scheduler {
         self.detector.saturation(ctx, candidates)
     }
 
-    /// Admission before scheduling: a sheddable request (priority < 0) is refused when its
-    /// candidates are saturated; everything else is admitted (no EPP-side queue).
+    /// The saturation gate's check alone: a sheddable request (priority < 0) is refused when
+    /// its candidates are saturated; everything else is admitted (no EPP-side queue).
     ///
     /// # Errors
     /// [`SchedulingError::Saturated`].
@@ -127,10 +133,7 @@ impl Scheduler {
         ctx: &SchedulingContext<'_>,
         candidates: &[EndpointId],
     ) -> Result<(), SchedulingError> {
-        if ctx.priority < 0 && self.saturation(ctx, candidates) >= 1.0 {
-            return Err(SchedulingError::Saturated);
-        }
-        Ok(())
+        shed_when_saturated(&*self.detector, ctx, candidates)
     }
 
     /// Run one cycle over `candidates` (consumed as scratch).

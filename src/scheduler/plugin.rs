@@ -199,4 +199,9 @@ pub trait PluginTimer {
     fn start(&self) -> u64;
     /// Record the time since `started` for `plugin` at `point`.
     fn record(&self, point: ExtensionPoint, plugin: &PluginName, started: u64);
+    /// Record the time since `started` of a whole scheduling cycle (producers, filters,
+    /// scorers, picker; admission excluded).
+    fn record_cycle(&self, started: u64) {
+        let _ = started;
+    }
 }

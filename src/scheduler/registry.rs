@@ -1,8 +1,9 @@
 //! Plugin registry: `type` string → constructor, and assembly of a [`Scheduler`] from a validated
 //! [`EndpointPickerConfig`].
 //!
-//! Every plugin type this EPP knows is listed in [`PLUGIN_TYPES`]; anything else fails at load
-//! time with the config path. Types that belong to other stages (data layer, parser, profile
+//! Every plugin type this EPP knows has one row in the registry table (type name → builder,
+//! names from [`plugin_types`](super::plugin_types)); anything else fails at load time with the
+//! config path. Types that belong to other stages (data layer, parser, profile
 //! handler) are accepted here and consumed by their owners. Decision trees are built last, since
 //! they refer to other filters by name.
 
@@ -11,7 +12,9 @@ use std::{collections::HashMap, sync::Arc};
 use serde::Deserialize;
 
 use super::{
-    admission::{PromptGuard, TokenBudget},
+    admission::{
+        AdmissionStage, PromptGuard, PromptGuards, SaturationGate, TokenBudget, token_budget::BudgetStage,
+    },
     filters::{
         DecisionTreeFilter, LeastKvCacheFilter, LeastQueueFilter, LoraAffinityFilter, LowQueueFilter,
         PrefixAffinityFilter,
@@ -20,6 +23,7 @@ use super::{
     pickers::{MaxScorePicker, PickerParams, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     pipeline::Scheduler,
     plugin::{DataProducer, Filter, Needs, Picker, PluginName, PreRequest, SaturationDetector, Scorer},
+    plugin_types::*,
     producers::ApproxPrefixProducer,
     profile::{Profile, WeightedScorer},
     saturation::{ConcurrencyDetector, UtilizationDetector},
@@ -28,43 +32,6 @@ use super::{
     },
 };
 use crate::config::{ConfigError, ConfigIssue, EndpointPickerConfig, PluginSpec};
-
-/// Plugin types accepted in `plugins[].type`.
-pub const PLUGIN_TYPES: [&str; 31] = [
-    "queue-scorer",
-    "running-requests-size-scorer",
-    "kv-cache-utilization-scorer",
-    "kv-cache-scorer",
-    "lora-affinity-scorer",
-    "prefix-cache-scorer",
-    "token-load-scorer",
-    "approx-prefix-cache-producer",
-    "inflight-load-producer",
-    "max-score-picker",
-    "random-picker",
-    "round-robin-picker",
-    "weighted-random-picker",
-    "single-profile-handler",
-    "utilization-detector",
-    "concurrency-detector",
-    "low-queue-filter",
-    "lora-affinity-filter",
-    "least-queue-filter",
-    "least-kv-cache-filter",
-    "decision-tree-filter",
-    "prefix-cache-affinity-filter",
-    "inference-objectives",
-    "prompt-guard",
-    "token-budget",
-    "openai-parser",
-    "metrics-data-source",
-    "core-metrics-extractor",
-    // Accepted so upstream flow-control configs load; flow control itself is not implemented and
-    // the `flowControl` gate is refused by the app.
-    "fcfs-ordering-policy",
-    "global-strict-fairness-policy",
-    "static-usage-limit-policy",
-];
 
 /// The roles one configured plugin instance plays.
 #[derive(Default, Clone)]
@@ -80,8 +47,165 @@ struct Roles {
     budget: Option<Arc<TokenBudget>>,
 }
 
-fn kind_of(plugin_type: &str) -> Option<&'static str> {
-    PLUGIN_TYPES.iter().copied().find(|t| *t == plugin_type)
+/// Builds the roles of one configured instance from its name and spec.
+type Builder = fn(PluginName, &PluginSpec) -> Result<Roles, ConfigIssue>;
+
+/// Every plugin type this EPP accepts, with its builder: the one place a type is known.
+const REGISTRY: &[(&str, Builder)] = &[
+    (QUEUE_SCORER, |name, spec| {
+        no_params(spec)?;
+        Ok(scorer(QueueScorer::new(name, QueueSignal::Waiting)))
+    }),
+    (RUNNING_REQUESTS_SIZE_SCORER, |name, spec| {
+        no_params(spec)?;
+        Ok(scorer(QueueScorer::new(name, QueueSignal::Running)))
+    }),
+    (KV_CACHE_UTILIZATION_SCORER, kv_cache_scorer),
+    (KV_CACHE_SCORER, kv_cache_scorer),
+    (LORA_AFFINITY_SCORER, |name, spec| {
+        no_params(spec)?;
+        Ok(scorer(LoraAffinityScorer::new(name)))
+    }),
+    // Upstream's factory ignores this scorer's parameters, and its docs still show a
+    // `blockSize` here: accept and ignore them so those configs keep loading.
+    (PREFIX_CACHE_SCORER, |name, _| Ok(scorer(PrefixCacheScorer::new(name)))),
+    (TOKEN_LOAD_SCORER, |name, spec| {
+        Ok(scorer(TokenLoadScorer::new(name, &decode_params(spec)?)))
+    }),
+    (APPROX_PREFIX_CACHE_PRODUCER, |name, spec| {
+        let p = Arc::new(ApproxPrefixProducer::from_config(name, spec)?);
+        Ok(Roles {
+            producer: Some(p.clone()),
+            pre_request: Some(p),
+            ..Roles::default()
+        })
+    }),
+    // In-flight requests and tokens are always counted (two atomics per pick), so the
+    // producer has nothing left to do; it is accepted for upstream configs.
+    (INFLIGHT_LOAD_PRODUCER, consumed_elsewhere),
+    (MAX_SCORE_PICKER, |name, spec| {
+        Ok(picker(MaxScorePicker::new(name, &decode_params::<PickerParams>(spec)?)))
+    }),
+    (RANDOM_PICKER, |name, spec| {
+        Ok(picker(RandomPicker::new(name, &decode_params::<PickerParams>(spec)?)))
+    }),
+    (ROUND_ROBIN_PICKER, |name, spec| {
+        Ok(picker(RoundRobinPicker::new(name, &decode_params::<PickerParams>(spec)?)))
+    }),
+    (WEIGHTED_RANDOM_PICKER, |name, spec| {
+        Ok(picker(WeightedRandomPicker::new(
+            name,
+            &decode_params::<PickerParams>(spec)?,
+        )))
+    }),
+    (SINGLE_PROFILE_HANDLER, consumed_elsewhere),
+    (UTILIZATION_DETECTOR, |name, spec| {
+        Ok(detector(UtilizationDetector::from_params(
+            name,
+            &decode_params(spec)?,
+            spec,
+        )?))
+    }),
+    (CONCURRENCY_DETECTOR, |name, spec| {
+        Ok(detector(ConcurrencyDetector::from_params(
+            name,
+            &decode_params(spec)?,
+            spec,
+        )?))
+    }),
+    (LOW_QUEUE_FILTER, |name, spec| {
+        Ok(filter(LowQueueFilter::new(name, &decode_params(spec)?)))
+    }),
+    (LORA_AFFINITY_FILTER, |name, spec| {
+        Ok(filter(LoraAffinityFilter::new(name, &decode_params(spec)?)))
+    }),
+    (LEAST_QUEUE_FILTER, |name, spec| {
+        no_params(spec)?;
+        Ok(filter(LeastQueueFilter::new(name)))
+    }),
+    (LEAST_KV_CACHE_FILTER, |name, spec| {
+        no_params(spec)?;
+        Ok(filter(LeastKvCacheFilter::new(name)))
+    }),
+    // Built in phase two: trees refer to other filters by name.
+    (DECISION_TREE_FILTER, |_, _| Ok(Roles::default())),
+    (PREFIX_CACHE_AFFINITY_FILTER, |name, spec| {
+        Ok(filter(PrefixAffinityFilter::new(name, decode_params(spec)?)))
+    }),
+    (INFERENCE_OBJECTIVES, |_, spec| {
+        let p: ObjectivesParams = decode_params(spec)?;
+        Ok(Roles {
+            objectives: p.objectives.into_iter().map(|o| (o.name, o.priority)).collect(),
+            ..Roles::default()
+        })
+    }),
+    (PROMPT_GUARD, |name, spec| {
+        Ok(Roles {
+            guard: Some(Arc::new(PromptGuard::from_config(name, spec)?)),
+            ..Roles::default()
+        })
+    }),
+    (TOKEN_BUDGET, |name, spec| {
+        Ok(Roles {
+            budget: Some(Arc::new(TokenBudget::from_config(name, spec)?)),
+            ..Roles::default()
+        })
+    }),
+    (OPENAI_PARSER, consumed_elsewhere),
+    // Read by the metrics collector's data layer.
+    (METRICS_DATA_SOURCE, |_, _| Ok(Roles::default())),
+    (CORE_METRICS_EXTRACTOR, |_, _| Ok(Roles::default())),
+    // Accepted so upstream flow-control configs load; flow control itself is not implemented and
+    // the `flowControl` gate is refused by the app.
+    (FCFS_ORDERING_POLICY, |_, _| Ok(Roles::default())),
+    (GLOBAL_STRICT_FAIRNESS_POLICY, |_, _| Ok(Roles::default())),
+    (STATIC_USAGE_LIMIT_POLICY, |_, _| Ok(Roles::default())),
+];
+
+/// Every plugin type accepted in `plugins[].type`, in registry order.
+pub fn plugin_types() -> impl Iterator<Item = &'static str> {
+    REGISTRY.iter().map(|(kind, _)| *kind)
+}
+
+fn scorer(s: impl Scorer + 'static) -> Roles {
+    Roles {
+        scorer: Some(Arc::new(s)),
+        ..Roles::default()
+    }
+}
+
+fn picker(p: impl Picker + 'static) -> Roles {
+    Roles {
+        picker: Some(Arc::new(p)),
+        ..Roles::default()
+    }
+}
+
+fn filter(f: impl Filter + 'static) -> Roles {
+    Roles {
+        filter: Some(Arc::new(f)),
+        ..Roles::default()
+    }
+}
+
+fn detector<D: Filter + SaturationDetector + 'static>(d: D) -> Roles {
+    let d = Arc::new(d);
+    Roles {
+        filter: Some(d.clone()),
+        detector: Some(d),
+        ..Roles::default()
+    }
+}
+
+fn kv_cache_scorer(name: PluginName, spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
+    no_params(spec)?;
+    Ok(scorer(KvCacheScorer::new(name)))
+}
+
+/// Types whose work is done elsewhere (built in, or always on): parameters must be absent.
+fn consumed_elsewhere(_: PluginName, spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
+    no_params(spec)?;
+    Ok(Roles::default())
 }
 
 /// `inference-objectives` parameters: objective priorities for pools without the CRD.
@@ -100,7 +224,7 @@ struct ObjectiveParam {
 }
 
 fn build_plugin(spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
-    let Some(kind) = kind_of(&spec.plugin_type) else {
+    let Some((kind, build)) = REGISTRY.iter().find(|(kind, _)| *kind == spec.plugin_type) else {
         return Err(ConfigIssue {
             path: format!("{}.type", spec.path),
             reason: format!("unknown plugin type {:?}", spec.plugin_type),
@@ -110,104 +234,7 @@ fn build_plugin(spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
         kind,
         name: spec.name.as_str().into(),
     };
-    let mut r = Roles::default();
-    match kind {
-        "queue-scorer" => {
-            no_params(spec)?;
-            r.scorer = Some(Arc::new(QueueScorer::new(name, QueueSignal::Waiting)));
-        }
-        "running-requests-size-scorer" => {
-            no_params(spec)?;
-            r.scorer = Some(Arc::new(QueueScorer::new(name, QueueSignal::Running)));
-        }
-        "kv-cache-utilization-scorer" | "kv-cache-scorer" => {
-            no_params(spec)?;
-            r.scorer = Some(Arc::new(KvCacheScorer::new(name)));
-        }
-        "lora-affinity-scorer" => {
-            no_params(spec)?;
-            r.scorer = Some(Arc::new(LoraAffinityScorer::new(name)));
-        }
-        // Upstream's factory ignores this scorer's parameters, and its docs still show a
-        // `blockSize` here: accept and ignore them so those configs keep loading.
-        "prefix-cache-scorer" => r.scorer = Some(Arc::new(PrefixCacheScorer::new(name))),
-        "token-load-scorer" => r.scorer = Some(Arc::new(TokenLoadScorer::new(name, &decode_params(spec)?))),
-        "approx-prefix-cache-producer" => {
-            let p = Arc::new(ApproxPrefixProducer::from_config(name, spec)?);
-            r.producer = Some(p.clone());
-            r.pre_request = Some(p);
-        }
-        // In-flight requests and tokens are always counted (two atomics per pick), so the
-        // producer has nothing left to do; it is accepted for upstream configs.
-        "inflight-load-producer" => no_params(spec)?,
-        "max-score-picker" => {
-            r.picker = Some(Arc::new(MaxScorePicker::new(
-                name,
-                &decode_params::<PickerParams>(spec)?,
-            )))
-        }
-        "random-picker" => {
-            r.picker = Some(Arc::new(RandomPicker::new(
-                name,
-                &decode_params::<PickerParams>(spec)?,
-            )))
-        }
-        "round-robin-picker" => {
-            r.picker = Some(Arc::new(RoundRobinPicker::new(
-                name,
-                &decode_params::<PickerParams>(spec)?,
-            )))
-        }
-        "weighted-random-picker" => {
-            r.picker = Some(Arc::new(WeightedRandomPicker::new(
-                name,
-                &decode_params::<PickerParams>(spec)?,
-            )));
-        }
-        "utilization-detector" => {
-            let d = Arc::new(UtilizationDetector::from_params(
-                name,
-                &decode_params(spec)?,
-                spec,
-            )?);
-            r.filter = Some(d.clone());
-            r.detector = Some(d);
-        }
-        "concurrency-detector" => {
-            let d = Arc::new(ConcurrencyDetector::from_params(
-                name,
-                &decode_params(spec)?,
-                spec,
-            )?);
-            r.filter = Some(d.clone());
-            r.detector = Some(d);
-        }
-        "low-queue-filter" => r.filter = Some(Arc::new(LowQueueFilter::new(name, &decode_params(spec)?))),
-        "lora-affinity-filter" => {
-            r.filter = Some(Arc::new(LoraAffinityFilter::new(name, &decode_params(spec)?)))
-        }
-        "least-queue-filter" => {
-            no_params(spec)?;
-            r.filter = Some(Arc::new(LeastQueueFilter::new(name)));
-        }
-        "least-kv-cache-filter" => {
-            no_params(spec)?;
-            r.filter = Some(Arc::new(LeastKvCacheFilter::new(name)));
-        }
-        "prefix-cache-affinity-filter" => {
-            r.filter = Some(Arc::new(PrefixAffinityFilter::new(name, decode_params(spec)?)));
-        }
-        "inference-objectives" => {
-            let p: ObjectivesParams = decode_params(spec)?;
-            r.objectives = p.objectives.into_iter().map(|o| (o.name, o.priority)).collect();
-        }
-        "token-budget" => r.budget = Some(Arc::new(TokenBudget::from_config(name, spec)?)),
-        "prompt-guard" => r.guard = Some(Arc::new(PromptGuard::from_config(name, spec)?)),
-        "single-profile-handler" | "openai-parser" => no_params(spec)?,
-        // Built in phase two (they refer to other filters), or consumed by other stages.
-        _ => {}
-    }
-    Ok(r)
+    build(name, spec)
 }
 
 /// `decision-tree-filter` parameters (one node).
@@ -296,7 +323,7 @@ impl TreeBuilder<'_> {
 
     fn build_tree(&mut self, i: usize) -> Result<(), ConfigIssue> {
         let spec = &self.config.plugins[i];
-        if spec.plugin_type != "decision-tree-filter" || self.roles[i].filter.is_some() {
+        if spec.plugin_type != DECISION_TREE_FILTER || self.roles[i].filter.is_some() {
             return Ok(());
         }
         if self.building.contains(&i) {
@@ -308,7 +335,7 @@ impl TreeBuilder<'_> {
         self.building.push(i);
         let params: TreeParams = decode_params(spec)?;
         let name = PluginName {
-            kind: "decision-tree-filter",
+            kind: DECISION_TREE_FILTER,
             name: spec.name.as_str().into(),
         };
         let node = self.node(&params, &name, &format!("{}.parameters", spec.path));
@@ -316,6 +343,21 @@ impl TreeBuilder<'_> {
         self.roles[i].filter = Some(node?);
         Ok(())
     }
+}
+
+/// The admission stages in their documented order: every prompt guard (config order, one
+/// stage), then the token budget, then the saturation gate. Guards go first so that a rejected
+/// prompt costs no budget, and the budget sees the prompt as masked.
+fn admission_stages(roles: &[Roles], detector: &Arc<dyn SaturationDetector>) -> Vec<Arc<dyn AdmissionStage>> {
+    let mut stages: Vec<Arc<dyn AdmissionStage>> = Vec::new();
+    if let Some(guards) = PromptGuards::new(roles.iter().filter_map(|r| r.guard.clone()).collect()) {
+        stages.push(Arc::new(guards));
+    }
+    if let Some(budget) = roles.iter().find_map(|r| r.budget.clone()) {
+        stages.push(Arc::new(BudgetStage(budget)));
+    }
+    stages.push(Arc::new(SaturationGate::new(detector.clone())));
+    stages
 }
 
 fn default_name(kind: &'static str) -> PluginName {
@@ -401,7 +443,7 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
         .or_else(|| roles.iter().find_map(|r| r.picker.clone()))
         .unwrap_or_else(|| {
             Arc::new(MaxScorePicker::new(
-                default_name("max-score-picker"),
+                default_name(MAX_SCORE_PICKER),
                 &PickerParams::default(),
             ))
         });
@@ -433,12 +475,12 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
     // Upstream auto-adds the producer when the prefix scorer is used without one.
     if needs.prefix_match && !producers.iter().any(|p| p.produces().prefix_match) {
         let spec = PluginSpec {
-            name: "approx-prefix-cache-producer".into(),
-            plugin_type: "approx-prefix-cache-producer".into(),
+            name: APPROX_PREFIX_CACHE_PRODUCER.into(),
+            plugin_type: APPROX_PREFIX_CACHE_PRODUCER.into(),
             parameters: serde_yaml_ng::Value::Null,
             path: "plugins[auto]".into(),
         };
-        match ApproxPrefixProducer::from_config(default_name("approx-prefix-cache-producer"), &spec) {
+        match ApproxPrefixProducer::from_config(default_name(APPROX_PREFIX_CACHE_PRODUCER), &spec) {
             Ok(p) => {
                 let p = Arc::new(p);
                 producers.push(p.clone());
@@ -448,6 +490,8 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
         }
     }
     let objectives: HashMap<String, i32> = roles.iter().flat_map(|r| r.objectives.iter().cloned()).collect();
+
+    let budget = roles.iter().find_map(|r| r.budget.as_ref());
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid { issues });
@@ -462,9 +506,14 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
         },
         pre_request,
         needs,
+        admission: admission_stages(&roles, &detector),
+        output_guards: roles
+            .iter()
+            .filter_map(|r| r.guard.clone())
+            .filter(|g| g.response_patterns().is_some())
+            .collect(),
+        tenant_header: budget.map(|b| b.policy.tenant_header.clone()),
         detector,
         objectives,
-        guards: roles.iter().filter_map(|r| r.guard.clone()).collect(),
-        budget: roles.iter().find_map(|r| r.budget.clone()),
     })
 }

@@ -7,10 +7,14 @@
 //! - each pod is scraped every `scrape_interval` (pods staggered across the interval); the
 //!   scheduler reads only the last scrape, so its view is as stale as in production;
 //! - every request is parsed from real bytes (synthesized text) by the production parser and
-//!   scheduled by the production [`Scheduler`] built from an `EndpointPickerConfig`;
+//!   decided by the production decide step ([`Scheduler::decide`]) built from an
+//!   `EndpointPickerConfig`: admission included (prompt guards, token budgets in memory with
+//!   windows in logical time, the saturation gate), so a refused request is reported with its
+//!   reason;
 //! - the in-flight hooks are the server's: the pick counts on the endpoint's live counters
-//!   (which load scorers add to the scraped queue) until the response ends, and the
-//!   pre-request hooks (prefix index insert) run after each decision.
+//!   (which load scorers add to the scraped queue) until the response ends, the pre-request
+//!   hooks (prefix index insert) run after each decision, and a budget reservation is settled
+//!   with the served tokens when the request finishes.
 
 pub mod baselines;
 pub mod command;
@@ -27,16 +31,22 @@ use std::{
 use epp::{
     clock::Timestamp,
     config::EndpointPickerConfig,
-    datastore::{Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, Snapshot, format_address},
+    datastore::{
+        Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, InFlight, Snapshot, format_address,
+    },
     metrics::{EngineMetrics, LoraState},
     parser::parse_request,
-    scheduler::{Scheduler, SchedulingContext, Scratch, build_scheduler},
+    scheduler::{
+        DecideEnv, RequestMeta, Scheduler, Scratch, admission::BudgetReservation, build_scheduler,
+        plugin_types::TOKEN_BUDGET,
+    },
 };
+use futures_util::FutureExt;
 use rand::{SeedableRng, rngs::SmallRng};
 
 use crate::{
     engine::{Engine, EngineEvent, EngineProfile, EngineRequest},
-    workload::Workload,
+    workload::{TraceRequest, Workload},
 };
 
 /// Everything a run needs besides the workload.
@@ -61,7 +71,8 @@ pub struct ReplaySetup {
 pub enum Outcome {
     /// Served to the end.
     Completed,
-    /// The EPP refused it (no candidate, saturated, filters emptied the pool).
+    /// The EPP refused it (a guard, a budget, no candidate, saturated, filters emptied the
+    /// pool); [`RequestRecord::refusal`] says which.
     RejectedByEpp,
     /// The engine refused it (too long for the model or the cache).
     RejectedByEngine,
@@ -88,6 +99,9 @@ pub struct RequestRecord {
     pub cached_tokens: u32,
     /// How it ended.
     pub outcome: Outcome,
+    /// Why the EPP refused it ([`Refusal::reason`](epp::scheduler::admission::Refusal::reason):
+    /// `guard`, `budget`, `saturated`, …), when it did.
+    pub refusal: Option<&'static str>,
 }
 
 /// Per-pod totals of a run.
@@ -160,7 +174,10 @@ struct Sim<'a> {
     snapshot_dirty: bool,
     generation: u64,
     records: Vec<RequestRecord>,
-    load_tokens: Vec<u64>,
+    /// Per request: its count on the serving pod's live counters, until it finishes.
+    in_flight: Vec<Option<InFlight>>,
+    /// Per request: its budget reservation, settled when it finishes.
+    reservations: Vec<Option<BudgetReservation>>,
     outstanding: usize,
     rng: SmallRng,
     scratch: Scratch,
@@ -182,6 +199,14 @@ pub fn replay(
         )));
     }
     setup.profile.validate().map_err(ReplayError::Setup)?;
+    if let Some(path) = remote_budget_store(&setup.config) {
+        return Err(ReplayError::Config {
+            name: setup.name.clone(),
+            reason: format!(
+                "{path}.parameters.store.redis: a replay keeps budgets in memory; remove `store` (or set `store: {{memory: {{}}}}`)"
+            ),
+        });
+    }
     let scheduler = build_scheduler(&setup.config).map_err(|e| ReplayError::Config {
         name: setup.name.clone(),
         reason: e.to_string(),
@@ -198,7 +223,8 @@ pub fn replay(
         seq: 0,
         now: 0,
         records: Vec::with_capacity(workload.requests.len()),
-        load_tokens: Vec::with_capacity(workload.requests.len()),
+        in_flight: Vec::with_capacity(workload.requests.len()),
+        reservations: Vec::with_capacity(workload.requests.len()),
         outstanding: 0,
         rng: SmallRng::seed_from_u64(setup.seed),
         scratch: Scratch::default(),
@@ -268,6 +294,34 @@ pub fn replay(
         pods,
         end_ns,
     })
+}
+
+/// The config path of a token budget whose store is Redis, if any: a replay runs in logical
+/// time with every budget in memory.
+fn remote_budget_store(config: &EndpointPickerConfig) -> Option<&str> {
+    config
+        .plugins
+        .iter()
+        .find(|p| p.plugin_type == TOKEN_BUDGET && p.parameters.get("store").and_then(|s| s.get("redis")).is_some())
+        .map(|p| p.path.as_str())
+}
+
+/// Settle `reservation` with `actual` tokens (the in-memory store answers at once).
+fn settle(reservation: &BudgetReservation, actual: u64) {
+    let _ = reservation.settle(actual).now_or_never();
+}
+
+/// The chat body the replay sends for `req` asking for `model`: the workload's synthesized
+/// prompt as one user message, streamed with usage (as the server sees a chat client).
+pub fn chat_body(workload: &Workload, req: &TraceRequest, model: &str, text: &mut String, body: &mut Vec<u8>) {
+    text.clear();
+    workload.prompt_text(req, text);
+    body.clear();
+    body.extend_from_slice(b"{\"model\":\"");
+    body.extend_from_slice(model.as_bytes());
+    body.extend_from_slice(b"\",\"messages\":[{\"role\":\"user\",\"content\":\"");
+    body.extend_from_slice(text.as_bytes());
+    body.extend_from_slice(b"\"}],\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
 }
 
 fn new_pod(i: usize, profile: &EngineProfile) -> Pod {
@@ -360,51 +414,59 @@ impl Sim<'_> {
             output_tokens: 0,
             cached_tokens: 0,
             outcome: Outcome::RejectedByEpp,
+            refusal: None,
         };
-        text.clear();
-        workload.prompt_text(req, text);
+        self.in_flight.push(None);
+        self.reservations.push(None);
         let model = req.adapter.as_deref().unwrap_or(&self.setup.profile.model);
-        body.clear();
-        body.extend_from_slice(b"{\"model\":\"");
-        body.extend_from_slice(model.as_bytes());
-        body.extend_from_slice(b"\",\"messages\":[{\"role\":\"user\",\"content\":\"");
-        body.extend_from_slice(text.as_bytes());
-        body.extend_from_slice(b"\"}],\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
+        chat_body(workload, req, model, text, body);
         let Ok(parsed) = parse_request("/v1/chat/completions", body) else {
+            record.refusal = Some("bad-request");
             self.records.push(record);
-            self.load_tokens.push(0);
             return;
         };
         let snapshot = self.current_snapshot();
-        let candidates: Vec<_> = snapshot.all_ids().collect();
-        let ctx = SchedulingContext {
-            snapshot: &snapshot,
-            request: &parsed,
-            body,
-            target_model: &parsed.model,
-            now: Timestamp(self.now),
-            priority: 0,
+        let meta = RequestMeta {
+            tenant: req.tenant.as_deref().map(str::to_owned),
+            ..RequestMeta::default()
         };
-        let decision = self.scheduler.admit(&ctx, &candidates).and_then(|()| {
-            self.scheduler
-                .schedule(&ctx, candidates, &mut self.scratch, &mut self.rng, None)
-        });
-        let Some(primary) = decision
-            .as_ref()
-            .ok()
-            .and_then(|d| d.endpoints.first())
-            .and_then(|id| snapshot.get(*id))
-        else {
+        let mut env = DecideEnv {
+            now: Timestamp(self.now),
+            unix_ms: self.now / 1_000_000,
+            rng: &mut self.rng,
+            timer: None,
+            scratch: &mut self.scratch,
+        };
+        // The in-memory budget store never waits (a Redis store is refused at setup), so the
+        // decision completes on its first poll.
+        let verdict = self
+            .scheduler
+            .decide(&parsed, body, &meta, &snapshot, &mut env)
+            .now_or_never();
+        let outcome = match verdict.map(|v| v.result) {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(refused)) => {
+                if let Some(r) = refused.reservation {
+                    settle(&r, 0);
+                }
+                record.refusal = Some(refused.refusal.reason());
+                self.records.push(record);
+                return;
+            }
+            None => {
+                record.refusal = Some("budget-store");
+                self.records.push(record);
+                return;
+            }
+        };
+        let Some(primary) = outcome.endpoints().first().and_then(|id| snapshot.get(*id)) else {
+            record.refusal = Some("internal");
             self.records.push(record);
-            self.load_tokens.push(0);
             return;
         };
         let p = primary.uid.0;
-        let tokens = parsed.estimated_load_tokens();
-        primary.live.start(tokens);
-        if let Ok(d) = &decision {
-            self.scheduler.pre_request(&snapshot, d, None);
-        }
+        let in_flight = InFlight::start(&primary.live, outcome.load_tokens);
+        self.scheduler.pre_request(&snapshot, &outcome.cycle, None);
         record.pod = Some(p);
         let pod = &mut self.pods[p as usize];
         pod.totals.requests += 1;
@@ -420,14 +482,18 @@ impl Sim<'_> {
                 record.outcome = Outcome::Unfinished;
                 self.outstanding += 1;
                 self.records.push(record);
-                self.load_tokens.push(tokens);
+                self.in_flight[index] = Some(in_flight);
+                self.reservations[index] = outcome.reservation;
                 self.kick(p);
             }
             Err(_) => {
-                pod.endpoint.live.finish(tokens);
+                // Nothing was served: the count and the reservation go back.
+                drop(in_flight);
+                if let Some(r) = &outcome.reservation {
+                    settle(r, 0);
+                }
                 record.outcome = Outcome::RejectedByEngine;
                 self.records.push(record);
-                self.load_tokens.push(0);
             }
         }
     }
@@ -461,13 +527,20 @@ impl Sim<'_> {
                 }
                 EngineEvent::Token { .. } => {}
                 EngineEvent::Finished { id, output_tokens } => {
+                    let mut served_tokens = 0;
                     if let Some(r) = self.records.get_mut(id as usize) {
                         r.finish_ns = Some(now + overhead);
                         r.output_tokens = output_tokens;
                         r.outcome = Outcome::Completed;
+                        served_tokens = u64::from(r.prompt_tokens) + u64::from(output_tokens);
                     }
-                    let tokens = self.load_tokens.get(id as usize).copied().unwrap_or(0);
-                    pod.endpoint.live.finish(tokens);
+                    // The response's usage settles the budget, as the server does at its end.
+                    if let Some(r) = self.reservations.get_mut(id as usize).and_then(Option::take) {
+                        settle(&r, served_tokens);
+                    }
+                    if let Some(slot) = self.in_flight.get_mut(id as usize) {
+                        *slot = None;
+                    }
                     self.outstanding = self.outstanding.saturating_sub(1);
                 }
             }

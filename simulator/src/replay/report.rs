@@ -7,6 +7,8 @@
 //! the engine model's own: prompt tokens found in the serving pod's KV cache at admission over
 //! all prompt tokens of completed requests. Percentiles are nearest-rank.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::{Outcome, RunOutcome};
@@ -78,6 +80,8 @@ pub struct Report {
     pub rejected_by_epp: usize,
     /// Of those, refused by the engine (too long).
     pub rejected_by_engine: usize,
+    /// Refusals by the EPP, by reason (`guard`, `budget`, `saturated`, `no-candidates`, …).
+    pub refused: BTreeMap<&'static str, usize>,
     /// Time to first token.
     pub ttft: Latency,
     /// Time per output token after the first.
@@ -159,6 +163,10 @@ impl Report {
         let mean_requests = pods.iter().map(|p| p.requests as f64).sum::<f64>() / pods.len().max(1) as f64;
         let max_requests = pods.iter().map(|p| p.requests).max().unwrap_or(0) as f64;
         let (by_epp, by_engine) = (count(Outcome::RejectedByEpp), count(Outcome::RejectedByEngine));
+        let mut refused = BTreeMap::new();
+        for r in run.records.iter().filter(|r| r.outcome == Outcome::RejectedByEpp) {
+            *refused.entry(r.refusal.unwrap_or("unknown")).or_insert(0) += 1;
+        }
         Self {
             name: run.name.clone(),
             requests: run.records.len(),
@@ -166,6 +174,7 @@ impl Report {
             rejected: by_epp + by_engine,
             rejected_by_epp: by_epp,
             rejected_by_engine: by_engine,
+            refused,
             ttft: Latency::of(ttft),
             tpot: Latency::of(tpot),
             e2e: Latency::of(e2e),
@@ -202,6 +211,7 @@ impl Report {
             throughput_tokens_per_s: self.throughput_tokens_per_s,
             prefix_hit_rate: self.prefix_hit_rate,
             rejected: self.rejected,
+            refused: self.refused.clone(),
             preemptions: self.preemptions,
             lora_loads: self.lora_loads,
             max_over_mean_requests: self.max_over_mean_requests,
@@ -246,6 +256,8 @@ pub struct Summary {
     pub prefix_hit_rate: f64,
     /// Requests refused.
     pub rejected: usize,
+    /// Refusals by the EPP, by reason.
+    pub refused: BTreeMap<&'static str, usize>,
     /// Preemptions.
     pub preemptions: u64,
     /// LoRA adapter loads.
@@ -276,6 +288,17 @@ pub fn markdown(reports: &[Report]) -> String {
             r.prefix_hit_rate * 100.0,
             r.max_over_mean_requests,
         ));
+    }
+    let refusals: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.refused.is_empty())
+        .map(|r| {
+            let reasons: Vec<String> = r.refused.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            format!("{}: {}", r.name, reasons.join(", "))
+        })
+        .collect();
+    if !refusals.is_empty() {
+        out.push_str(&format!("\nRefused by the EPP: {}.\n", refusals.join("; ")));
     }
     out
 }

@@ -12,14 +12,17 @@
 //!         builtins: [SSN, CREDIT_CARD, EMAIL, PHONE_NUMBER]
 //! ```
 
+use std::{borrow::Cow, sync::Arc};
+
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::{AdmissionEvent, AdmissionStage, AdmitFuture, Admission, Refusal};
 use crate::{
     config::{ConfigIssue, PluginSpec, decode_plugin_params},
     guard::{Builtin, PatternSet, Placeholders, visit_prompt_strings},
-    parser::ApiKind,
-    scheduler::plugin::PluginName,
+    parser::{ApiKind, parse_request_as},
+    scheduler::{plugin::PluginName, plugin_types::PROMPT_GUARD},
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +238,81 @@ impl PromptGuard {
                 }
             }
         }
+    }
+}
+
+/// Every configured guard as one admission stage: the prompt is parsed once, each guard checks
+/// (and masks) it in config order, and a masked prompt is encoded once into the body the model
+/// server will get, which is then parsed again so that later stages and the scheduler see it.
+#[derive(Debug)]
+pub struct PromptGuards {
+    name: PluginName,
+    guards: Vec<Arc<PromptGuard>>,
+}
+
+impl PromptGuards {
+    /// The stage over `guards` (config order); `None` when there are none.
+    pub fn new(guards: Vec<Arc<PromptGuard>>) -> Option<Self> {
+        (!guards.is_empty()).then(|| Self {
+            name: PluginName {
+                kind: PROMPT_GUARD,
+                name: PROMPT_GUARD.into(),
+            },
+            guards,
+        })
+    }
+
+    fn run(&self, cx: &mut Admission<'_>) -> Result<(), Refusal> {
+        let request = &cx.request;
+        let Ok(mut prompt) = serde_json::from_slice::<Value>(request.prompt_bytes(&cx.body)) else {
+            return Ok(()); // the parser validated it; unreachable in practice
+        };
+        let mut placeholders = Placeholders::default();
+        for g in &self.guards {
+            match g.check(request.api, &mut prompt, &mut placeholders) {
+                GuardOutcome::Pass => {}
+                GuardOutcome::Masked => cx.events.push(AdmissionEvent::GuardMasked {
+                    guard: g.name.name.clone(),
+                }),
+                GuardOutcome::Reject {
+                    status,
+                    message,
+                    rule,
+                } => {
+                    cx.events.push(AdmissionEvent::GuardRejected {
+                        guard: g.name.name.clone(),
+                        rule,
+                    });
+                    return Err(Refusal::Guard { status, message });
+                }
+            }
+        }
+        if placeholders.is_empty() {
+            return Ok(());
+        }
+        let encoded =
+            serde_json::to_vec(&prompt).map_err(|_| Refusal::Internal("cannot re-encode a masked prompt"))?;
+        let span = request.prompt_span.clone();
+        let mut body = Vec::with_capacity(cx.body.len() + encoded.len());
+        body.extend_from_slice(&cx.body[..span.start]);
+        body.extend_from_slice(&encoded);
+        body.extend_from_slice(&cx.body[span.end..]);
+        let reparsed = parse_request_as(request.api, &body)
+            .map_err(|_| Refusal::Internal("a masked prompt does not parse"))?;
+        cx.request = Cow::Owned(reparsed);
+        cx.body = Cow::Owned(body);
+        cx.restore.extend(placeholders.restore_patterns());
+        Ok(())
+    }
+}
+
+impl AdmissionStage for PromptGuards {
+    fn name(&self) -> &PluginName {
+        &self.name
+    }
+
+    fn admit<'s, 'c: 's>(&'s self, cx: &'s mut Admission<'c>) -> AdmitFuture<'s> {
+        Box::pin(std::future::ready(self.run(cx)))
     }
 }
 

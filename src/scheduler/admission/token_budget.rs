@@ -25,6 +25,7 @@ use std::{
 
 use serde::Deserialize;
 
+use super::{AdmissionEvent, AdmissionStage, AdmitFuture, Admission, BudgetReservation, Refusal};
 use crate::{
     budget::{
         BudgetPolicy, BudgetStore, Layer, MemoryStore, ModelBudget, RedisStore, Reservation, TenantBudget,
@@ -193,6 +194,9 @@ impl Rejection {
         )
     }
 }
+
+/// The tenant charged when the gateway names none.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// A configured token budget.
 pub struct TokenBudget {
@@ -376,6 +380,74 @@ impl TokenBudget {
             return Ok(());
         }
         self.store.settle(&a.layers, a.window, a.reserved, actual).await
+    }
+}
+
+impl TokenBudget {
+    /// Reserve the request's estimate for its tenant and model, switching the target model to
+    /// the fallback when the budget chose one.
+    async fn run(self: &Arc<Self>, cx: &mut Admission<'_>) -> Result<(), Refusal> {
+        let tenant = cx.tenant.unwrap_or(DEFAULT_TENANT).to_owned();
+        let request = &cx.request;
+        let amount = self
+            .policy
+            .estimate(request.estimated_prompt_tokens(), request.max_output_tokens);
+        let decided = self.admit(&tenant, &request.model, amount, cx.unix_ms).await;
+        let reachable = decided.is_ok();
+        cx.events.push(AdmissionEvent::BudgetStore {
+            reachable,
+            changed: self.note_store_health(reachable),
+            error: decided.as_ref().err().map(ToString::to_string),
+            fail_open: self.fail_open,
+        });
+        match decided {
+            Ok(BudgetDecision::Unlimited) => Ok(()),
+            Ok(BudgetDecision::Admitted(admitted)) => {
+                let model = admitted.fallback.clone().unwrap_or_else(|| request.model.clone());
+                cx.events.push(AdmissionEvent::BudgetReserved {
+                    tenant: tenant.clone(),
+                    model: model.clone(),
+                    tokens: admitted.reserved,
+                });
+                if let Some(fallback) = &admitted.fallback {
+                    cx.events.push(AdmissionEvent::BudgetFallback {
+                        tenant: tenant.clone(),
+                        requested: request.model.clone(),
+                        fallback: fallback.clone(),
+                    });
+                    cx.target_model = fallback.clone();
+                }
+                cx.reservation = Some(BudgetReservation {
+                    budget: self.clone(),
+                    admitted,
+                    tenant,
+                    model,
+                });
+                Ok(())
+            }
+            Ok(BudgetDecision::Rejected(rejection)) => {
+                cx.events.push(AdmissionEvent::BudgetRejected {
+                    tenant,
+                    model: request.model.clone(),
+                });
+                Err(Refusal::OverBudget(rejection))
+            }
+            Err(_) if self.fail_open => Ok(()),
+            Err(_) => Err(Refusal::BudgetStoreUnavailable),
+        }
+    }
+}
+
+/// The token budget as an admission stage (one budget per config).
+pub struct BudgetStage(pub Arc<TokenBudget>);
+
+impl AdmissionStage for BudgetStage {
+    fn name(&self) -> &PluginName {
+        &self.0.name
+    }
+
+    fn admit<'s, 'c: 's>(&'s self, cx: &'s mut Admission<'c>) -> AdmitFuture<'s> {
+        Box::pin(self.0.run(cx))
     }
 }
 

@@ -1,0 +1,133 @@
+//! What the gateway tells the EPP besides the body: request headers read into the decision's
+//! [`RequestMeta`], and the `envoy.lb` metadata (the subset hint on the request, the served
+//! endpoint on the response).
+//!
+//! Only headers the decision reads are kept; a header that is present but empty counts as
+//! absent, as upstream reads them.
+
+use envoy_types::pb::{
+    envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata},
+    google::protobuf::value::Kind,
+};
+
+use super::wire::{
+    DEBUG_REQUEST, LB_NAMESPACE, MODEL_REWRITE_HEADERS, OBJECTIVE_HEADERS, REQUEST_ID, SERVED_ENDPOINT_KEY,
+    SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE,
+};
+use crate::scheduler::RequestMeta;
+
+/// The request headers an exchange keeps.
+#[derive(Debug, Default)]
+pub struct RequestHeaders {
+    /// `:path`.
+    pub path: Option<String>,
+    /// `x-original-path` or `x-forwarded-path`, used when `:path` is missing.
+    pub fallback_path: Option<String>,
+    /// `x-request-id`.
+    pub request_id: Option<String>,
+    /// What the decision reads.
+    pub meta: RequestMeta,
+}
+
+impl RequestHeaders {
+    /// Read `headers`. `tenant_header` is the budget's tenant header (lower case), if any;
+    /// `explain_allowed` is `--explain-decisions`.
+    pub fn read(&mut self, headers: Option<&HeaderMap>, tenant_header: Option<&str>, explain_allowed: bool) {
+        for hv in headers.map(|m| m.headers.as_slice()).unwrap_or_default() {
+            let key = hv.key.to_ascii_lowercase();
+            let value = header_value(hv);
+            match key.as_str() {
+                ":path" => self.path = Some(text(value)),
+                "x-original-path" | "x-forwarded-path" if self.fallback_path.is_none() => {
+                    self.fallback_path = Some(text(value));
+                }
+                REQUEST_ID => self.request_id = Some(text(value)),
+                DEBUG_REQUEST => self.meta.explain = explain_allowed,
+                k if tenant_header == Some(k) && !value.is_empty() => self.meta.tenant = Some(text(value)),
+                k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => {
+                    self.meta.model_rewrite = Some(text(value));
+                }
+                k if OBJECTIVE_HEADERS.contains(&k) && !value.is_empty() => {
+                    self.meta.objective = Some(text(value));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The path the body is parsed for: `:path`, else a forwarded path, else completions.
+    pub fn api_path(&self) -> &str {
+        self.path
+            .as_deref()
+            .or(self.fallback_path.as_deref())
+            .unwrap_or("/v1/completions")
+    }
+}
+
+/// A header's value: `raw_value` when Envoy sent one (it does for non-UTF-8 values), else
+/// `value`.
+pub fn header_value(h: &HeaderValue) -> &[u8] {
+    if h.raw_value.is_empty() {
+        h.value.as_bytes()
+    } else {
+        &h.raw_value
+    }
+}
+
+fn text(v: &[u8]) -> String {
+    String::from_utf8_lossy(v).into_owned()
+}
+
+/// The subset hint in `md`, if the namespace and key are present. A list is read as strings
+/// (other kinds skipped); a comma-separated string is accepted too.
+pub fn subset_hint(md: &Metadata) -> Option<Vec<String>> {
+    let value = md
+        .filter_metadata
+        .get(SUBSET_HINT_NAMESPACE)?
+        .fields
+        .get(SUBSET_HINT_KEY)?;
+    match value.kind.as_ref()? {
+        Kind::ListValue(list) => Some(
+            list.values
+                .iter()
+                .filter_map(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) => Some(s.trim().to_owned()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Kind::StringValue(s) => Some(
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// The endpoint the proxy reports it served from (`envoy.lb` metadata on response headers).
+pub fn served_endpoint(md: &Metadata) -> Option<String> {
+    match md
+        .filter_metadata
+        .get(LB_NAMESPACE)?
+        .fields
+        .get(SERVED_ENDPOINT_KEY)?
+        .kind
+        .as_ref()?
+    {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Whether response headers announce an SSE stream.
+pub fn is_event_stream(headers: Option<&HeaderMap>) -> bool {
+    headers.map(|m| m.headers.as_slice()).unwrap_or_default().iter().any(|hv| {
+        hv.key.eq_ignore_ascii_case("content-type")
+            && text(header_value(hv))
+                .to_ascii_lowercase()
+                .contains("text/event-stream")
+    })
+}

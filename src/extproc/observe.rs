@@ -1,0 +1,133 @@
+//! What the server records of each decision: the admission stages' events, the routed request
+//! and the answered response, as the exported metrics and logs. The decision itself records
+//! nothing (it is pure and the simulator runs it); this is its observer on the server side.
+
+use tracing::{debug, info, warn};
+
+use crate::{
+    datastore::{Endpoint, Snapshot},
+    metrics::exported::EppMetrics,
+    parser::Usage,
+    scheduler::{Outcome, admission::AdmissionEvent},
+};
+
+/// Count what the admission stages did.
+pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
+    for event in events {
+        match event {
+            AdmissionEvent::GuardMasked { guard } => {
+                m.guard_hits.with_label_values(&[&**guard, "any", "mask"]).inc();
+            }
+            AdmissionEvent::GuardRejected { guard, rule } => {
+                m.guard_hits.with_label_values(&[&**guard, rule.as_str(), "reject"]).inc();
+                debug!(guard = %guard, rule = %rule, "prompt rejected");
+            }
+            AdmissionEvent::BudgetReserved { tenant, model, tokens } => {
+                m.budget_reserved.with_label_values(&[tenant, model]).inc_by(*tokens);
+            }
+            AdmissionEvent::BudgetFallback {
+                tenant,
+                requested,
+                fallback,
+            } => {
+                m.budget_fallbacks
+                    .with_label_values(&[tenant, requested, fallback])
+                    .inc();
+                debug!(tenant = %tenant, model = %requested, fallback = %fallback, "budget fallback");
+            }
+            AdmissionEvent::BudgetRejected { tenant, model } => {
+                m.budget_rejections.with_label_values(&[tenant, model]).inc();
+            }
+            AdmissionEvent::BudgetStore {
+                reachable,
+                changed,
+                error,
+                fail_open,
+            } => {
+                if !reachable {
+                    m.budget_store_errors.inc();
+                }
+                match (changed, error) {
+                    (true, None) => info!("budget store reachable again"),
+                    (true, Some(e)) => warn!(error = %e, fail_open = fail_open, "budget store unavailable"),
+                    (false, _) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Count a routed request on `primary`.
+pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) {
+    let repairs = &outcome.cycle.repairs;
+    if repairs.non_finite > 0 {
+        m.score_repairs
+            .with_label_values(&["non_finite"])
+            .inc_by(u64::from(repairs.non_finite));
+    }
+    if repairs.clamped > 0 {
+        m.score_repairs
+            .with_label_values(&["clamped"])
+            .inc_by(u64::from(repairs.clamped));
+    }
+    if let Some(pm) = outcome.cycle.state.prefix.as_ref().filter(|pm| !pm.hashes.is_empty()) {
+        let matched = pm.matched_blocks(primary.uid);
+        m.prefix_hit_ratio
+            .observe(f64::from(matched) / pm.hashes.len() as f64);
+        m.prefix_hit_bytes
+            .observe(f64::from(matched) * f64::from(pm.block_size_tokens) * 4.0);
+    }
+    let (model, target) = (&outcome.request.model, &outcome.target_model);
+    m.scheduler_attempts
+        .with_label_values(&[
+            "success",
+            target,
+            &primary.spec.key.name,
+            &primary.spec.key.namespace,
+            &primary.spec.address.port().to_string(),
+        ])
+        .inc();
+    m.request_total
+        .with_label_values(&[model, target, &outcome.priority.to_string()])
+        .inc();
+    m.request_sizes
+        .with_label_values(&[model, target])
+        .observe(outcome.request.body_len as f64);
+    m.running_requests.with_label_values(&[model]).inc();
+}
+
+/// The destination header value: the chosen endpoints' addresses, primary first.
+pub fn destination(snapshot: &Snapshot, outcome: &Outcome) -> String {
+    outcome
+        .endpoints()
+        .iter()
+        .filter_map(|id| snapshot.get(*id))
+        .map(|e| &*e.address_text)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Count an answered response of `seconds` and `bytes` with its usage, if read.
+pub fn answered(m: &EppMetrics, labels: [&str; 2], seconds: f64, bytes: u64, usage: Option<&Usage>) {
+    m.request_duration.with_label_values(&labels).observe(seconds);
+    m.response_sizes.with_label_values(&labels).observe(bytes as f64);
+    let Some(u) = usage else { return };
+    if u.prompt_tokens > 0 {
+        m.input_tokens
+            .with_label_values(&labels)
+            .observe(u.prompt_tokens as f64);
+    }
+    if u.completion_tokens > 0 {
+        m.output_tokens
+            .with_label_values(&labels)
+            .observe(u.completion_tokens as f64);
+        m.normalized_tpot
+            .with_label_values(&labels)
+            .observe(seconds / u.completion_tokens as f64);
+    }
+    if let Some(c) = u.cached_tokens {
+        m.prompt_cached_tokens
+            .with_label_values(&labels)
+            .observe(c as f64);
+    }
+}

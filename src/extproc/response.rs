@@ -1,0 +1,187 @@
+//! The response side of an exchange: a usage tap and one ordered chain of body stages, built
+//! once from the decision's [`ResponsePlan`] when the response headers say whether the answer
+//! streams.
+//!
+//! Order, each stage reading what the previous one let through:
+//! 1. the usage tap reads the upstream bytes as they are (SSE usage event or JSON `usage`), for
+//!    budget settlement and token metrics; it changes nothing;
+//! 2. the injected-usage filter drops the usage-only event the EPP asked for on the client's
+//!    behalf (it must see the upstream events whole, before anything is rewritten);
+//! 3. the restorer puts back masked prompt values and the client-facing model name;
+//! 4. the output mask masks what the response guards match, in the text the client will read.
+//!
+//! Invariant: end of stream and response trailers go through the same flush ([`ResponseChain::
+//! feed`] with `end_of_stream`), so text a stage holds back (a possible match split across
+//! chunks, the mask's look-behind) always reaches the client once.
+
+use std::sync::Arc;
+
+use super::wire::MAX_RESPONSE_USAGE_BYTES;
+use crate::{
+    guard::{
+        PatternSet,
+        response::{StreamMask, mask_json_body},
+    },
+    parser::{EventSplitter, SseUsageScanner, StreamReplacer, Usage, UsageEventFilter, usage_from_json},
+    scheduler::{ResponsePlan, admission::PromptGuard},
+};
+
+/// One transform of response bytes, fed in order; with `end_of_stream` it releases all it holds.
+trait BodyStage: Send {
+    fn feed(&mut self, data: &[u8], end_of_stream: bool) -> Vec<u8>;
+}
+
+impl BodyStage for UsageEventFilter {
+    fn feed(&mut self, data: &[u8], end_of_stream: bool) -> Vec<u8> {
+        UsageEventFilter::feed(self, data, end_of_stream)
+    }
+}
+
+impl BodyStage for StreamReplacer {
+    fn feed(&mut self, data: &[u8], end_of_stream: bool) -> Vec<u8> {
+        StreamReplacer::feed(self, data, end_of_stream)
+    }
+}
+
+/// Response guards at work: SSE events are split out as they complete and masked across events
+/// ([`StreamMask`]); a non-streaming body is held to its end (a JSON body can only be masked
+/// whole).
+struct OutputMask {
+    guards: Vec<Arc<PromptGuard>>,
+    streaming: bool,
+    events: EventSplitter,
+    stream: StreamMask,
+    held: Vec<u8>,
+}
+
+impl BodyStage for OutputMask {
+    fn feed(&mut self, data: &[u8], end_of_stream: bool) -> Vec<u8> {
+        let sets: Vec<&PatternSet> = self.guards.iter().filter_map(|g| g.response_patterns()).collect();
+        if self.streaming {
+            let mut out = Vec::with_capacity(data.len());
+            let stream = &mut self.stream;
+            self.events
+                .feed_with(data, end_of_stream, |ev| out.extend_from_slice(&stream.event(&sets, ev)));
+            if end_of_stream {
+                out.extend_from_slice(&self.stream.finish(&sets));
+            }
+            return out;
+        }
+        self.held.extend_from_slice(data);
+        if !end_of_stream {
+            return Vec::new();
+        }
+        let body = std::mem::take(&mut self.held);
+        mask_json_body(&sets, &body).unwrap_or(body)
+    }
+}
+
+/// Reads usage from the upstream bytes: the SSE usage event of a stream, or the `usage` of a
+/// JSON body kept up to [`MAX_RESPONSE_USAGE_BYTES`] (a larger body is not read).
+#[derive(Default)]
+struct UsageTap {
+    sse: Option<SseUsageScanner>,
+    json: Vec<u8>,
+    json_overflow: bool,
+}
+
+impl UsageTap {
+    fn feed(&mut self, data: &[u8]) {
+        if let Some(sse) = self.sse.as_mut() {
+            sse.feed(data);
+        } else if !self.json_overflow {
+            if self.json.len() + data.len() > MAX_RESPONSE_USAGE_BYTES {
+                self.json_overflow = true;
+                self.json = Vec::new();
+            } else {
+                self.json.extend_from_slice(data);
+            }
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        match &self.sse {
+            Some(sse) => sse.usage(),
+            None => usage_from_json(&self.json),
+        }
+    }
+}
+
+/// The response side of one exchange.
+pub struct ResponseChain {
+    tap: UsageTap,
+    stages: Vec<Box<dyn BodyStage>>,
+    bytes: u64,
+    ended: bool,
+}
+
+impl ResponseChain {
+    /// The chain for `plan`; `streaming` when the answer is an SSE stream (the response's
+    /// content type, or a streaming request).
+    pub fn new(plan: ResponsePlan, streaming: bool) -> Self {
+        let mut stages: Vec<Box<dyn BodyStage>> = Vec::new();
+        if plan.hide_injected_usage {
+            stages.push(Box::new(UsageEventFilter::default()));
+        }
+        if !plan.restore.is_empty() {
+            stages.push(Box::new(StreamReplacer::with_patterns(plan.restore)));
+        }
+        if !plan.output_guards.is_empty() {
+            stages.push(Box::new(OutputMask {
+                guards: plan.output_guards,
+                streaming,
+                events: EventSplitter::default(),
+                stream: StreamMask::default(),
+                held: Vec::new(),
+            }));
+        }
+        Self {
+            tap: UsageTap {
+                sse: streaming.then(SseUsageScanner::default),
+                ..UsageTap::default()
+            },
+            stages,
+            bytes: 0,
+            ended: false,
+        }
+    }
+
+    /// Feed upstream bytes; `end_of_stream` (the last body chunk, or the trailers with empty
+    /// `data`) flushes every stage. Returns what the client gets instead of `data`, or `None`
+    /// when no stage changes anything (then `data` goes on as it is). After the end, nothing
+    /// more is read.
+    pub fn feed(&mut self, data: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
+        if self.ended {
+            return None;
+        }
+        self.ended = end_of_stream;
+        self.bytes += data.len() as u64;
+        self.tap.feed(data);
+        let mut stages = self.stages.iter_mut();
+        let mut out = stages.next()?.feed(data, end_of_stream);
+        for stage in stages {
+            out = stage.feed(&out, end_of_stream);
+        }
+        Some(out)
+    }
+
+    /// Whether some stage may hold bytes back (then trailers need a flush).
+    pub fn transforms(&self) -> bool {
+        !self.stages.is_empty()
+    }
+
+    /// Usage read from the upstream bytes so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.tap.usage()
+    }
+
+    /// Upstream bytes seen.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Drop the JSON kept for usage once it has been read.
+    pub fn release_buffers(&mut self) {
+        self.tap.json = Vec::new();
+    }
+}

@@ -1,0 +1,342 @@
+//! The decide step: the one place a routing decision is made.
+//!
+//! The ext_proc adapter and the simulator's replay both call [`Scheduler::decide`] with the
+//! parsed request, the plain [`RequestMeta`] the gateway's headers and metadata carried, the
+//! snapshot loaded once for this request, and a [`DecideEnv`] holding time, a seeded RNG, the
+//! optional plugin timer and reusable scratch. In order:
+//! 1. candidates: the pool, or the gateway's subset hint ([`subset_candidates`]);
+//! 2. the objective's priority: the cluster's `InferenceObjective` first, then the config's
+//!    `inference-objectives`;
+//! 3. admission, stage by stage ([`super::admission`]: prompt guards, token budget, saturation
+//!    gate);
+//! 4. scheduling: producers, the profile (filters → weighted scorers → picker);
+//! 5. the outcome: endpoints (primary first, then fallbacks), the target model, the body edits
+//!    (the model rewrite and the usage request, applied in one pass by the caller), the response
+//!    plan, the reservation, the explanation and the decision the pre-request hooks learn from.
+//!
+//! Pure: no clock, no global RNG, no I/O besides the budget store behind its trait.
+//! Invariant: a [`Verdict`] carries either an outcome or one refusal; a refusal made after a
+//! reservation hands the reservation back so the caller returns its tokens.
+
+use std::{borrow::Cow, net::SocketAddr, sync::Arc};
+
+use rand::RngCore;
+
+use super::{
+    Decision, Scheduler, SchedulingError,
+    admission::{Admission, AdmissionEvent, BudgetReservation, PromptGuard, Refusal},
+    plugin::{PluginTimer, SchedulingContext},
+    profile::Scratch,
+};
+use crate::{
+    clock::Timestamp,
+    datastore::{EndpointId, Snapshot},
+    parser::{BodyEdit, LlmRequest, apply_edits, model_edit, model_patterns, usage_edit},
+};
+
+/// What the gateway said about a request besides its body: headers and metadata, already read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestMeta {
+    /// The tenant (the budget's tenant header), when present and non-empty.
+    pub tenant: Option<String>,
+    /// The objective (`x-gateway-inference-objective`), when present.
+    pub objective: Option<String>,
+    /// The model to serve instead of the requested one (`x-gateway-model-name-rewrite`).
+    pub model_rewrite: Option<String>,
+    /// The gateway's subset hint: `ip:port` or bare IPs the request may go to.
+    pub subset: Option<Vec<String>>,
+    /// Whether the decision should be explained (`x-epp-debug` with `--explain-decisions`).
+    pub explain: bool,
+}
+
+/// What the decision may use besides the request and the pool: time and randomness come in, so
+/// the simulator drives logical time and seeded randomness through the same code.
+pub struct DecideEnv<'a> {
+    /// Scheduling time (metrics age, windows of plugins).
+    pub now: Timestamp,
+    /// Wall-clock milliseconds since the Unix epoch, for budget windows.
+    pub unix_ms: u64,
+    /// Randomness for probabilistic filters and pickers.
+    pub rng: &'a mut (dyn RngCore + Send),
+    /// Observer of plugin run times (the server's histogram), or none.
+    pub timer: Option<&'a (dyn PluginTimer + Sync)>,
+    /// Buffers reused across decisions.
+    pub scratch: &'a mut Scratch,
+}
+
+/// How the response must be treated, decided with the request.
+#[derive(Debug, Default)]
+pub struct ResponsePlan {
+    /// `(from, to)` byte patterns to replace in the response: masked prompt values restored
+    /// from their placeholders, then the client-facing model name after a rewrite.
+    pub restore: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Drop the usage-only SSE event the EPP asked for on the client's behalf.
+    pub hide_injected_usage: bool,
+    /// Guards whose response patterns mask the model's output.
+    pub output_guards: Vec<Arc<PromptGuard>>,
+}
+
+/// A routed request.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The request as it will be served (parsed from the masked body when a guard masked it).
+    pub request: LlmRequest,
+    /// The model the request is served as (after rewrite and budget fallback).
+    pub target_model: String,
+    /// The objective's priority.
+    pub priority: i32,
+    /// The body a guard masked, when it did (the edits apply to it, not to the client's body).
+    pub masked_body: Option<Vec<u8>>,
+    /// Span replacements of the (masked) body: the model rewrite and the usage request.
+    pub edits: Vec<BodyEdit>,
+    /// How the response is treated.
+    pub response: ResponsePlan,
+    /// The budget reservation, settled when the response ends.
+    pub reservation: Option<BudgetReservation>,
+    /// The rendered explanation, when asked for.
+    pub explanation: Option<String>,
+    /// The cycle: the chosen endpoints (primary first, then fallbacks) and the data the
+    /// pre-request hooks and metrics read (prefix match, score repairs).
+    pub cycle: Decision,
+    /// Tokens the request is expected to occupy on its endpoint (in-flight accounting).
+    pub load_tokens: u64,
+}
+
+impl Outcome {
+    /// The chosen endpoints, primary first.
+    pub fn endpoints(&self) -> &[EndpointId] {
+        &self.cycle.endpoints
+    }
+
+    /// Whether the body sent upstream differs from the client's.
+    pub fn body_changed(&self) -> bool {
+        self.masked_body.is_some() || !self.edits.is_empty()
+    }
+
+    /// The body to send upstream when it differs from `client_body` (the body this outcome was
+    /// decided on), with every edit applied in one pass; `None` when it is the client's own.
+    pub fn take_body(&mut self, client_body: &[u8]) -> Option<Vec<u8>> {
+        let base = self.masked_body.take();
+        if self.edits.is_empty() {
+            return base;
+        }
+        let base_ref = base.as_deref().unwrap_or(client_body);
+        Some(apply_edits(base_ref, &mut self.edits))
+    }
+}
+
+/// A request the EPP answers itself.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub refusal: Refusal,
+    /// A reservation made before the refusal: its tokens go back.
+    pub reservation: Option<BudgetReservation>,
+    /// The model the client asked for.
+    pub model: String,
+    /// The model it would have been served as.
+    pub target_model: String,
+}
+
+/// The result of [`Scheduler::decide`].
+#[derive(Debug)]
+pub struct Verdict {
+    /// What the admission stages did, in order (metrics, logs, reports).
+    pub events: Vec<AdmissionEvent>,
+    /// Routed, or refused.
+    pub result: Result<Outcome, Refused>,
+}
+
+impl Scheduler {
+    /// Decide where `request` (parsed from `body`) goes, or why it does not.
+    pub async fn decide(
+        &self,
+        request: &LlmRequest,
+        body: &[u8],
+        meta: &RequestMeta,
+        snapshot: &Snapshot,
+        env: &mut DecideEnv<'_>,
+    ) -> Verdict {
+        let candidates = match &meta.subset {
+            Some(hint) => subset_candidates(snapshot, hint),
+            None => snapshot.all_ids().collect(),
+        };
+        let priority = match meta.objective.as_deref().and_then(|o| snapshot.objectives.get(o)) {
+            Some(p) => *p,
+            None => self.priority_of(meta.objective.as_deref()),
+        };
+        let mut cx = Admission {
+            snapshot,
+            candidates,
+            tenant: meta.tenant.as_deref(),
+            now: env.now,
+            unix_ms: env.unix_ms,
+            request: Cow::Borrowed(request),
+            body: Cow::Borrowed(body),
+            target_model: meta.model_rewrite.clone().unwrap_or_else(|| request.model.clone()),
+            priority,
+            restore: Vec::new(),
+            reservation: None,
+            events: Vec::new(),
+        };
+        let mut admitted = Ok(());
+        for stage in &self.admission {
+            admitted = stage.admit(&mut cx).await;
+            if admitted.is_err() {
+                break;
+            }
+        }
+        let Admission {
+            candidates,
+            request: served,
+            body: served_body,
+            target_model,
+            restore,
+            reservation,
+            events,
+            ..
+        } = cx;
+        let refuse = |refusal, reservation| Refused {
+            refusal,
+            reservation,
+            model: request.model.clone(),
+            target_model: target_model.clone(),
+        };
+        if let Err(refusal) = admitted {
+            return Verdict {
+                events,
+                result: Err(refuse(refusal, reservation)),
+            };
+        }
+        let ctx = SchedulingContext {
+            snapshot,
+            request: &served,
+            body: &served_body,
+            target_model: &target_model,
+            now: env.now,
+            priority,
+        };
+        env.scratch.explain = meta.explain.then(Default::default);
+        let started = env.timer.map(|t| t.start());
+        let timer = env.timer.map(|t| t as &dyn PluginTimer);
+        let scheduled = self.schedule(&ctx, candidates, env.scratch, &mut *env.rng, timer);
+        if let (Some(t), Some(s)) = (env.timer, started) {
+            t.record_cycle(s);
+        }
+        let cycle = match scheduled {
+            Ok(cycle) if cycle.endpoints.is_empty() => {
+                let refused = refuse(Refusal::Internal("scheduler returned no endpoint"), reservation);
+                return Verdict {
+                    events,
+                    result: Err(refused),
+                };
+            }
+            Ok(cycle) => cycle,
+            Err(e) => {
+                let refusal = match e {
+                    SchedulingError::NoCandidates => Refusal::NoCandidates,
+                    other => Refusal::Scheduling(other),
+                };
+                return Verdict {
+                    events,
+                    result: Err(refuse(refusal, reservation)),
+                };
+            }
+        };
+        let served = served.into_owned();
+        let fallback = reservation.as_ref().and_then(|r| r.admitted.fallback.as_deref());
+        let mut edits = Vec::new();
+        // Budgets settle from usage: a streaming client that did not ask for it (no
+        // `stream_options`, or one without `include_usage: true`) gets it asked for on its
+        // behalf, and the extra usage-only event is removed from what it sees.
+        let holds_tokens = reservation.as_ref().is_some_and(BudgetReservation::holds_tokens);
+        let usage = (holds_tokens && served.stream && !served.include_usage)
+            .then(|| usage_edit(&served_body, served.stream_options_span.clone()))
+            .flatten();
+        let hide_injected_usage = usage.is_some();
+        edits.extend(usage);
+        let mut restore = restore;
+        if target_model != served.model {
+            edits.push(model_edit(served.model_span.clone(), &target_model));
+            // A fallback is reported (x-gateway-model-fallback), not hidden: only rewrites are
+            // restored.
+            if fallback.is_none() {
+                restore.extend(model_patterns(&target_model, &served.model));
+            }
+        }
+        let explanation = env.scratch.explain.take().map(|e| {
+            e.render(|id| {
+                snapshot
+                    .get(id)
+                    .map_or_else(String::new, |e| e.address_text.to_string())
+            })
+        });
+        let masked_body = match served_body {
+            Cow::Owned(b) => Some(b),
+            Cow::Borrowed(_) => None,
+        };
+        Verdict {
+            events,
+            result: Ok(Outcome {
+                load_tokens: served.estimated_load_tokens(),
+                request: served,
+                target_model,
+                priority,
+                masked_body,
+                edits,
+                response: ResponsePlan {
+                    restore,
+                    hide_injected_usage,
+                    output_guards: self.output_guards.clone(),
+                },
+                reservation,
+                explanation,
+                cycle,
+            }),
+        }
+    }
+}
+
+/// Candidates allowed by a subset hint: an exact `ip:port` selects that endpoint; an entry whose
+/// port matches nothing on its IP (or a bare IP) selects every endpoint on that IP.
+pub fn subset_candidates(snapshot: &Snapshot, hint: &[String]) -> Vec<EndpointId> {
+    let mut out = Vec::new();
+    for entry in hint {
+        if let Ok(addr) = entry.parse::<SocketAddr>() {
+            match snapshot.by_address(addr) {
+                Some(id) => out.push(id),
+                None => out.extend_from_slice(snapshot.on_ip(addr.ip())),
+            }
+        } else if let Ok(ip) = entry.trim_matches(|c| c == '[' || c == ']').parse() {
+            out.extend_from_slice(snapshot.on_ip(ip));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::testing::SnapshotBuilder;
+
+    #[test]
+    fn subset_matching_rules() {
+        let snap = SnapshotBuilder::new()
+            .endpoint("10.0.0.1:8000", |_| {})
+            .endpoint("10.0.0.1:8001", |_| {})
+            .endpoint("10.0.0.2:8000", |_| {})
+            .build();
+        let s = |v: &[&str]| subset_candidates(&snap, &v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+        assert_eq!(s(&["10.0.0.1:8001"]), vec![EndpointId(1)]);
+        assert_eq!(s(&["10.0.0.1:9999"]), vec![EndpointId(0), EndpointId(1)]);
+        assert_eq!(
+            s(&["10.0.0.1:8000", "10.0.0.2:8000"]),
+            vec![EndpointId(0), EndpointId(2)]
+        );
+        assert_eq!(s(&["10.0.0.2"]), vec![EndpointId(2)]);
+        assert!(s(&["192.168.1.1:8080"]).is_empty());
+        assert!(s(&[]).is_empty());
+    }
+}
