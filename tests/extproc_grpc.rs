@@ -1012,3 +1012,63 @@ schedulingProfiles:
         "data: {\"choices\":[{\"delta\":{\"content\":\"card [CREDIT_CARD]\"},\"finish_reason\":\"stop\",\"index\":0}]}\n\ndata: [DONE]\n\n"
     );
 }
+
+/// Regression (decision-pipeline issue): an upstream that ends its answer with trailers, after
+/// a body message without end of stream, must still get every held-back byte to the client.
+/// Only the model-name restorer used to be flushed on trailers, so the text the output mask
+/// holds back (here a whole card number, split over two events, with no finish event) was lost.
+#[tokio::test]
+async fn response_trailers_flush_text_the_output_mask_holds_back() {
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: prompt-guard
+  parameters:
+    response:
+      regex: {builtins: [CREDIT_CARD]}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(pods(), Some(config)).await;
+    let first = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"card 4111 1111\"}}]}\n\n";
+    let second = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" 1111 1111\"}}]}\n\n";
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/chat/completions"), ("x-request-id", "r")], false),
+            req_body(
+                br#"{"model":"m","messages":[{"role":"user","content":"card?"}],"stream":true}"#,
+                true,
+            ),
+            resp_headers(
+                &[(":status", "200"), ("content-type", "text/event-stream")],
+                false,
+            ),
+            resp_body(first, false),
+            resp_body(second, false),
+            resp_trailers(),
+        ])
+        .await;
+    let streamed: Vec<String> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::ResponseChunk { body, eos: false } => Some(String::from_utf8(body.clone()).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(answers.last(), Some(Answer::ResponseTrailers)),
+        "{answers:?}"
+    );
+    let all = streamed.concat();
+    assert_eq!(
+        all,
+        "data: {\"choices\":[{\"delta\":{\"content\":\"\"},\"index\":0}]}\n\n\
+         data: {\"choices\":[{\"delta\":{\"content\":\"\"},\"index\":0}]}\n\n\
+         data: {\"choices\":[{\"delta\":{\"content\":\"card [CREDIT_CARD]\"},\"index\":0}]}\n\n",
+        "{answers:?}"
+    );
+}

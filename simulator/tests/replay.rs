@@ -270,3 +270,115 @@ fn tempfile_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A multi-tenant workload whose requests all arrive before any of them finishes: 300 requests
+/// at 1,000/s, each decoding 256 tokens (seconds on the engine model).
+fn tenants_workload() -> Workload {
+    let params = GeneratorParams {
+        requests: 300,
+        rate: 1_000.0,
+        prefix_tokens: 256,
+        question_tokens: 64,
+        output_tokens: 256,
+        tenants: 3,
+        ..Default::default()
+    };
+    generate::multi_tenant(&params, 21)
+}
+
+fn config(plugins: &str) -> EndpointPickerConfig {
+    EndpointPickerConfig::from_yaml(&format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n{plugins}schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n"
+    ))
+    .unwrap()
+}
+
+fn of_tenant<'a>(
+    w: &'a Workload,
+    tenant: &'a str,
+) -> impl Iterator<Item = &'a epp_sim::workload::TraceRequest> {
+    w.requests
+        .iter()
+        .filter(move |r| r.tenant.as_deref() == Some(tenant))
+}
+
+#[test]
+fn a_budget_config_refuses_the_requests_past_its_limit() {
+    let workload = tenants_workload();
+    let profile = EngineProfile::h100();
+    // What one team-0 request reserves: the parser's prompt estimate of the body the replay
+    // sends, plus the default output estimate (no max_tokens).
+    let (mut text, mut body) = (String::new(), Vec::new());
+    let estimates: Vec<u64> = of_tenant(&workload, "team-0")
+        .map(|r| {
+            epp_sim::replay::chat_body(&workload, r, &profile.model, &mut text, &mut body);
+            let parsed = epp::parser::parse_request("/v1/chat/completions", &body).unwrap();
+            parsed.estimated_prompt_tokens() + 256
+        })
+        .collect();
+    let per_request = estimates[0];
+    assert!(estimates.iter().all(|e| *e == per_request), "same-sized prompts");
+    let team0 = estimates.len();
+    assert!(team0 > 10, "team-0 sends the most: {team0}");
+    // Room for three requests and a half: the fourth and every later one is refused, since no
+    // team-0 request finishes (and settles) before the last one arrives.
+    let limit = 3 * per_request + per_request / 2;
+    let budget = format!(
+        "- type: token-budget\n  parameters:\n    window: 3600s\n    tenants:\n      team-0: {{tokens: {limit}}}\n      team-1: {{tokens: 100000000}}\n"
+    );
+    let (outcome, report) = run(&workload, &setup("budget", config(&budget), 4, profile));
+    let last_arrival = of_tenant(&workload, "team-0")
+        .map(|r| r.arrival_ns)
+        .max()
+        .unwrap();
+    let first_finish = outcome.records.iter().filter_map(|r| r.finish_ns).min().unwrap();
+    assert!(
+        last_arrival < first_finish,
+        "every arrival precedes every settlement"
+    );
+    assert_eq!(report.refused, [("budget", team0 - 3)].into());
+    assert_eq!(report.rejected_by_epp, team0 - 3);
+    assert_eq!(report.completed, workload.requests.len() - (team0 - 3));
+    let table = epp_sim::replay::report::markdown(&[report]);
+    assert!(
+        table.ends_with(&format!("\nRefused by the EPP: budget: budget {}.\n", team0 - 3)),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_guard_config_rejects_matching_prompts_before_the_budget_charges_them() {
+    let workload = tenants_workload();
+    let profile = EngineProfile::h100();
+    let prompt = |r: &epp_sim::workload::TraceRequest| {
+        let mut text = String::new();
+        workload.prompt_text(r, &mut text);
+        text
+    };
+    // team-0's system prompt opens every team-0 request and no other tenant's.
+    let first = of_tenant(&workload, "team-0").next().unwrap();
+    let phrase: String = prompt(first).chars().take(40).collect();
+    assert!(
+        phrase.chars().all(|c| c.is_ascii_lowercase() || c == ' '),
+        "{phrase:?}"
+    );
+    let matching = workload
+        .requests
+        .iter()
+        .filter(|r| prompt(r).contains(&phrase))
+        .count();
+    let team0 = of_tenant(&workload, "team-0").count();
+    assert_eq!(matching, team0);
+    let guard = format!(
+        "- type: prompt-guard\n  parameters:\n    request:\n      regex:\n        action: REJECT\n        matches: [{{pattern: \"{phrase}\", name: TeamZeroPrompt}}]\n"
+    );
+    let (_, report) = run(&workload, &setup("guard", config(&guard), 4, profile.clone()));
+    assert_eq!(report.refused, [("guard", team0)].into());
+    // With a budget that would refuse all of team-0 as well, the guard still decides: it runs
+    // first, so a rejected prompt costs no budget.
+    let both = format!(
+        "{guard}- type: token-budget\n  parameters:\n    window: 3600s\n    tenants:\n      team-0: {{tokens: 1}}\n"
+    );
+    let (_, report) = run(&workload, &setup("both", config(&both), 4, profile));
+    assert_eq!(report.refused, [("guard", team0)].into());
+}

@@ -194,7 +194,14 @@ mod tests {
         drop(a);
         assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (1, 5));
         drop(b);
-        assert_eq!((live.in_flight_requests(), live.in_flight_tokens(), live.started_total()), (0, 0, 2));
+        assert_eq!(
+            (
+                live.in_flight_requests(),
+                live.in_flight_tokens(),
+                live.started_total()
+            ),
+            (0, 0, 2)
+        );
     }
 
     #[test]

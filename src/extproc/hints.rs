@@ -124,10 +124,14 @@ pub fn served_endpoint(md: &Metadata) -> Option<String> {
 
 /// Whether response headers announce an SSE stream.
 pub fn is_event_stream(headers: Option<&HeaderMap>) -> bool {
-    headers.map(|m| m.headers.as_slice()).unwrap_or_default().iter().any(|hv| {
-        hv.key.eq_ignore_ascii_case("content-type")
-            && text(header_value(hv))
-                .to_ascii_lowercase()
-                .contains("text/event-stream")
-    })
+    headers
+        .map(|m| m.headers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .any(|hv| {
+            hv.key.eq_ignore_ascii_case("content-type")
+                && text(header_value(hv))
+                    .to_ascii_lowercase()
+                    .contains("text/event-stream")
+        })
 }

@@ -19,11 +19,19 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
                 m.guard_hits.with_label_values(&[&**guard, "any", "mask"]).inc();
             }
             AdmissionEvent::GuardRejected { guard, rule } => {
-                m.guard_hits.with_label_values(&[&**guard, rule.as_str(), "reject"]).inc();
+                m.guard_hits
+                    .with_label_values(&[&**guard, rule.as_str(), "reject"])
+                    .inc();
                 debug!(guard = %guard, rule = %rule, "prompt rejected");
             }
-            AdmissionEvent::BudgetReserved { tenant, model, tokens } => {
-                m.budget_reserved.with_label_values(&[tenant, model]).inc_by(*tokens);
+            AdmissionEvent::BudgetReserved {
+                tenant,
+                model,
+                tokens,
+            } => {
+                m.budget_reserved
+                    .with_label_values(&[tenant, model])
+                    .inc_by(*tokens);
             }
             AdmissionEvent::BudgetFallback {
                 tenant,
@@ -70,7 +78,13 @@ pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) {
             .with_label_values(&["clamped"])
             .inc_by(u64::from(repairs.clamped));
     }
-    if let Some(pm) = outcome.cycle.state.prefix.as_ref().filter(|pm| !pm.hashes.is_empty()) {
+    if let Some(pm) = outcome
+        .cycle
+        .state
+        .prefix
+        .as_ref()
+        .filter(|pm| !pm.hashes.is_empty())
+    {
         let matched = pm.matched_blocks(primary.uid);
         m.prefix_hit_ratio
             .observe(f64::from(matched) / pm.hashes.len() as f64);

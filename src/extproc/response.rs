@@ -60,8 +60,9 @@ impl BodyStage for OutputMask {
         if self.streaming {
             let mut out = Vec::with_capacity(data.len());
             let stream = &mut self.stream;
-            self.events
-                .feed_with(data, end_of_stream, |ev| out.extend_from_slice(&stream.event(&sets, ev)));
+            self.events.feed_with(data, end_of_stream, |ev| {
+                out.extend_from_slice(&stream.event(&sets, ev))
+            });
             if end_of_stream {
                 out.extend_from_slice(&self.stream.finish(&sets));
             }

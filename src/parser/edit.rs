@@ -123,7 +123,11 @@ mod tests {
         for (sent, want) in cases {
             let req = parse_request("/v1/completions", sent.as_bytes()).unwrap();
             let asked = ask(sent.as_bytes(), req.stream_options_span);
-            assert_eq!(asked.map(|b| String::from_utf8(b).unwrap()).as_deref(), want, "{sent}");
+            assert_eq!(
+                asked.map(|b| String::from_utf8(b).unwrap()).as_deref(),
+                want,
+                "{sent}"
+            );
         }
         assert_eq!(
             ask(br#"{"model":"m"}"#, None).unwrap(),

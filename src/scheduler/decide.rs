@@ -173,7 +173,10 @@ impl Scheduler {
             unix_ms: env.unix_ms,
             request: Cow::Borrowed(request),
             body: Cow::Borrowed(body),
-            target_model: meta.model_rewrite.clone().unwrap_or_else(|| request.model.clone()),
+            target_model: meta
+                .model_rewrite
+                .clone()
+                .unwrap_or_else(|| request.model.clone()),
             priority,
             restore: Vec::new(),
             reservation: None,

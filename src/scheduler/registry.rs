@@ -68,7 +68,9 @@ const REGISTRY: &[(&str, Builder)] = &[
     }),
     // Upstream's factory ignores this scorer's parameters, and its docs still show a
     // `blockSize` here: accept and ignore them so those configs keep loading.
-    (PREFIX_CACHE_SCORER, |name, _| Ok(scorer(PrefixCacheScorer::new(name)))),
+    (PREFIX_CACHE_SCORER, |name, _| {
+        Ok(scorer(PrefixCacheScorer::new(name)))
+    }),
     (TOKEN_LOAD_SCORER, |name, spec| {
         Ok(scorer(TokenLoadScorer::new(name, &decode_params(spec)?)))
     }),
@@ -84,13 +86,22 @@ const REGISTRY: &[(&str, Builder)] = &[
     // producer has nothing left to do; it is accepted for upstream configs.
     (INFLIGHT_LOAD_PRODUCER, consumed_elsewhere),
     (MAX_SCORE_PICKER, |name, spec| {
-        Ok(picker(MaxScorePicker::new(name, &decode_params::<PickerParams>(spec)?)))
+        Ok(picker(MaxScorePicker::new(
+            name,
+            &decode_params::<PickerParams>(spec)?,
+        )))
     }),
     (RANDOM_PICKER, |name, spec| {
-        Ok(picker(RandomPicker::new(name, &decode_params::<PickerParams>(spec)?)))
+        Ok(picker(RandomPicker::new(
+            name,
+            &decode_params::<PickerParams>(spec)?,
+        )))
     }),
     (ROUND_ROBIN_PICKER, |name, spec| {
-        Ok(picker(RoundRobinPicker::new(name, &decode_params::<PickerParams>(spec)?)))
+        Ok(picker(RoundRobinPicker::new(
+            name,
+            &decode_params::<PickerParams>(spec)?,
+        )))
     }),
     (WEIGHTED_RANDOM_PICKER, |name, spec| {
         Ok(picker(WeightedRandomPicker::new(

@@ -113,6 +113,13 @@ pub fn resp_body(body: &[u8], end_of_stream: bool) -> ProcessingRequest {
     }
 }
 
+pub fn resp_trailers() -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(Request::ResponseTrailers(HttpTrailers::default())),
+        ..Default::default()
+    }
+}
+
 /// Attach a subset hint (list of values) to a message.
 pub fn with_subset(mut msg: ProcessingRequest, entries: Vec<Value>) -> ProcessingRequest {
     let inner = Struct {

@@ -302,7 +302,9 @@ fn remote_budget_store(config: &EndpointPickerConfig) -> Option<&str> {
     config
         .plugins
         .iter()
-        .find(|p| p.plugin_type == TOKEN_BUDGET && p.parameters.get("store").and_then(|s| s.get("redis")).is_some())
+        .find(|p| {
+            p.plugin_type == TOKEN_BUDGET && p.parameters.get("store").and_then(|s| s.get("redis")).is_some()
+        })
         .map(|p| p.path.as_str())
 }
 
@@ -313,7 +315,13 @@ fn settle(reservation: &BudgetReservation, actual: u64) {
 
 /// The chat body the replay sends for `req` asking for `model`: the workload's synthesized
 /// prompt as one user message, streamed with usage (as the server sees a chat client).
-pub fn chat_body(workload: &Workload, req: &TraceRequest, model: &str, text: &mut String, body: &mut Vec<u8>) {
+pub fn chat_body(
+    workload: &Workload,
+    req: &TraceRequest,
+    model: &str,
+    text: &mut String,
+    body: &mut Vec<u8>,
+) {
     text.clear();
     workload.prompt_text(req, text);
     body.clear();

@@ -17,7 +17,7 @@ use std::{borrow::Cow, sync::Arc};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{AdmissionEvent, AdmissionStage, AdmitFuture, Admission, Refusal};
+use super::{Admission, AdmissionEvent, AdmissionStage, AdmitFuture, Refusal};
 use crate::{
     config::{ConfigIssue, PluginSpec, decode_plugin_params},
     guard::{Builtin, PatternSet, Placeholders, visit_prompt_strings},

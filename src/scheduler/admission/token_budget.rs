@@ -25,7 +25,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{AdmissionEvent, AdmissionStage, AdmitFuture, Admission, BudgetReservation, Refusal};
+use super::{Admission, AdmissionEvent, AdmissionStage, AdmitFuture, BudgetReservation, Refusal};
 use crate::{
     budget::{
         BudgetPolicy, BudgetStore, Layer, MemoryStore, ModelBudget, RedisStore, Reservation, TenantBudget,
