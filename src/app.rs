@@ -21,7 +21,9 @@ use tracing::{info, warn};
 
 use crate::{
     clock::{Clock, MonotonicClock},
-    config::{ConfigError, EndpointPickerConfig, FlagError, Flags},
+    config::{
+        ConfigError, EndpointPickerConfig, Flags, PoolSetting, Settings, SettingsError, StaticEndpoint,
+    },
     datastore::{
         DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, EndpointKey, EndpointSpec, SnapshotReader,
         format_address,
@@ -53,9 +55,9 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 /// Why the EPP could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    /// Bad flags.
+    /// Bad flags (every problem found).
     #[error(transparent)]
-    Flags(#[from] FlagError),
+    Flags(#[from] SettingsError),
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -139,11 +141,10 @@ async fn bind(port: u16) -> Result<TcpListener, AppError> {
         .map_err(|source| AppError::Bind { addr, source })
 }
 
-fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
+fn static_specs(flags: &Flags, endpoints: &[StaticEndpoint]) -> Vec<EndpointSpec> {
     let namespace: Arc<str> = flags.effective_namespace().into();
-    Ok(flags
-        .static_endpoints()?
-        .into_iter()
+    endpoints
+        .iter()
         .map(|ep| {
             let mut labels = BTreeMap::new();
             if let Some(engine) = &ep.engine {
@@ -158,7 +159,7 @@ fn static_specs(flags: &Flags) -> Result<Vec<EndpointSpec>, AppError> {
                 labels: Arc::new(labels),
             }
         })
-        .collect())
+        .collect()
 }
 
 async fn set_readiness(reporter: &HealthReporter, ready: bool) {
@@ -189,14 +190,14 @@ pub async fn start(flags: Flags) -> Result<RunningApp, AppError> {
     start_with_client(flags, None).await
 }
 
-/// The pool name used for gauges and the lease: `--pool-name`, else (standalone mode) the
-/// Deployment name derived from `$POD_NAME` by stripping the ReplicaSet and pod hashes.
-pub fn pool_display_name(flags: &Flags) -> String {
-    if !flags.pool_name.is_empty() {
-        return flags.pool_name.clone();
-    }
-    if !flags.endpoints.is_empty() {
-        return "static".into();
+/// The pool name used for gauges and the lease: the InferencePool's name, `static` for
+/// `--endpoints`, else (standalone mode) the Deployment name derived from `$POD_NAME` by
+/// stripping the ReplicaSet and pod hashes.
+pub fn pool_display_name(pool: &PoolSetting) -> String {
+    match pool {
+        PoolSetting::InferencePool { name, .. } => return name.clone(),
+        PoolSetting::Static(_) => return "static".into(),
+        PoolSetting::Selector { .. } => {}
     }
     let pod = std::env::var("POD_NAME").unwrap_or_default();
     let parts: Vec<&str> = pod.rsplitn(3, '-').collect();
@@ -219,8 +220,11 @@ pub fn pool_display_name(flags: &Flags) -> String {
 /// # Errors
 /// [`AppError`] for invalid flags or config, unbindable ports, TLS failures, or no Kubernetes API.
 pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Result<RunningApp, AppError> {
-    flags.validate()?;
-    let kube_mode = flags.endpoints.is_empty();
+    let Settings {
+        flags,
+        pool: pool_setting,
+    } = Settings::from_flags(flags)?;
+    let kube_mode = pool_setting.needs_kubernetes();
     if flags.ha_enable_leader_election && !kube_mode {
         return Err(AppError::HaWithoutKubernetes);
     }
@@ -256,33 +260,30 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     tasks.spawn(writer.run(events_rx));
     let namespace = flags.effective_namespace();
-    let pool = pool_display_name(&flags);
-    match &client {
-        None => {
-            let specs = static_specs(&flags)?;
+    let pool = pool_display_name(&pool_setting);
+    match (&pool_setting, &client) {
+        (PoolSetting::Static(endpoints), _) => {
+            let specs = static_specs(&flags, endpoints);
             let _ = events_tx.send(DatastoreEvent::ReplaceAll(specs)).await;
             let _ = events_tx.send(DatastoreEvent::Synced(true)).await;
         }
-        Some(client) => {
-            let source = if flags.pool_name.is_empty() {
-                PoolSource::Selector(PoolShape {
-                    selector: flags
-                        .endpoint_selector
-                        .split(',')
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                        .collect(),
-                    target_ports: {
-                        let mut ports = flags.endpoint_target_ports.clone();
-                        ports.dedup();
-                        ports
-                    },
-                })
-            } else {
-                PoolSource::Pool {
-                    name: flags.pool_name.clone(),
-                    group: flags.pool_group.clone(),
-                }
+        (PoolSetting::Selector { labels, target_ports }, Some(client)) => {
+            let source = PoolSource::Selector(PoolShape {
+                selector: labels.clone(),
+                target_ports: target_ports.clone(),
+            });
+            tasks.spawn(run_discovery(
+                client.clone(),
+                namespace.clone(),
+                source,
+                events_tx.clone(),
+                cancel.clone(),
+            ));
+        }
+        (PoolSetting::InferencePool { name, group }, Some(client)) => {
+            let source = PoolSource::Pool {
+                name: name.clone(),
+                group: group.clone(),
             };
             tasks.spawn(run_discovery(
                 client.clone(),
@@ -291,17 +292,17 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
                 events_tx.clone(),
                 cancel.clone(),
             ));
-            if !flags.pool_name.is_empty() {
-                tasks.spawn(run_objectives(
-                    client.clone(),
-                    namespace.clone(),
-                    flags.pool_name.clone(),
-                    flags.pool_group.clone(),
-                    events_tx.clone(),
-                    cancel.clone(),
-                ));
-            }
+            tasks.spawn(run_objectives(
+                client.clone(),
+                namespace.clone(),
+                name.clone(),
+                group.clone(),
+                events_tx.clone(),
+                cancel.clone(),
+            ));
         }
+        // A Kubernetes pool source always has a client (built above or refused).
+        (_, None) => {}
     }
     // Leadership: always "leader" without HA; with HA, the lease decides.
     let (leader_tx, leader_rx) = watch::channel(!flags.ha_enable_leader_election);

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{ArgAction, Parser};
 
 /// Deprecated metric-name flags that the Go EPP refuses when set.
-const REMOVED_METRIC_FLAGS: [&str; 5] = [
+pub(super) const REMOVED_METRIC_FLAGS: [&str; 5] = [
     "total-queued-requests-metric",
     "total-running-requests-metric",
     "kv-cache-usage-percentage-metric",
@@ -198,7 +198,7 @@ pub struct Flags {
 }
 
 /// A flag combination that cannot work.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FlagError {
     /// A removed metric flag was set.
     #[error("--{flag} is deprecated and cannot be used; configure metrics via engineConfigs")]
@@ -218,6 +218,14 @@ pub enum FlagError {
     /// Standalone mode without ports, or with too many.
     #[error("--endpoint-target-ports needs 1 to 8 ports with --endpoint-selector")]
     TargetPorts,
+    /// An `--endpoint-selector` entry is not a `key=value` label requirement.
+    #[error("--endpoint-selector: {entry:?}: {reason}")]
+    BadSelector {
+        /// The entry.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// One `--endpoints` entry.
@@ -235,30 +243,10 @@ impl Flags {
     /// # Errors
     /// The first [`FlagError`] found.
     pub fn validate(&self) -> Result<(), FlagError> {
-        let removed = [
-            &self.total_queued_requests_metric,
-            &self.total_running_requests_metric,
-            &self.kv_cache_usage_percentage_metric,
-            &self.lora_info_metric,
-            &self.cache_info_metric,
-        ];
-        for (flag, value) in REMOVED_METRIC_FLAGS.iter().zip(removed) {
-            if value.is_some() {
-                return Err(FlagError::RemovedMetricFlag { flag });
-            }
+        match super::Settings::from_flags(self.clone()) {
+            Ok(_) => Ok(()),
+            Err(mut e) => Err(e.errors.swap_remove(0)),
         }
-        let sources = [
-            !self.endpoints.is_empty(),
-            !self.pool_name.is_empty(),
-            !self.endpoint_selector.is_empty(),
-        ];
-        if sources.iter().filter(|s| **s).count() != 1 {
-            return Err(FlagError::PoolSource);
-        }
-        if !self.endpoint_selector.is_empty() && !(1..=8).contains(&self.endpoint_target_ports.len()) {
-            return Err(FlagError::TargetPorts);
-        }
-        self.static_endpoints().map(|_| ())
     }
 
     /// The parsed `--endpoints` list.
