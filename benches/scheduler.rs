@@ -3,6 +3,9 @@
 //! excluded (the request is parsed outside the timed loop). Sweeps 8 / 64 / 512 / 4,096 endpoints
 //! and 1k / 8k / 100k-token chat prompts.
 //!
+//! `decide` measures the whole decide step (admission and the outcome around the same cycle) at
+//! 64 endpoints and 8k tokens.
+//!
 //! Run: `cargo bench --bench scheduler`. Results and machine: benches/README.md.
 
 #![allow(
@@ -18,8 +21,9 @@ use epp::{
     config::EndpointPickerConfig,
     datastore::testing::SnapshotBuilder,
     parser::parse_request,
-    scheduler::{SchedulingContext, Scratch, build_scheduler},
+    scheduler::{DecideEnv, RequestMeta, SchedulingContext, Scratch, build_scheduler},
 };
+use futures_util::FutureExt;
 use rand::{SeedableRng, rngs::SmallRng};
 
 fn chat_body(tokens: usize) -> Vec<u8> {
@@ -84,5 +88,45 @@ fn bench_decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decision);
+/// The whole decide step at 64 endpoints and an 8k-token prompt: candidates, the objective's
+/// priority, the admission stages of the default config (the saturation gate), the cycle above,
+/// and the outcome (no body edit, no response transform). The difference from
+/// `decision/64_endpoints/8k_tokens` is what the seam costs.
+fn bench_decide(c: &mut Criterion) {
+    let scheduler = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    let mut b = SnapshotBuilder::new();
+    for i in 0..64u32 {
+        b = b.endpoint(&format!("10.0.0.{i}:8000"), |m| {
+            m.waiting = i % 7;
+            m.kv_usage = Some(f64::from(i % 10) / 10.0);
+        });
+    }
+    let snap = b.build();
+    let body = chat_body(8_000);
+    let req = parse_request("/v1/chat/completions", &body).unwrap();
+    let meta = RequestMeta::default();
+    let mut group = c.benchmark_group("decide");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("64_endpoints/8k_tokens", |bench| {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut scratch = Scratch::default();
+        bench.iter(|| {
+            let mut env = DecideEnv {
+                now: Timestamp(0),
+                unix_ms: 0,
+                rng: &mut rng,
+                timer: None,
+                scratch: &mut scratch,
+            };
+            let verdict = scheduler
+                .decide(&req, &body, &meta, &snap, &mut env)
+                .now_or_never()
+                .unwrap();
+            black_box(verdict.result.unwrap());
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decision, bench_decide);
 criterion_main!(benches);

@@ -162,6 +162,21 @@ fn static_specs(flags: &Flags, endpoints: &[StaticEndpoint]) -> Vec<EndpointSpec
         .collect()
 }
 
+/// What Kubernetes discovery watches for a pool source (nothing for a static pool).
+fn discovery_source(pool: &PoolSetting) -> Option<PoolSource> {
+    match pool {
+        PoolSetting::Static(_) => None,
+        PoolSetting::InferencePool { name, group } => Some(PoolSource::Pool {
+            name: name.clone(),
+            group: group.clone(),
+        }),
+        PoolSetting::Selector { labels, target_ports } => Some(PoolSource::Selector(PoolShape {
+            selector: labels.clone(),
+            target_ports: target_ports.clone(),
+        })),
+    }
+}
+
 async fn set_readiness(reporter: &HealthReporter, ready: bool) {
     let status = if ready {
         ServingStatus::Serving
@@ -261,48 +276,29 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     tasks.spawn(writer.run(events_rx));
     let namespace = flags.effective_namespace();
     let pool = pool_display_name(&pool_setting);
-    match (&pool_setting, &client) {
-        (PoolSetting::Static(endpoints), _) => {
-            let specs = static_specs(&flags, endpoints);
-            let _ = events_tx.send(DatastoreEvent::ReplaceAll(specs)).await;
-            let _ = events_tx.send(DatastoreEvent::Synced(true)).await;
-        }
-        (PoolSetting::Selector { labels, target_ports }, Some(client)) => {
-            let source = PoolSource::Selector(PoolShape {
-                selector: labels.clone(),
-                target_ports: target_ports.clone(),
-            });
-            tasks.spawn(run_discovery(
-                client.clone(),
-                namespace.clone(),
-                source,
-                events_tx.clone(),
-                cancel.clone(),
-            ));
-        }
-        (PoolSetting::InferencePool { name, group }, Some(client)) => {
-            let source = PoolSource::Pool {
-                name: name.clone(),
-                group: group.clone(),
-            };
-            tasks.spawn(run_discovery(
-                client.clone(),
-                namespace.clone(),
-                source,
-                events_tx.clone(),
-                cancel.clone(),
-            ));
-            tasks.spawn(run_objectives(
-                client.clone(),
-                namespace.clone(),
-                name.clone(),
-                group.clone(),
-                events_tx.clone(),
-                cancel.clone(),
-            ));
-        }
-        // A Kubernetes pool source always has a client (built above or refused).
-        (_, None) => {}
+    if let PoolSetting::Static(endpoints) = &pool_setting {
+        let specs = static_specs(&flags, endpoints);
+        let _ = events_tx.send(DatastoreEvent::ReplaceAll(specs)).await;
+        let _ = events_tx.send(DatastoreEvent::Synced(true)).await;
+    }
+    if let (Some(client), Some(source)) = (&client, discovery_source(&pool_setting)) {
+        tasks.spawn(run_discovery(
+            client.clone(),
+            namespace.clone(),
+            source,
+            events_tx.clone(),
+            cancel.clone(),
+        ));
+    }
+    if let (Some(client), PoolSetting::InferencePool { name, group }) = (&client, &pool_setting) {
+        tasks.spawn(run_objectives(
+            client.clone(),
+            namespace.clone(),
+            name.clone(),
+            group.clone(),
+            events_tx.clone(),
+            cancel.clone(),
+        ));
     }
     // Leadership: always "leader" without HA; with HA, the lease decides.
     let (leader_tx, leader_rx) = watch::channel(!flags.ha_enable_leader_election);

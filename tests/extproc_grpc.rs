@@ -928,9 +928,8 @@ schedulingProfiles:
     );
 }
 
-#[tokio::test]
-async fn response_guard_masks_model_output_in_json_and_sse() {
-    let config = "\
+/// A config whose prompt guard masks card numbers in model output.
+const RESPONSE_GUARD_CONFIG: &str = "\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
@@ -944,7 +943,10 @@ schedulingProfiles:
   plugins:
   - pluginRef: queue-scorer
 ";
-    let server = TestServer::start(pods(), Some(config)).await;
+
+#[tokio::test]
+async fn response_guard_masks_model_output_in_json_and_sse() {
+    let server = TestServer::start(pods(), Some(RESPONSE_GUARD_CONFIG)).await;
     let json =
         br#"{"choices":[{"message":{"role":"assistant","content":"use 4111 1111 1111 1111"}}],"model":"m"}"#;
     let (a, b) = json.split_at(50);
@@ -1019,21 +1021,7 @@ schedulingProfiles:
 /// holds back (here a whole card number, split over two events, with no finish event) was lost.
 #[tokio::test]
 async fn response_trailers_flush_text_the_output_mask_holds_back() {
-    let config = "\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: prompt-guard
-  parameters:
-    response:
-      regex: {builtins: [CREDIT_CARD]}
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-";
-    let server = TestServer::start(pods(), Some(config)).await;
+    let server = TestServer::start(pods(), Some(RESPONSE_GUARD_CONFIG)).await;
     let first = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"card 4111 1111\"}}]}\n\n";
     let second = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" 1111 1111\"}}]}\n\n";
     let answers = server

@@ -451,18 +451,18 @@ impl Sim<'_> {
             .scheduler
             .decide(&parsed, body, &meta, &snapshot, &mut env)
             .now_or_never();
-        let outcome = match verdict.map(|v| v.result) {
-            Some(Ok(outcome)) => outcome,
-            Some(Err(refused)) => {
+        let Some(verdict) = verdict else {
+            record.refusal = Some("budget-store");
+            self.records.push(record);
+            return;
+        };
+        let outcome = match verdict.result {
+            Ok(outcome) => outcome,
+            Err(refused) => {
                 if let Some(r) = refused.reservation {
                     settle(&r, 0);
                 }
                 record.refusal = Some(refused.refusal.reason());
-                self.records.push(record);
-                return;
-            }
-            None => {
-                record.refusal = Some("budget-store");
                 self.records.push(record);
                 return;
             }
