@@ -22,7 +22,7 @@ use std::{
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
 };
-use rand::{SeedableRng, rngs::SmallRng, seq::IndexedRandom};
+use rand::{SeedableRng, rngs::SmallRng};
 use tracing::{debug, trace};
 
 use super::{
@@ -41,9 +41,7 @@ use super::{
 use crate::{
     datastore::{InFlight, Snapshot},
     parser::parse_request,
-    scheduler::{
-        DecideEnv, Decision, ResponsePlan, Scratch, admission::BudgetReservation, subset_candidates,
-    },
+    scheduler::{DecideEnv, Decision, ResponsePlan, Scratch, admission::BudgetReservation},
 };
 
 /// What Envoy does with bodies in one direction (from `protocol_config`).
@@ -305,12 +303,12 @@ impl Exchange {
     fn decide_without_body(&mut self, out: &mut Vec<ProcessingResponse>) -> Flow {
         self.decided = true;
         let snapshot = self.p.reader.load();
-        let candidates = match &self.headers.meta.subset {
-            Some(hint) => subset_candidates(&snapshot, hint),
-            None => snapshot.all_ids().collect(),
-        };
         let mut rng = SmallRng::from_rng(&mut rand::rng());
-        let Some(endpoint) = candidates.choose(&mut rng).and_then(|id| snapshot.get(*id)) else {
+        let picked = self
+            .p
+            .scheduler
+            .decide_without_body(&self.headers.meta, &snapshot, &mut rng);
+        let Some(endpoint) = picked.ok().and_then(|id| snapshot.get(id)) else {
             return self.fail(EppError::NoCandidates, None, out);
         };
         let destination = endpoint.address_text.to_string();

@@ -20,7 +20,7 @@
 
 use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 
-use rand::RngCore;
+use rand::{RngCore, seq::IndexedRandom};
 
 use super::{
     Decision, Scheduler, SchedulingError,
@@ -157,10 +157,7 @@ impl Scheduler {
         snapshot: &Snapshot,
         env: &mut DecideEnv<'_>,
     ) -> Verdict {
-        let candidates = match &meta.subset {
-            Some(hint) => subset_candidates(snapshot, hint),
-            None => snapshot.all_ids().collect(),
-        };
+        let candidates = candidates(snapshot, meta);
         let priority = match meta.objective.as_deref().and_then(|o| snapshot.objectives.get(o)) {
             Some(p) => *p,
             None => self.priority_of(meta.objective.as_deref()),
@@ -297,6 +294,33 @@ impl Scheduler {
                 cycle,
             }),
         }
+    }
+}
+
+impl Scheduler {
+    /// Decide where a request without a body goes (e.g. `GET /v1/models`): any candidate
+    /// serves, chosen at random; no admission, no scheduling cycle.
+    ///
+    /// # Errors
+    /// [`Refusal::NoCandidates`] for an empty pool or a subset hint matching none.
+    pub fn decide_without_body(
+        &self,
+        meta: &RequestMeta,
+        snapshot: &Snapshot,
+        rng: &mut dyn RngCore,
+    ) -> Result<EndpointId, Refusal> {
+        candidates(snapshot, meta)
+            .choose(rng)
+            .copied()
+            .ok_or(Refusal::NoCandidates)
+    }
+}
+
+/// The candidates of a request: the gateway's subset when it sent one, else the whole pool.
+fn candidates(snapshot: &Snapshot, meta: &RequestMeta) -> Vec<EndpointId> {
+    match &meta.subset {
+        Some(hint) => subset_candidates(snapshot, hint),
+        None => snapshot.all_ids().collect(),
     }
 }
 

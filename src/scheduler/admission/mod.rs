@@ -72,13 +72,6 @@ pub struct Admission<'a> {
     pub events: Vec<AdmissionEvent>,
 }
 
-impl Admission<'_> {
-    /// Whether a guard masked the prompt (the body differs from what the client sent).
-    pub fn masked(&self) -> bool {
-        matches!(self.body, Cow::Owned(_))
-    }
-}
-
 /// Tokens reserved for one request, settled with the actual usage when its response ends (or
 /// with zero when it is refused after the reservation).
 #[derive(Clone)]
