@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use epp::{
-    budget::{Layer, MemoryStore, Window},
+    budget::{Layer, LayerKey, MemoryStore, Window},
     config::PluginSpec,
     guard::{Builtin, PatternSet, Placeholders, response::StreamMask},
     parser::ApiKind,
@@ -125,11 +125,11 @@ fn bench_admission(c: &mut Criterion) {
     let store = MemoryStore::new();
     let layers = vec![
         Layer {
-            key: "t:team-a".into(),
+            key: LayerKey::tenant("team-a"),
             limit: u64::MAX,
         },
         Layer {
-            key: "m:team-a:llama".into(),
+            key: LayerKey::model("team-a", "llama"),
             limit: u64::MAX,
         },
     ];

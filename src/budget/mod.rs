@@ -8,6 +8,6 @@ pub mod policy;
 pub mod redis;
 pub mod store;
 
-pub use policy::{BudgetPolicy, Layer, ModelBudget, TenantBudget, Window, reset_text};
+pub use policy::{BudgetPolicy, Layer, LayerKey, ModelBudget, TenantBudget, Window, reset_text};
 pub use redis::RedisStore;
 pub use store::{BudgetStore, MemoryStore, Reservation, StoreError};

@@ -3,11 +3,51 @@
 
 use std::{collections::HashMap, time::Duration};
 
+/// Which budget a layer is: a tenant's total, or one model of a tenant. Stores key their
+/// counters by it (the Redis store renders it as text at its own edge).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LayerKey {
+    /// All models of a tenant together.
+    Tenant {
+        /// Who pays.
+        tenant: String,
+    },
+    /// One model of a tenant.
+    Model {
+        /// Who pays.
+        tenant: String,
+        /// The model.
+        model: String,
+    },
+}
+
+impl LayerKey {
+    /// The tenant-wide layer of `tenant`.
+    pub fn tenant(tenant: &str) -> Self {
+        LayerKey::Tenant {
+            tenant: tenant.to_owned(),
+        }
+    }
+
+    /// The layer of `model` inside `tenant`.
+    pub fn model(tenant: &str, model: &str) -> Self {
+        LayerKey::Model {
+            tenant: tenant.to_owned(),
+            model: model.to_owned(),
+        }
+    }
+
+    /// Whether this is a per-model layer (a fallback model may then take the request).
+    pub fn is_model(&self) -> bool {
+        matches!(self, LayerKey::Model { .. })
+    }
+}
+
 /// One budget layer a request must fit into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layer {
-    /// Store key (without the window), e.g. `t:team-a` or `m:team-a:gpt-4o`.
-    pub key: String,
+    /// Which budget.
+    pub key: LayerKey,
     /// Tokens per window.
     pub limit: u64,
 }
@@ -68,13 +108,13 @@ impl BudgetPolicy {
         let mut out = Vec::with_capacity(2);
         if let Some(limit) = t.tokens {
             out.push(Layer {
-                key: format!("t:{tenant}"),
+                key: LayerKey::tenant(tenant),
                 limit,
             });
         }
         if let Some(m) = t.models.get(model) {
             out.push(Layer {
-                key: format!("m:{tenant}:{model}"),
+                key: LayerKey::model(tenant, model),
                 limit: m.tokens,
             });
         }
@@ -149,11 +189,11 @@ mod tests {
             p.layers("team-a", "gpt-4o"),
             vec![
                 Layer {
-                    key: "t:team-a".into(),
+                    key: LayerKey::tenant("team-a"),
                     limit: 500
                 },
                 Layer {
-                    key: "m:team-a:gpt-4o".into(),
+                    key: LayerKey::model("team-a", "gpt-4o"),
                     limit: 100
                 }
             ]
@@ -161,14 +201,14 @@ mod tests {
         assert_eq!(
             p.layers("team-a", "other"),
             vec![Layer {
-                key: "t:team-a".into(),
+                key: LayerKey::tenant("team-a"),
                 limit: 500
             }]
         );
         assert_eq!(
             p.layers("stranger", "x"),
             vec![Layer {
-                key: "t:stranger".into(),
+                key: LayerKey::tenant("stranger"),
                 limit: 50
             }]
         );

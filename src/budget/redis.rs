@@ -12,7 +12,7 @@ use redis::{AsyncCommands, Script, aio::MultiplexedConnection};
 use tokio::sync::Mutex;
 
 use super::{
-    policy::{Layer, Window},
+    policy::{Layer, LayerKey, Window},
     store::{BudgetStore, Reservation, StoreError, StoreFuture},
 };
 
@@ -79,8 +79,12 @@ impl RedisStore {
         })
     }
 
+    /// The Redis key of `layer`'s counter in `window` (the text format of earlier releases).
     fn key(layer: &Layer, window: Window) -> String {
-        format!("epp:budget:{}:{}", layer.key, window.id)
+        match &layer.key {
+            LayerKey::Tenant { tenant } => format!("epp:budget:t:{tenant}:{}", window.id),
+            LayerKey::Model { tenant, model } => format!("epp:budget:m:{tenant}:{model}:{}", window.id),
+        }
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
@@ -180,5 +184,24 @@ impl BudgetStore for RedisStore {
                 i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(reserved).unwrap_or(i64::MAX);
             self.run::<i64>(&self.settle, &keys, &[delta]).await.map(|_| ())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_render_the_layer_and_the_window() {
+        let window = Window {
+            id: 42,
+            remaining_ms: 1,
+        };
+        let key = |key| RedisStore::key(&Layer { key, limit: 1 }, window);
+        assert_eq!(key(LayerKey::tenant("team-a")), "epp:budget:t:team-a:42");
+        assert_eq!(
+            key(LayerKey::model("team-a", "gpt-4o")),
+            "epp:budget:m:team-a:gpt-4o:42"
+        );
     }
 }

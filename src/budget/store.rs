@@ -6,7 +6,7 @@ use std::{collections::HashMap, future::Future, pin::Pin};
 
 use parking_lot::Mutex;
 
-use super::policy::{Layer, Window};
+use super::policy::{Layer, LayerKey, Window};
 
 /// A boxed future, so the trait stays object-safe.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -58,7 +58,7 @@ pub trait BudgetStore: Send + Sync {
 /// In-process counters: exact for a single EPP replica.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    used: Mutex<HashMap<String, (u64, u64)>>,
+    used: Mutex<HashMap<LayerKey, (u64, u64)>>,
 }
 
 impl MemoryStore {
@@ -70,7 +70,7 @@ impl MemoryStore {
     /// Reserve synchronously (the memory store never waits).
     pub fn reserve_now(&self, layers: &[Layer], amount: u64, window: Window) -> Reservation {
         let mut used = self.used.lock();
-        let current = |used: &HashMap<String, (u64, u64)>, key: &str| match used.get(key) {
+        let current = |used: &HashMap<LayerKey, (u64, u64)>, key: &LayerKey| match used.get(key) {
             Some((w, n)) if *w == window.id => *n,
             _ => 0,
         };
@@ -133,11 +133,11 @@ mod tests {
     fn layers() -> Vec<Layer> {
         vec![
             Layer {
-                key: "t:a".into(),
+                key: LayerKey::tenant("a"),
                 limit: 100,
             },
             Layer {
-                key: "m:a:x".into(),
+                key: LayerKey::model("a", "x"),
                 limit: 30,
             },
         ]
@@ -209,7 +209,7 @@ mod tests {
                     if matches!(
                         s.reserve_now(
                             &[Layer {
-                                key: "t".into(),
+                                key: LayerKey::tenant("t"),
                                 limit: 100
                             }],
                             10,

@@ -351,7 +351,7 @@ impl TokenBudget {
         let Some(rejected) = layers.get(layer).or(layers.last()) else {
             return Ok(BudgetDecision::Unlimited);
         };
-        let model_layer = rejected.key.starts_with("m:");
+        let model_layer = rejected.key.is_model();
         let limit = rejected.limit;
         if model_layer
             && let Some(fallback) = self.policy.fallback(tenant, model)
