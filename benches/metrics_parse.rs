@@ -9,7 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use epp::metrics::engines::{builtin_engines, extract};
+use epp::scrape::engines::{builtin_engines, extract};
 
 fn bench_parse(c: &mut Criterion) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");

@@ -35,12 +35,12 @@ use crate::{
         objectives::run_objectives,
         types::PoolShape,
     },
-    metrics::{
+    metrics::exported::EppMetrics,
+    scheduler::build_scheduler,
+    scrape::{
         collector::{CollectorConfig, run_collector},
         data_layer::{DataSourceParams, ENGINE_LABEL, data_layer},
-        exported::EppMetrics,
     },
-    scheduler::build_scheduler,
     tls::{self, ServingCert},
 };
 

@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod parser;
 pub mod prefix;
 pub mod scheduler;
+pub mod scrape;
 pub mod tls;

@@ -9,12 +9,12 @@ use axum::{Router, body::Body, routing::get};
 use epp::{
     clock::MonotonicClock,
     datastore::{DatastoreEvent, DatastoreWriter, EndpointKey, EndpointSpec},
-    metrics::{
-        EngineMetrics, ScrapeFailure,
+    datastore::{EngineMetrics, ScrapeFailure},
+    metrics::exported::EppMetrics,
+    scrape::{
         collector::{CollectorConfig, MAX_BODY_BYTES, PageSource, run_collector, scrape_once},
         data_layer::{DataLayer, DataSourceParams, ENGINE_LABEL},
         engines::{EngineSpec, builtin_engines},
-        exported::EppMetrics,
     },
 };
 use tokio::{io::AsyncWriteExt, net::TcpListener, sync::mpsc};
@@ -201,7 +201,7 @@ async fn the_connection_is_kept_between_scrapes_and_reopened_when_the_pod_closed
         assert!(matches!(source, PageSource::Plain(_)));
         for _ in 0..3 {
             let spec = engine("vllm");
-            let names = epp::metrics::engines::sample_names(&spec);
+            let names = epp::scrape::engines::sample_names(&spec);
             let m = source
                 .scrape(&spec, &names, Duration::from_secs(2))
                 .await

@@ -76,7 +76,7 @@ impl Drop for EppProcess {
 pub async fn decision_buckets(metrics_url: &str) -> anyhow::Result<Vec<(f64, f64)>> {
     let text = reqwest::get(metrics_url).await?.text().await?;
     let mut buckets = Vec::new();
-    epp::metrics::exposition::for_each_sample(&text, |s| {
+    epp::scrape::exposition::for_each_sample(&text, |s| {
         if s.name == "inference_extension_request_decision_duration_seconds_bucket"
             && let Some(le) = s.label("le")
         {

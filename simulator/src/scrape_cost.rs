@@ -15,11 +15,11 @@ use axum::{Router, routing::get};
 use epp::{
     clock::MonotonicClock,
     datastore::{DatastoreEvent, DatastoreWriter, EndpointKey, EndpointSpec},
-    metrics::{
+    metrics::exported::EppMetrics,
+    scrape::{
         collector::{CollectorConfig, run_collector},
         data_layer::{DataLayer, DataSourceParams, ENGINE_LABEL},
         engines::builtin_engines,
-        exported::EppMetrics,
     },
 };
 use tokio::net::TcpListener;

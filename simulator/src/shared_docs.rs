@@ -407,7 +407,7 @@ async fn server_counter(client: &reqwest::Client, server: &LlamaServer, name: &s
     };
     let text = resp.text().await.unwrap_or_default();
     let mut sum = 0.0;
-    epp::metrics::exposition::for_each_sample(&text, |s| {
+    epp::scrape::exposition::for_each_sample(&text, |s| {
         if s.name == name {
             sum += s.value;
         }

@@ -23,7 +23,7 @@ use std::{
 use epp::{
     app::RunningApp,
     config::{Flags, normalize_go_args},
-    metrics::ScrapeFailure,
+    datastore::ScrapeFailure,
 };
 use epp_sim::envoy::{Envoy, EnvoyPorts, free_port};
 use llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary};

@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use crate::metrics::EngineMetrics;
+use super::EngineMetrics;
 
 /// Index of an endpoint inside one [`Snapshot`](super::Snapshot). Valid only for that snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

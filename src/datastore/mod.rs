@@ -5,10 +5,12 @@
 //! snapshot so that requests never rebuild it; an [`InFlight`] count is released exactly once.
 
 mod endpoint;
+mod engine_metrics;
 mod snapshot;
 pub mod testing;
 mod writer;
 
 pub use endpoint::{Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, InFlight};
+pub use engine_metrics::{EngineMetrics, LoraState, ScrapeFailure};
 pub use snapshot::Snapshot;
 pub use writer::{DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, SnapshotReader, format_address};

@@ -4,12 +4,13 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use super::EngineMetrics;
 use super::{
     endpoint::{Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid},
     snapshot::Snapshot,
     writer::format_address,
 };
-use crate::{clock::Timestamp, metrics::EngineMetrics};
+use crate::clock::Timestamp;
 
 /// Builds a [`Snapshot`] endpoint by endpoint. Endpoints are named `pod-<i>` in namespace
 /// `default`, with uid `i`, in insertion order (which is also key order for fewer than ten).

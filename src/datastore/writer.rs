@@ -17,11 +17,12 @@ use tokio::{
     time::Instant,
 };
 
+use super::EngineMetrics;
 use super::{
     endpoint::{Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid},
     snapshot::Snapshot,
 };
-use crate::{clock::Clock, metrics::EngineMetrics};
+use crate::clock::Clock;
 
 /// Shortest time between two snapshot publishes (metrics coalesce within it).
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(10);

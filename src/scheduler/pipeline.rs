@@ -17,8 +17,8 @@ use super::{
     profile::{Profile, ProfileError, ScoreRepairs, Scratch},
 };
 use crate::{
+    datastore::ScrapeFailure,
     datastore::{EndpointId, Snapshot},
-    metrics::ScrapeFailure,
 };
 
 /// Why scheduling failed.

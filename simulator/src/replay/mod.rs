@@ -32,9 +32,9 @@ use epp::{
     clock::Timestamp,
     config::EndpointPickerConfig,
     datastore::{
-        Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, InFlight, Snapshot, format_address,
+        Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight, LoraState,
+        Snapshot, format_address,
     },
-    metrics::{EngineMetrics, LoraState},
     parser::parse_request,
     scheduler::{
         DecideEnv, RequestMeta, Scheduler, Scratch, admission::BudgetReservation, build_scheduler,

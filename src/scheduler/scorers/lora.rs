@@ -7,7 +7,7 @@
 
 use crate::{
     datastore::EndpointId,
-    metrics::LoraState,
+    datastore::LoraState,
     scheduler::plugin::{CycleState, PluginName, SchedulingContext, Scorer},
 };
 

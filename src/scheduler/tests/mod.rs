@@ -109,7 +109,7 @@ fn empty_candidates_are_an_error() {
 
 #[test]
 fn endpoints_refusing_connections_get_no_traffic_while_another_answers() {
-    use crate::metrics::ScrapeFailure;
+    use crate::datastore::ScrapeFailure;
     let s = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
     // Pod 0 crashed after its last good scrape showed it idle; the others are busier but alive.
     // A timeout says nothing about serving: pod 2 stays a candidate.

@@ -7,7 +7,7 @@ use crate::{
     clock::Timestamp,
     config::{EndpointPickerConfig, PluginSpec},
     datastore::{EndpointId, Snapshot, testing::SnapshotBuilder},
-    metrics::{EngineMetrics, LoraState},
+    datastore::{EngineMetrics, LoraState},
     parser::{LlmRequest, parse_request},
     scheduler::{
         CycleState, Decision, PluginName, SchedulingContext, SchedulingError, Scratch, build_scheduler,

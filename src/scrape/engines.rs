@@ -9,10 +9,8 @@
 
 use std::sync::Arc;
 
-use super::{
-    exposition::{Sample, SampleReader, for_each_sample_named},
-    model::{EngineMetrics, LoraState},
-};
+use super::exposition::{Sample, SampleReader, for_each_sample_named};
+use crate::datastore::{EngineMetrics, LoraState};
 
 /// A metric name with optional exact label matches.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::model::ScrapeFailure;
+use crate::datastore::ScrapeFailure;
 
 /// Read buffer per scrape; also the largest response head accepted.
 const READ_BUFFER_BYTES: usize = 16 * 1024;

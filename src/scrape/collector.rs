@@ -17,13 +17,14 @@ use tracing::debug;
 use super::{
     data_layer::DataLayer,
     engines::{EngineSpec, PageExtractor, sample_names},
-    exported::EppMetrics,
-    model::{EngineMetrics, ScrapeFailure},
     page_connection::PageConnection,
 };
 use crate::{
     clock::Clock,
-    datastore::{DatastoreEvent, EndpointLive, EndpointSpec, EndpointUid, SnapshotReader},
+    datastore::{
+        DatastoreEvent, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, ScrapeFailure, SnapshotReader,
+    },
+    metrics::exported::EppMetrics,
 };
 
 /// Largest `/metrics` body accepted; a larger (or endless) body is a [`ScrapeFailure::TooLarge`].
