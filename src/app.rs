@@ -371,6 +371,27 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         });
     }
 
+    // Pool chores, off the request path: plugins that keep per-endpoint state (the prefix
+    // index) learn each change of the endpoint set, not each metrics publish.
+    {
+        let (reader, cancel, scheduler) = (reader.clone(), cancel.clone(), scheduler.clone());
+        tasks.spawn(async move {
+            let mut changed = reader.subscribe();
+            let mut seen = reader.load().membership;
+            loop {
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    () = cancel.cancelled() => return,
+                }
+                let snapshot = reader.load();
+                if snapshot.membership != seen {
+                    seen = snapshot.membership;
+                    scheduler.on_pool_change(&snapshot);
+                }
+            }
+        });
+    }
+
     // Health: liveness always; readiness follows the datastore's synced flag.
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter

@@ -11,7 +11,7 @@ use rand::RngCore;
 use super::{
     admission::{AdmissionStage, PromptGuard, saturation_gate::shed_when_saturated},
     plugin::{
-        CycleState, DataProducer, ExtensionPoint, Needs, PluginName, PluginTimer, PreRequest,
+        CycleState, DataProducer, ExtensionPoint, Needs, PluginName, PluginTimer, PoolChange, PreRequest,
         SaturationDetector, SchedulingContext,
     },
     profile::{Profile, ProfileError, ScoreRepairs, Scratch},
@@ -76,6 +76,7 @@ pub struct Scheduler {
     pub(crate) producers: Vec<Arc<dyn DataProducer>>,
     pub(crate) profile: Profile,
     pub(crate) pre_request: Vec<Arc<dyn PreRequest>>,
+    pub(crate) pool_change: Vec<Arc<dyn PoolChange>>,
     pub(crate) needs: Needs,
     pub(crate) detector: Arc<dyn SaturationDetector>,
     pub(crate) objectives: HashMap<String, i32>,
@@ -179,6 +180,14 @@ impl Scheduler {
                 source,
             })?;
         Ok(decision)
+    }
+
+    /// Tell the plugins that keep per-endpoint state (the prefix index) that the endpoint set
+    /// changed: called off the request path, once per change of `snapshot.membership`.
+    pub fn on_pool_change(&self, snapshot: &Snapshot) {
+        for plugin in &self.pool_change {
+            plugin.on_pool_change(snapshot);
+        }
     }
 
     /// Tell the pre-request hooks (e.g. the prefix index insert) where a decided request went.

@@ -164,6 +164,15 @@ pub trait PreRequest: Send + Sync {
     fn pre_request(&self, snapshot: &Snapshot, state: &CycleState, picked: &[EndpointId]);
 }
 
+/// Learns that the pool's endpoint set changed (a pod joined, left or changed), off the request
+/// path: the server calls it from a task that watches the snapshot's `membership`.
+pub trait PoolChange: Send + Sync {
+    /// Identity.
+    fn name(&self) -> &PluginName;
+    /// `snapshot` is the first one showing the new endpoint set.
+    fn on_pool_change(&self, snapshot: &Snapshot);
+}
+
 /// Where in the cycle a plugin ran, for the plugin-duration metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtensionPoint {

@@ -22,7 +22,9 @@ use super::{
     params::{decode_params, no_params},
     pickers::{MaxScorePicker, PickerParams, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     pipeline::Scheduler,
-    plugin::{DataProducer, Filter, Needs, Picker, PluginName, PreRequest, SaturationDetector, Scorer},
+    plugin::{
+        DataProducer, Filter, Needs, Picker, PluginName, PoolChange, PreRequest, SaturationDetector, Scorer,
+    },
     plugin_types::*,
     producers::ApproxPrefixProducer,
     profile::{Profile, WeightedScorer},
@@ -41,6 +43,7 @@ struct Roles {
     picker: Option<Arc<dyn Picker>>,
     producer: Option<Arc<dyn DataProducer>>,
     pre_request: Option<Arc<dyn PreRequest>>,
+    pool_change: Option<Arc<dyn PoolChange>>,
     detector: Option<Arc<dyn SaturationDetector>>,
     objectives: Vec<(String, i32)>,
     guard: Option<Arc<PromptGuard>>,
@@ -78,7 +81,8 @@ const REGISTRY: &[(&str, Builder)] = &[
         let p = Arc::new(ApproxPrefixProducer::from_config(name, spec)?);
         Ok(Roles {
             producer: Some(p.clone()),
-            pre_request: Some(p),
+            pre_request: Some(p.clone()),
+            pool_change: Some(p),
             ..Roles::default()
         })
     }),
@@ -483,6 +487,8 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
     let mut producers: Vec<Arc<dyn DataProducer>> = roles.iter().filter_map(|r| r.producer.clone()).collect();
     let mut pre_request: Vec<Arc<dyn PreRequest>> =
         roles.iter().filter_map(|r| r.pre_request.clone()).collect();
+    let mut pool_change: Vec<Arc<dyn PoolChange>> =
+        roles.iter().filter_map(|r| r.pool_change.clone()).collect();
     // Upstream auto-adds the producer when the prefix scorer is used without one.
     if needs.prefix_match && !producers.iter().any(|p| p.produces().prefix_match) {
         let spec = PluginSpec {
@@ -495,7 +501,8 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
             Ok(p) => {
                 let p = Arc::new(p);
                 producers.push(p.clone());
-                pre_request.push(p);
+                pre_request.push(p.clone());
+                pool_change.push(p);
             }
             Err(e) => issues.push(e),
         }
@@ -516,6 +523,7 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
             picker,
         },
         pre_request,
+        pool_change,
         needs,
         admission: admission_stages(&roles, &detector),
         output_guards: roles

@@ -3,12 +3,10 @@
 //!
 //! Parameters and defaults are upstream's. Two deliberate differences: `lruCapacityPerServer` is
 //! honoured when the engine does not report its block count (upstream computes it and never uses
-//! it), and endpoints that leave the pool are purged as soon as a new snapshot shows it.
+//! it), and endpoints that leave the pool are purged as soon as a new snapshot shows it (a
+//! [`PoolChange`] chore, run off the request path).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -18,7 +16,7 @@ use crate::{
     prefix::{BlockingParams, PrefixIndex, block_hashes},
     scheduler::{
         params::decode_params,
-        plugin::{CycleState, DataProducer, Needs, PluginName, PreRequest, SchedulingContext},
+        plugin::{CycleState, DataProducer, Needs, PluginName, PoolChange, PreRequest, SchedulingContext},
     },
 };
 
@@ -65,7 +63,6 @@ pub struct ApproxPrefixProducer {
     params: ApproxPrefixParams,
     block_size_tokens: u32,
     index: Arc<PrefixIndex>,
-    purged_membership: AtomicU64,
 }
 
 impl ApproxPrefixProducer {
@@ -96,7 +93,6 @@ impl ApproxPrefixProducer {
             params,
             block_size_tokens,
             index: Arc::new(PrefixIndex::new()),
-            purged_membership: AtomicU64::new(0),
         })
     }
 
@@ -118,21 +114,16 @@ impl ApproxPrefixProducer {
             self.block_size_tokens
         })
     }
+}
 
-    /// Drop departed endpoints from the index once per change of the endpoint set (not per
-    /// metrics publish, which happens every few milliseconds).
-    fn purge_departed(&self, ctx: &SchedulingContext<'_>) {
-        let membership = ctx.snapshot.membership;
-        let seen = self.purged_membership.load(Ordering::Relaxed);
-        if seen == membership
-            || self
-                .purged_membership
-                .compare_exchange(seen, membership, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        self.index.retain_endpoints(|uid| ctx.snapshot.contains_uid(uid));
+impl PoolChange for ApproxPrefixProducer {
+    fn name(&self) -> &PluginName {
+        &self.name
+    }
+
+    /// Drop departed endpoints from the index.
+    fn on_pool_change(&self, snapshot: &Snapshot) {
+        self.index.retain_endpoints(|uid| snapshot.contains_uid(uid));
     }
 }
 
@@ -150,7 +141,6 @@ impl DataProducer for ApproxPrefixProducer {
     }
 
     fn produce(&self, ctx: &SchedulingContext<'_>, state: &mut CycleState) {
-        self.purge_departed(ctx);
         let block_tokens = self.effective_block_tokens(ctx);
         let max_blocks = if self.params.max_prefix_tokens_to_match > 0 {
             (self.params.max_prefix_tokens_to_match / block_tokens).max(1)

@@ -231,3 +231,47 @@ fn scores_out_of_range_are_clamped_and_nan_is_zero() {
 mod properties;
 mod unknown_kv;
 mod upstream_vectors;
+
+/// Regression (decision-pipeline issue): the prefix index drops an endpoint that left the pool
+/// when the pool changes, not while a request is being scheduled.
+#[test]
+fn departed_endpoints_leave_the_prefix_index_on_pool_change_not_on_the_request_path() {
+    let s = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    let snap = hermetic_pods();
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(40);
+    let body = format!(r#"{{"model":"m","prompt":"{prompt}"}}"#);
+    let d = run(&s, &snap, body.as_bytes(), &mut SmallRng::seed_from_u64(1)).unwrap();
+    let picked = snap.get(d.endpoints[0]).unwrap().uid;
+    let entries = || s.prefix_index_footprint().unwrap().0;
+    let before = entries();
+    assert!(before > 0);
+    let rest: Vec<_> = snap
+        .endpoints
+        .iter()
+        .filter(|e| e.uid != picked)
+        .cloned()
+        .collect();
+    let mut smaller = Snapshot::new(rest, 1, Timestamp(0), true);
+    smaller.membership = 1;
+    let req = parse_request("/v1/completions", body.as_bytes()).unwrap();
+    let ctx = SchedulingContext {
+        snapshot: &smaller,
+        request: &req,
+        body: body.as_bytes(),
+        target_model: "m",
+        now: Timestamp(0),
+        priority: 0,
+    };
+    let mut rng = SmallRng::seed_from_u64(1);
+    s.schedule(
+        &ctx,
+        smaller.all_ids().collect(),
+        &mut Scratch::default(),
+        &mut rng,
+        None,
+    )
+    .unwrap();
+    assert_eq!(entries(), before, "scheduling does no pool chores");
+    s.on_pool_change(&smaller);
+    assert_eq!(entries(), 0, "the departed endpoint held every entry");
+}
