@@ -272,6 +272,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
 
     // Datastore: the single writer, fed by static discovery and the collector.
     let (writer, reader) = DatastoreWriter::new(clock.clone());
+    let writer = writer.with_config_objectives(scheduler.config_objectives().clone());
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     tasks.spawn(writer.run(events_rx));
     let namespace = flags.effective_namespace();

@@ -13,4 +13,6 @@ mod writer;
 pub use endpoint::{Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, InFlight};
 pub use engine_metrics::{EngineMetrics, LoraState, ScrapeFailure};
 pub use snapshot::Snapshot;
-pub use writer::{DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, SnapshotReader, format_address};
+pub use writer::{
+    DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, SnapshotReader, format_address, merge_objectives,
+};

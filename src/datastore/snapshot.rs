@@ -25,7 +25,9 @@ pub struct Snapshot {
     pub membership: u64,
     /// When this snapshot was built.
     pub built_at: Timestamp,
-    /// Objective priorities from the cluster (`InferenceObjective`), by name.
+    /// Objective priorities by name: the config's `inference-objectives` overridden by the
+    /// cluster's `InferenceObjective`s ([`merge_objectives`](super::merge_objectives)); the one
+    /// source the decision reads.
     pub objectives: Arc<HashMap<String, i32>>,
     /// Whether discovery has completed its first sync (readiness).
     pub synced: bool,

@@ -88,10 +88,28 @@ impl SnapshotReader {
     }
 }
 
+/// Objective priorities as the request path reads them: the config's `inference-objectives`,
+/// overridden by the cluster's `InferenceObjective`s of the same name. Every snapshot publisher
+/// (the writer, the simulator, a fixed test snapshot) merges them with this function, so the
+/// decision reads one source.
+pub fn merge_objectives(
+    config: &HashMap<String, i32>,
+    cluster: &HashMap<String, i32>,
+) -> HashMap<String, i32> {
+    let mut merged = config.clone();
+    merged.extend(cluster.iter().map(|(k, v)| (k.clone(), *v)));
+    merged
+}
+
 /// The writer task's state.
 pub struct DatastoreWriter {
     endpoints: BTreeMap<EndpointKey, EndpointState>,
     keys_by_uid: HashMap<EndpointUid, EndpointKey>,
+    /// Priorities declared in the config (`inference-objectives`).
+    config_objectives: HashMap<String, i32>,
+    /// Priorities from the cluster (`InferenceObjective`).
+    cluster_objectives: HashMap<String, i32>,
+    /// The two merged, as published.
     objectives: Arc<HashMap<String, i32>>,
     membership: u64,
     next_uid: u32,
@@ -114,6 +132,8 @@ impl DatastoreWriter {
         let writer = Self {
             endpoints: BTreeMap::new(),
             keys_by_uid: HashMap::new(),
+            config_objectives: HashMap::new(),
+            cluster_objectives: HashMap::new(),
             objectives: Arc::default(),
             membership: 0,
             next_uid: 0,
@@ -124,6 +144,17 @@ impl DatastoreWriter {
             clock,
         };
         (writer, reader)
+    }
+
+    /// The writer with the config's objective priorities, which every published snapshot
+    /// carries merged with the cluster's ([`merge_objectives`]).
+    pub fn with_config_objectives(mut self, config: HashMap<String, i32>) -> Self {
+        self.config_objectives = config;
+        self.objectives = Arc::new(merge_objectives(
+            &self.config_objectives,
+            &self.cluster_objectives,
+        ));
+        self
     }
 
     /// Apply one event without publishing. Returns whether anything changed.
@@ -162,8 +193,10 @@ impl DatastoreWriter {
                 }
             }
             DatastoreEvent::Objectives(objectives) => {
-                let changed = *self.objectives != objectives;
-                self.objectives = Arc::new(objectives);
+                self.cluster_objectives = objectives;
+                let merged = merge_objectives(&self.config_objectives, &self.cluster_objectives);
+                let changed = *self.objectives != merged;
+                self.objectives = Arc::new(merged);
                 changed
             }
             DatastoreEvent::Synced(synced) => {
@@ -343,5 +376,28 @@ mod tests {
         assert!(w.apply(DatastoreEvent::ReplaceAll(vec![spec("b", "10.0.0.2:8000")])));
         w.publish();
         assert_eq!(reader.load().len(), 1);
+    }
+
+    #[test]
+    fn config_and_cluster_objectives_meet_in_the_snapshot() {
+        let (w, reader) = DatastoreWriter::new(Arc::new(MonotonicClock::new()));
+        let config = [("batch", -1), ("chat", 2)]
+            .map(|(k, v)| (k.to_owned(), v))
+            .into();
+        let mut w = w.with_config_objectives(config);
+        w.publish();
+        assert_eq!(reader.load().objectives.get("batch"), Some(&-1));
+        // The cluster's objective of the same name wins; the config's others stay.
+        let cluster = [("chat", 5), ("new", 1)].map(|(k, v)| (k.to_owned(), v)).into();
+        assert!(w.apply(DatastoreEvent::Objectives(cluster)));
+        w.publish();
+        let want: HashMap<String, i32> = [("batch", -1), ("chat", 5), ("new", 1)]
+            .map(|(k, v)| (k.to_owned(), v))
+            .into();
+        assert_eq!(*reader.load().objectives, want);
+        // The cluster's set is replaced whole: a deleted objective falls back to the config.
+        assert!(w.apply(DatastoreEvent::Objectives(HashMap::new())));
+        w.publish();
+        assert_eq!(reader.load().objectives.get("chat"), Some(&2));
     }
 }

@@ -5,8 +5,8 @@
 //! snapshot loaded once for this request, and a [`DecideEnv`] holding time, a seeded RNG, the
 //! optional plugin timer and reusable scratch. In order:
 //! 1. candidates: the pool, or the gateway's subset hint ([`subset_candidates`]);
-//! 2. the objective's priority: the cluster's `InferenceObjective` first, then the config's
-//!    `inference-objectives`;
+//! 2. the objective's priority, from the snapshot (where the config's `inference-objectives`
+//!    and the cluster's `InferenceObjective`s meet; unknown or absent → 0);
 //! 3. admission, stage by stage ([`super::admission`]: prompt guards, token budget, saturation
 //!    gate);
 //! 4. scheduling: producers, the profile (filters → weighted scorers → picker);
@@ -158,10 +158,12 @@ impl Scheduler {
         env: &mut DecideEnv<'_>,
     ) -> Verdict {
         let candidates = candidates(snapshot, meta);
-        let priority = match meta.objective.as_deref().and_then(|o| snapshot.objectives.get(o)) {
-            Some(p) => *p,
-            None => self.priority_of(meta.objective.as_deref()),
-        };
+        let priority = meta
+            .objective
+            .as_deref()
+            .and_then(|o| snapshot.objectives.get(o))
+            .copied()
+            .unwrap_or(0);
         let mut cx = Admission {
             snapshot,
             candidates,

@@ -94,8 +94,14 @@ impl Scheduler {
         &self.profile.name
     }
 
+    /// The priorities the config declares (`inference-objectives`), which snapshot publishers
+    /// merge with the cluster's ([`merge_objectives`](crate::datastore::merge_objectives)).
+    pub fn config_objectives(&self) -> &HashMap<String, i32> {
+        &self.objectives
+    }
+
     /// Priority of the objective named `objective` (unknown or absent → 0), from the
-    /// `inference-objectives` plugin.
+    /// `inference-objectives` plugin alone.
     pub fn priority_of(&self, objective: Option<&str>) -> i32 {
         objective
             .and_then(|o| self.objectives.get(o))

@@ -22,7 +22,7 @@ use envoy_types::pb::{
 use epp::{
     clock::MonotonicClock,
     config::EndpointPickerConfig,
-    datastore::{Snapshot, SnapshotReader},
+    datastore::{Snapshot, SnapshotReader, merge_objectives},
     extproc::{ExtProcService, Processor},
     metrics::exported::EppMetrics,
     scheduler::build_scheduler,
@@ -299,9 +299,16 @@ impl TestServer {
             None => EndpointPickerConfig::default_config(),
         };
         let metrics = Arc::new(EppMetrics::new().expect("metrics"));
+        let scheduler = build_scheduler(&config).expect("scheduler");
+        // A fixed snapshot is published as the writer would: the config's objectives in it.
+        let mut snapshot = snapshot;
+        snapshot.objectives = Arc::new(merge_objectives(
+            scheduler.config_objectives(),
+            &snapshot.objectives,
+        ));
         let processor = Arc::new(Processor {
             reader: SnapshotReader::fixed(snapshot.clone()),
-            scheduler: Arc::new(build_scheduler(&config).expect("scheduler")),
+            scheduler: Arc::new(scheduler),
             metrics: metrics.clone(),
             clock: Arc::new(MonotonicClock::new()),
             disable_subset_filter: false,

@@ -23,7 +23,7 @@ pub mod report;
 
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BinaryHeap, HashMap},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
 };
@@ -33,7 +33,7 @@ use epp::{
     config::EndpointPickerConfig,
     datastore::{
         Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight, LoraState,
-        Snapshot, format_address,
+        Snapshot, format_address, merge_objectives,
     },
     parser::parse_request,
     scheduler::{
@@ -173,6 +173,8 @@ struct Sim<'a> {
     snapshot: Arc<Snapshot>,
     snapshot_dirty: bool,
     generation: u64,
+    /// The config's objective priorities, as the datastore writer publishes them.
+    objectives: Arc<HashMap<String, i32>>,
     records: Vec<RequestRecord>,
     /// Per request: its count on the serving pod's live counters, until it finishes.
     in_flight: Vec<Option<InFlight>>,
@@ -212,12 +214,14 @@ pub fn replay(
         reason: e.to_string(),
     })?;
     let pods: Vec<Pod> = (0..setup.pods).map(|i| new_pod(i, &setup.profile)).collect();
+    let objectives = Arc::new(merge_objectives(scheduler.config_objectives(), &HashMap::new()));
     let mut sim = Sim {
         setup,
         scheduler,
         snapshot: Arc::new(Snapshot::new(Vec::new(), 0, Timestamp(0), true)),
         snapshot_dirty: true,
         generation: 0,
+        objectives,
         pods,
         queue: BinaryHeap::new(),
         seq: 0,
@@ -399,12 +403,9 @@ impl Sim<'_> {
         if self.snapshot_dirty {
             self.generation += 1;
             let endpoints = self.pods.iter().map(|p| p.endpoint.clone()).collect();
-            self.snapshot = Arc::new(Snapshot::new(
-                endpoints,
-                self.generation,
-                Timestamp(self.now),
-                true,
-            ));
+            let mut snapshot = Snapshot::new(endpoints, self.generation, Timestamp(self.now), true);
+            snapshot.objectives = self.objectives.clone();
+            self.snapshot = Arc::new(snapshot);
             self.snapshot_dirty = false;
         }
         self.snapshot.clone()
