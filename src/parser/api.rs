@@ -16,9 +16,18 @@ pub enum ApiKind {
 }
 
 impl ApiKind {
-    /// Classify a request path the way the Go EPP does: by suffix, in a fixed order, without
-    /// stripping the query string; anything else is completions.
+    /// Classify a request path by suffix, in the Go EPP's fixed order; anything else is
+    /// completions. The query string, a fragment and trailing slashes are not part of the
+    /// path the model server routes on, so they are dropped first: `/v1/chat/completions?
+    /// api-version=…` (Azure-style SDKs) is chat, as the server behind it reads it. (The Go EPP
+    /// compares the raw `:path`, which classifies it as completions: the guard would then scan a
+    /// decoy `prompt` while the server reads `messages`.)
     pub fn from_path(path: &str) -> Self {
+        let path = path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('/');
         const ORDER: [(&str, ApiKind); 5] = [
             ("/conversations", ApiKind::Conversations),
             ("/responses", ApiKind::Responses),
@@ -80,11 +89,32 @@ mod tests {
         assert_eq!(ApiKind::from_path("/v1/responses"), ApiKind::Responses);
         assert_eq!(ApiKind::from_path("/v1/conversations"), ApiKind::Conversations);
         assert_eq!(ApiKind::from_path("/v1/embeddings"), ApiKind::Embeddings);
-        // The query string is not stripped, so this falls back to completions (as upstream).
-        assert_eq!(
-            ApiKind::from_path("/v1/chat/completions?x=y"),
-            ApiKind::Completions
-        );
         assert_eq!(ApiKind::from_path("/anything"), ApiKind::Completions);
+    }
+
+    /// Regression (security issue): upstream compares the raw `:path`, so a query string made a
+    /// chat request completions; here it is dropped, with a fragment and trailing slashes.
+    #[test]
+    fn the_query_string_and_trailing_slashes_do_not_change_the_api() {
+        for (path, api) in [
+            ("/v1/chat/completions?x=y", ApiKind::ChatCompletions),
+            (
+                "/v1/chat/completions?api-version=2024-10-21",
+                ApiKind::ChatCompletions,
+            ),
+            ("/v1/chat/completions/", ApiKind::ChatCompletions),
+            (
+                "/v1/chat/completions/?x=/v1/completions",
+                ApiKind::ChatCompletions,
+            ),
+            ("/v1/chat/completions#frag", ApiKind::ChatCompletions),
+            ("/v1/responses?stream=true", ApiKind::Responses),
+            ("/v1/embeddings/", ApiKind::Embeddings),
+            ("/v1/completions?x=/chat/completions", ApiKind::Completions),
+            ("/v1/models", ApiKind::Completions),
+            ("", ApiKind::Completions),
+        ] {
+            assert_eq!(ApiKind::from_path(path), api, "{path}");
+        }
     }
 }

@@ -175,6 +175,13 @@ pub enum Refusal {
         /// Client-facing message.
         message: String,
     },
+    /// A prompt guard could not read the prompt (nesting past the JSON parser's limit): it is
+    /// refused rather than forwarded unscanned.
+    #[error("the prompt cannot be scanned by the prompt guard ({reason}); it was not forwarded")]
+    Unscannable {
+        /// The parser's message.
+        reason: String,
+    },
     /// Over the token budget.
     #[error("{}", .0.message())]
     OverBudget(Rejection),
@@ -197,7 +204,7 @@ impl Refusal {
     /// `no-candidates`, `saturated`, `no-endpoint`, `internal`.
     pub fn reason(&self) -> &'static str {
         match self {
-            Refusal::Guard { .. } => "guard",
+            Refusal::Guard { .. } | Refusal::Unscannable { .. } => "guard",
             Refusal::OverBudget(_) => "budget",
             Refusal::BudgetStoreUnavailable => "budget-store",
             Refusal::NoCandidates | Refusal::Scheduling(SchedulingError::NoCandidates) => "no-candidates",

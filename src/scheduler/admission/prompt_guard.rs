@@ -264,9 +264,13 @@ impl PromptGuards {
 
     fn run(&self, cx: &mut Admission<'_>) -> Result<(), Refusal> {
         let request = &cx.request;
-        let Ok(mut prompt) = serde_json::from_slice::<Value>(request.prompt_bytes(&cx.body)) else {
-            return Ok(()); // the parser validated it; unreachable in practice
-        };
+        // The routing parse reads the prompt as raw JSON and has no depth limit; this parse
+        // stops at 128 levels. Whatever it cannot read must not pass unscanned (fail closed).
+        let mut prompt = serde_json::from_slice::<Value>(request.prompt_bytes(&cx.body)).map_err(|e| {
+            Refusal::Unscannable {
+                reason: e.to_string(),
+            }
+        })?;
         let mut placeholders = Placeholders::default();
         for g in &self.guards {
             match g.check(request.api, &mut prompt, &mut placeholders) {
