@@ -1125,3 +1125,57 @@ async fn a_query_string_does_not_change_what_the_guard_scans() {
         "the messages the server reads are scanned: {answers:?}"
     );
 }
+
+/// Regression (security issue, budgets charge what is served): the per-model budget was charged
+/// to the requested model, so `model: cheap` plus a rewrite to `gpt-4o` was served by gpt-4o past
+/// its exhausted budget. The budget now charges the rewrite target, and the 429 names it.
+#[tokio::test]
+async fn a_rewrite_does_not_escape_the_served_models_budget() {
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: token-budget
+  parameters:
+    tenants:
+      team-a:
+        models:
+          gpt-4o: {tokens: 10}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(pods(), Some(config)).await;
+    let body = br#"{"model":"cheap","prompt":"hi","max_tokens":100}"#;
+    let answers = server
+        .exchange(vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-gateway-inference-fairness-id", "team-a"),
+                    ("x-gateway-model-name-rewrite", "gpt-4o"),
+                ],
+                false,
+            ),
+            req_body(body, true),
+        ])
+        .await;
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let (status, json) = immediate_status(&answers[0]);
+    assert_eq!(status, 429);
+    // The window's end depends on the wall clock: only the wait is left out of the comparison.
+    let message = json["error"]["message"].as_str().unwrap();
+    let (head, wait) = message.split_at(message.rfind(' ').unwrap());
+    assert_eq!(
+        head,
+        "Token budget exceeded for tenant team-a on model gpt-4o: limit 10 per 60s, used 0, requested 101. Try again in"
+    );
+    assert!(wait.trim().trim_end_matches("s.").parse::<u32>().is_ok_and(|s| s <= 60), "{message}");
+    let text = server.metrics.render();
+    assert!(
+        text.contains(r#"inference_extension_budget_rejections_total{model_name="gpt-4o",tenant="team-a"} 1"#),
+        "{text}"
+    );
+}

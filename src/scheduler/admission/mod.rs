@@ -82,7 +82,8 @@ pub struct BudgetReservation {
     pub admitted: Admitted,
     /// Who pays (`default` when the gateway named nobody).
     pub tenant: String,
-    /// The model charged: the fallback when one was taken, else the requested model.
+    /// The model charged: the fallback when one was taken, else the model served (the
+    /// rewrite target, or the requested model).
     pub model: String,
 }
 
@@ -135,11 +136,11 @@ pub enum AdmissionEvent {
         /// Tokens reserved.
         tokens: u64,
     },
-    /// The requested model's budget was exhausted and its fallback took the request.
+    /// The served model's budget was exhausted and its fallback took the request.
     BudgetFallback {
         /// Who pays.
         tenant: String,
-        /// The model asked for.
+        /// The model that would have been served (after a rewrite).
         requested: String,
         /// The model served.
         fallback: String,
@@ -148,7 +149,7 @@ pub enum AdmissionEvent {
     BudgetRejected {
         /// Who pays.
         tenant: String,
-        /// The model asked for.
+        /// The model it would have been served as (after a rewrite).
         model: String,
     },
     /// The budget store answered after failing (`reachable`), or failed.

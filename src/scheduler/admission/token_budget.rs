@@ -384,15 +384,16 @@ impl TokenBudget {
 }
 
 impl TokenBudget {
-    /// Reserve the request's estimate for its tenant and model, switching the target model to
-    /// the fallback when the budget chose one.
+    /// Reserve the request's estimate for its tenant and the model it will be served as (after
+    /// a rewrite: a client must not escape a model's budget by naming another model and
+    /// rewriting to it), switching the target model to the fallback when the budget chose one.
     async fn run(self: &Arc<Self>, cx: &mut Admission<'_>) -> Result<(), Refusal> {
         let tenant = cx.tenant.unwrap_or(DEFAULT_TENANT).to_owned();
-        let request = &cx.request;
+        let served = cx.target_model.clone();
         let amount = self
             .policy
-            .estimate(request.estimated_prompt_tokens(), request.max_output_tokens);
-        let decided = self.admit(&tenant, &request.model, amount, cx.unix_ms).await;
+            .estimate(cx.request.estimated_prompt_tokens(), cx.request.max_output_tokens);
+        let decided = self.admit(&tenant, &served, amount, cx.unix_ms).await;
         let reachable = decided.is_ok();
         cx.events.push(AdmissionEvent::BudgetStore {
             reachable,
@@ -403,7 +404,7 @@ impl TokenBudget {
         match decided {
             Ok(BudgetDecision::Unlimited) => Ok(()),
             Ok(BudgetDecision::Admitted(admitted)) => {
-                let model = admitted.fallback.clone().unwrap_or_else(|| request.model.clone());
+                let model = admitted.fallback.clone().unwrap_or_else(|| served.clone());
                 cx.events.push(AdmissionEvent::BudgetReserved {
                     tenant: tenant.clone(),
                     model: model.clone(),
@@ -412,7 +413,7 @@ impl TokenBudget {
                 if let Some(fallback) = &admitted.fallback {
                     cx.events.push(AdmissionEvent::BudgetFallback {
                         tenant: tenant.clone(),
-                        requested: request.model.clone(),
+                        requested: served,
                         fallback: fallback.clone(),
                     });
                     cx.target_model = fallback.clone();
@@ -428,7 +429,7 @@ impl TokenBudget {
             Ok(BudgetDecision::Rejected(rejection)) => {
                 cx.events.push(AdmissionEvent::BudgetRejected {
                     tenant,
-                    model: request.model.clone(),
+                    model: served,
                 });
                 Err(Refusal::OverBudget(rejection))
             }
