@@ -1172,10 +1172,18 @@ schedulingProfiles:
         head,
         "Token budget exceeded for tenant team-a on model gpt-4o: limit 10 per 60s, used 0, requested 101. Try again in"
     );
-    assert!(wait.trim().trim_end_matches("s.").parse::<u32>().is_ok_and(|s| s <= 60), "{message}");
+    assert!(
+        wait.trim()
+            .trim_end_matches("s.")
+            .parse::<u32>()
+            .is_ok_and(|s| s <= 60),
+        "{message}"
+    );
     let text = server.metrics.render();
     assert!(
-        text.contains(r#"inference_extension_budget_rejections_total{model_name="gpt-4o",tenant="team-a"} 1"#),
+        text.contains(
+            r#"inference_extension_budget_rejections_total{model_name="gpt-4o",tenant="team-a"} 1"#
+        ),
         "{text}"
     );
 }

@@ -43,6 +43,13 @@ impl RequestError {
     }
 }
 
+/// The largest output-token limit the EPP accounts for (256 Ki tokens, beyond any served
+/// model's output today). A larger `max_tokens` is clamped for in-flight accounting and budget
+/// estimates only (the body goes upstream unchanged, and the model server enforces its own
+/// limit): one request asking for 2^63 − 1 tokens must not saturate the token-concurrency
+/// detector or overflow the sums it adds to.
+pub const MAX_ACCOUNTED_OUTPUT_TOKENS: u64 = 1 << 18;
+
 /// What the EPP needs to know about one LLM request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlmRequest {
@@ -61,7 +68,8 @@ pub struct LlmRequest {
     /// Byte span of the raw JSON of `stream_options`, when the body has that member (even
     /// `null`).
     pub stream_options_span: Option<Range<usize>>,
-    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is set first.
+    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is set first,
+    /// at most [`MAX_ACCOUNTED_OUTPUT_TOKENS`].
     pub max_output_tokens: Option<u64>,
     /// `cache_salt`, which isolates prefix-cache sharing between tenants.
     pub cache_salt: Option<String>,
@@ -84,10 +92,10 @@ impl LlmRequest {
     /// prompt estimate plus `max_tokens`, or 1.5 × the prompt when the client sets no limit.
     pub fn estimated_load_tokens(&self) -> u64 {
         let prompt = self.estimated_prompt_tokens();
-        prompt
-            + self
-                .max_output_tokens
-                .unwrap_or_else(|| prompt.saturating_mul(3) / 2)
+        prompt.saturating_add(
+            self.max_output_tokens
+                .unwrap_or_else(|| prompt.saturating_mul(3) / 2),
+        )
     }
 }
 
@@ -169,7 +177,8 @@ pub fn parse_request_as(api: ApiKind, body: &[u8]) -> Result<LlmRequest, Request
     let max_output_tokens = [raw.max_tokens, raw.max_completion_tokens, raw.max_output_tokens]
         .into_iter()
         .flatten()
-        .find_map(|v| v.get().parse::<u64>().ok());
+        .find_map(|v| v.get().parse::<u64>().ok())
+        .map(|n| n.min(MAX_ACCOUNTED_OUTPUT_TOKENS));
 
     Ok(LlmRequest {
         api,

@@ -275,3 +275,35 @@ fn departed_endpoints_leave_the_prefix_index_on_pool_change_not_on_the_request_p
     s.on_pool_change(&smaller);
     assert_eq!(entries(), 0, "the departed endpoint held every entry");
 }
+
+/// Regression (security issue, input clamps): one request asking for 2^63 − 1 output tokens made
+/// the tokens-mode concurrency detector call the pool saturated (and refuse every sheddable
+/// request) while it ran; its estimate is now clamped for accounting.
+#[test]
+fn a_huge_max_tokens_does_not_saturate_the_token_concurrency_detector() {
+    let cfg = config(
+        "  - pluginRef: queue-scorer\n",
+        "- type: queue-scorer\n- type: concurrency-detector\n  parameters: {concurrencyMode: tokens}\n",
+    );
+    let s = build_scheduler(&cfg).unwrap();
+    let snap = hermetic_pods();
+    let body = br#"{"model":"m","prompt":"hi","max_tokens":9223372036854775807}"#;
+    let req = parse_request("/v1/completions", body).unwrap();
+    assert_eq!(
+        req.max_output_tokens,
+        Some(crate::parser::request::MAX_ACCOUNTED_OUTPUT_TOKENS)
+    );
+    let _running = crate::datastore::InFlight::start(&snap.endpoints[0].live, req.estimated_load_tokens());
+    let ctx = SchedulingContext {
+        snapshot: &snap,
+        request: &req,
+        body,
+        target_model: "m",
+        now: Timestamp(0),
+        priority: -1,
+    };
+    // 262,145 tokens in flight against 3 × 1,000,000 of capacity.
+    let ids: Vec<_> = snap.all_ids().collect();
+    assert_eq!(s.admit(&ctx, &ids), Ok(()));
+    assert!((s.saturation(&ctx, &ids) - 262_145.0 / 3_000_000.0).abs() < 1e-12);
+}
