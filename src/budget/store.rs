@@ -1,10 +1,17 @@
 //! Where budget counters live: the [`BudgetStore`] trait and the in-memory store (exact for one
-//! replica). Reservation is atomic across every layer of a request: all fit and all are charged,
-//! or nothing is.
+//! replica; sharded, keeping the current window only, at most [`DEFAULT_MAX_LAYERS`] layers).
+//! Reservation is atomic across every layer of a request: all fit and all are charged, or
+//! nothing is.
 
-use std::{collections::HashMap, future::Future, pin::Pin};
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::{BuildHasher, RandomState},
+    pin::Pin,
+};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
 
 use super::policy::{Layer, LayerKey, Window};
 
@@ -55,10 +62,38 @@ pub trait BudgetStore: Send + Sync {
     ) -> StoreFuture<'a, ()>;
 }
 
-/// In-process counters: exact for a single EPP replica.
+/// Shards of the in-memory store: reservations of different tenants rarely wait on each other.
+const SHARDS: usize = 16;
+
+/// Layers the in-memory store counts at most in one window (over all shards): the bound on
+/// state keyed by client input (a tenant header with a `defaultTenant` budget makes one layer
+/// per distinct value). A request that would need a new layer past it is refused, as if its
+/// budget were used up, until the window turns.
+pub const DEFAULT_MAX_LAYERS: usize = 65_536;
+
+/// One shard: the counters of the current window only (older windows are dropped as soon as a
+/// reservation of a newer one arrives).
 #[derive(Debug, Default)]
+struct Shard {
+    window: u64,
+    used: HashMap<LayerKey, u64>,
+}
+
+/// In-process counters: exact for a single EPP replica.
+///
+/// Bounded: only the current window is kept, and at most [`DEFAULT_MAX_LAYERS`] layers in it
+/// (or the capacity given to [`MemoryStore::with_capacity`]).
+#[derive(Debug)]
 pub struct MemoryStore {
-    used: Mutex<HashMap<LayerKey, (u64, u64)>>,
+    shards: [Mutex<Shard>; SHARDS],
+    max_per_shard: usize,
+    hasher: RandomState,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_MAX_LAYERS)
+    }
 }
 
 impl MemoryStore {
@@ -67,36 +102,76 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// An empty store counting at most about `max_layers` layers per window.
+    pub fn with_capacity(max_layers: usize) -> Self {
+        Self {
+            shards: std::array::from_fn(|_| Mutex::default()),
+            max_per_shard: max_layers.div_ceil(SHARDS).max(1),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard_of(&self, key: &LayerKey) -> usize {
+        (self.hasher.hash_one(key) % SHARDS as u64) as usize
+    }
+
+    /// Layers counted now (all shards), for tests and gauges.
+    pub fn layers_counted(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().used.len()).sum()
+    }
+
     /// Reserve synchronously (the memory store never waits).
     pub fn reserve_now(&self, layers: &[Layer], amount: u64, window: Window) -> Reservation {
-        let mut used = self.used.lock();
-        let current = |used: &HashMap<LayerKey, (u64, u64)>, key: &LayerKey| match used.get(key) {
-            Some((w, n)) if *w == window.id => *n,
-            _ => 0,
+        // Every shard a layer lives in is locked, in index order (no deadlock), for the whole
+        // check-then-charge: all layers fit and are charged, or none is.
+        let mut order: SmallVec<[usize; 2]> = layers.iter().map(|l| self.shard_of(&l.key)).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 2]> =
+            order.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        for (_, shard) in &mut guards {
+            if window.id > shard.window {
+                shard.window = window.id;
+                shard.used.clear();
+            }
+        }
+        let shard_index = |key: &LayerKey| {
+            let i = self.shard_of(key);
+            guards.iter().position(|(g, _)| *g == i).unwrap_or(0)
         };
-        for (i, l) in layers.iter().enumerate() {
-            let u = current(&used, &l.key);
-            if u.saturating_add(amount) > l.limit {
-                return Reservation::Rejected { layer: i, used: u };
+        let positions: SmallVec<[usize; 2]> = layers.iter().map(|l| shard_index(&l.key)).collect();
+        for (i, (l, &at)) in layers.iter().zip(&positions).enumerate() {
+            let shard = &guards[at].1;
+            let used = shard.used.get(&l.key).copied();
+            if used.is_none() && shard.used.len() >= self.max_per_shard {
+                return Reservation::Rejected {
+                    layer: i,
+                    used: l.limit,
+                };
+            }
+            let used = used.unwrap_or(0);
+            if used.saturating_add(amount) > l.limit {
+                return Reservation::Rejected { layer: i, used };
             }
         }
         let mut remaining = Vec::with_capacity(layers.len());
-        for l in layers {
-            let u = current(&used, &l.key) + amount;
-            used.insert(l.key.clone(), (window.id, u));
-            remaining.push(l.limit.saturating_sub(u));
+        for (l, &at) in layers.iter().zip(&positions) {
+            let counter = guards[at].1.used.entry(l.key.clone()).or_insert(0);
+            *counter = counter.saturating_add(amount);
+            remaining.push(l.limit.saturating_sub(*counter));
         }
-        remaining.shrink_to_fit();
         Reservation::Admitted { remaining }
     }
 
-    /// Settle synchronously.
+    /// Settle synchronously. A reservation of a window that is over is not changed (its
+    /// counters are gone with it).
     pub fn settle_now(&self, layers: &[Layer], window: Window, reserved: u64, actual: u64) {
-        let mut used = self.used.lock();
         for l in layers {
-            if let Some((w, n)) = used.get_mut(&l.key)
-                && *w == window.id
-            {
+            let mut shard = self.shards[self.shard_of(&l.key)].lock();
+            if shard.window != window.id {
+                continue;
+            }
+            if let Some(n) = shard.used.get_mut(&l.key) {
                 *n = n.saturating_sub(reserved).saturating_add(actual);
             }
         }
@@ -223,5 +298,82 @@ mod tests {
             }
         });
         assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn past_windows_are_dropped_and_new_layers_past_the_capacity_are_refused() {
+        let s = MemoryStore::with_capacity(SHARDS); // one layer per shard
+        let w = |id| Window { id, remaining_ms: 1 };
+        let tenant = |i: usize| {
+            [Layer {
+                key: LayerKey::tenant(&format!("t{i}")),
+                limit: 10,
+            }]
+        };
+        let admitted = (0..200)
+            .filter(|i| matches!(s.reserve_now(&tenant(*i), 1, w(0)), Reservation::Admitted { .. }))
+            .count();
+        assert!(admitted <= SHARDS, "{admitted} admitted");
+        assert!(s.layers_counted() <= SHARDS);
+        // A layer already counted still takes reservations at capacity.
+        let counted = (0..200)
+            .find(|i| matches!(s.reserve_now(&tenant(*i), 1, w(0)), Reservation::Admitted { .. }))
+            .unwrap();
+        assert_eq!(
+            s.reserve_now(&tenant(counted), 8, w(0)),
+            Reservation::Admitted { remaining: vec![0] }
+        );
+        // The next window starts empty in every shard it touches: the old counters are gone.
+        for i in 0..200 {
+            s.reserve_now(&tenant(i), 1, w(1));
+        }
+        assert!(s.layers_counted() <= SHARDS);
+        assert_eq!(
+            s.reserve_now(&tenant(counted), 9, w(2)),
+            Reservation::Admitted { remaining: vec![1] }
+        );
+        // A settlement of a window that is over changes nothing.
+        s.settle_now(&tenant(counted), w(1), 9, 0);
+        assert_eq!(
+            s.reserve_now(&tenant(counted), 2, w(2)),
+            Reservation::Rejected { layer: 0, used: 9 }
+        );
+    }
+
+    #[test]
+    fn layers_in_two_shards_are_reserved_together() {
+        let s = MemoryStore::new();
+        let w0 = Window {
+            id: 0,
+            remaining_ms: 1,
+        };
+        // Many tenant/model pairs: most pairs live in two shards.
+        for t in 0..50 {
+            let layers = [
+                Layer {
+                    key: LayerKey::tenant(&format!("t{t}")),
+                    limit: 100,
+                },
+                Layer {
+                    key: LayerKey::model(&format!("t{t}"), "m"),
+                    limit: 30,
+                },
+            ];
+            assert_eq!(
+                s.reserve_now(&layers, 30, w0),
+                Reservation::Admitted {
+                    remaining: vec![70, 0]
+                }
+            );
+            assert_eq!(
+                s.reserve_now(&layers, 1, w0),
+                Reservation::Rejected { layer: 1, used: 30 }
+            );
+            assert_eq!(
+                s.reserve_now(&layers[..1], 70, w0),
+                Reservation::Admitted { remaining: vec![0] },
+                "the refused request charged the tenant layer nothing"
+            );
+        }
     }
 }

@@ -27,7 +27,7 @@ pub enum PoolSetting {
     Selector {
         /// Pod labels that must all match.
         labels: BTreeMap<String, String>,
-        /// Target ports, in order, without repeats.
+        /// Target ports, in order, without adjacent repeats.
         target_ports: Vec<u16>,
     },
 }
@@ -95,12 +95,7 @@ impl Settings {
             match parse_selector(&flags.endpoint_selector) {
                 Ok(labels) => {
                     let mut target_ports = flags.endpoint_target_ports.clone();
-                    let mut seen = Vec::new();
-                    target_ports.retain(|p| {
-                        let first = !seen.contains(p);
-                        seen.push(*p);
-                        first
-                    });
+                    target_ports.dedup();
                     pool = Some(PoolSetting::Selector { labels, target_ports });
                 }
                 Err(e) => errors.push(e),

@@ -2,8 +2,8 @@
 //! [`RequestMeta`], and the `envoy.lb` metadata (the subset hint on the request, the served
 //! endpoint on the response).
 //!
-//! Only headers the decision reads are kept; a header that is present but empty counts as
-//! absent, as upstream reads them.
+//! Only headers the exchange reads are kept; an empty tenant, rewrite or objective header counts
+//! as absent, as upstream reads them.
 
 use envoy_types::pb::{
     envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata},

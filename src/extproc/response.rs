@@ -1,6 +1,6 @@
 //! The response side of an exchange: a usage tap and one ordered chain of body stages, built
 //! once from the decision's [`ResponsePlan`] when the response headers say whether the answer
-//! streams.
+//! streams (or at the first body message, when no headers came).
 //!
 //! Order, each stage reading what the previous one let through:
 //! 1. the usage tap reads the upstream bytes as they are (SSE usage event or JSON `usage`), for
@@ -10,9 +10,9 @@
 //! 3. the restorer puts back masked prompt values and the client-facing model name;
 //! 4. the output mask masks what the response guards match, in the text the client will read.
 //!
-//! Invariant: end of stream and response trailers go through the same flush ([`ResponseChain::
-//! feed`] with `end_of_stream`), so text a stage holds back (a possible match split across
-//! chunks, the mask's look-behind) always reaches the client once.
+//! Invariant: end of stream and, in full-duplex mode, response trailers go through the same
+//! flush ([`ResponseChain::feed`] with `end_of_stream`), so text a stage holds back (a possible
+//! match split across chunks, the mask's look-behind) reaches the client once.
 
 use std::sync::Arc;
 
@@ -164,11 +164,6 @@ impl ResponseChain {
             out = stage.feed(&out, end_of_stream);
         }
         Some(out)
-    }
-
-    /// Whether some stage may hold bytes back (then trailers need a flush).
-    pub fn transforms(&self) -> bool {
-        !self.stages.is_empty()
     }
 
     /// Usage read from the upstream bytes so far.

@@ -6,8 +6,8 @@
 //! [`Scheduler::decide`](crate::scheduler::Scheduler::decide) runs once and its outcome goes out
 //! as the headers answer followed by the body: re-emitted piece by piece as received unless the
 //! outcome edits it. Response side: the [`ResponseChain`] built from the outcome's response plan
-//! answers every chunk as it arrives (SSE stays incremental); end of stream and trailers flush it
-//! alike.
+//! answers every chunk as it arrives (SSE stays incremental); in full-duplex mode end of stream
+//! and trailers flush it alike (in the other modes a body answer cannot follow the trailers).
 //!
 //! Invariants: exactly one decision per exchange; the in-flight count taken at decision time is
 //! an [`InFlight`] owned by the exchange, released exactly once whatever ends it; a budget
@@ -230,7 +230,7 @@ impl Exchange {
             Some(Request::ResponseTrailers(_)) => {
                 // Trailers end the body: whatever a stage still holds goes out first.
                 if self.response_mode == BodyMode::FullDuplex
-                    && let Some(rest) = self.response_chain().feed(&[], true)
+                    && let Some(rest) = self.response_chain(false).feed(&[], true)
                     && !rest.is_empty()
                 {
                     out.push(streamed_chunk(Direction::Response, &rest, false));
@@ -469,10 +469,10 @@ impl Exchange {
         }
     }
 
-    /// The response chain, built from the plan on first use (the response headers, or a body
-    /// that came without them).
-    fn response_chain(&mut self) -> &mut ResponseChain {
-        let streaming = self.request_stream;
+    /// The response chain, built from the plan on first use: at the response headers, which
+    /// say whether the answer streams, or at a body or trailers that came without them (then
+    /// it is read as a JSON body, as before headers nothing says otherwise).
+    fn response_chain(&mut self, streaming: bool) -> &mut ResponseChain {
         let plan = &mut self.plan;
         self.response
             .get_or_insert_with(|| ResponseChain::new(plan.take().unwrap_or_default(), streaming))
@@ -480,10 +480,7 @@ impl Exchange {
 
     fn on_response_headers(&mut self, h: HttpHeaders, out: &mut Vec<ProcessingResponse>) {
         let streaming = is_event_stream(h.headers.as_ref()) || self.request_stream;
-        if self.response.is_none() {
-            let plan = self.plan.take().unwrap_or_default();
-            self.response = Some(ResponseChain::new(plan, streaming));
-        }
+        self.response_chain(streaming);
         let mut headers = vec![set_header(WENT_INTO_RESP_HEADERS, b"true")];
         if let Some(text) = self.explanation.take() {
             headers.push(set_header(DECISION_EXPLANATION, text.as_bytes()));
@@ -503,7 +500,7 @@ impl Exchange {
 
     fn on_response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
         let eos = b.end_of_stream;
-        let transformed = self.response_chain().feed(&b.body, eos);
+        let transformed = self.response_chain(false).feed(&b.body, eos);
         match self.response_mode {
             BodyMode::FullDuplex => {
                 let data = transformed.as_deref().unwrap_or(&b.body);
@@ -532,7 +529,7 @@ impl Exchange {
             return;
         }
         self.response_finished = true;
-        let chain = self.response_chain();
+        let chain = self.response_chain(false);
         let usage = chain.usage();
         let bytes = chain.bytes();
         chain.release_buffers();

@@ -14,7 +14,9 @@
 //!    (the model rewrite and the usage request, applied in one pass by the caller), the response
 //!    plan, the reservation, the explanation and the decision the pre-request hooks learn from.
 //!
-//! Pure: no clock, no global RNG, no I/O besides the budget store behind its trait.
+//! Pure: no clock, no global RNG, no I/O besides the budget store behind its trait. The snapshot
+//! and `now` are those of the body's arrival: a budget store's round trip (at most its timeout,
+//! 100 ms by default) does not refresh them.
 //! Invariant: a [`Verdict`] carries either an outcome or one refusal; a refusal made after a
 //! reservation hands the reservation back so the caller returns its tokens.
 
@@ -108,11 +110,6 @@ impl Outcome {
         &self.cycle.endpoints
     }
 
-    /// Whether the body sent upstream differs from the client's.
-    pub fn body_changed(&self) -> bool {
-        self.masked_body.is_some() || !self.edits.is_empty()
-    }
-
     /// The body to send upstream when it differs from `client_body` (the body this outcome was
     /// decided on), with every edit applied in one pass; `None` when it is the client's own.
     pub fn take_body(&mut self, client_body: &[u8]) -> Option<Vec<u8>> {
@@ -198,11 +195,16 @@ impl Scheduler {
             events,
             ..
         } = cx;
-        let refuse = |refusal, reservation| Refused {
+        let refuse = |refusal: Refusal, reservation| Refused {
+            // A guard refuses before the target model counts: its refusals are labelled with
+            // the requested model on both labels.
+            target_model: match refusal {
+                Refusal::Guard { .. } | Refusal::Unscannable { .. } => request.model.clone(),
+                _ => target_model.clone(),
+            },
             refusal,
             reservation,
             model: request.model.clone(),
-            target_model: target_model.clone(),
         };
         if let Err(refusal) = admitted {
             return Verdict {
@@ -222,7 +224,7 @@ impl Scheduler {
         let started = env.timer.map(|t| t.start());
         let timer = env.timer.map(|t| t as &dyn PluginTimer);
         let scheduled = self.schedule(&ctx, candidates, env.scratch, &mut *env.rng, timer);
-        if let (Some(t), Some(s)) = (env.timer, started) {
+        if let (Some(t), Some(s), true) = (env.timer, started, scheduled.is_ok()) {
             t.record_cycle(s);
         }
         let cycle = match scheduled {

@@ -469,6 +469,9 @@ impl Sim<'_> {
             }
         };
         let Some(primary) = outcome.endpoints().first().and_then(|id| snapshot.get(*id)) else {
+            if let Some(r) = &outcome.reservation {
+                settle(r, 0);
+            }
             record.refusal = Some("internal");
             self.records.push(record);
             return;
