@@ -250,7 +250,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     };
     let config = load_config(&flags)?;
     let scheduler = Arc::new(build_scheduler(&config)?);
-    let metrics = Arc::new(EppMetrics::new()?);
+    let metrics = Arc::new(EppMetrics::new()?.with_known_models(scheduler.known_models()));
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -361,6 +361,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
                 tokio::select! {
                     _ = tick.tick() => {
                         metrics.refresh_pool_gauges(&pool, &reader.load(), clock.now(), staleness);
+                        metrics.drop_idle_labels(std::time::Instant::now());
                         if let Some((entries, bytes)) = scheduler.prefix_index_footprint() {
                             metrics.prefix_indexer_size.set(entries as i64);
                             metrics.prefix_indexer_bytes.set(bytes as i64);

@@ -1187,3 +1187,42 @@ schedulingProfiles:
         "{text}"
     );
 }
+
+/// Budgets keep state per tenant: a tenant header longer than any tenant name is a 400, not a
+/// new counter (security issue, bounded state).
+#[tokio::test]
+async fn an_overlong_tenant_header_is_refused() {
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: token-budget
+  parameters:
+    defaultTenant: {tokens: 1000}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(pods(), Some(config)).await;
+    let tenant = "t".repeat(257);
+    let answers = server
+        .exchange(vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-gateway-inference-fairness-id", &tenant),
+                ],
+                false,
+            ),
+            req_body(br#"{"model":"m","prompt":"hi"}"#, true),
+        ])
+        .await;
+    let (status, json) = immediate_status(&answers[0]);
+    assert_eq!(status, 400);
+    assert_eq!(
+        json["error"]["message"],
+        "the tenant header is longer than 256 bytes"
+    );
+}

@@ -50,9 +50,9 @@ pub enum EppError {
         /// Client-facing message.
         message: String,
     },
-    /// A prompt guard could not scan the prompt.
+    /// A prompt guard could not scan the prompt, or a header a budget keys by is unusable.
     #[error("{0}")]
-    Unscannable(Refusal),
+    Unusable(Refusal),
     /// An invariant broke inside the EPP.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -62,7 +62,7 @@ impl From<Refusal> for EppError {
     fn from(r: Refusal) -> Self {
         match r {
             Refusal::Guard { status, message } => EppError::Guard { status, message },
-            r @ Refusal::Unscannable { .. } => EppError::Unscannable(r),
+            r @ (Refusal::Unscannable { .. } | Refusal::TenantTooLong) => EppError::Unusable(r),
             Refusal::OverBudget(rejection) => EppError::OverBudget(rejection),
             Refusal::BudgetStoreUnavailable => EppError::BudgetStoreUnavailable,
             Refusal::NoCandidates => EppError::NoCandidates,
@@ -76,7 +76,7 @@ impl EppError {
     /// HTTP status sent to the client.
     pub fn http_status(&self) -> u16 {
         match self {
-            EppError::BadRequest(_) | EppError::Unscannable(_) => 400,
+            EppError::BadRequest(_) | EppError::Unusable(_) => 400,
             EppError::BodyTooLarge { .. } => 413,
             EppError::NoCandidates => 503,
             EppError::Scheduling(SchedulingError::NoCandidates) => 503,
@@ -102,9 +102,7 @@ impl EppError {
     /// OpenAI error `type` and `code`.
     fn openai_kind(&self) -> (&'static str, &'static str) {
         match self {
-            EppError::BadRequest(_) | EppError::Unscannable(_) => {
-                ("invalid_request_error", "invalid_request")
-            }
+            EppError::BadRequest(_) | EppError::Unusable(_) => ("invalid_request_error", "invalid_request"),
             EppError::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
                 ("server_error", "no_endpoints_available")

@@ -2,6 +2,8 @@
 //! and the answered response, as the exported metrics and logs. The decision itself records
 //! nothing (it is pure and the simulator runs it); this is its observer on the server side.
 
+use std::time::Instant;
+
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -30,7 +32,7 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
                 tokens,
             } => {
                 m.budget_reserved
-                    .with_label_values(&[tenant, model])
+                    .with_label_values(&[tenant.as_str(), &m.labels.model(model)])
                     .inc_by(*tokens);
             }
             AdmissionEvent::BudgetFallback {
@@ -39,12 +41,18 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
                 fallback,
             } => {
                 m.budget_fallbacks
-                    .with_label_values(&[tenant, requested, fallback])
+                    .with_label_values(&[
+                        tenant.as_str(),
+                        &m.labels.model(requested),
+                        &m.labels.model(fallback),
+                    ])
                     .inc();
                 debug!(tenant = %tenant, model = %requested, fallback = %fallback, "budget fallback");
             }
             AdmissionEvent::BudgetRejected { tenant, model } => {
-                m.budget_rejections.with_label_values(&[tenant, model]).inc();
+                m.budget_rejections
+                    .with_label_values(&[tenant.as_str(), &m.labels.model(model)])
+                    .inc();
             }
             AdmissionEvent::BudgetStore {
                 reachable,
@@ -65,8 +73,9 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
     }
 }
 
-/// Count a routed request on `primary`.
-pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) {
+/// Count a routed request on `primary`; returns the `(model, target)` label values it is counted
+/// under (bounded, see [`crate::metrics::labels`]), which its end must use too.
+pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) -> (String, String) {
     let repairs = &outcome.cycle.repairs;
     if repairs.non_finite > 0 {
         m.score_repairs
@@ -91,7 +100,13 @@ pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) {
         m.prefix_hit_bytes
             .observe(f64::from(matched) * f64::from(pm.block_size_tokens) * 4.0);
     }
-    let (model, target) = (&outcome.request.model, &outcome.target_model);
+    let pair = m.labels.pair(
+        &outcome.request.model,
+        &outcome.target_model,
+        Instant::now(),
+        true,
+    );
+    let (model, target) = (&*pair.model, &*pair.target);
     m.scheduler_attempts
         .with_label_values(&[
             "success",
@@ -108,6 +123,15 @@ pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) {
         .with_label_values(&[model, target])
         .observe(outcome.request.body_len as f64);
     m.running_requests.with_label_values(&[model]).inc();
+    (model.to_owned(), target.to_owned())
+}
+
+/// Count a request the EPP answered itself with `code`.
+pub fn refused(m: &EppMetrics, model: &str, target: &str, code: &str) {
+    let pair = m.labels.pair(model, target, Instant::now(), false);
+    m.request_error_total
+        .with_label_values(&[&pair.model, &pair.target, code])
+        .inc();
 }
 
 /// The destination header value: the chosen endpoints' addresses, primary first.

@@ -77,23 +77,22 @@ pub enum Flow {
     Close,
 }
 
-/// A routed request's bookkeeping: its labels and its in-flight count, released once on drop
-/// (the running-requests gauge with it).
+/// A routed request's bookkeeping: the label values it is counted under and its in-flight
+/// count, released once on drop (the running-requests gauge and the label's use with it).
 struct Routed {
     p: Arc<Processor>,
-    model: String,
-    target_model: String,
+    model_label: String,
+    target_label: String,
     primary: SocketAddr,
     in_flight: InFlight,
 }
 
 impl Drop for Routed {
     fn drop(&mut self) {
-        self.p
-            .metrics
-            .running_requests
-            .with_label_values(&[&self.model])
-            .dec();
+        let m = &self.p.metrics;
+        m.running_requests.with_label_values(&[&self.model_label]).dec();
+        m.labels
+            .release(&self.model_label, &self.target_label, Instant::now());
     }
 }
 
@@ -388,6 +387,13 @@ impl Exchange {
             .scheduler
             .decide(&request, body, &self.headers.meta, &snapshot, &mut env)
             .await;
+        // The request's model pair takes its label place first, so that the budget's series
+        // below name the same models.
+        let (model, target) = match &verdict.result {
+            Ok(o) => (&o.request.model, &o.target_model),
+            Err(r) => (&r.model, &r.target_model),
+        };
+        self.p.metrics.labels.pair(model, target, Instant::now(), false);
         observe::admission_events(&self.p.metrics, &verdict.events);
         let mut outcome = match verdict.result {
             Ok(outcome) => outcome,
@@ -403,7 +409,7 @@ impl Exchange {
             self.reservation = outcome.reservation.take();
             return Err((EppError::Internal("scheduler returned no endpoint"), labels));
         };
-        observe::routed(&self.p.metrics, &outcome, primary);
+        let (model_label, target_label) = observe::routed(&self.p.metrics, &outcome, primary);
         let destination = observe::destination(&snapshot, &outcome);
         let in_flight = InFlight::start(&primary.live, outcome.load_tokens);
         let primary_address = primary.spec.address;
@@ -417,8 +423,8 @@ impl Exchange {
         self.plan = Some(outcome.response);
         self.routed = Some(Routed {
             p: self.p.clone(),
-            model: outcome.request.model,
-            target_model: outcome.target_model,
+            model_label,
+            target_label,
             primary: primary_address,
             in_flight,
         });
@@ -434,11 +440,7 @@ impl Exchange {
         out: &mut Vec<ProcessingResponse>,
     ) -> Flow {
         let (model, target) = labels.unwrap_or_default();
-        self.p
-            .metrics
-            .request_error_total
-            .with_label_values(&[&model, &target, e.code()])
-            .inc();
+        observe::refused(&self.p.metrics, &model, &target, e.code());
         debug!(error = %e, status = e.http_status(), "request answered by the EPP");
         if let Some(reservation) = self.reservation.take() {
             self.p.tasks.spawn(async move {
@@ -538,10 +540,9 @@ impl Exchange {
             // not ask for it) the reservation stands.
             if let Some(u) = usage {
                 let actual = u.total_tokens.max(u.prompt_tokens + u.completion_tokens);
-                self.p
-                    .metrics
-                    .budget_settled
-                    .with_label_values(&[&reservation.tenant, &reservation.model])
+                let m = &self.p.metrics;
+                m.budget_settled
+                    .with_label_values(&[reservation.tenant.as_str(), &m.labels.model(&reservation.model)])
                     .inc_by(actual);
                 self.p.tasks.spawn(async move {
                     if let Err(e) = reservation.settle(actual).await {
@@ -551,7 +552,7 @@ impl Exchange {
             }
         }
         if let Some(routed) = self.routed.take() {
-            let labels = [routed.model.as_str(), routed.target_model.as_str()];
+            let labels = [routed.model_label.as_str(), routed.target_label.as_str()];
             let seconds = self.started.elapsed().as_secs_f64();
             observe::answered(&self.p.metrics, labels, seconds, bytes, usage.as_ref());
         }

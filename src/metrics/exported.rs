@@ -1,11 +1,18 @@
 //! The EPP's own Prometheus metrics (registry, vectors and the pool-gauge refresher).
 
+use std::{collections::HashMap, time::Instant};
+
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
+    core::{Collector, MetricVec, MetricVecBuilder},
+    proto::LabelPair,
 };
 
-use super::names::{self, *};
+use super::{
+    labels::{ModelLabels, OTHER},
+    names::{self, *},
+};
 use crate::{clock::Timestamp, datastore::Snapshot};
 
 /// Every metric the EPP exports, registered in one registry.
@@ -75,6 +82,25 @@ pub struct EppMetrics {
     pub budget_store_errors: prometheus::IntCounter,
     /// Guard hits.
     pub guard_hits: IntCounterVec,
+    /// The bounded label values of request-supplied model names.
+    pub labels: ModelLabels,
+}
+
+/// Remove every series of `vec` whose labels `doomed` picks.
+fn remove_series<T: MetricVecBuilder>(vec: &MetricVec<T>, doomed: &dyn Fn(&[LabelPair]) -> bool) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels = metric.get_label();
+            if doomed(labels) {
+                let by_name: HashMap<&str, &str> = labels.iter().map(|l| (l.name(), l.value())).collect();
+                let _ = vec.remove(&by_name);
+            }
+        }
+    }
+}
+
+fn label<'a>(labels: &'a [LabelPair], name: &str) -> Option<&'a str> {
+    labels.iter().find(|l| l.name() == name).map(|l| l.value())
 }
 
 fn hist(
@@ -304,6 +330,7 @@ impl EppMetrics {
                 ),
                 &["kind"],
             )?,
+            labels: ModelLabels::default(),
         };
         let info = IntGaugeVec::new(
             opts(
@@ -352,6 +379,62 @@ impl EppMetrics {
             m.registry.register(c)?;
         }
         Ok(m)
+    }
+
+    /// These metrics with `known` model names (the configuration's) always labelled as they are.
+    pub fn with_known_models(mut self, known: impl IntoIterator<Item = String>) -> Self {
+        self.labels = ModelLabels::new(known);
+        self
+    }
+
+    /// Drop the label pairs idle since [`IDLE_AFTER`](super::labels::IDLE_AFTER) and every series
+    /// that names them: a pair's two-label series, and the one-label series of a value no pair
+    /// admits any more. Run on the refresher's period, off the request path.
+    pub fn drop_idle_labels(&self, now: Instant) {
+        let idle = self.labels.take_idle(now);
+        if idle.is_empty() {
+            return;
+        }
+        let gone: Vec<&str> = idle
+            .iter()
+            .flat_map(|(m, t)| [m.as_str(), t.as_str()])
+            .filter(|v| self.labels.model(v) == OTHER)
+            .collect();
+        let doomed = |labels: &[LabelPair]| {
+            let model = label(labels, "model_name");
+            let target = label(labels, "target_model_name");
+            let pair = idle
+                .iter()
+                .any(|(m, t)| model == Some(m.as_str()) && target == Some(t.as_str()));
+            let value = [model, target, label(labels, "fallback_model")]
+                .into_iter()
+                .flatten()
+                .any(|v| gone.contains(&v));
+            pair || value
+        };
+        remove_series(&self.request_total, &doomed);
+        remove_series(&self.request_error_total, &doomed);
+        for h in [
+            &self.request_duration,
+            &self.request_sizes,
+            &self.response_sizes,
+            &self.input_tokens,
+            &self.output_tokens,
+            &self.prompt_cached_tokens,
+            &self.normalized_tpot,
+        ] {
+            remove_series(h, &doomed);
+        }
+        remove_series(&self.running_requests, &doomed);
+        remove_series(&self.scheduler_attempts, &doomed);
+        for c in [
+            &self.budget_reserved,
+            &self.budget_settled,
+            &self.budget_rejections,
+            &self.budget_fallbacks,
+        ] {
+            remove_series(c, &doomed);
+        }
     }
 
     /// The exposition text of every metric.

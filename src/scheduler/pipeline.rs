@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc};
 use rand::RngCore;
 
 use super::{
-    admission::{AdmissionStage, PromptGuard, saturation_gate::shed_when_saturated},
+    admission::{AdmissionStage, PromptGuard, TokenBudget, saturation_gate::shed_when_saturated},
     plugin::{
         CycleState, DataProducer, ExtensionPoint, Needs, PluginName, PluginTimer, PoolChange, PreRequest,
         SaturationDetector, SchedulingContext,
@@ -86,6 +86,8 @@ pub struct Scheduler {
     pub(crate) output_guards: Vec<Arc<PromptGuard>>,
     /// The header naming the tenant, when a token budget is configured (lower case).
     pub(crate) tenant_header: Option<String>,
+    /// The configured token budget (it is also an admission stage).
+    pub(crate) budget: Option<Arc<TokenBudget>>,
 }
 
 impl Scheduler {
@@ -113,6 +115,16 @@ impl Scheduler {
     /// configured: the adapter reads it into [`RequestMeta::tenant`](super::RequestMeta).
     pub fn tenant_header(&self) -> Option<&str> {
         self.tenant_header.as_deref()
+    }
+
+    /// Model names the configuration knows (a token budget's per-model layers and fallbacks):
+    /// metrics label them as they are, whatever the traffic.
+    pub fn known_models(&self) -> Vec<String> {
+        self.budget
+            .iter()
+            .flat_map(|b| b.model_names())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The admission stages, in the order they run.

@@ -532,6 +532,7 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
             .filter(|g| g.response_patterns().is_some())
             .collect(),
         tenant_header: budget.map(|b| b.policy.tenant_header.clone()),
+        budget: budget.cloned(),
         detector,
         objectives,
     })

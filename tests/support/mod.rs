@@ -28,7 +28,10 @@ use epp::{
     scheduler::build_scheduler,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{
+    StreamExt,
+    wrappers::{ReceiverStream, TcpListenerStream},
+};
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Server};
 
@@ -298,8 +301,12 @@ impl TestServer {
             Some(y) => EndpointPickerConfig::from_yaml(y).expect("config"),
             None => EndpointPickerConfig::default_config(),
         };
-        let metrics = Arc::new(EppMetrics::new().expect("metrics"));
         let scheduler = build_scheduler(&config).expect("scheduler");
+        let metrics = Arc::new(
+            EppMetrics::new()
+                .expect("metrics")
+                .with_known_models(scheduler.known_models()),
+        );
         // A fixed snapshot is published as the writer would: the config's objectives in it.
         let mut snapshot = snapshot;
         snapshot.objectives = Arc::new(merge_objectives(
@@ -322,7 +329,13 @@ impl TestServer {
         tokio::spawn(
             Server::builder()
                 .add_service(svc)
-                .serve_with_incoming(TcpListenerStream::new(listener)),
+                // Nagle off, as the app serves: streams reusing one connection would otherwise
+                // wait for delayed ACKs (~40 ms each).
+                .serve_with_incoming(TcpListenerStream::new(listener).map(|accepted| {
+                    accepted.inspect(|stream| {
+                        let _ = stream.set_nodelay(true);
+                    })
+                })),
         );
         TestServer {
             addr,
@@ -344,28 +357,35 @@ impl TestServer {
 
     /// Send `msgs`, half-close, and collect every answer until the server ends the stream.
     pub async fn exchange(&self, msgs: Vec<ProcessingRequest>) -> Vec<Answer> {
-        let mut client = self.client().await;
-        let (tx, rx) = mpsc::channel(msgs.len().max(1));
-        for m in msgs {
-            tx.send(m).await.expect("send");
-        }
-        drop(tx);
-        let mut inbound = client
-            .process(ReceiverStream::new(rx))
-            .await
-            .expect("process")
-            .into_inner();
-        let mut out = Vec::new();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), inbound.message())
-                .await
-                .expect("answer within 10s")
-            {
-                Ok(Some(r)) => out.push(decode(&r)),
-                Ok(None) => break,
-                Err(status) => panic!("stream error {status:?}"),
-            }
-        }
-        out
+        run_exchange(&mut self.client().await, msgs).await
     }
+}
+
+/// One ext_proc stream over `client`: send `msgs`, close, collect the answers.
+pub async fn run_exchange(
+    client: &mut ExternalProcessorClient<Channel>,
+    msgs: Vec<ProcessingRequest>,
+) -> Vec<Answer> {
+    let (tx, rx) = mpsc::channel(msgs.len().max(1));
+    for m in msgs {
+        tx.send(m).await.expect("send");
+    }
+    drop(tx);
+    let mut inbound = client
+        .process(ReceiverStream::new(rx))
+        .await
+        .expect("process")
+        .into_inner();
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("answer within 10s")
+        {
+            Ok(Some(r)) => out.push(decode(&r)),
+            Ok(None) => break,
+            Err(status) => panic!("stream error {status:?}"),
+        }
+    }
+    out
 }

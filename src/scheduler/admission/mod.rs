@@ -33,6 +33,9 @@ use crate::{
     parser::LlmRequest,
 };
 
+/// The longest tenant name a budget accepts (state is kept per tenant: its size is bounded).
+pub const MAX_TENANT_BYTES: usize = 256;
+
 /// What a stage's check resolves to.
 pub type AdmitFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
 
@@ -80,7 +83,8 @@ pub struct BudgetReservation {
     pub budget: Arc<TokenBudget>,
     /// What was reserved, on which layers.
     pub admitted: Admitted,
-    /// Who pays (`default` when the gateway named nobody).
+    /// The tenant's metric label: its configured name, or `default` (an unlisted or absent
+    /// tenant).
     pub tenant: String,
     /// The model charged: the fallback when one was taken, else the model served (the
     /// rewrite target, or the requested model).
@@ -129,7 +133,7 @@ pub enum AdmissionEvent {
     },
     /// Tokens were reserved.
     BudgetReserved {
-        /// Who pays.
+        /// Who pays, as labelled: the configured tenant name, or `default`.
         tenant: String,
         /// The model charged.
         model: String,
@@ -138,7 +142,7 @@ pub enum AdmissionEvent {
     },
     /// The served model's budget was exhausted and its fallback took the request.
     BudgetFallback {
-        /// Who pays.
+        /// Who pays, as labelled: the configured tenant name, or `default`.
         tenant: String,
         /// The model that would have been served (after a rewrite).
         requested: String,
@@ -147,7 +151,7 @@ pub enum AdmissionEvent {
     },
     /// The request did not fit its budget.
     BudgetRejected {
-        /// Who pays.
+        /// Who pays, as labelled: the configured tenant name, or `default`.
         tenant: String,
         /// The model it would have been served as (after a rewrite).
         model: String,
@@ -183,6 +187,10 @@ pub enum Refusal {
         /// The parser's message.
         reason: String,
     },
+    /// The tenant header is longer than [`MAX_TENANT_BYTES`]: budgets keep state per tenant,
+    /// and no tenant name is that long.
+    #[error("the tenant header is longer than {MAX_TENANT_BYTES} bytes")]
+    TenantTooLong,
     /// Over the token budget.
     #[error("{}", .0.message())]
     OverBudget(Rejection),
@@ -206,7 +214,7 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::Guard { .. } | Refusal::Unscannable { .. } => "guard",
-            Refusal::OverBudget(_) => "budget",
+            Refusal::OverBudget(_) | Refusal::TenantTooLong => "budget",
             Refusal::BudgetStoreUnavailable => "budget-store",
             Refusal::NoCandidates | Refusal::Scheduling(SchedulingError::NoCandidates) => "no-candidates",
             Refusal::Scheduling(SchedulingError::Saturated) => "saturated",

@@ -25,7 +25,9 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{Admission, AdmissionEvent, AdmissionStage, AdmitFuture, BudgetReservation, Refusal};
+use super::{
+    Admission, AdmissionEvent, AdmissionStage, AdmitFuture, BudgetReservation, MAX_TENANT_BYTES, Refusal,
+};
 use crate::{
     budget::{
         BudgetPolicy, BudgetStore, Layer, MemoryStore, ModelBudget, RedisStore, Reservation, TenantBudget,
@@ -275,6 +277,28 @@ impl TokenBudget {
         }
     }
 
+    /// The metric label of `tenant`: its name when the config names it, else `default`.
+    pub fn tenant_label<'a>(&self, tenant: &'a str) -> &'a str {
+        if self.policy.tenants.contains_key(tenant) {
+            tenant
+        } else {
+            DEFAULT_TENANT
+        }
+    }
+
+    /// The model names this budget configures (per-model layers and fallbacks).
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        self.policy
+            .tenants
+            .values()
+            .chain(self.policy.default_tenant.as_ref())
+            .flat_map(|t| {
+                t.models
+                    .iter()
+                    .flat_map(|(name, m)| std::iter::once(name.as_str()).chain(m.fallback_model.as_deref()))
+            })
+    }
+
     /// Whether requests are admitted while the store is unreachable.
     pub fn fail_open(&self) -> bool {
         self.fail_open
@@ -388,12 +412,18 @@ impl TokenBudget {
     /// a rewrite: a client must not escape a model's budget by naming another model and
     /// rewriting to it), switching the target model to the fallback when the budget chose one.
     async fn run(self: &Arc<Self>, cx: &mut Admission<'_>) -> Result<(), Refusal> {
-        let tenant = cx.tenant.unwrap_or(DEFAULT_TENANT).to_owned();
+        let tenant = cx.tenant.unwrap_or(DEFAULT_TENANT);
+        if tenant.len() > MAX_TENANT_BYTES {
+            return Err(Refusal::TenantTooLong);
+        }
+        // Metrics name a tenant the config names; every other value is `default` (the header is
+        // client input: its values must not become series).
+        let label = self.tenant_label(tenant).to_owned();
         let served = cx.target_model.clone();
         let amount = self
             .policy
             .estimate(cx.request.estimated_prompt_tokens(), cx.request.max_output_tokens);
-        let decided = self.admit(&tenant, &served, amount, cx.unix_ms).await;
+        let decided = self.admit(tenant, &served, amount, cx.unix_ms).await;
         let reachable = decided.is_ok();
         cx.events.push(AdmissionEvent::BudgetStore {
             reachable,
@@ -406,13 +436,13 @@ impl TokenBudget {
             Ok(BudgetDecision::Admitted(admitted)) => {
                 let model = admitted.fallback.clone().unwrap_or_else(|| served.clone());
                 cx.events.push(AdmissionEvent::BudgetReserved {
-                    tenant: tenant.clone(),
+                    tenant: label.clone(),
                     model: model.clone(),
                     tokens: admitted.reserved,
                 });
                 if let Some(fallback) = &admitted.fallback {
                     cx.events.push(AdmissionEvent::BudgetFallback {
-                        tenant: tenant.clone(),
+                        tenant: label.clone(),
                         requested: served,
                         fallback: fallback.clone(),
                     });
@@ -421,14 +451,14 @@ impl TokenBudget {
                 cx.reservation = Some(BudgetReservation {
                     budget: self.clone(),
                     admitted,
-                    tenant,
+                    tenant: label,
                     model,
                 });
                 Ok(())
             }
             Ok(BudgetDecision::Rejected(rejection)) => {
                 cx.events.push(AdmissionEvent::BudgetRejected {
-                    tenant,
+                    tenant: label,
                     model: served,
                 });
                 Err(Refusal::OverBudget(rejection))
