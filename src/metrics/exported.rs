@@ -476,3 +476,33 @@ impl EppMetrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::labels::IDLE_AFTER;
+
+    #[test]
+    fn idle_label_pairs_leave_the_page_with_their_series() {
+        let m = EppMetrics::new().unwrap().with_known_models(["known".to_owned()]);
+        let t0 = Instant::now();
+        for (model, target) in [("a", "b"), ("a", "c"), ("known", "known")] {
+            let pair = m.labels.pair(model, target, t0, false);
+            m.request_total
+                .with_label_values(&[&pair.model, &pair.target, "0"])
+                .inc();
+            m.request_duration
+                .with_label_values(&[&pair.model, &pair.target])
+                .observe(1.0);
+            m.budget_reserved.with_label_values(&["default", &m.labels.model(target)]).inc();
+        }
+        // ("a", "c") is used again later: only ("a", "b") is idle at t0 + IDLE_AFTER.
+        m.labels.pair("a", "c", t0 + IDLE_AFTER / 2, false);
+        m.drop_idle_labels(t0 + IDLE_AFTER);
+        let page = m.render();
+        assert!(!page.contains(r#"target_model_name="b""#), "{page}");
+        assert!(!page.contains(r#"model_name="b""#), "b is in no pair any more: {page}");
+        assert!(page.contains(r#"model_name="a",priority="0",target_model_name="c""#), "{page}");
+        assert!(page.contains(r#"model_name="known""#), "{page}");
+    }
+}
