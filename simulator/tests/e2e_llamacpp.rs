@@ -25,7 +25,7 @@ use epp::{
     config::{Flags, normalize_go_args},
     datastore::ScrapeFailure,
 };
-use epp_sim::envoy::{Envoy, EnvoyPorts, free_port};
+use epp_sim::envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers};
 use llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary};
 use serde_json::{Value, json};
 
@@ -71,13 +71,16 @@ async fn stack() -> Stack {
     ];
     let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).unwrap();
     let app = epp::app::start(flags).await.expect("epp starts");
-    let envoy = Envoy::start(EnvoyPorts {
+    let ports = EnvoyPorts {
         listener: free_port().unwrap(),
         admin: free_port().unwrap(),
         epp: grpc,
-    })
-    .await
-    .expect("envoy 1.40 must be installed and start");
+    };
+    // The model-rewrite step sends the rewrite header as the client: the documented option that
+    // trusts it stands in for the gateway's own filter.
+    let envoy = Envoy::start_with_config(ports, trusting_client_headers(&render_config(ports)))
+        .await
+        .expect("envoy 1.40 must be installed and start");
     Stack {
         servers,
         app,

@@ -494,15 +494,23 @@ mod tests {
             m.request_duration
                 .with_label_values(&[&pair.model, &pair.target])
                 .observe(1.0);
-            m.budget_reserved.with_label_values(&["default", &m.labels.model(target)]).inc();
+            m.budget_reserved
+                .with_label_values(&["default", &m.labels.model(target)])
+                .inc();
         }
         // ("a", "c") is used again later: only ("a", "b") is idle at t0 + IDLE_AFTER.
         m.labels.pair("a", "c", t0 + IDLE_AFTER / 2, false);
         m.drop_idle_labels(t0 + IDLE_AFTER);
         let page = m.render();
         assert!(!page.contains(r#"target_model_name="b""#), "{page}");
-        assert!(!page.contains(r#"model_name="b""#), "b is in no pair any more: {page}");
-        assert!(page.contains(r#"model_name="a",priority="0",target_model_name="c""#), "{page}");
+        assert!(
+            !page.contains(r#"model_name="b""#),
+            "b is in no pair any more: {page}"
+        );
+        assert!(
+            page.contains(r#"model_name="a",priority="0",target_model_name="c""#),
+            "{page}"
+        );
         assert!(page.contains(r#"model_name="known""#), "{page}");
     }
 }
