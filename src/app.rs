@@ -32,6 +32,7 @@ use crate::{
     k8s::{
         discovery::{PoolSource, run_discovery},
         leader::{Candidacy, LEASE_DURATION, RENEW_EVERY, lease_name, run_leader_election},
+        metrics_auth::MetricsAuth,
         objectives::run_objectives,
         types::PoolShape,
     },
@@ -492,15 +493,25 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         tasks.spawn(cert.watch(CERT_CHECK_INTERVAL, cancel.clone()));
     }
 
-    // Prometheus metrics.
+    // Prometheus metrics, behind the cluster's authorization when asked (upstream's default).
+    let auth = match (&client, flags.metrics_endpoint_auth) {
+        (Some(client), true) => Some(Arc::new(MetricsAuth::new(client.clone()))),
+        (None, true) => {
+            warn!(
+                "--metrics-endpoint-auth needs the Kubernetes API, which a static pool does not use: /metrics is served without authentication (pass --metrics-endpoint-auth=false to say so)"
+            );
+            None
+        }
+        (_, false) => None,
+    };
     {
         let metrics = metrics.clone();
         let cancel = cancel.clone();
         let app = Router::new().route(
             "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move { ([("content-type", "text/plain; version=0.0.4")], metrics.render()) }
+            get(move |headers: axum::http::HeaderMap| {
+                let (metrics, auth) = (metrics.clone(), auth.clone());
+                async move { serve_metrics(&metrics, auth.as_deref(), &headers).await }
             }),
         );
         tasks.spawn(async move {
@@ -524,6 +535,38 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         cancel,
         tasks,
     })
+}
+
+/// The `/metrics` answer: the page, or the refusal of an unauthorized caller.
+async fn serve_metrics(
+    metrics: &EppMetrics,
+    auth: Option<&MetricsAuth>,
+    headers: &axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::{http::StatusCode, response::IntoResponse};
+    if let Some(auth) = auth {
+        let authorization = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match auth.check(authorization).await {
+            Ok(verdict) => {
+                if let Some(status) = verdict.refusal_status() {
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+                    let reason = status.canonical_reason().unwrap_or("Forbidden");
+                    return (status, format!("{reason}\n")).into_response();
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot review a /metrics request");
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot review the request with the Kubernetes API\n",
+                )
+                    .into_response();
+            }
+        }
+    }
+    ([("content-type", "text/plain; version=0.0.4")], metrics.render()).into_response()
 }
 
 /// Accepted connections with Nagle's algorithm off. tonic's own `tcp_nodelay` applies only when

@@ -156,7 +156,9 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Kubernetes")]
     pub ha_enable_leader_election: bool,
 
-    /// Protect /metrics with Kubernetes TokenReview (accepted; enforced only with Kubernetes).
+    /// Serve /metrics only to callers whose bearer token passes a TokenReview and a
+    /// SubjectAccessReview for `get` on /metrics (needs the Kubernetes API; a static pool serves
+    /// it open and says so at start).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", help_heading = "Kubernetes")]
     pub metrics_endpoint_auth: bool,

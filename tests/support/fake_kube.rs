@@ -34,10 +34,24 @@ struct Inner {
     gone_before: u64,
 }
 
+/// What the fake answers to TokenReviews and SubjectAccessReviews.
+#[derive(Default)]
+struct Reviews {
+    /// Token → username of the tokens that authenticate.
+    tokens: BTreeMap<String, String>,
+    /// Users allowed to `get` the non-resource URL `/metrics`.
+    metrics_readers: std::collections::BTreeSet<String>,
+    /// Answer every review with a 500.
+    down: bool,
+    /// Reviews asked for (both kinds).
+    calls: u32,
+}
+
 /// The fake API server.
 #[derive(Clone)]
 pub struct FakeKube {
     inner: Arc<Mutex<Inner>>,
+    reviews: Arc<Mutex<Reviews>>,
     events: broadcast::Sender<Event>,
     epoch: watch::Sender<u64>,
     pub addr: SocketAddr,
@@ -131,6 +145,7 @@ impl FakeKube {
                 history: Vec::new(),
                 gone_before: 0,
             })),
+            reviews: Arc::default(),
             events,
             epoch,
             addr,
@@ -138,6 +153,64 @@ impl FakeKube {
         let app = Router::new().fallback(handle).with_state(fake.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         fake
+    }
+
+    /// `token` authenticates as `user`.
+    pub async fn add_token(&self, token: &str, user: &str) {
+        self.reviews.lock().await.tokens.insert(token.into(), user.into());
+    }
+
+    /// `user` may `get /metrics`.
+    pub async fn allow_metrics(&self, user: &str) {
+        self.reviews.lock().await.metrics_readers.insert(user.into());
+    }
+
+    /// Make every review fail with a 500 (`true`) or answer again.
+    pub async fn set_reviews_down(&self, down: bool) {
+        self.reviews.lock().await.down = down;
+    }
+
+    /// Reviews asked for so far.
+    pub async fn review_calls(&self) -> u32 {
+        self.reviews.lock().await.calls
+    }
+
+    /// A TokenReview or SubjectAccessReview answered as the API server does.
+    async fn review(&self, path: &str, body: &[u8]) -> Response {
+        let mut r = self.reviews.lock().await;
+        r.calls += 1;
+        if r.down {
+            return status(500, "InternalError", "etcd unavailable");
+        }
+        let mut review: Value = serde_json::from_slice(body).unwrap();
+        if path.ends_with("/tokenreviews") {
+            let token = review["spec"]["token"].as_str().unwrap_or_default();
+            review["status"] = match r.tokens.get(token) {
+                Some(user) => json!({
+                    "authenticated": true,
+                    "user": {"username": user, "uid": "u-1", "groups": ["system:authenticated"]},
+                    "audiences": ["https://kubernetes.default.svc"],
+                }),
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+        } else {
+            let spec = &review["spec"];
+            let asks_metrics = spec["nonResourceAttributes"] == json!({"path": "/metrics", "verb": "get"});
+            let user = spec["user"].as_str().unwrap_or_default();
+            let allowed = asks_metrics && r.metrics_readers.contains(user);
+            review["status"] = if allowed {
+                json!({"allowed": true, "reason": "RBAC: allowed by ClusterRoleBinding \"metrics-reader\""})
+            } else {
+                json!({"allowed": false})
+            };
+        }
+        review["metadata"] = json!({"creationTimestamp": null});
+        (
+            StatusCode::CREATED,
+            [("content-type", "application/json")],
+            review.to_string(),
+        )
+            .into_response()
     }
 
     pub fn client(&self) -> kube::Client {
@@ -218,8 +291,17 @@ impl FakeKube {
     }
 }
 
+pub const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+pub const ACCESS_REVIEWS: &str = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+
 async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
+    if req.method() == Method::POST && (path == TOKEN_REVIEWS || path == ACCESS_REVIEWS) {
+        let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        return fake.review(&path, &body).await;
+    }
     let q = query(&req);
     let (collection, name) = match [PODS, POOLS, OBJECTIVES, LEASES]
         .iter()
