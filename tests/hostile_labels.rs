@@ -112,6 +112,13 @@ async fn thousands_of_long_and_distinct_values_keep_the_page_and_memory_bounded(
         ["default".to_owned(), "team-a".to_owned()].into(),
         "tenants are labelled by their configured name or default"
     );
+    // Every request ended: the running gauge is back to zero under every label, never below.
+    let running: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("inference_objective_running_requests{"))
+        .collect();
+    assert!(!running.is_empty());
+    assert!(running.iter().all(|l| l.ends_with(" 0")), "{running:?}");
     // 3,000 requests carrying 7 MB of model names and 0.6 MB of tenant names: the EPP keeps a
     // bounded page and the tenants' budget counters (about 3,000 × 220 bytes).
     let grown = rss_after.saturating_sub(rss_before);

@@ -66,12 +66,25 @@ async fn metrics_need_a_token_the_cluster_authorizes() {
     assert_eq!(status, 200);
     assert!(page.contains("# TYPE inference_pool_ready_pods gauge"), "{page}");
 
-    // Verdicts are cached: scraping again asks the API server nothing, even while it is down.
+    // Verdicts on tokens that authenticate are cached: scraping again asks the API server
+    // nothing, even while it is down; a forged token is asked about again.
     let calls = kube.review_calls().await;
     kube.set_reviews_down(true).await;
     assert_eq!(scrape(&app, Some("prometheus-token")).await.0, 200);
     assert_eq!(scrape(&app, Some("other-token")).await.0, 403);
     assert_eq!(kube.review_calls().await, calls);
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", app.metrics_addr.port()))
+        .header("authorization", "BEARER prometheus-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the scheme is case-insensitive");
+    assert_eq!(
+        scrape(&app, Some("forged")).await.0,
+        500,
+        "not cached: the API is asked and down"
+    );
     // A token it has not seen cannot be reviewed: nothing is served on doubt.
     let (status, body) = scrape(&app, Some("new-token")).await;
     assert_eq!(

@@ -135,6 +135,14 @@ impl MemoryStore {
                 shard.used.clear();
             }
         }
+        // A request that took its window just before a concurrent one moved the shard to the
+        // next: its window's counters are gone, and charging the next window would never be
+        // refunded (settlement is per window). It goes through uncharged, as at a window's start.
+        if guards.iter().any(|(_, shard)| window.id < shard.window) {
+            return Reservation::Admitted {
+                remaining: layers.iter().map(|l| l.limit.saturating_sub(amount)).collect(),
+            };
+        }
         let shard_index = |key: &LayerKey| {
             let i = self.shard_of(key);
             guards.iter().position(|(g, _)| *g == i).unwrap_or(0)
@@ -331,6 +339,11 @@ mod tests {
         assert_eq!(
             s.reserve_now(&tenant(counted), 9, w(2)),
             Reservation::Admitted { remaining: vec![1] }
+        );
+        // A reservation of a window that is over is not charged to the current one.
+        assert_eq!(
+            s.reserve_now(&tenant(counted), 5, w(1)),
+            Reservation::Admitted { remaining: vec![5] }
         );
         // A settlement of a window that is over changes nothing.
         s.settle_now(&tenant(counted), w(1), 9, 0);

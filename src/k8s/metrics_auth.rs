@@ -6,10 +6,11 @@
 //! `/metrics`. Answers: 401 without a token or when it does not authenticate, 403 when the user
 //! may not `get /metrics`, 500 when the API server cannot be asked (nothing is served on doubt).
 //!
-//! Verdicts are cached for [`CACHE_TTL`] so that a scrape every few seconds costs two API calls
-//! per TTL, not per scrape. Bounded: at most [`CACHE_ENTRIES`] tokens are remembered (the header
-//! is client input); when full, expired entries go, and a verdict that still does not fit is not
-//! cached. API errors are never cached.
+//! Verdicts on tokens that authenticate are cached for [`CACHE_TTL`] so that a scrape every few
+//! seconds costs two API calls per TTL, not per scrape. Bounded: at most [`CACHE_ENTRIES`]
+//! tokens are remembered (the header is client input); when full, expired entries go, and a
+//! verdict that still does not fit is not cached. Tokens that do not authenticate and API errors
+//! are never cached, and at most [`CONCURRENT_REVIEWS`] reviews run at a time.
 
 use std::{
     collections::HashMap,
@@ -54,7 +55,11 @@ impl Verdict {
 pub struct MetricsAuth {
     client: kube::Client,
     cache: Mutex<HashMap<String, (Verdict, Instant)>>,
+    reviews: tokio::sync::Semaphore,
 }
+
+/// Reviews in flight at most.
+pub const CONCURRENT_REVIEWS: usize = 4;
 
 impl MetricsAuth {
     /// An authorizer asking the API server behind `client`.
@@ -62,6 +67,7 @@ impl MetricsAuth {
         Self {
             client,
             cache: Mutex::default(),
+            reviews: tokio::sync::Semaphore::new(CONCURRENT_REVIEWS),
         }
     }
 
@@ -70,9 +76,11 @@ impl MetricsAuth {
     /// # Errors
     /// The API server could not be asked (the caller answers 500).
     pub async fn check(&self, authorization: Option<&str>) -> Result<Verdict, kube::Error> {
+        // The scheme is case-insensitive (RFC 7235).
         let Some(token) = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim)
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
         else {
             return Ok(Verdict::Unauthenticated);
@@ -83,7 +91,16 @@ impl MetricsAuth {
         {
             return Ok(*verdict);
         }
-        let verdict = self.review(token).await?;
+        let verdict = {
+            // Unknown tokens each cost two API calls: at most a few are reviewed at a time.
+            let _permit = self.reviews.acquire().await;
+            self.review(token).await?
+        };
+        // Only tokens that authenticate are remembered: junk cannot push the scraper's verdict
+        // out of the cache.
+        if verdict == Verdict::Unauthenticated {
+            return Ok(verdict);
+        }
         let mut cache = self.cache.lock();
         if cache.len() >= CACHE_ENTRIES {
             cache.retain(|_, (_, at)| now.duration_since(*at) < CACHE_TTL);

@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use super::{
-    labels::{ModelLabels, OTHER},
+    labels::ModelLabels,
     names::{self, *},
 };
 use crate::{clock::Timestamp, datastore::Snapshot};
@@ -391,50 +391,43 @@ impl EppMetrics {
     /// that names them: a pair's two-label series, and the one-label series of a value no pair
     /// admits any more. Run on the refresher's period, off the request path.
     pub fn drop_idle_labels(&self, now: Instant) {
-        let idle = self.labels.take_idle(now);
-        if idle.is_empty() {
-            return;
-        }
-        let gone: Vec<&str> = idle
-            .iter()
-            .flat_map(|(m, t)| [m.as_str(), t.as_str()])
-            .filter(|v| self.labels.model(v) == OTHER)
-            .collect();
-        let doomed = |labels: &[LabelPair]| {
-            let model = label(labels, "model_name");
-            let target = label(labels, "target_model_name");
-            let pair = idle
-                .iter()
-                .any(|(m, t)| model == Some(m.as_str()) && target == Some(t.as_str()));
-            let value = [model, target, label(labels, "fallback_model")]
-                .into_iter()
-                .flatten()
-                .any(|v| gone.contains(&v));
-            pair || value
-        };
-        remove_series(&self.request_total, &doomed);
-        remove_series(&self.request_error_total, &doomed);
-        for h in [
-            &self.request_duration,
-            &self.request_sizes,
-            &self.response_sizes,
-            &self.input_tokens,
-            &self.output_tokens,
-            &self.prompt_cached_tokens,
-            &self.normalized_tpot,
-        ] {
-            remove_series(h, &doomed);
-        }
-        remove_series(&self.running_requests, &doomed);
-        remove_series(&self.scheduler_attempts, &doomed);
-        for c in [
-            &self.budget_reserved,
-            &self.budget_settled,
-            &self.budget_rejections,
-            &self.budget_fallbacks,
-        ] {
-            remove_series(c, &doomed);
-        }
+        self.labels.drop_idle(now, |idle, gone| {
+            let doomed = |labels: &[LabelPair]| {
+                let model = label(labels, "model_name");
+                let target = label(labels, "target_model_name");
+                let pair = idle
+                    .iter()
+                    .any(|(m, t)| model == Some(m.as_str()) && target == Some(t.as_str()));
+                let value = [model, target, label(labels, "fallback_model")]
+                    .into_iter()
+                    .flatten()
+                    .any(|v| gone.contains(&v));
+                pair || value
+            };
+            remove_series(&self.request_total, &doomed);
+            remove_series(&self.request_error_total, &doomed);
+            for h in [
+                &self.request_duration,
+                &self.request_sizes,
+                &self.response_sizes,
+                &self.input_tokens,
+                &self.output_tokens,
+                &self.prompt_cached_tokens,
+                &self.normalized_tpot,
+            ] {
+                remove_series(h, &doomed);
+            }
+            remove_series(&self.running_requests, &doomed);
+            remove_series(&self.scheduler_attempts, &doomed);
+            for c in [
+                &self.budget_reserved,
+                &self.budget_settled,
+                &self.budget_rejections,
+                &self.budget_fallbacks,
+            ] {
+                remove_series(c, &doomed);
+            }
+        });
     }
 
     /// The exposition text of every metric.

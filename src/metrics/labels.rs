@@ -72,7 +72,13 @@ impl ModelLabels {
             model: Cow::Borrowed(OTHER),
             target: Cow::Borrowed(OTHER),
         };
-        if model.len() > MAX_LABEL_BYTES || target.len() > MAX_LABEL_BYTES {
+        // `other` itself is reserved: a client naming its model `other` is counted with the
+        // folded values, never as a pair of its own.
+        if model.len() > MAX_LABEL_BYTES
+            || target.len() > MAX_LABEL_BYTES
+            || model == OTHER
+            || target == OTHER
+        {
             return other;
         }
         if self.known.contains(model) && self.known.contains(target) {
@@ -126,19 +132,30 @@ impl ModelLabels {
         }
     }
 
-    /// Forget the pairs idle since before `now − IDLE_AFTER` with nothing running; returns them
-    /// so their series can be removed.
-    pub fn take_idle(&self, now: Instant) -> Vec<(String, String)> {
+    /// Forget the pairs idle since before `now − IDLE_AFTER` with nothing running, and call
+    /// `remove` with them and the values no pair admits any more, while no request can take
+    /// them up again (the pairs stay locked), so their series go before anyone counts on them.
+    pub fn drop_idle(&self, now: Instant, remove: impl FnOnce(&[(String, String)], &[&str])) {
         let mut pairs = self.pairs.lock();
         let idle: Vec<(String, String)> = pairs
             .iter()
             .filter(|(_, u)| u.running == 0 && now.saturating_duration_since(u.last_used) >= IDLE_AFTER)
             .map(|(k, _)| k.clone())
             .collect();
+        if idle.is_empty() {
+            return;
+        }
         for k in &idle {
             pairs.remove(k);
         }
-        idle
+        let mut gone: Vec<&str> = idle
+            .iter()
+            .flat_map(|(m, t)| [m.as_str(), t.as_str()])
+            .filter(|v| !self.known.contains(*v) && !pairs.keys().any(|(m, t)| m == v || t == v))
+            .collect();
+        gone.sort_unstable();
+        gone.dedup();
+        remove(&idle, &gone);
     }
 
     /// Pairs admitted now (not counting known ones).
@@ -172,12 +189,21 @@ mod tests {
         assert_eq!(labels.model("m70"), OTHER);
         // Idle pairs go, except one with a request running.
         let later = t0 + IDLE_AFTER;
-        let idle = labels.take_idle(later);
-        assert_eq!(idle.len(), MAX_MODEL_PAIRS - 1);
-        assert!(!idle.contains(&("m0".to_owned(), "m0".to_owned())));
+        let mut dropped = Vec::new();
+        labels.drop_idle(later, |idle, gone| {
+            dropped = idle.to_vec();
+            assert_eq!(gone.len(), MAX_MODEL_PAIRS - 1, "each value was in one pair");
+        });
+        assert_eq!(dropped.len(), MAX_MODEL_PAIRS - 1);
+        assert!(!dropped.contains(&("m0".to_owned(), "m0".to_owned())));
         assert_eq!(labels.pair("m70", "m70", later, false).model, "m70");
         labels.release("m0", "m0", later);
-        assert_eq!(labels.take_idle(later + IDLE_AFTER).len(), 2);
+        let mut count = 0;
+        labels.drop_idle(later + IDLE_AFTER, |idle, _| count = idle.len());
+        assert_eq!(count, 2);
+        assert_eq!(labels.admitted(), 0);
+        // A client's model named `other` is folded, never a pair of its own.
+        assert_eq!(labels.pair(OTHER, "x", later, true).target, OTHER);
         assert_eq!(labels.admitted(), 0);
     }
 }

@@ -15,6 +15,34 @@ pub enum ApiKind {
     Embeddings,
 }
 
+/// `%XX` escapes decoded (a malformed escape is kept as it is; a non-UTF-8 result is lossy).
+fn percent_decode(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
 impl ApiKind {
     /// Classify a request path by suffix, in the Go EPP's fixed order; anything else is
     /// completions. The query string, a fragment and trailing slashes are not part of the
@@ -23,11 +51,10 @@ impl ApiKind {
     /// compares the raw `:path`, which classifies it as completions: the guard would then scan a
     /// decoy `prompt` while the server reads `messages`.)
     pub fn from_path(path: &str) -> Self {
-        let path = path
-            .split(['?', '#'])
-            .next()
-            .unwrap_or_default()
-            .trim_end_matches('/');
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        // Servers route on the decoded path: `/v1/chat/completion%73` is chat to them.
+        let decoded = percent_decode(path);
+        let path = decoded.trim_end_matches('/');
         const ORDER: [(&str, ApiKind); 5] = [
             ("/conversations", ApiKind::Conversations),
             ("/responses", ApiKind::Responses),
@@ -108,6 +135,11 @@ mod tests {
                 ApiKind::ChatCompletions,
             ),
             ("/v1/chat/completions#frag", ApiKind::ChatCompletions),
+            ("/v1/chat/completion%73", ApiKind::ChatCompletions),
+            ("/v1/chat%2Fcompletions", ApiKind::ChatCompletions),
+            ("/v1/chat/completions%2F", ApiKind::ChatCompletions),
+            ("/v1/completions%", ApiKind::Completions),
+            ("/v1/chat/completions%zz", ApiKind::Completions),
             ("/v1/responses?stream=true", ApiKind::Responses),
             ("/v1/embeddings/", ApiKind::Embeddings),
             ("/v1/completions?x=/chat/completions", ApiKind::Completions),

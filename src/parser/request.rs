@@ -99,6 +99,19 @@ impl LlmRequest {
     }
 }
 
+/// An output-token limit as accounted: the number, at most [`MAX_ACCOUNTED_OUTPUT_TOKENS`];
+/// negative numbers are 0, and anything that is not a number is the ceiling.
+fn output_limit(raw: &str) -> u64 {
+    let n = match raw.parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => match raw.parse::<f64>() {
+            Ok(f) if f.is_finite() => f.max(0.0).min(MAX_ACCOUNTED_OUTPUT_TOKENS as f64) as u64,
+            Ok(_) | Err(_) => MAX_ACCOUNTED_OUTPUT_TOKENS,
+        },
+    };
+    n.min(MAX_ACCOUNTED_OUTPUT_TOKENS)
+}
+
 /// A member that is present, whatever its value (`Option` alone reads `null` as absent).
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue as Deserialize>::deserialize(d).map(Some)
@@ -174,11 +187,15 @@ pub fn parse_request_as(api: ApiKind, body: &[u8]) -> Result<LlmRequest, Request
         return Err(RequestError::MissingPrompt { api });
     }
 
+    // The largest limit present counts (engines differ in which one they read); a number
+    // written as a float (`1e5`, `100.0`) is read as one, and a value that is present but not
+    // a number is accounted at the ceiling rather than ignored.
     let max_output_tokens = [raw.max_tokens, raw.max_completion_tokens, raw.max_output_tokens]
         .into_iter()
         .flatten()
-        .find_map(|v| v.get().parse::<u64>().ok())
-        .map(|n| n.min(MAX_ACCOUNTED_OUTPUT_TOKENS));
+        .filter(|v| v.get() != "null")
+        .map(|v| output_limit(v.get()))
+        .max();
 
     Ok(LlmRequest {
         api,
@@ -222,6 +239,33 @@ pub fn replace_model(body: &[u8], span: Range<usize>, new_model: &str) -> Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (security issue, input clamps): the accounted output limit is the largest of
+    /// the limits present, floats count, and nothing a client writes escapes the ceiling.
+    #[test]
+    fn output_limits_are_read_whatever_their_spelling_and_clamped() {
+        let limit = |fields: &str| {
+            let body = format!(r#"{{"model":"m","prompt":"p"{fields}}}"#);
+            parse_request("/v1/completions", body.as_bytes())
+                .unwrap()
+                .max_output_tokens
+        };
+        assert_eq!(limit(""), None);
+        assert_eq!(limit(r#","max_tokens":null"#), None);
+        assert_eq!(limit(r#","max_tokens":12"#), Some(12));
+        assert_eq!(limit(r#","max_tokens":1e3"#), Some(1_000));
+        assert_eq!(limit(r#","max_tokens":1,"max_completion_tokens":200"#), Some(200));
+        assert_eq!(
+            limit(r#","max_tokens":9223372036854775807"#),
+            Some(MAX_ACCOUNTED_OUTPUT_TOKENS)
+        );
+        assert_eq!(limit(r#","max_tokens":1e300"#), Some(MAX_ACCOUNTED_OUTPUT_TOKENS));
+        assert_eq!(
+            limit(r#","max_tokens":"many""#),
+            Some(MAX_ACCOUNTED_OUTPUT_TOKENS)
+        );
+        assert_eq!(limit(r#","max_tokens":-5"#), Some(0));
+    }
 
     #[test]
     fn chat_request_spans_and_fields() {
