@@ -4,7 +4,7 @@
 //! nothing is.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     hash::{BuildHasher, RandomState},
     pin::Pin,
@@ -88,6 +88,9 @@ pub struct MemoryStore {
     shards: [Mutex<Shard>; SHARDS],
     max_per_shard: usize,
     hasher: RandomState,
+    /// Tenants the config names: their layers are bounded by the config, so they are never
+    /// refused for room (a flood of unlisted tenants cannot lock them out).
+    configured: HashSet<String>,
 }
 
 impl Default for MemoryStore {
@@ -108,7 +111,19 @@ impl MemoryStore {
             shards: std::array::from_fn(|_| Mutex::default()),
             max_per_shard: max_layers.div_ceil(SHARDS).max(1),
             hasher: RandomState::new(),
+            configured: HashSet::new(),
         }
+    }
+
+    /// This store, never refusing room to the layers of `tenants` (the config's).
+    pub fn with_configured_tenants(mut self, tenants: impl IntoIterator<Item = String>) -> Self {
+        self.configured = tenants.into_iter().collect();
+        self
+    }
+
+    fn is_configured(&self, key: &LayerKey) -> bool {
+        let (LayerKey::Tenant { tenant } | LayerKey::Model { tenant, .. }) = key;
+        self.configured.contains(tenant)
     }
 
     fn shard_of(&self, key: &LayerKey) -> usize {
@@ -151,7 +166,7 @@ impl MemoryStore {
         for (i, (l, &at)) in layers.iter().zip(&positions).enumerate() {
             let shard = &guards[at].1;
             let used = shard.used.get(&l.key).copied();
-            if used.is_none() && shard.used.len() >= self.max_per_shard {
+            if used.is_none() && shard.used.len() >= self.max_per_shard && !self.is_configured(&l.key) {
                 return Reservation::Rejected {
                     layer: i,
                     used: l.limit,
@@ -388,5 +403,29 @@ mod tests {
                 "the refused request charged the tenant layer nothing"
             );
         }
+    }
+
+    #[test]
+    fn a_configured_tenant_is_never_refused_for_room() {
+        let s = MemoryStore::with_capacity(SHARDS).with_configured_tenants(["vip".to_owned()]);
+        let w0 = Window {
+            id: 0,
+            remaining_ms: 1,
+        };
+        for i in 0..200 {
+            let flood = [Layer {
+                key: LayerKey::tenant(&format!("t{i}")),
+                limit: 10,
+            }];
+            s.reserve_now(&flood, 1, w0);
+        }
+        let vip = [Layer {
+            key: LayerKey::model("vip", "gpt-4o"),
+            limit: 10,
+        }];
+        assert_eq!(
+            s.reserve_now(&vip, 1, w0),
+            Reservation::Admitted { remaining: vec![9] }
+        );
     }
 }

@@ -243,7 +243,10 @@ impl TokenBudget {
                 memory: Some(_),
                 redis: None,
             })
-            | None => (Arc::new(MemoryStore::new()), true),
+            | None => (
+                Arc::new(MemoryStore::new().with_configured_tenants(p.tenants.keys().cloned())),
+                true,
+            ),
             Some(_) => return Err(at("store", "exactly one of memory and redis".into())),
         };
         Ok(Self {
