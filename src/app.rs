@@ -250,6 +250,11 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         (true, None) => Some(kube::Client::try_default().await.map_err(AppError::Kube)?),
     };
     let config = load_config(&flags)?;
+    if flags.tracing {
+        warn!(
+            "--tracing: OpenTelemetry export is not implemented yet, no spans are sent (pass --tracing=false to say so)"
+        );
+    }
     let scheduler = Arc::new(build_scheduler(&config)?);
     let metrics = Arc::new(EppMetrics::new()?.with_known_models(scheduler.known_models()));
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());

@@ -110,7 +110,8 @@ pub struct RawEndpointPickerConfig {
     /// Metric sources and extractors.
     #[serde(default)]
     pub data_layer: Option<RawDataLayer>,
-    /// Flow control (accepted; only used with the `flowControl` gate).
+    /// Flow control: only read with the `flowControl` gate, which is refused until flow control
+    /// exists (a section without the gate is ignored, as upstream ignores it).
     #[serde(default)]
     pub flow_control: Option<serde_yaml_ng::Value>,
     /// Request parser reference.
@@ -292,6 +293,12 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
                 issue(
                     format!("featureGates[{i}]"),
                     format!("unknown feature gate {gate:?}"),
+                );
+            } else if gate == "flowControl" {
+                // Accepting it would promise queueing that does not happen: refuse until it does.
+                issue(
+                    format!("featureGates[{i}]"),
+                    "flowControl is not implemented yet: remove the gate (without it, as upstream, a saturated pool sheds sheddable requests and admits the rest)".into(),
                 );
             }
         }
@@ -525,6 +532,28 @@ schedulingProfiles:
                 "schedulingProfiles[0].plugins[0].pluginRef",
                 "schedulingProfiles[0].plugins[1].weight"
             ]
+        );
+    }
+
+    /// Accepted means working: the gate is refused until flow control exists, with its path.
+    #[test]
+    fn the_flow_control_gate_is_refused_until_it_works() {
+        let doc = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [dataLayer, flowControl]
+plugins:
+- type: queue-scorer
+";
+        let ConfigError::Invalid { issues } = EndpointPickerConfig::from_yaml(doc).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].path, "featureGates[1]");
+        assert!(
+            issues[0].reason.starts_with("flowControl is not implemented yet"),
+            "{}",
+            issues[0].reason
         );
     }
 }

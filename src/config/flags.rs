@@ -163,7 +163,7 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Kubernetes")]
     pub metrics_endpoint_auth: bool,
 
-    /// OpenTelemetry tracing (accepted for compatibility).
+    /// OpenTelemetry tracing: not implemented yet; on (upstream's default) only warns at start.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", help_heading = "Observability")]
     pub tracing: bool,

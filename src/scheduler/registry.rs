@@ -171,7 +171,7 @@ const REGISTRY: &[(&str, Builder)] = &[
     (METRICS_DATA_SOURCE, |_, _| Ok(Roles::default())),
     (CORE_METRICS_EXTRACTOR, |_, _| Ok(Roles::default())),
     // Accepted so upstream flow-control configs load; flow control itself is not implemented and
-    // the `flowControl` gate is refused by the app.
+    // the `flowControl` gate is refused by the config's validation.
     (FCFS_ORDERING_POLICY, |_, _| Ok(Roles::default())),
     (GLOBAL_STRICT_FAIRNESS_POLICY, |_, _| Ok(Roles::default())),
     (STATIC_USAGE_LIMIT_POLICY, |_, _| Ok(Roles::default())),
