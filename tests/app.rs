@@ -263,3 +263,27 @@ async fn without_reload_a_changed_certificate_is_not_picked_up() {
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Regression (decision-pipeline issue): `--endpoint-selector=app` (no `=`) became an empty
+/// selector matching every ready pod of the namespace. Now the EPP refuses to start, naming the
+/// flag, and reports every flag problem at once.
+#[tokio::test]
+async fn a_malformed_selector_is_refused_at_start_with_its_flag_named() {
+    let args = [
+        "epp",
+        "--endpoint-selector=app",
+        "--grpc-port=0",
+        "--grpc-health-port=0",
+        "--metrics-port=0",
+        "--lora-info-metric=x",
+    ];
+    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args.map(String::from))).unwrap();
+    let err = start(flags).await.err().expect("must fail");
+    assert!(matches!(err, AppError::Flags(_)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "--lora-info-metric is deprecated and cannot be used; configure metrics via engineConfigs; \
+         --endpoint-target-ports needs 1 to 8 ports with --endpoint-selector; \
+         --endpoint-selector: \"app\": expected key=value"
+    );
+}
