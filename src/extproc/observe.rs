@@ -2,8 +2,6 @@
 //! and the answered response, as the exported metrics and logs. The decision itself records
 //! nothing (it is pure and the simulator runs it); this is its observer on the server side.
 
-use std::time::Instant;
-
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -73,9 +71,9 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
     }
 }
 
-/// Count a routed request on `primary`; returns the `(model, target)` label values it is counted
-/// under (bounded, see [`crate::metrics::labels`]), which its end must use too.
-pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) -> (String, String) {
+/// Count a routed request on `primary` under `labels` (`[model, target]`, already bounded by
+/// [`crate::metrics::labels`]; its end must use them too).
+pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint, labels: [&str; 2]) {
     let repairs = &outcome.cycle.repairs;
     if repairs.non_finite > 0 {
         m.score_repairs
@@ -100,13 +98,7 @@ pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) -> (String,
         m.prefix_hit_bytes
             .observe(f64::from(matched) * f64::from(pm.block_size_tokens) * 4.0);
     }
-    let pair = m.labels.pair(
-        &outcome.request.model,
-        &outcome.target_model,
-        Instant::now(),
-        true,
-    );
-    let (model, target) = (&*pair.model, &*pair.target);
+    let [model, target] = labels;
     m.scheduler_attempts
         .with_label_values(&[
             "success",
@@ -123,14 +115,13 @@ pub fn routed(m: &EppMetrics, outcome: &Outcome, primary: &Endpoint) -> (String,
         .with_label_values(&[model, target])
         .observe(outcome.request.body_len as f64);
     m.running_requests.with_label_values(&[model]).inc();
-    (model.to_owned(), target.to_owned())
 }
 
-/// Count a request the EPP answered itself with `code`.
-pub fn refused(m: &EppMetrics, model: &str, target: &str, code: &str) {
-    let pair = m.labels.pair(model, target, Instant::now(), false);
+/// Count a request the EPP answered itself with `code`, under its bounded labels.
+pub fn refused(m: &EppMetrics, labels: [&str; 2], code: &str) {
+    let [model, target] = labels;
     m.request_error_total
-        .with_label_values(&[&pair.model, &pair.target, code])
+        .with_label_values(&[model, target, code])
         .inc();
 }
 

@@ -366,7 +366,8 @@ impl Exchange {
         Flow::Continue
     }
 
-    /// Parse the body, run the decide step, and keep what the response side needs.
+    /// Parse the body, run the decide step, and keep what the response side needs. An error
+    /// carries the request's metric labels, already bounded.
     async fn route(&mut self, body: &[u8]) -> Result<Routing, (EppError, Option<(String, String)>)> {
         let request = parse_request(self.headers.api_path(), body).map_err(|e| (EppError::from(e), None))?;
         let snapshot = self.p.reader.load();
@@ -387,29 +388,38 @@ impl Exchange {
             .scheduler
             .decide(&request, body, &self.headers.meta, &snapshot, &mut env)
             .await;
-        // The request's model pair takes its label place first, so that the budget's series
-        // below name the same models.
+        // The request's model pair takes its label place once, first, so that the budget's
+        // series below name the same models; a routed request holds it while it runs.
         let (model, target) = match &verdict.result {
             Ok(o) => (&o.request.model, &o.target_model),
             Err(r) => (&r.model, &r.target_model),
         };
-        self.p.metrics.labels.pair(model, target, Instant::now(), false);
+        let pair = self
+            .p
+            .metrics
+            .labels
+            .pair(model, target, Instant::now(), verdict.result.is_ok());
+        let (model_label, target_label) = (pair.model.into_owned(), pair.target.into_owned());
         observe::admission_events(&self.p.metrics, &verdict.events);
         let mut outcome = match verdict.result {
             Ok(outcome) => outcome,
             Err(refused) => {
                 // Nothing will be served: the reservation's tokens go back.
                 self.reservation = refused.reservation;
-                let labels = Some((refused.model, refused.target_model));
+                let labels = Some((model_label, target_label));
                 return Err((EppError::from(refused.refusal), labels));
             }
         };
         let Some(primary) = outcome.endpoints().first().and_then(|id| snapshot.get(*id)) else {
-            let labels = Some((outcome.request.model.clone(), outcome.target_model.clone()));
+            self.p
+                .metrics
+                .labels
+                .release(&model_label, &target_label, Instant::now());
             self.reservation = outcome.reservation.take();
+            let labels = Some((model_label, target_label));
             return Err((EppError::Internal("scheduler returned no endpoint"), labels));
         };
-        let (model_label, target_label) = observe::routed(&self.p.metrics, &outcome, primary);
+        observe::routed(&self.p.metrics, &outcome, primary, [&model_label, &target_label]);
         let destination = observe::destination(&snapshot, &outcome);
         let in_flight = InFlight::start(&primary.live, outcome.load_tokens);
         let primary_address = primary.spec.address;
@@ -440,7 +450,7 @@ impl Exchange {
         out: &mut Vec<ProcessingResponse>,
     ) -> Flow {
         let (model, target) = labels.unwrap_or_default();
-        observe::refused(&self.p.metrics, &model, &target, e.code());
+        observe::refused(&self.p.metrics, [&model, &target], e.code());
         debug!(error = %e, status = e.http_status(), "request answered by the EPP");
         if let Some(reservation) = self.reservation.take() {
             self.p.tasks.spawn(async move {

@@ -307,3 +307,36 @@ fn a_huge_max_tokens_does_not_saturate_the_token_concurrency_detector() {
     assert_eq!(s.admit(&ctx, &ids), Ok(()));
     assert!((s.saturation(&ctx, &ids) - 262_145.0 / 3_000_000.0).abs() < 1e-12);
 }
+
+/// The admission stages run in their documented order, whatever the order of `plugins:`.
+#[test]
+fn admission_stages_run_guards_then_the_budget_then_the_saturation_gate() {
+    let cfg = config(
+        "  - pluginRef: queue-scorer\n",
+        "- type: token-budget\n- type: queue-scorer\n- type: prompt-guard\n  name: a\n- type: prompt-guard\n  name: b\n",
+    );
+    let s = build_scheduler(&cfg).unwrap();
+    let stages: Vec<&str> = s.admission_stages().map(|n| n.kind).collect();
+    assert_eq!(stages, ["prompt-guard", "token-budget", "saturation-gate"]);
+    let plain = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    assert_eq!(
+        plain.admission_stages().map(|n| n.kind).collect::<Vec<_>>(),
+        ["saturation-gate"]
+    );
+}
+
+/// Every registered type name is listed once; the list is the registry table's.
+#[test]
+fn the_registry_lists_each_plugin_type_once() {
+    let types: Vec<&str> = registry::plugin_types().collect();
+    let unique: std::collections::BTreeSet<&str> = types.iter().copied().collect();
+    assert_eq!(unique.len(), types.len());
+    assert_eq!(types.len(), 31);
+    for t in [
+        plugin_types::QUEUE_SCORER,
+        plugin_types::TOKEN_BUDGET,
+        plugin_types::STATIC_USAGE_LIMIT_POLICY,
+    ] {
+        assert!(types.contains(&t), "{t}");
+    }
+}
