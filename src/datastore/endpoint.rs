@@ -55,13 +55,16 @@ pub struct EndpointSpec {
     pub labels: Arc<BTreeMap<String, String>>,
 }
 
-/// Per-endpoint counters the EPP itself changes on every request: they live outside the snapshot
-/// so that a request never forces a snapshot rebuild.
+/// Per-endpoint in-flight load: the requests this EPP dispatched to the endpoint and has not yet
+/// seen finish, and their estimated tokens. These are the `inflight-load-producer`'s signal,
+/// exact by construction: each count is taken by an [`InFlight`] and given back exactly once
+/// when it drops (response end, error, client disconnect, stream reset), so a request that has
+/// finished is never counted. The counters live outside the snapshot so that a request never
+/// forces a snapshot rebuild.
 #[derive(Debug, Default)]
 pub struct EndpointLive {
     in_flight_requests: AtomicU32,
     in_flight_tokens: AtomicU64,
-    started_total: AtomicU64,
 }
 
 impl EndpointLive {
@@ -75,14 +78,8 @@ impl EndpointLive {
         self.in_flight_tokens.load(Ordering::Relaxed)
     }
 
-    /// Requests ever started on this endpoint by this EPP (monotonic).
-    pub fn started_total(&self) -> u64 {
-        self.started_total.load(Ordering::Relaxed)
-    }
-
     /// Count one more request carrying `tokens` estimated tokens.
     pub fn start(&self, tokens: u64) {
-        self.started_total.fetch_add(1, Ordering::Relaxed);
         self.in_flight_requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
     }
@@ -154,22 +151,6 @@ impl Endpoint {
         &self.spec.key
     }
 
-    /// Requests this EPP sent here since the last successful scrape began: the engine's queue
-    /// gauges cannot show them yet, so load-aware scorers add them (a burst between two scrapes
-    /// then spreads instead of piling onto the pod that looked idlest).
-    pub fn picks_since_scrape(&self) -> u32 {
-        let since = self
-            .live
-            .started_total()
-            .saturating_sub(self.metrics.picks_at_scrape);
-        u32::try_from(since).unwrap_or(u32::MAX)
-    }
-
-    /// Waiting queue as scraped plus picks since that scrape.
-    pub fn effective_waiting(&self) -> u32 {
-        self.metrics.waiting.saturating_add(self.picks_since_scrape())
-    }
-
     /// How old the metrics are at `now`; `None` if never scraped (unknown, not idle).
     pub fn metrics_age(&self, now: crate::clock::Timestamp) -> Option<std::time::Duration> {
         self.metrics.scraped_at.map(|t| now.since(t))
@@ -194,14 +175,7 @@ mod tests {
         drop(a);
         assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (1, 5));
         drop(b);
-        assert_eq!(
-            (
-                live.in_flight_requests(),
-                live.in_flight_tokens(),
-                live.started_total()
-            ),
-            (0, 0, 2)
-        );
+        assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (0, 0));
     }
 
     #[test]

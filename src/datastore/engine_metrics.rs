@@ -78,7 +78,4 @@ pub struct EngineMetrics {
     pub scraped_at: Option<Timestamp>,
     /// The last scrape failure, cleared by the next success.
     pub last_error: Option<ScrapeFailure>,
-    /// The endpoint's started-request counter when the scrape that produced these values began
-    /// (see `Endpoint::picks_since_scrape`).
-    pub picks_at_scrape: u64,
 }

@@ -88,14 +88,15 @@ impl LlmRequest {
         ((self.prompt_span.len() as u64) / 4).max(1)
     }
 
-    /// Tokens the request is expected to occupy on its endpoint, for in-flight accounting: the
-    /// prompt estimate plus `max_tokens`, or 1.5 × the prompt when the client sets no limit.
+    /// Tokens the request is expected to occupy on its endpoint, for in-flight accounting, as
+    /// upstream's `inflight-load-producer` estimates them (GIE `token_estimator.go`): the input
+    /// is a quarter of the request's bytes (at least 1), the output 1.5 × the input rounded half
+    /// up, and the load their sum. `max_tokens` plays no part, as upstream: the same requests give
+    /// `token-load-scorer` and `concurrency-detector` the same load as in the Go EPP.
     pub fn estimated_load_tokens(&self) -> u64 {
-        let prompt = self.estimated_prompt_tokens();
-        prompt.saturating_add(
-            self.max_output_tokens
-                .unwrap_or_else(|| prompt.saturating_mul(3) / 2),
-        )
+        let input = (self.body_len as u64 / 4).max(1);
+        let output = input.saturating_mul(3).saturating_add(1) / 2;
+        input.saturating_add(output)
     }
 }
 
@@ -265,6 +266,25 @@ mod tests {
             Some(MAX_ACCOUNTED_OUTPUT_TOKENS)
         );
         assert_eq!(limit(r#","max_tokens":-5"#), Some(0));
+    }
+
+    /// The in-flight estimate is upstream's: a quarter of the body's bytes as input, 1.5 × that
+    /// (half up) as output, whatever `max_tokens` says.
+    #[test]
+    fn in_flight_estimate_is_upstreams_from_the_body_size() {
+        let load = |body: &str| {
+            parse_request("/v1/completions", body.as_bytes())
+                .unwrap()
+                .estimated_load_tokens()
+        };
+        // 28 bytes: input 7, output round(10.5) = 11.
+        assert_eq!(load(r#"{"model":"m","prompt":"abc"}"#), 18);
+        // 60 bytes: input 15, output round(22.5) = 23; the huge limit changes nothing.
+        let huge = r#"{"model":"m","prompt":"hi","max_tokens":9223372036854775807}"#;
+        assert_eq!(huge.len(), 60);
+        assert_eq!(load(huge), 38);
+        // 32 bytes: input 8, output 12.
+        assert_eq!(load(r#"{"model":"m","prompt":"abcdefg"}"#), 20);
     }
 
     #[test]

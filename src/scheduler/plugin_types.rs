@@ -14,11 +14,12 @@ pub const KV_CACHE_SCORER: &str = "kv-cache-scorer";
 pub const LORA_AFFINITY_SCORER: &str = "lora-affinity-scorer";
 /// `prefix-cache-scorer` (upstream).
 pub const PREFIX_CACHE_SCORER: &str = "prefix-cache-scorer";
-/// `token-load-scorer` (ours).
+/// `token-load-scorer` (upstream; reads in-flight load).
 pub const TOKEN_LOAD_SCORER: &str = "token-load-scorer";
 /// `approx-prefix-cache-producer` (upstream).
 pub const APPROX_PREFIX_CACHE_PRODUCER: &str = "approx-prefix-cache-producer";
-/// `inflight-load-producer` (upstream; its counting is always on here).
+/// `inflight-load-producer` (upstream; its counting is always on here, as upstream creates it
+/// whenever a plugin reads in-flight load).
 pub const INFLIGHT_LOAD_PRODUCER: &str = "inflight-load-producer";
 /// `max-score-picker` (upstream).
 pub const MAX_SCORE_PICKER: &str = "max-score-picker";

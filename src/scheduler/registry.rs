@@ -86,8 +86,11 @@ const REGISTRY: &[(&str, Builder)] = &[
             ..Roles::default()
         })
     }),
-    // In-flight requests and tokens are always counted (two atomics per pick), so the
-    // producer has nothing left to do; it is accepted for upstream configs.
+    // Upstream registers this producer as a default one: it is created whenever a plugin that
+    // reads in-flight load is configured (`token-load-scorer`, `concurrency-detector`,
+    // `prefix-cache-affinity-filter`). Here in-flight requests and tokens are always counted
+    // (two atomics per dispatch, given back when the request finishes, errs or is abandoned:
+    // `datastore::InFlight`), which is the same thing; the type is accepted for upstream configs.
     (INFLIGHT_LOAD_PRODUCER, consumed_elsewhere),
     (MAX_SCORE_PICKER, |name, spec| {
         Ok(picker(MaxScorePicker::new(

@@ -110,7 +110,7 @@ impl UtilizationDetector {
         if !e.is_fresh(ctx.now, self.staleness) {
             return 1.0;
         }
-        let q = f64::from(e.effective_waiting()) / self.queue;
+        let q = f64::from(e.metrics.waiting) / self.queue;
         let kv = e.metrics.kv_usage.map_or(0.0, |kv| kv / self.kv);
         q.max(kv)
     }
@@ -156,7 +156,7 @@ impl Filter for UtilizationDetector {
         let has_room = |id: &EndpointId| {
             ctx.snapshot.get(*id).is_some_and(|e| {
                 e.is_fresh(ctx.now, self.staleness)
-                    && f64::from(e.effective_waiting()) < q_max
+                    && f64::from(e.metrics.waiting) < q_max
                     && e.metrics.kv_usage.is_none_or(|kv| kv < kv_max)
             })
         };

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     clock::Clock,
     datastore::{
-        DatastoreEvent, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, ScrapeFailure, SnapshotReader,
+        DatastoreEvent, EndpointSpec, EndpointUid, EngineMetrics, ScrapeFailure, SnapshotReader,
     },
     metrics::exported::EppMetrics,
 };
@@ -198,7 +198,6 @@ struct Loop {
     engine: EngineSpec,
     /// The engine's [`sample_names`].
     names: Vec<String>,
-    live: Arc<EndpointLive>,
 }
 
 /// Keep one scrape loop per endpoint of the current snapshot until `cancel`.
@@ -272,7 +271,6 @@ pub async fn run_collector(
                 url,
                 names: sample_names(&engine),
                 engine,
-                live: e.live.clone(),
             };
             tracker.spawn(scrape_loop(
                 l,
@@ -314,11 +312,9 @@ async fn scrape_loop(
             () = cancel.cancelled() => return,
         }
         let started = Instant::now();
-        let picks_at_scrape = l.live.started_total();
         match l.source.scrape(&l.engine, &l.names, timeout).await {
             Ok(mut m) => {
                 m.scraped_at = Some(clock.now());
-                m.picks_at_scrape = picks_at_scrape;
                 last = m;
                 failures = 0;
             }

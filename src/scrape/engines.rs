@@ -388,7 +388,6 @@ impl Found {
                 num_gpu_blocks: nb.filter(|n| *n > 0),
                 scraped_at: None,
                 last_error: None,
-                picks_at_scrape: 0,
             },
             bad_lines,
         }

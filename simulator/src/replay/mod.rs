@@ -388,7 +388,6 @@ impl Sim<'_> {
             num_gpu_blocks: Some(u64::from(profile.num_gpu_blocks)),
             scraped_at: Some(Timestamp(now)),
             last_error: None,
-            picks_at_scrape: pod.endpoint.live.started_total(),
         });
         let second = (now / 1_000_000_000) as usize;
         if pod.load_sum.len() <= second {

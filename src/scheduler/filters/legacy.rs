@@ -1,8 +1,7 @@
 //! The v0.5-era filters still found in deployed configs: `low-queue-filter`,
 //! `least-queue-filter`, `least-kv-cache-filter` and `lora-affinity-filter`.
 //!
-//! Queue counts include the picks made since the last scrape (see `Endpoint::effective_waiting`);
-//! with no recent picks they equal upstream's.
+//! Queue counts are the scraped waiting gauge, as upstream.
 
 use rand::{Rng, RngCore};
 use serde::Deserialize;
@@ -60,7 +59,7 @@ impl Filter for LowQueueFilter {
         c.retain(|id| {
             ctx.snapshot
                 .get(*id)
-                .is_some_and(|e| e.effective_waiting() <= self.threshold)
+                .is_some_and(|e| e.metrics.waiting <= self.threshold)
         });
     }
 }
@@ -92,7 +91,7 @@ impl Filter for LeastQueueFilter {
         if c.is_empty() {
             return;
         }
-        let q = |id: &EndpointId| ctx.snapshot.get(*id).map_or(u32::MAX, |e| e.effective_waiting());
+        let q = |id: &EndpointId| ctx.snapshot.get(*id).map_or(u32::MAX, |e| e.metrics.waiting);
         let min = c.iter().map(q).min().unwrap_or(0);
         let max = c.iter().map(q).max().unwrap_or(0);
         let limit = min + (max - min) / c.len() as u32;

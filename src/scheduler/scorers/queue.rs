@@ -1,8 +1,10 @@
 //! `queue-scorer`: prefer endpoints with shorter waiting queues.
 //!
 //! Min-max normalised over the candidates: `(max − q) / (max − min)`; when every queue is equal
-//! every candidate scores 1. The count is the scraped value plus the requests this EPP sent since
-//! that scrape, which the engine's gauge cannot show yet.
+//! every candidate scores 1. The count is the scraped gauge and nothing else, as upstream: with
+//! the same scraped metrics every decision is upstream's, whatever requests came before. Load
+//! this EPP has dispatched since the scrape is a separate signal (in-flight load, read by
+//! `token-load-scorer` and `concurrency-detector`).
 
 use crate::{
     datastore::EndpointId,
@@ -39,8 +41,8 @@ impl Scorer for QueueScorer {
     fn score(&self, ctx: &SchedulingContext<'_>, _: &CycleState, candidates: &[EndpointId], out: &mut [f64]) {
         let value = |id: &EndpointId| {
             ctx.snapshot.get(*id).map_or(0, |e| match self.signal {
-                QueueSignal::Waiting => e.effective_waiting(),
-                QueueSignal::Running => e.metrics.running.saturating_add(e.picks_since_scrape()),
+                QueueSignal::Waiting => e.metrics.waiting,
+                QueueSignal::Running => e.metrics.running,
             })
         };
         let (min, max) = candidates

@@ -278,7 +278,7 @@ fn departed_endpoints_leave_the_prefix_index_on_pool_change_not_on_the_request_p
 
 /// Regression (security issue, input clamps): one request asking for 2^63 − 1 output tokens made
 /// the tokens-mode concurrency detector call the pool saturated (and refuse every sheddable
-/// request) while it ran; its estimate is now clamped for accounting.
+/// request) while it ran. The in-flight estimate is now upstream's, from the body's size.
 #[test]
 fn a_huge_max_tokens_does_not_saturate_the_token_concurrency_detector() {
     let cfg = config(
@@ -302,10 +302,11 @@ fn a_huge_max_tokens_does_not_saturate_the_token_concurrency_detector() {
         now: Timestamp(0),
         priority: -1,
     };
-    // 262,145 tokens in flight against 3 × 1,000,000 of capacity.
+    // Upstream's estimate reads the body's size, not its limit: 38 tokens in flight against
+    // 3 × 1,000,000 of capacity.
     let ids: Vec<_> = snap.all_ids().collect();
     assert_eq!(s.admit(&ctx, &ids), Ok(()));
-    assert!((s.saturation(&ctx, &ids) - 262_145.0 / 3_000_000.0).abs() < 1e-12);
+    assert!((s.saturation(&ctx, &ids) - 38.0 / 3_000_000.0).abs() < 1e-12);
 }
 
 /// The admission stages run in their documented order, whatever the order of `plugins:`.
