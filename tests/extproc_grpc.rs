@@ -595,13 +595,15 @@ async fn completed_exchange_releases_in_flight() {
 }
 
 #[tokio::test]
-async fn empty_pool_is_503_for_header_only_requests() {
+async fn empty_pool_is_500_for_header_only_requests_as_upstream() {
+    // Upstream's hermetic case "no backend pods available": 500, "no pods available in datastore".
     let server = TestServer::start(SnapshotBuilder::new().build(), None).await;
     let answers = server
         .exchange(vec![req_headers(&[(":path", "/v1/models")], true)])
         .await;
-    let (status, _) = immediate_status(&answers[0]);
-    assert_eq!(status, 503);
+    let (status, body) = immediate_status(&answers[0]);
+    assert_eq!(status, 500);
+    assert_eq!(body["error"]["message"], "no pods available in datastore");
 }
 
 #[tokio::test]

@@ -33,6 +33,9 @@ pub enum EppError {
     /// No endpoint to start from (empty pool, subset hint matching none).
     #[error("failed to find endpoint candidates for serving the request")]
     NoCandidates,
+    /// A request without a body found the pool empty.
+    #[error("no pods available in datastore")]
+    NoPods,
     /// The scheduler could not place the request (filters removed every endpoint).
     #[error("{0}")]
     Scheduling(SchedulingError),
@@ -66,6 +69,7 @@ impl From<Refusal> for EppError {
             Refusal::OverBudget(rejection) => EppError::OverBudget(rejection),
             Refusal::BudgetStoreUnavailable => EppError::BudgetStoreUnavailable,
             Refusal::NoCandidates => EppError::NoCandidates,
+            Refusal::NoPods => EppError::NoPods,
             Refusal::Scheduling(e) => EppError::Scheduling(e),
             Refusal::Internal(what) => EppError::Internal(what),
         }
@@ -81,7 +85,7 @@ impl EppError {
             EppError::NoCandidates => 503,
             EppError::Scheduling(SchedulingError::NoCandidates) => 503,
             EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => 429,
-            EppError::Internal(_) => 500,
+            EppError::Internal(_) | EppError::NoPods => 500,
             EppError::Guard { status, .. } => *status,
             EppError::OverBudget(_) => 429,
             EppError::BudgetStoreUnavailable => 503,
@@ -104,7 +108,9 @@ impl EppError {
         match self {
             EppError::BadRequest(_) | EppError::Unusable(_) => ("invalid_request_error", "invalid_request"),
             EppError::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
-            EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
+            EppError::NoCandidates
+            | EppError::NoPods
+            | EppError::Scheduling(SchedulingError::NoCandidates) => {
                 ("server_error", "no_endpoints_available")
             }
             EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => {
@@ -120,9 +126,9 @@ impl EppError {
     /// Successor's dropped-reason header value, where one applies.
     fn dropped_reason(&self) -> Option<&'static str> {
         match self {
-            EppError::NoCandidates | EppError::Scheduling(SchedulingError::NoCandidates) => {
-                Some("rejected-no-endpoints")
-            }
+            EppError::NoCandidates
+            | EppError::NoPods
+            | EppError::Scheduling(SchedulingError::NoCandidates) => Some("rejected-no-endpoints"),
             EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => {
                 Some("rejected-saturated")
             }
@@ -188,6 +194,8 @@ mod tests {
             r#"{"error":{"code":"invalid_request","message":"model not found in request body","param":"model","type":"invalid_request_error"}}"#
         );
         assert_eq!(EppError::NoCandidates.http_status(), 503);
+        assert_eq!(EppError::NoPods.http_status(), 500);
+        assert_eq!(EppError::NoPods.code(), "Internal");
         assert_eq!(EppError::Internal("x").code(), "Internal");
     }
 }

@@ -307,8 +307,10 @@ impl Exchange {
             .p
             .scheduler
             .decide_without_body(&self.headers.meta, &snapshot, &mut rng);
-        let Some(endpoint) = picked.ok().and_then(|id| snapshot.get(id)) else {
-            return self.fail(EppError::NoCandidates, None, out);
+        let endpoint = match picked.map(|id| snapshot.get(id)) {
+            Ok(Some(endpoint)) => endpoint,
+            Ok(None) => return self.fail(EppError::Internal("picked endpoint left the snapshot"), None, out),
+            Err(refusal) => return self.fail(EppError::from(refusal), None, out),
         };
         let destination = endpoint.address_text.to_string();
         let mut headers = vec![set_header(DESTINATION_ENDPOINT, destination.as_bytes())];

@@ -306,13 +306,17 @@ impl Scheduler {
     /// serves, chosen at random; no admission, no scheduling cycle.
     ///
     /// # Errors
-    /// [`Refusal::NoCandidates`] for an empty pool or a subset hint matching none.
+    /// [`Refusal::NoPods`] for an empty pool (upstream's 500), [`Refusal::NoCandidates`] for a
+    /// subset hint matching none.
     pub fn decide_without_body(
         &self,
         meta: &RequestMeta,
         snapshot: &Snapshot,
         rng: &mut dyn RngCore,
     ) -> Result<EndpointId, Refusal> {
+        if snapshot.endpoints.is_empty() {
+            return Err(Refusal::NoPods);
+        }
         candidates(snapshot, meta)
             .choose(rng)
             .copied()
@@ -328,17 +332,17 @@ fn candidates(snapshot: &Snapshot, meta: &RequestMeta) -> Vec<EndpointId> {
     }
 }
 
-/// Candidates allowed by a subset hint: an exact `ip:port` selects that endpoint; an entry whose
-/// port matches nothing on its IP (or a bare IP) selects every endpoint on that IP.
+/// Candidates allowed by a subset hint: every endpoint on the IP of each entry, as upstream
+/// (`requestcontrol/candidates.go` matches by IP only: an entry's port is ignored, so every rank
+/// of a named pod is a candidate). Entries that are not `ip:port` or a bare IP select nothing.
 pub fn subset_candidates(snapshot: &Snapshot, hint: &[String]) -> Vec<EndpointId> {
     let mut out = Vec::new();
     for entry in hint {
-        if let Ok(addr) = entry.parse::<SocketAddr>() {
-            match snapshot.by_address(addr) {
-                Some(id) => out.push(id),
-                None => out.extend_from_slice(snapshot.on_ip(addr.ip())),
-            }
-        } else if let Ok(ip) = entry.trim_matches(|c| c == '[' || c == ']').parse() {
+        let ip = match entry.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr.ip()),
+            Err(_) => entry.trim_matches(|c| c == '[' || c == ']').parse().ok(),
+        };
+        if let Some(ip) = ip {
             out.extend_from_slice(snapshot.on_ip(ip));
         }
     }
@@ -352,6 +356,7 @@ mod tests {
     use super::*;
     use crate::datastore::testing::SnapshotBuilder;
 
+    /// Upstream's rules (reference/protocol.md §5.1): by IP only, the port ignored.
     #[test]
     fn subset_matching_rules() {
         let snap = SnapshotBuilder::new()
@@ -360,12 +365,13 @@ mod tests {
             .endpoint("10.0.0.2:8000", |_| {})
             .build();
         let s = |v: &[&str]| subset_candidates(&snap, &v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
-        assert_eq!(s(&["10.0.0.1:8001"]), vec![EndpointId(1)]);
+        assert_eq!(s(&["10.0.0.1:8001"]), vec![EndpointId(0), EndpointId(1)]);
         assert_eq!(s(&["10.0.0.1:9999"]), vec![EndpointId(0), EndpointId(1)]);
         assert_eq!(
             s(&["10.0.0.1:8000", "10.0.0.2:8000"]),
-            vec![EndpointId(0), EndpointId(2)]
+            vec![EndpointId(0), EndpointId(1), EndpointId(2)]
         );
+        assert_eq!(s(&["10.0.0.2:8000", "not an address"]), vec![EndpointId(2)]);
         assert_eq!(s(&["10.0.0.2"]), vec![EndpointId(2)]);
         assert!(s(&["192.168.1.1:8080"]).is_empty());
         assert!(s(&[]).is_empty());

@@ -21,9 +21,7 @@ use super::{
 };
 use crate::{
     clock::Clock,
-    datastore::{
-        DatastoreEvent, EndpointSpec, EndpointUid, EngineMetrics, ScrapeFailure, SnapshotReader,
-    },
+    datastore::{DatastoreEvent, EndpointSpec, EndpointUid, EngineMetrics, ScrapeFailure, SnapshotReader},
     metrics::exported::EppMetrics,
 };
 

@@ -200,6 +200,9 @@ pub enum Refusal {
     /// No endpoint to start from (empty pool, subset hint matching none).
     #[error("failed to find endpoint candidates for serving the request")]
     NoCandidates,
+    /// A request without a body found the pool empty (upstream's answer: 500, this message).
+    #[error("no pods available in datastore")]
+    NoPods,
     /// The scheduler could not place the request (saturated, filters removed every endpoint).
     #[error("{0}")]
     Scheduling(SchedulingError),
@@ -216,7 +219,9 @@ impl Refusal {
             Refusal::Guard { .. } | Refusal::Unscannable { .. } => "guard",
             Refusal::OverBudget(_) | Refusal::TenantTooLong => "budget",
             Refusal::BudgetStoreUnavailable => "budget-store",
-            Refusal::NoCandidates | Refusal::Scheduling(SchedulingError::NoCandidates) => "no-candidates",
+            Refusal::NoCandidates | Refusal::NoPods | Refusal::Scheduling(SchedulingError::NoCandidates) => {
+                "no-candidates"
+            }
             Refusal::Scheduling(SchedulingError::Saturated) => "saturated",
             Refusal::Scheduling(SchedulingError::Profile { .. }) => "no-endpoint",
             Refusal::Internal(_) => "internal",

@@ -1,0 +1,216 @@
+//! Model-server stand-ins: HTTP servers on loopback whose `/metrics` page reports exactly the
+//! values a test sets (vLLM names), whatever traffic they receive.
+//!
+//! The upstream EPP's hermetic tests feed fixed metrics to the scheduler through a fake metrics
+//! client; these stand-ins give the same fixtures to a live EPP, scraped over HTTP, behind a real
+//! Envoy. Unlike the [emulator](crate::emulator), nothing here models an engine: a request is
+//! answered with a small OpenAI-style JSON body after a configurable delay, and the page does not
+//! move, so any change in the EPP's picks comes from the EPP alone.
+//!
+//! Each stand-in binds its own loopback address (`127.0.0.x`), because upstream matches subset
+//! hints by IP only: distinct addresses let a hint name one pod. Every answer names its pod in
+//! `x-stand-in-pod` (the index) and the model it was asked for in `x-received-model`; a pod's
+//! page can be replaced while it runs ([`StandIns::set_metrics`]).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderValue, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// What one stand-in's `/metrics` page reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FixedMetrics {
+    /// `vllm:num_requests_waiting`.
+    pub waiting: u32,
+    /// `vllm:num_requests_running`.
+    pub running: u32,
+    /// `vllm:kv_cache_usage_perc`, a fraction in [0, 1].
+    pub kv_usage: f64,
+    /// `running_lora_adapters` of `vllm:lora_requests_info`; no series when this and `waiting_adapters` are empty.
+    pub active_adapters: Vec<String>,
+    /// `waiting_lora_adapters`.
+    pub waiting_adapters: Vec<String>,
+    /// `max_lora` (upstream's hermetic fixtures leave it 0).
+    pub max_lora: u32,
+}
+
+impl FixedMetrics {
+    /// A pod reporting `waiting` queued requests, `kv_usage`, and `adapters` loaded.
+    pub fn new(waiting: u32, kv_usage: f64, adapters: &[&str]) -> Self {
+        Self {
+            waiting,
+            kv_usage,
+            active_adapters: adapters.iter().map(|s| (*s).to_owned()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The same, with `max_lora` set.
+    pub fn max_lora(mut self, max_lora: u32) -> Self {
+        self.max_lora = max_lora;
+        self
+    }
+
+    /// The exposition text, in vLLM v1's names.
+    pub fn page(&self) -> String {
+        let mut page = format!(
+            "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"stand-in\"}} {}\n\
+             # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"stand-in\"}} {}\n\
+             # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name=\"stand-in\"}} {}\n",
+            self.waiting, self.running, self.kv_usage
+        );
+        if !self.active_adapters.is_empty() || !self.waiting_adapters.is_empty() {
+            page.push_str(&format!(
+                "# TYPE vllm:lora_requests_info gauge\nvllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} 1.7e+09\n",
+                self.max_lora,
+                self.active_adapters.join(","),
+                self.waiting_adapters.join(",")
+            ));
+        }
+        page
+    }
+}
+
+/// One stand-in's state.
+struct Pod {
+    index: usize,
+    page: watch::Receiver<String>,
+    answer_after: Duration,
+    served: AtomicU64,
+}
+
+/// Running stand-ins.
+pub struct StandIns {
+    /// Their addresses, in the order given.
+    pub addrs: Vec<SocketAddr>,
+    pods: Vec<Arc<Pod>>,
+    pages: Vec<watch::Sender<String>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl StandIns {
+    /// Start one stand-in per entry: pod `i` on `127.0.0.<first_host + i>` (a free port),
+    /// answering each request after `answer_after`.
+    ///
+    /// # Errors
+    /// When an address cannot be bound (a host byte past 255 included).
+    pub async fn start(
+        pods: Vec<FixedMetrics>,
+        first_host: u8,
+        answer_after: Duration,
+    ) -> std::io::Result<Self> {
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let mut started = Self {
+            addrs: Vec::new(),
+            pods: Vec::new(),
+            pages: Vec::new(),
+            cancel: cancel.clone(),
+            tasks: tasks.clone(),
+        };
+        // On an error below, `started` drops with the servers already spawned: cancel them.
+        let stop_on_error = cancel.clone().drop_guard();
+        for (index, metrics) in pods.into_iter().enumerate() {
+            let host = u8::try_from(usize::from(first_host) + index)
+                .map_err(|_| std::io::Error::other("stand-in host byte past 255"))?;
+            let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, host));
+            let listener = TcpListener::bind((ip, 0)).await?;
+            let addr = listener.local_addr()?;
+            let (page_tx, page) = watch::channel(metrics.page());
+            let pod = Arc::new(Pod {
+                index,
+                page,
+                answer_after,
+                served: AtomicU64::new(0),
+            });
+            let app = Router::new()
+                .route("/metrics", get(metrics_page))
+                .route("/{*path}", post(answer))
+                .with_state(pod.clone());
+            let token = cancel.clone();
+            tasks.spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { token.cancelled().await })
+                    .await;
+            });
+            started.addrs.push(addr);
+            started.pods.push(pod);
+            started.pages.push(page_tx);
+        }
+        let _ = stop_on_error.disarm();
+        Ok(started)
+    }
+
+    /// Replace pod `i`'s page (the next scrape sees it). Out-of-range indexes are ignored.
+    pub fn set_metrics(&self, i: usize, metrics: &FixedMetrics) {
+        if let Some(tx) = self.pages.get(i) {
+            tx.send_replace(metrics.page());
+        }
+    }
+
+    /// Requests pod `i` has answered.
+    pub fn served(&self, i: usize) -> u64 {
+        self.pods.get(i).map_or(0, |p| p.served.load(Ordering::Relaxed))
+    }
+
+    /// The `--endpoints` value naming every stand-in (vLLM engine).
+    pub fn endpoints_flag(&self) -> String {
+        let list: Vec<String> = self.addrs.iter().map(ToString::to_string).collect();
+        format!("--endpoints={}", list.join(","))
+    }
+
+    /// Stop every stand-in.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn metrics_page(State(pod): State<Arc<Pod>>) -> String {
+    pod.page.borrow().clone()
+}
+
+/// An OpenAI-style answer naming the pod and the model it was asked for.
+async fn answer(State(pod): State<Arc<Pod>>, uri: Uri, body: Bytes) -> Response {
+    let model = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_default();
+    tokio::time::sleep(pod.answer_after).await;
+    pod.served.fetch_add(1, Ordering::Relaxed);
+    let chat = uri.path().ends_with("/chat/completions");
+    let answer = if chat {
+        json!({"id": "stand-in", "object": "chat.completion", "model": model,
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    } else {
+        json!({"id": "stand-in", "object": "text_completion", "model": model,
+               "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    };
+    let mut response = (StatusCode::OK, axum::Json(answer)).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-stand-in-pod", HeaderValue::from(pod.index));
+    if let Ok(v) = HeaderValue::from_str(&model) {
+        headers.insert("x-received-model", v);
+    }
+    response
+}
