@@ -141,6 +141,18 @@ pub fn with_subset(mut msg: ProcessingRequest, entries: Vec<Value>) -> Processin
     msg
 }
 
+/// Attach the proxy's served-endpoint report (`envoy.lb` metadata) to a message.
+pub fn with_served(mut msg: ProcessingRequest, endpoint: &str) -> ProcessingRequest {
+    let inner = Struct {
+        fields: [("x-gateway-destination-endpoint-served".to_owned(), s(endpoint))].into(),
+    };
+    msg.metadata_context = Some(Metadata {
+        filter_metadata: [("envoy.lb".to_owned(), inner)].into(),
+        ..Default::default()
+    });
+    msg
+}
+
 pub fn s(v: &str) -> Value {
     Value {
         kind: Some(Kind::StringValue(v.to_owned())),
