@@ -9,8 +9,9 @@
 //!
 //! Each stand-in binds its own loopback address (`127.0.0.x`), because upstream matches subset
 //! hints by IP only: distinct addresses let a hint name one pod. Every answer names its pod in
-//! `x-stand-in-pod` (the index) and the model it was asked for in `x-received-model`; a pod's
-//! page can be replaced while it runs ([`StandIns::set_metrics`]).
+//! `x-stand-in-pod` (the index), the model it was asked for in `x-received-model` and the
+//! xxHash64 of the body it received in `x-received-body-xxh64` (hex); a pod's page can be
+//! replaced while it runs ([`StandIns::set_metrics`]).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -188,6 +189,11 @@ async fn metrics_page(State(pod): State<Arc<Pod>>) -> String {
     pod.page.borrow().clone()
 }
 
+/// The digest a stand-in reports for a body it received.
+pub fn body_digest(body: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh64::xxh64(body, 0))
+}
+
 /// An OpenAI-style answer naming the pod and the model it was asked for.
 async fn answer(State(pod): State<Arc<Pod>>, uri: Uri, body: Bytes) -> Response {
     let model = serde_json::from_slice::<Value>(&body)
@@ -209,6 +215,9 @@ async fn answer(State(pod): State<Arc<Pod>>, uri: Uri, body: Bytes) -> Response 
     let mut response = (StatusCode::OK, axum::Json(answer)).into_response();
     let headers = response.headers_mut();
     headers.insert("x-stand-in-pod", HeaderValue::from(pod.index));
+    if let Ok(v) = HeaderValue::from_str(&body_digest(&body)) {
+        headers.insert("x-received-body-xxh64", v);
+    }
     if let Ok(v) = HeaderValue::from_str(&model) {
         headers.insert("x-received-model", v);
     }

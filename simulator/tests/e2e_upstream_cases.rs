@@ -28,7 +28,7 @@ use epp::{
 };
 use epp_sim::{
     envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers, wait_until_scraped},
-    stand_in::{FixedMetrics, StandIns},
+    stand_in::{FixedMetrics, StandIns, body_digest},
 };
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -108,6 +108,8 @@ struct Reply {
     pod: Option<usize>,
     /// The model the stand-in was asked for.
     model: String,
+    /// The digest of the body the stand-in received.
+    received: String,
     body: String,
 }
 
@@ -177,11 +179,13 @@ impl Live {
         };
         let pod = header("x-stand-in-pod").and_then(|v| v.parse().ok());
         let model = header("x-received-model").unwrap_or_default();
+        let received = header("x-received-body-xxh64").unwrap_or_default();
         let status = resp.status().as_u16();
         Reply {
             status,
             pod,
             model,
+            received,
             body: resp.text().await.unwrap_or_default(),
         }
     }
@@ -395,6 +399,44 @@ async fn passthrough_model_not_in_objectives() {
         0,
         "direct-model",
     )
+    .await;
+    live.stop().await;
+}
+
+/// "passthrough parser success": the body is not read (not even JSON), the scorers decide on
+/// load alone, and the body reaches the pod unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_parser_success() {
+    let config = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: passthrough-parser
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: kv-cache-utilization-scorer
+parser:
+  pluginRef: passthrough-parser
+";
+    let live = Live::start(
+        vec![p(3, 0.2, &[]), p(0, 0.1, &[]), p(10, 0.2, &[])],
+        config,
+        Duration::from_millis(20),
+    )
+    .await;
+    let r = Request {
+        path: "/v1/completions",
+        body: b"passthrough-parser".to_vec(),
+        headers: vec![("x-gateway-inference-objective", "my-model".to_owned())],
+    };
+    let sent = body_digest(&r.body);
+    live.every_reply(&r, |reply| {
+        assert_eq!((reply.status, reply.pod), (200, Some(1)), "{reply:?}");
+        assert_eq!(reply.received, sent, "the body goes upstream unchanged");
+    })
     .await;
     live.stop().await;
 }

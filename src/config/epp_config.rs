@@ -226,6 +226,8 @@ pub struct EndpointPickerConfig {
     pub profiles: Vec<ProfileSpec>,
     /// Saturation detector instance (index into `plugins`), if named.
     pub saturation_detector: Option<usize>,
+    /// Request parser instance (index into `plugins`), if named; `openai-parser` otherwise.
+    pub parser: Option<usize>,
     /// Data sources: `(source plugin, extractor plugins)` indices into `plugins`. `None` = the
     /// document omitted `dataLayer` (collection on with defaults); `Some(empty)` disables it.
     pub data_sources: Option<Vec<(usize, Vec<usize>)>>,
@@ -243,6 +245,7 @@ impl EndpointPickerConfig {
                 plugins: Vec::new(),
                 profiles: Vec::new(),
                 saturation_detector: None,
+                parser: None,
                 data_sources: None,
             },
         }
@@ -390,9 +393,10 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             .saturation_detector
             .as_ref()
             .and_then(|r| lookup_ref("saturationDetector.pluginRef".into(), &r.plugin_ref));
-        if let Some(p) = &raw.parser {
-            lookup_ref("parser.pluginRef".into(), &p.plugin_ref);
-        }
+        let parser = raw
+            .parser
+            .as_ref()
+            .and_then(|p| lookup_ref("parser.pluginRef".into(), &p.plugin_ref));
         let data_sources = raw.data_layer.as_ref().map(|dl| {
             dl.sources
                 .iter()
@@ -423,6 +427,7 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             plugins,
             profiles,
             saturation_detector,
+            parser,
             data_sources,
         })
     }

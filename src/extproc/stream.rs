@@ -40,7 +40,6 @@ use super::{
 };
 use crate::{
     datastore::{InFlight, Snapshot},
-    parser::parse_request,
     scheduler::{DecideEnv, Decision, ResponsePlan, Scratch, admission::BudgetReservation},
 };
 
@@ -371,7 +370,11 @@ impl Exchange {
     /// Parse the body, run the decide step, and keep what the response side needs. An error
     /// carries the request's metric labels, already bounded.
     async fn route(&mut self, body: &[u8]) -> Result<Routing, (EppError, Option<(String, String)>)> {
-        let request = parse_request(self.headers.api_path(), body).map_err(|e| (EppError::from(e), None))?;
+        let request = self
+            .p
+            .scheduler
+            .parse_request(self.headers.api_path(), body)
+            .map_err(|e| (EppError::from(e), None))?;
         let snapshot = self.p.reader.load();
         let mut rng = SmallRng::from_rng(&mut rand::rng());
         let timer = self.p.plugin_timer();

@@ -107,6 +107,8 @@ pub fn visit_prompt_strings(api: ApiKind, prompt: &mut Value, f: &mut dyn FnMut(
             }
         }
         ApiKind::Completions | ApiKind::Responses | ApiKind::Embeddings => visit_content(prompt, f),
+        // Nothing was read; the registry refuses guards next to the passthrough parser.
+        ApiKind::Passthrough => {}
     }
 }
 

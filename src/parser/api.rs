@@ -13,6 +13,9 @@ pub enum ApiKind {
     Conversations,
     /// `/v1/embeddings`: `input`.
     Embeddings,
+    /// A body the configured parser does not read (`passthrough-parser`): no model, no prompt.
+    /// Never derived from a path.
+    Passthrough,
 }
 
 /// `%XX` escapes decoded (a malformed escape is kept as it is; a non-UTF-8 result is lossy).
@@ -76,6 +79,7 @@ impl ApiKind {
             ApiKind::ChatCompletions => "messages",
             ApiKind::Responses | ApiKind::Embeddings => "input",
             ApiKind::Conversations => "items",
+            ApiKind::Passthrough => "",
         }
     }
 
@@ -87,6 +91,7 @@ impl ApiKind {
             ApiKind::Responses => "invalid responses request: must have input field",
             ApiKind::Conversations => "invalid conversations request: must have items field",
             ApiKind::Embeddings => "invalid embeddings request: must have input field",
+            ApiKind::Passthrough => "request body not read by the passthrough parser",
         }
     }
 
@@ -98,6 +103,7 @@ impl ApiKind {
             ApiKind::Responses => "responses",
             ApiKind::Conversations => "conversations",
             ApiKind::Embeddings => "embeddings",
+            ApiKind::Passthrough => "passthrough",
         }
     }
 }

@@ -15,7 +15,9 @@ pub mod usage;
 
 pub use api::ApiKind;
 pub use edit::{BodyEdit, apply_edits, model_edit, usage_edit};
-pub use request::{LlmRequest, RequestError, parse_request, parse_request_as, replace_model};
+pub use request::{
+    LlmRequest, RequestError, parse_request, parse_request_as, passthrough_request, replace_model,
+};
 pub use restore::{ModelRestorer, StreamReplacer, model_patterns};
 pub use sse_filter::{EventSplitter, UsageEventFilter};
 pub use usage::{SseUsageScanner, Usage, usage_from_json};

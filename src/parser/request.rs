@@ -164,6 +164,9 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<LlmRequest, RequestError
 /// # Errors
 /// As [`parse_request`].
 pub fn parse_request_as(api: ApiKind, body: &[u8]) -> Result<LlmRequest, RequestError> {
+    if api == ApiKind::Passthrough {
+        return Ok(passthrough_request(body));
+    }
     let text = std::str::from_utf8(body).map_err(|e| RequestError::InvalidJson {
         reason: e.to_string(),
     })?;
@@ -180,6 +183,7 @@ pub fn parse_request_as(api: ApiKind, body: &[u8]) -> Result<LlmRequest, Request
         ApiKind::ChatCompletions => raw.messages,
         ApiKind::Responses | ApiKind::Embeddings => raw.input,
         ApiKind::Conversations => raw.items,
+        ApiKind::Passthrough => return Ok(passthrough_request(body)), // handled above
     };
     let prompt = prompt
         .filter(|p| is_non_empty(p.get()))
@@ -216,6 +220,24 @@ pub fn parse_request_as(api: ApiKind, body: &[u8]) -> Result<LlmRequest, Request
             .and_then(|v| serde_json::from_str::<String>(v.get()).ok()),
         body_len: body.len(),
     })
+}
+
+/// What upstream's `passthrough-parser` makes of a body: nothing is read, so there is no model
+/// (the target comes from the rewrite header), no prompt (no prefix hashes) and no output limit;
+/// only the size counts, for the in-flight estimate. The body goes upstream unchanged.
+pub fn passthrough_request(body: &[u8]) -> LlmRequest {
+    LlmRequest {
+        api: ApiKind::Passthrough,
+        model: String::new(),
+        model_span: 0..0,
+        prompt_span: 0..0,
+        stream: false,
+        include_usage: false,
+        stream_options_span: None,
+        max_output_tokens: None,
+        cache_salt: None,
+        body_len: body.len(),
+    }
 }
 
 /// The byte span of `part` inside `whole`; `part` must borrow from `whole` (serde's borrowed

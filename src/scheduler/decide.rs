@@ -260,7 +260,9 @@ impl Scheduler {
         let hide_injected_usage = usage.is_some();
         edits.extend(usage);
         let mut restore = restore;
-        if target_model != served.model {
+        // A body no parser read (passthrough) has no model to rewrite: upstream forwards it as
+        // it came, and so does this.
+        if target_model != served.model && !served.model_span.is_empty() {
             edits.push(model_edit(served.model_span.clone(), &target_model));
             // A fallback is reported (x-gateway-model-fallback), not hidden: only rewrites are
             // restored.

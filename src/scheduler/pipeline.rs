@@ -88,9 +88,36 @@ pub struct Scheduler {
     pub(crate) tenant_header: Option<String>,
     /// The configured token budget (it is also an admission stage).
     pub(crate) budget: Option<Arc<TokenBudget>>,
+    /// How request bodies are read.
+    pub(crate) parser: RequestParser,
+}
+
+/// The configured request parser (`parser.pluginRef`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestParser {
+    /// `openai-parser` (the default): OpenAI-style JSON bodies, the API from the path.
+    OpenAi,
+    /// `passthrough-parser`: the body is not read (see [`crate::parser::passthrough_request`]).
+    Passthrough,
 }
 
 impl Scheduler {
+    /// Read a request body at `path` with the configured parser.
+    ///
+    /// # Errors
+    /// The OpenAI parser's [`RequestError`](crate::parser::RequestError); the passthrough
+    /// parser accepts any body.
+    pub fn parse_request(
+        &self,
+        path: &str,
+        body: &[u8],
+    ) -> Result<crate::parser::LlmRequest, crate::parser::RequestError> {
+        match self.parser {
+            RequestParser::OpenAi => crate::parser::parse_request(path, body),
+            RequestParser::Passthrough => Ok(crate::parser::passthrough_request(body)),
+        }
+    }
+
     /// The profile's name.
     pub fn profile_name(&self) -> &str {
         &self.profile.name

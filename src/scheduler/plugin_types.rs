@@ -55,6 +55,8 @@ pub const PROMPT_GUARD: &str = "prompt-guard";
 pub const TOKEN_BUDGET: &str = "token-budget";
 /// `openai-parser` (upstream's parser plugin; parsing is built in).
 pub const OPENAI_PARSER: &str = "openai-parser";
+/// `passthrough-parser` (upstream): the body is not read; routing uses load signals only.
+pub const PASSTHROUGH_PARSER: &str = "passthrough-parser";
 /// `metrics-data-source` (upstream data layer; read by the metrics collector).
 pub const METRICS_DATA_SOURCE: &str = "metrics-data-source";
 /// `core-metrics-extractor` (upstream data layer; read by the metrics collector).

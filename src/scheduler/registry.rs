@@ -21,7 +21,7 @@ use super::{
     },
     params::{decode_params, no_params},
     pickers::{MaxScorePicker, PickerParams, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
-    pipeline::Scheduler,
+    pipeline::{RequestParser, Scheduler},
     plugin::{
         DataProducer, Filter, Needs, Picker, PluginName, PoolChange, PreRequest, SaturationDetector, Scorer,
     },
@@ -170,6 +170,7 @@ const REGISTRY: &[(&str, Builder)] = &[
         })
     }),
     (OPENAI_PARSER, consumed_elsewhere),
+    (PASSTHROUGH_PARSER, consumed_elsewhere),
     // Read by the metrics collector's data layer.
     (METRICS_DATA_SOURCE, |_, _| Ok(Roles::default())),
     (CORE_METRICS_EXTRACTOR, |_, _| Ok(Roles::default())),
@@ -218,6 +219,43 @@ fn detector<D: Filter + SaturationDetector + 'static>(d: D) -> Roles {
 fn kv_cache_scorer(name: PluginName, spec: &PluginSpec) -> Result<Roles, ConfigIssue> {
     no_params(spec)?;
     Ok(scorer(KvCacheScorer::new(name)))
+}
+
+/// The parser `parser.pluginRef` names (`openai-parser` when absent). A prompt guard next to the
+/// passthrough parser is refused: it would have no prompt to scan, and a guard that lets
+/// everything through unscanned is worse than none.
+fn request_parser(
+    config: &EndpointPickerConfig,
+    roles: &[Roles],
+    issues: &mut Vec<ConfigIssue>,
+) -> RequestParser {
+    let parser = match config.parser.map(|i| &config.plugins[i]) {
+        None => RequestParser::OpenAi,
+        Some(spec) if spec.plugin_type == OPENAI_PARSER => RequestParser::OpenAi,
+        Some(spec) if spec.plugin_type == PASSTHROUGH_PARSER => RequestParser::Passthrough,
+        Some(spec) => {
+            issues.push(ConfigIssue {
+                path: "parser.pluginRef".into(),
+                reason: format!("plugin {:?} is not a parser", spec.name),
+            });
+            RequestParser::OpenAi
+        }
+    };
+    if parser == RequestParser::Passthrough {
+        for (spec, _) in config
+            .plugins
+            .iter()
+            .zip(roles)
+            .filter(|(_, r)| r.guard.is_some())
+        {
+            issues.push(ConfigIssue {
+                path: spec.path.clone(),
+                reason: "a prompt-guard needs a parser that reads the prompt; passthrough-parser reads none"
+                    .into(),
+            });
+        }
+    }
+    parser
 }
 
 /// Types whose work is done elsewhere (built in, or always on): parameters must be absent.
@@ -513,6 +551,7 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
     let objectives: HashMap<String, i32> = roles.iter().flat_map(|r| r.objectives.iter().cloned()).collect();
 
     let budget = roles.iter().find_map(|r| r.budget.as_ref());
+    let parser = request_parser(config, &roles, &mut issues);
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid { issues });
@@ -536,6 +575,7 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
             .collect(),
         tenant_header: budget.map(|b| b.policy.tenant_header.clone()),
         budget: budget.cloned(),
+        parser,
         detector,
         objectives,
     })

@@ -35,7 +35,6 @@ use epp::{
         Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight, LoraState,
         Snapshot, format_address, merge_objectives,
     },
-    parser::parse_request,
     scheduler::{
         DecideEnv, RequestMeta, Scheduler, Scratch, admission::BudgetReservation, build_scheduler,
         plugin_types::TOKEN_BUDGET,
@@ -428,7 +427,7 @@ impl Sim<'_> {
         self.reservations.push(None);
         let model = req.adapter.as_deref().unwrap_or(&self.setup.profile.model);
         chat_body(workload, req, model, text, body);
-        let Ok(parsed) = parse_request("/v1/chat/completions", body) else {
+        let Ok(parsed) = self.scheduler.parse_request("/v1/chat/completions", body) else {
             record.refusal = Some("bad-request");
             self.records.push(record);
             return;

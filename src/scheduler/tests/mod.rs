@@ -332,7 +332,7 @@ fn the_registry_lists_each_plugin_type_once() {
     let types: Vec<&str> = registry::plugin_types().collect();
     let unique: std::collections::BTreeSet<&str> = types.iter().copied().collect();
     assert_eq!(unique.len(), types.len());
-    assert_eq!(types.len(), 31);
+    assert_eq!(types.len(), 32);
     for t in [
         plugin_types::QUEUE_SCORER,
         plugin_types::TOKEN_BUDGET,
@@ -340,4 +340,45 @@ fn the_registry_lists_each_plugin_type_once() {
     ] {
         assert!(types.contains(&t), "{t}");
     }
+}
+
+/// `parser.pluginRef` selects how bodies are read: the passthrough parser reads nothing (any
+/// body is accepted, no model, in-flight estimate from the size); a reference to a plugin that
+/// is not a parser, or a prompt guard with nothing to scan, is refused at load with its path.
+#[test]
+fn the_parser_reference_selects_the_passthrough_parser_or_is_refused() {
+    let doc = |plugins: &str, parser: &str| {
+        EndpointPickerConfig::from_yaml(&format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n{plugins}schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\nparser:\n  pluginRef: {parser}\n"
+        ))
+        .unwrap()
+    };
+    let s = build_scheduler(&doc("- type: passthrough-parser\n", "passthrough-parser")).unwrap();
+    let req = s.parse_request("/v1/completions", b"not json at all").unwrap();
+    assert_eq!(req.api, crate::parser::ApiKind::Passthrough);
+    assert_eq!((req.model.as_str(), req.estimated_load_tokens()), ("", 3 + 5));
+    let openai = build_scheduler(&doc("- type: openai-parser\n", "openai-parser")).unwrap();
+    assert!(
+        openai
+            .parse_request("/v1/completions", b"not json at all")
+            .is_err()
+    );
+
+    let issues = |cfg: &EndpointPickerConfig| match build_scheduler(cfg) {
+        Err(crate::config::ConfigError::Invalid { issues }) => {
+            issues.iter().map(ToString::to_string).collect::<Vec<_>>()
+        }
+        other => panic!("expected a refusal with issues, got {:?}", other.err()),
+    };
+    assert_eq!(
+        issues(&doc("", "queue-scorer")),
+        ["parser.pluginRef: plugin \"queue-scorer\" is not a parser"]
+    );
+    assert_eq!(
+        issues(&doc(
+            "- type: passthrough-parser\n- type: prompt-guard\n  parameters: {request: {regex: {builtins: [SSN]}}}\n",
+            "passthrough-parser"
+        )),
+        ["plugins[2]: a prompt-guard needs a parser that reads the prompt; passthrough-parser reads none"]
+    );
 }
