@@ -1228,3 +1228,122 @@ schedulingProfiles:
         "the tenant header is longer than 256 bytes"
     );
 }
+
+/// Regression (robustness issue, item 5): in `STREAMED` mode the proxy waits for the headers'
+/// answer before it sends any body, and then for an answer to every chunk; the EPP routed on the
+/// headers and never answered the chunks, so Envoy waited out `message_timeout`. A request with a
+/// body in that mode is now refused at once with the fix in the message (routing it unread would
+/// also skip the prompt guards); a request without a body is still routed.
+#[tokio::test]
+async fn streamed_request_body_mode_is_refused_with_a_clear_message() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let answers = server
+        .exchange(vec![req_headers_mode(
+            &[(":path", "/v1/completions")],
+            BodySendMode::Streamed,
+        )])
+        .await;
+    let (status, body) = immediate_status(&answers[0]);
+    assert_eq!(status, 500);
+    assert_eq!(
+        body["error"]["message"],
+        "the ext_proc filter sends the request body in STREAMED mode, which this EPP does not support: set request_body_mode to FULL_DUPLEX_STREAMED (or BUFFERED)"
+    );
+    assert_eq!(body["error"]["code"], "unsupported_body_mode");
+
+    let mut bodiless = req_headers_mode(&[(":path", "/v1/models")], BodySendMode::Streamed);
+    if let Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request::RequestHeaders(
+        h,
+    )) = bodiless.request.as_mut()
+    {
+        h.end_of_stream = true;
+    }
+    let answers = server.exchange(vec![bodiless]).await;
+    assert!(
+        matches!(
+            &answers[0],
+            Answer::RequestHeaders {
+                destination: Some(_),
+                ..
+            }
+        ),
+        "{answers:?}"
+    );
+}
+
+/// A codec that sends raw bytes as the message and reads ext_proc answers: what a proxy with a
+/// broken encoder would send.
+#[derive(Default)]
+struct RawBytesCodec;
+
+impl tonic::codec::Codec for RawBytesCodec {
+    type Encode = Vec<u8>;
+    type Decode = envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+    type Encoder = RawBytesCodec;
+    type Decoder = RawBytesCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytesCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytesCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawBytesCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytesCodec {
+    type Item = envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// Regression (robustness issue, item 6): a message that does not decode ended the stream with
+/// status OK, logged at debug only; it now ends it with `INVALID_ARGUMENT` (and a warning).
+#[tokio::test]
+async fn an_undecodable_message_ends_the_stream_with_invalid_argument() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // Field 1 as a length-delimited value whose length runs past the end.
+    let garbage = vec![0x0a, 0xff, 0xff, 0x01, 0x02];
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+    );
+    let mut inbound = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(vec![garbage])),
+            path,
+            RawBytesCodec,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let status = inbound.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("undecodable ext_proc message: failed to decode Protobuf message"),
+        "{status:?}"
+    );
+}

@@ -18,6 +18,27 @@ use crate::{
     },
 };
 
+/// The status that ends a stream whose next message could not be read, when the proxy is there
+/// to read it: a message that does not decode is the sender's error (`INVALID_ARGUMENT`), one past
+/// the size limit `RESOURCE_EXHAUSTED`. `None` for a transport failure (the proxy reset the
+/// stream or went away): nobody would read an answer.
+pub fn unreadable_message_status(read_error: &tonic::Status) -> Option<tonic::Status> {
+    match read_error.code() {
+        // tonic maps a protobuf decode failure to INTERNAL with prost's message.
+        tonic::Code::Internal if read_error.message().starts_with("failed to decode") => {
+            Some(tonic::Status::invalid_argument(format!(
+                "undecodable ext_proc message: {}",
+                read_error.message()
+            )))
+        }
+        tonic::Code::OutOfRange => Some(tonic::Status::resource_exhausted(format!(
+            "ext_proc message too large: {}",
+            read_error.message()
+        ))),
+        _ => None,
+    }
+}
+
 /// Why a request is answered by the EPP instead of a model server.
 #[derive(Debug, thiserror::Error)]
 pub enum EppError {
@@ -59,6 +80,13 @@ pub enum EppError {
     /// An invariant broke inside the EPP.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The proxy streams the request body in `STREAMED` mode, where the route must be chosen
+    /// before any of the body arrives: the body could be neither read for routing nor scanned by
+    /// a guard, so the request is refused rather than routed blind.
+    #[error(
+        "the ext_proc filter sends the request body in STREAMED mode, which this EPP does not support: set request_body_mode to FULL_DUPLEX_STREAMED (or BUFFERED)"
+    )]
+    StreamedBodyMode,
 }
 
 impl From<Refusal> for EppError {
@@ -85,7 +113,7 @@ impl EppError {
             EppError::NoCandidates => 503,
             EppError::Scheduling(SchedulingError::NoCandidates) => 503,
             EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => 429,
-            EppError::Internal(_) | EppError::NoPods => 500,
+            EppError::Internal(_) | EppError::NoPods | EppError::StreamedBodyMode => 500,
             EppError::Guard { status, .. } => *status,
             EppError::OverBudget(_) => 429,
             EppError::BudgetStoreUnavailable => 503,
@@ -117,6 +145,7 @@ impl EppError {
                 ("server_overloaded", "rate_limit_exceeded")
             }
             EppError::Internal(_) => ("server_error", "internal_error"),
+            EppError::StreamedBodyMode => ("server_error", "unsupported_body_mode"),
             EppError::Guard { .. } => ("invalid_request_error", "content_policy_violation"),
             EppError::OverBudget(_) => ("rate_limit_error", "rate_limit_exceeded"),
             EppError::BudgetStoreUnavailable => ("server_error", "budget_store_unavailable"),

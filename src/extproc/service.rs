@@ -10,9 +10,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
+    error::unreadable_message_status,
     processor::Processor,
     stream::{Exchange, Flow},
 };
@@ -52,7 +53,13 @@ impl ExternalProcessor for ExtProcService {
                     Ok(Some(msg)) => msg,
                     Ok(None) => break,
                     Err(status) => {
-                        debug!(code = ?status.code(), "ext_proc stream ended by the proxy");
+                        match unreadable_message_status(&status) {
+                            Some(answer) => {
+                                warn!(code = ?answer.code(), error = %answer.message(), "ext_proc stream ended: unreadable message");
+                                let _ = tx.send(Err(answer)).await;
+                            }
+                            None => debug!(code = ?status.code(), "ext_proc stream ended by the proxy"),
+                        }
                         break;
                     }
                 };

@@ -67,6 +67,17 @@ impl BodyMode {
     }
 }
 
+/// Warn about a proxy configured with `STREAMED` request bodies, once per process: every such
+/// request is refused, and the fix is in the proxy's config.
+fn warn_streamed_body_mode() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "the proxy sends request bodies in STREAMED mode, which is refused (500): set the ext_proc filter's request_body_mode to FULL_DUPLEX_STREAMED"
+        );
+    }
+}
+
 /// Whether the service loop keeps reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -252,7 +263,11 @@ impl Exchange {
         }
         match self.request_mode {
             _ if h.end_of_stream => self.decide_without_body(out),
-            BodyMode::None | BodyMode::Streamed => self.decide_without_body(out),
+            BodyMode::None => self.decide_without_body(out),
+            BodyMode::Streamed => {
+                warn_streamed_body_mode();
+                self.fail(EppError::StreamedBodyMode, None, out)
+            }
             BodyMode::Buffered => {
                 // Envoy waits for this answer before it sends the buffered body.
                 out.push(request_headers_answer(CommonResponse::default(), None));
