@@ -295,20 +295,43 @@ impl Flags {
     }
 }
 
-/// Rewrite Go-style single-dash long flags (`-grpc-port=1`) to `--grpc-port=1`. Short flags
-/// (`-v`, `-v=3`, `-h`, `-V`) and values are left alone.
+/// Rewrite arguments into the form clap reads as Go's `flag` package does:
+/// - a single-dash long flag (`-grpc-port=1`) becomes `--grpc-port=1` (short flags such as `-v`,
+///   `-v=3`, `-h`, `-V` are left alone);
+/// - a flag that takes a value, given without `=`, takes the next argument as its value whatever
+///   it starts with, so `--config-text "---\n..."` or `--pool-name -x` work (clap alone would read
+///   the dash as the next flag); the pair is joined as `--flag=value`. Booleans never take the next
+///   argument (`--secure-serving false` is a flag and a stray `false`, as in Go).
 pub fn normalize_go_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
-    args.into_iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let is_single_dash_long = i > 0
-                && a.starts_with('-')
-                && !a.starts_with("--")
-                && a.split('=').next().is_some_and(|name| name.len() > 2)
-                && a.as_bytes().get(1).is_some_and(u8::is_ascii_alphabetic);
-            if is_single_dash_long { format!("-{a}") } else { a }
+    let command = <Flags as clap::CommandFactory>::command();
+    let takes_next = |name: &str| {
+        command.get_arguments().any(|a| {
+            let named = a.get_long() == Some(name)
+                || (name.len() == 1 && a.get_short().is_some_and(|c| name.starts_with(c)));
+            named && a.get_action().takes_values() && !a.is_require_equals_set()
         })
-        .collect()
+    };
+    let mut out = Vec::new();
+    let mut args = args.into_iter().enumerate();
+    while let Some((i, a)) = args.next() {
+        let is_single_dash_long = i > 0
+            && a.starts_with('-')
+            && !a.starts_with("--")
+            && a.split('=').next().is_some_and(|name| name.len() > 2)
+            && a.as_bytes().get(1).is_some_and(u8::is_ascii_alphabetic);
+        let a = if is_single_dash_long { format!("-{a}") } else { a };
+        let name = a.strip_prefix("--").or_else(|| a.strip_prefix('-'));
+        match name {
+            Some(name) if i > 0 && !name.is_empty() && !name.contains('=') && takes_next(name) => {
+                match args.next() {
+                    Some((_, value)) => out.push(format!("{a}={value}")),
+                    None => out.push(a), // clap reports the missing value
+                }
+            }
+            _ => out.push(a),
+        }
+    }
+    out
 }
 
 /// Parse a Go-style duration: `50ms`, `2s`, `1m`, `1h`, `1.5s`, `250us`, `0`.
@@ -389,6 +412,33 @@ mod tests {
         assert!(f.secure_serving);
         assert_eq!(f.grpc_port, 77);
         assert_eq!(f.verbosity, 3);
+    }
+
+    /// Regression (robustness issue, item 8): `--config-text "$CFG"` with a document starting
+    /// with `---` was refused (clap read the value as a flag); Go's `flag` package takes the next
+    /// argument as the value of a flag that needs one, whatever it starts with.
+    #[test]
+    fn a_value_starting_with_a_dash_is_taken_as_go_takes_it() {
+        let doc = "---\napiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+        let f = parse(&[
+            "--config-text",
+            doc,
+            "--pool-name",
+            "-p",
+            "-pool-namespace",
+            "-n",
+            "-v",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(f.config_text, doc);
+        assert_eq!((f.pool_name.as_str(), f.pool_namespace.as_str()), ("-p", "-n"));
+        assert_eq!(f.verbosity, 5);
+        // Booleans never take the next argument; a flag missing its value is still an error.
+        let f = parse(&["--secure-serving", "--pool-name", "--x"]).unwrap();
+        assert!(f.secure_serving);
+        assert_eq!(f.pool_name, "--x");
+        assert!(parse(&["--pool-name"]).is_err());
     }
 
     #[test]
