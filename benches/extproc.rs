@@ -94,6 +94,7 @@ fn bench_exchange(c: &mut Criterion) {
         disable_subset_filter: false,
         explain_decisions: false,
         tasks: tokio_util::task::TaskTracker::new(),
+        body_memory: epp::extproc::body_memory::BodyMemory::new(1 << 30),
     });
 
     let mut group = c.benchmark_group("extproc_exchange");

@@ -28,7 +28,7 @@ use crate::{
         DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, EndpointKey, EndpointSpec, SnapshotReader,
         format_address,
     },
-    extproc::{ExtProcService, Processor},
+    extproc::{ExtProcService, Processor, body_memory::BodyMemory},
     k8s::{
         discovery::{PoolSource, run_discovery},
         leader::{Candidacy, LEASE_DURATION, RENEW_EVERY, lease_name, run_leader_election},
@@ -451,6 +451,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         disable_subset_filter: flags.disable_endpoint_subset_filter,
         explain_decisions: flags.explain_decisions,
         tasks: tasks.clone(),
+        body_memory: BodyMemory::new(usize::try_from(flags.max_buffered_body_bytes).unwrap_or(usize::MAX)),
     });
     let service = ExternalProcessorServer::new(ExtProcService::new(processor, tasks.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)

@@ -1347,3 +1347,120 @@ async fn an_undecodable_message_ends_the_stream_with_invalid_argument() {
         "{status:?}"
     );
 }
+
+/// Regression (robustness issue, item 2): request bodies were bounded per stream only (48
+/// concurrent 64 MB bodies peaked at 2.18 GB). Held body bytes are now charged to a process-wide
+/// budget: a body that would pass it is answered 503 with retry-after, and the bytes are free
+/// again once the holder is routed.
+#[tokio::test]
+async fn request_bodies_share_a_process_wide_memory_budget() {
+    // 1.5 MB: room for A's 700 KB, and for its joined copy when it completes in two pieces.
+    let server = TestServer::start_with_body_memory(pods(), Some(QUEUE_KV), 1_500_000).await;
+    let big = |fill: u8, n: usize| {
+        let mut body = br#"{"model":"m","prompt":""#.to_vec();
+        body.extend(std::iter::repeat_n(fill, n));
+        body
+    };
+    // Stream A holds 700 KB of its body, not yet complete.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(req_headers(&[(":path", "/v1/completions")], false))
+        .await
+        .unwrap();
+    tx.send(req_body(&big(b'a', 700_000), false)).await.unwrap();
+    let mut a = server
+        .client()
+        .await
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut held = false;
+    for _ in 0..200 {
+        if server.body_memory.held() >= 700_000 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(held, "stream A's body is charged");
+    // Stream B's 800 KB would pass the budget: 503, retry-after, nothing kept.
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/completions")], false),
+            req_body(&big(b'b', 800_000), true),
+        ])
+        .await;
+    let Answer::Immediate {
+        status,
+        headers,
+        body,
+    } = &answers[0]
+    else {
+        panic!("expected an immediate answer, got {answers:?}")
+    };
+    assert_eq!(*status, 503);
+    assert!(
+        headers.contains(&("retry-after".into(), "1".into())),
+        "{headers:?}"
+    );
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "the EPP is holding its limit of request body bytes (1500000); retry shortly"
+    );
+    // A completes and is routed: its bytes are given back, and B's retry goes through.
+    tx.send(req_body(b"\"}", true)).await.unwrap();
+    assert!(matches!(
+        decode(&a.message().await.unwrap().unwrap()),
+        Answer::RequestHeaders { .. }
+    ));
+    let mut freed = false;
+    for _ in 0..200 {
+        if server.body_memory.held() == 0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(freed, "held {} after A was routed", server.body_memory.held());
+    let mut retry = big(b'b', 800_000);
+    retry.extend_from_slice(b"\"}");
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/completions")], false),
+            req_body(&retry, true),
+        ])
+        .await;
+    assert!(
+        matches!(
+            &answers[0],
+            Answer::RequestHeaders {
+                destination: Some(_),
+                ..
+            }
+        ),
+        "{:?}",
+        answers[0]
+    );
+    drop(tx);
+}
+
+/// A body sent as one-byte messages is routed, and held at about its own size while it arrives.
+#[tokio::test]
+async fn a_body_in_one_byte_messages_is_routed_within_a_small_budget() {
+    let body = br#"{"model":"m","prompt":"a prompt that arrives one byte per message, as a hostile client may send it"}"#;
+    // 1 KB: one kept piece per byte (the old way: ~50 bytes each) would need ~5 KB for these 100
+    // bytes; coalesced they take their size, rounded up by doubling, plus one piece's overhead.
+    let server = TestServer::start_with_body_memory(pods(), Some(QUEUE_KV), 1_024).await;
+    let mut msgs = vec![req_headers(&[(":path", "/v1/completions")], false)];
+    for (i, byte) in body.iter().enumerate() {
+        msgs.push(req_body(&[*byte], i + 1 == body.len()));
+    }
+    let answers = server.exchange(msgs).await;
+    assert!(
+        matches!(&answers[0], Answer::RequestHeaders { destination: Some(d), .. } if d.starts_with("192.168.1.2:8000")),
+        "{:?}",
+        answers[0]
+    );
+    assert_eq!(server.body_memory.held(), 0);
+}

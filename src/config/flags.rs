@@ -87,6 +87,12 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Pool")]
     pub disable_endpoint_subset_filter: bool,
 
+    /// Process-wide limit on request-body bytes held while bodies are read (each stream is also
+    /// capped at 64 MiB). A body that would pass it is answered 503 with retry-after.
+    #[arg(long, default_value_t = crate::extproc::body_memory::DEFAULT_BODY_MEMORY_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Serving")]
+    pub max_buffered_body_bytes: u64,
+
     /// Let requests carrying `x-epp-debug` receive an `x-epp-decision` response header that says
     /// which filters removed which endpoints and each scorer's share for the winner and runner-up.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,

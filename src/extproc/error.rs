@@ -80,6 +80,12 @@ pub enum EppError {
     /// An invariant broke inside the EPP.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The request bodies the EPP holds while reading them have reached the process-wide limit.
+    #[error("the EPP is holding its limit of request body bytes ({limit}); retry shortly")]
+    BodyMemoryExhausted {
+        /// The limit.
+        limit: usize,
+    },
     /// The proxy streams the request body in `STREAMED` mode, where the route must be chosen
     /// before any of the body arrives: the body could be neither read for routing nor scanned by
     /// a guard, so the request is refused rather than routed blind.
@@ -116,7 +122,7 @@ impl EppError {
             EppError::Internal(_) | EppError::NoPods | EppError::StreamedBodyMode => 500,
             EppError::Guard { status, .. } => *status,
             EppError::OverBudget(_) => 429,
-            EppError::BudgetStoreUnavailable => 503,
+            EppError::BudgetStoreUnavailable | EppError::BodyMemoryExhausted { .. } => 503,
         }
     }
 
@@ -146,6 +152,7 @@ impl EppError {
             }
             EppError::Internal(_) => ("server_error", "internal_error"),
             EppError::StreamedBodyMode => ("server_error", "unsupported_body_mode"),
+            EppError::BodyMemoryExhausted { .. } => ("server_overloaded", "server_busy"),
             EppError::Guard { .. } => ("invalid_request_error", "content_policy_violation"),
             EppError::OverBudget(_) => ("rate_limit_error", "rate_limit_exceeded"),
             EppError::BudgetStoreUnavailable => ("server_error", "budget_store_unavailable"),
@@ -202,6 +209,9 @@ impl EppError {
                     reset_text(r.retry_after_ms).as_bytes(),
                 ));
             }
+            // Saturation frees with the next scrape, held bodies as soon as other requests are
+            // routed: one second is enough for either.
+            EppError::BodyMemoryExhausted { .. } => headers.push(set_header("retry-after", b"1")),
             _ if self.http_status() == 429 => headers.push(set_header("retry-after", b"1")),
             _ => {}
         }

@@ -9,6 +9,7 @@
 //! - [`encode`]: answer builders; [`error`]: failures → immediate responses (the one boundary).
 //! - [`wire`]: header names, metadata keys and limits.
 
+pub mod body_memory;
 pub mod encode;
 pub mod error;
 pub mod hints;

@@ -28,6 +28,8 @@ pub struct Processor {
     pub explain_decisions: bool,
     /// Owner of background work started by exchanges (budget settlement).
     pub tasks: tokio_util::task::TaskTracker,
+    /// The process-wide budget for request bodies being read (`--max-buffered-body-bytes`).
+    pub body_memory: Arc<super::body_memory::BodyMemory>,
 }
 
 impl Processor {

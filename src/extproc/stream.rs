@@ -26,6 +26,7 @@ use rand::{SeedableRng, rngs::SmallRng};
 use tracing::{debug, trace};
 
 use super::{
+    body_memory::{BodyCharge, BodyMemoryExhausted, PIECE_OVERHEAD_BYTES},
     encode::{
         Direction, body_replace_answer, common_with_headers, destination_metadata, push_streamed_body,
         push_streamed_pieces, request_headers_answer, response_headers_answer, set_header, streamed_chunk,
@@ -112,25 +113,68 @@ struct Routing {
     body: Option<Vec<u8>>,
 }
 
-/// The request body as received, one piece per message: kept as sent so that an unchanged body
-/// is re-emitted without copying, and joined once (exactly sized) for parsing.
-#[derive(Default)]
+/// The request body as received: kept in the pieces it came in, so that an unchanged body is
+/// re-emitted without copying, and joined once (exactly sized) for parsing. Every byte held is
+/// charged to the process-wide [`BodyMemory`](super::body_memory::BodyMemory).
 struct BodyPieces {
     pieces: Vec<Vec<u8>>,
     len: usize,
+    charge: BodyCharge,
 }
 
+/// A piece below this size is copied onto the end of the previous one (while that stays within
+/// one re-emitted chunk) instead of being kept alone: a body sent as one-byte frames would
+/// otherwise cost about fifty bytes of bookkeeping per byte.
+const COALESCE_BELOW_BYTES: usize = 16 << 10;
+
 impl BodyPieces {
-    fn join(&mut self) -> (Vec<u8>, Vec<Vec<u8>>) {
-        let mut pieces = std::mem::take(&mut self.pieces);
-        if pieces.len() == 1 {
-            return (pieces.pop().unwrap_or_default(), pieces);
+    fn new(charge: BodyCharge) -> Self {
+        Self {
+            pieces: Vec::new(),
+            len: 0,
+            charge,
         }
+    }
+
+    /// Keep `piece`, charged to the budget.
+    fn push(&mut self, piece: Vec<u8>) -> Result<(), BodyMemoryExhausted> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        let n = piece.len();
+        match self.pieces.last_mut() {
+            Some(last) if n < COALESCE_BELOW_BYTES && last.len() + n <= BODY_CHUNK_BYTES => {
+                let needed = last.len() + n;
+                if needed > last.capacity() {
+                    // Doubling (as `Vec` would), charged before it happens, capped at one chunk.
+                    let grown = (last.capacity() * 2).clamp(needed, BODY_CHUNK_BYTES);
+                    self.charge.grow(grown - last.capacity())?;
+                    last.reserve_exact(grown - last.len());
+                }
+                last.extend_from_slice(&piece);
+            }
+            _ => {
+                self.charge.grow(piece.capacity() + PIECE_OVERHEAD_BYTES)?;
+                self.pieces.push(piece);
+            }
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    /// The whole body, and the pieces it came in when there were several (the joined copy is
+    /// charged as well).
+    fn join(&mut self) -> Result<(Vec<u8>, Vec<Vec<u8>>), BodyMemoryExhausted> {
+        let mut pieces = std::mem::take(&mut self.pieces);
+        if pieces.len() <= 1 {
+            return Ok((pieces.pop().unwrap_or_default(), pieces));
+        }
+        self.charge.grow(self.len)?;
         let mut joined = Vec::with_capacity(self.len);
         for piece in &pieces {
             joined.extend_from_slice(piece);
         }
-        (joined, pieces)
+        Ok((joined, pieces))
     }
 }
 
@@ -162,13 +206,14 @@ pub struct Exchange {
 impl Exchange {
     /// A new exchange served by `p`.
     pub fn new(p: Arc<Processor>) -> Self {
+        let charge = p.body_memory.charge();
         Self {
             p,
             request_mode: BodyMode::FullDuplex,
             response_mode: BodyMode::FullDuplex,
             headers: RequestHeaders::default(),
             generated_request_id: None,
-            body: BodyPieces::default(),
+            body: BodyPieces::new(charge),
             decided: false,
             routed_from: None,
             started: Instant::now(),
@@ -295,9 +340,8 @@ impl Exchange {
             end_of_stream = b.end_of_stream,
             "request body piece"
         );
-        self.body.len += b.body.len();
-        if !b.body.is_empty() {
-            self.body.pieces.push(b.body);
+        if let Err(e) = self.body.push(b.body) {
+            return self.fail(EppError::BodyMemoryExhausted { limit: e.limit }, None, out);
         }
         if b.end_of_stream {
             self.decide_with_body(true, out).await
@@ -339,7 +383,10 @@ impl Exchange {
     async fn decide_with_body(&mut self, body_ends_stream: bool, out: &mut Vec<ProcessingResponse>) -> Flow {
         let taken_up = Instant::now();
         self.decided = true;
-        let (body, pieces) = self.body.join();
+        let (body, pieces) = match self.body.join() {
+            Ok(joined) => joined,
+            Err(e) => return self.fail(EppError::BodyMemoryExhausted { limit: e.limit }, None, out),
+        };
         let routing = match self.route(&body).await {
             Ok(routing) => routing,
             Err((e, labels)) => return self.fail(e, labels, out),
@@ -379,6 +426,8 @@ impl Exchange {
                 push_streamed_pieces(out, Direction::Request, pieces, body_ends_stream);
             }
         }
+        // The body is handed on: what the stream held against the budget is free for others.
+        self.body.charge.release();
         Flow::Continue
     }
 
@@ -603,4 +652,70 @@ fn ratelimit_headers(
             crate::budget::reset_text(reset_ms).as_bytes(),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extproc::body_memory::BodyMemory;
+
+    /// Regression (robustness issue, item 2): a body sent as one-byte frames cost 43–61 bytes of
+    /// memory per body byte, one kept piece each; tiny pieces now join the previous one.
+    #[test]
+    fn one_byte_pieces_are_coalesced_and_charged_near_their_size() {
+        let memory = BodyMemory::new(1 << 30);
+        let mut body = BodyPieces::new(memory.charge());
+        for i in 0..100_000u32 {
+            body.push(vec![b'a' + (i % 26) as u8]).unwrap();
+        }
+        assert_eq!(body.len, 100_000);
+        assert_eq!(body.pieces.len(), 2, "62,000 + 38,000 bytes");
+        assert!(body.pieces.iter().all(|p| p.len() <= BODY_CHUNK_BYTES));
+        // Capacity grows by doubling, at most one chunk per piece, plus one overhead per piece.
+        assert!(
+            memory.held() <= 2 * BODY_CHUNK_BYTES + 2 * PIECE_OVERHEAD_BYTES,
+            "{}",
+            memory.held()
+        );
+        let (joined, pieces) = body.join().unwrap();
+        assert_eq!(joined.len(), 100_000);
+        assert!(
+            joined
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == b'a' + (i % 26) as u8)
+        );
+        assert_eq!(pieces.iter().map(Vec::len).sum::<usize>(), 100_000);
+        drop(body);
+        assert_eq!(memory.held(), 0, "every byte given back");
+    }
+
+    #[test]
+    fn large_pieces_are_kept_as_they_came_and_the_join_is_charged() {
+        let memory = BodyMemory::new(1 << 30);
+        let mut body = BodyPieces::new(memory.charge());
+        body.push(vec![1; 65_536]).unwrap();
+        body.push(vec![2; 20_000]).unwrap();
+        body.push(vec![3; 100]).unwrap(); // joins the 20,000-byte piece
+        assert_eq!(
+            body.pieces.iter().map(Vec::len).collect::<Vec<_>>(),
+            [65_536, 20_100]
+        );
+        let before = memory.held();
+        let (joined, _) = body.join().unwrap();
+        assert_eq!(memory.held(), before + joined.len());
+        body.charge.release();
+        assert_eq!(memory.held(), 0);
+    }
+
+    #[test]
+    fn a_piece_past_the_budget_is_refused_and_nothing_is_kept() {
+        let memory = BodyMemory::new(50_000);
+        let mut body = BodyPieces::new(memory.charge());
+        assert_eq!(
+            body.push(vec![0; 60_000]),
+            Err(BodyMemoryExhausted { limit: 50_000 })
+        );
+        assert_eq!((body.len, body.pieces.len(), memory.held()), (0, 0, 0));
+    }
 }

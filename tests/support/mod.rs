@@ -23,7 +23,7 @@ use epp::{
     clock::MonotonicClock,
     config::EndpointPickerConfig,
     datastore::{Snapshot, SnapshotReader, merge_objectives},
-    extproc::{ExtProcService, Processor},
+    extproc::{ExtProcService, Processor, body_memory::BodyMemory},
     metrics::exported::EppMetrics,
     scheduler::build_scheduler,
 };
@@ -305,10 +305,22 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics: Arc<EppMetrics>,
     pub snapshot: Snapshot,
+    /// The process-wide request-body budget the server charges.
+    pub body_memory: Arc<BodyMemory>,
 }
 
 impl TestServer {
     pub async fn start(snapshot: Snapshot, config_yaml: Option<&str>) -> TestServer {
+        Self::start_with_body_memory(snapshot, config_yaml, 1 << 30).await
+    }
+
+    /// [`start`](Self::start) with a request-body budget of `body_memory_limit` bytes.
+    pub async fn start_with_body_memory(
+        snapshot: Snapshot,
+        config_yaml: Option<&str>,
+        body_memory_limit: usize,
+    ) -> TestServer {
+        let body_memory = BodyMemory::new(body_memory_limit);
         let config = match config_yaml {
             Some(y) => EndpointPickerConfig::from_yaml(y).expect("config"),
             None => EndpointPickerConfig::default_config(),
@@ -333,6 +345,7 @@ impl TestServer {
             disable_subset_filter: false,
             explain_decisions: true,
             tasks: TaskTracker::new(),
+            body_memory: body_memory.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -353,6 +366,7 @@ impl TestServer {
             addr,
             metrics,
             snapshot,
+            body_memory,
         }
     }
 
