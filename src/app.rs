@@ -36,6 +36,7 @@ use crate::{
         objectives::run_objectives,
         types::PoolShape,
     },
+    listen::{FIRST_BYTES_TIMEOUT, SpeakingListener, speaking_within},
     metrics::exported::EppMetrics,
     scheduler::build_scheduler,
     scrape::{
@@ -431,10 +432,14 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     {
         let cancel = cancel.clone();
         let health_service = health_service.clone();
+        let health_tasks = tasks.clone();
         tasks.spawn(async move {
             let r = Server::builder()
                 .add_service(health_service)
-                .serve_with_incoming_shutdown(no_delay(health_listener), cancel.cancelled())
+                .serve_with_incoming_shutdown(
+                    speaking_within(no_delay(health_listener), FIRST_BYTES_TIMEOUT, &health_tasks),
+                    cancel.cancelled(),
+                )
                 .await;
             if let Err(e) = r {
                 warn!(error = %e, "health server stopped");
@@ -487,7 +492,10 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
                         .map_err(|e| AppError::Tls(e.to_string()))?;
                     Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
                 }
-                None => Box::pin(router.serve_with_incoming_shutdown(no_delay(grpc_listener), stop)),
+                None => Box::pin(router.serve_with_incoming_shutdown(
+                    speaking_within(no_delay(grpc_listener), FIRST_BYTES_TIMEOUT, &tasks),
+                    stop,
+                )),
             };
         tasks.spawn(async move {
             if let Err(e) = serve.await {
@@ -513,6 +521,12 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     {
         let metrics = metrics.clone();
         let cancel = cancel.clone();
+        let metrics_listener = SpeakingListener::new(
+            TcpListenerStream::new(metrics_listener),
+            metrics_addr,
+            FIRST_BYTES_TIMEOUT,
+            &tasks,
+        );
         let app = Router::new().route(
             "/metrics",
             get(move |headers: axum::http::HeaderMap| {

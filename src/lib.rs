@@ -13,6 +13,7 @@ pub mod datastore;
 pub mod extproc;
 pub mod guard;
 pub mod k8s;
+pub mod listen;
 pub mod metrics;
 pub mod parser;
 pub mod prefix;

@@ -287,3 +287,41 @@ async fn a_malformed_selector_is_refused_at_start_with_its_flag_named() {
          --endpoint-selector: \"app\": expected key=value"
     );
 }
+
+/// Regression (robustness issue, item 4): a client that connected to a plaintext listener and
+/// said nothing kept its connection forever (200 silent connections each, still open after
+/// 150 s). Each listener now closes a connection that sends nothing within 10 s, while clients
+/// that speak are served.
+#[tokio::test]
+async fn silent_connections_to_the_plaintext_listeners_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let app = start(flags(&[
+        "--secure-serving=false",
+        "--metrics-endpoint-auth=false",
+    ]))
+    .await
+    .expect("start");
+    let ports = [
+        app.grpc_addr.port(),
+        app.health_addr.port(),
+        app.metrics_addr.port(),
+    ];
+    let mut silent = Vec::new();
+    for port in ports {
+        silent.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    // A client that speaks is served meanwhile.
+    let page = reqwest::get(format!("http://127.0.0.1:{}/metrics", app.metrics_addr.port()))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    for (port, mut conn) in ports.into_iter().zip(silent) {
+        let mut buf = [0u8; 1];
+        // Bounded: the listener's 10 s, and margin.
+        let read = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("port {port}: a silent connection still open after 20 s"));
+        assert_eq!(read.unwrap_or(0), 0, "port {port}: closed without a byte");
+    }
+    app.shutdown().await;
+}
