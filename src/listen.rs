@@ -8,7 +8,7 @@
 //! the HTTP/2 preface, Prometheus its request line. Each accepted connection waits in a task of
 //! its own, so one silent client never delays the next.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
@@ -21,17 +21,22 @@ pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (out of file descriptors, say): retrying at once would spin a core.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// The connections of `incoming` that send their first bytes within `timeout`, in the order
-/// they do; the others are closed. Accepting stops, and `incoming` is dropped, once the returned
-/// stream is.
-pub fn speaking_within(
+/// The connections `incoming` accepts, each first passed through `admit` in a task of its own
+/// (a slow or silent client never delays the next), yielded when `admit` returns one. Accepting
+/// stops, and `incoming` is dropped, once the returned stream is. Tasks are tracked by `tasks`,
+/// so shutdown returns only once the listener is closed.
+pub fn admit_each<T, F, Fut>(
     incoming: impl Stream<Item = io::Result<TcpStream>> + Send + 'static,
-    timeout: Duration,
     tasks: &TaskTracker,
-) -> ReceiverStream<io::Result<TcpStream>> {
+    admit: F,
+) -> ReceiverStream<io::Result<T>>
+where
+    T: Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = Option<T>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(64);
-    // Tracked, so that shutdown returns only once the listener is closed.
-    let waiting = tasks.clone();
+    let admitting = tasks.clone();
     tasks.spawn(async move {
         let mut incoming = std::pin::pin!(incoming);
         loop {
@@ -50,21 +55,47 @@ pub fn speaking_within(
                     continue;
                 }
             };
-            let tx = tx.clone();
-            waiting.spawn(async move {
-                let mut first = [0u8; 1];
-                match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
-                    Ok(Ok(n)) if n > 0 => {
-                        let _ = tx.send(Ok(tcp)).await;
-                    }
-                    Ok(Ok(_)) => debug!("connection closed before it said anything"),
-                    Ok(Err(e)) => debug!(error = %e, "connection failed before it said anything"),
-                    Err(_) => debug!(?timeout, "silent connection closed"),
+            let (tx, admitted) = (tx.clone(), admit(tcp));
+            admitting.spawn(async move {
+                // A server that stopped serving (shutdown) abandons the connections still being
+                // admitted rather than waiting out their timeouts.
+                tokio::select! {
+                    admitted = admitted => if let Some(conn) = admitted {
+                        let _ = tx.send(Ok(conn)).await;
+                    },
+                    () = tx.closed() => {}
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The connections of `incoming` that send their first bytes within `timeout`, in the order
+/// they do; the others are closed.
+pub fn speaking_within(
+    incoming: impl Stream<Item = io::Result<TcpStream>> + Send + 'static,
+    timeout: Duration,
+    tasks: &TaskTracker,
+) -> ReceiverStream<io::Result<TcpStream>> {
+    admit_each(incoming, tasks, move |tcp| async move {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => Some(tcp),
+            Ok(Ok(_)) => {
+                debug!("connection closed before it said anything");
+                None
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "connection failed before it said anything");
+                None
+            }
+            Err(_) => {
+                debug!(?timeout, "silent connection closed");
+                None
+            }
+        }
+    })
 }
 
 /// [`speaking_within`] as an axum listener (the metrics server).

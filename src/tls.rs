@@ -26,15 +26,12 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 /// Longest a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Pause after a failed accept before the next one.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// A certificate that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -212,40 +209,22 @@ pub fn accept(
     tasks: &TaskTracker,
 ) -> Result<ReceiverStream<std::io::Result<TlsStream<TcpStream>>>, TlsError> {
     let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    // Tracked, so that shutdown returns only once the listener is closed.
-    tasks.spawn(async move {
-        let mut incoming = std::pin::pin!(incoming);
-        loop {
-            let accepted = tokio::select! {
-                () = tx.closed() => return,
-                next = incoming.next() => match next {
-                    Some(accepted) => accepted,
-                    None => return,
-                },
-            };
-            let tcp = match accepted {
-                Ok(tcp) => tcp,
-                Err(e) => {
-                    // Out of file descriptors, say: retrying at once would spin a core.
-                    warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(ACCEPT_RETRY).await;
-                    continue;
+    Ok(crate::listen::admit_each(incoming, tasks, move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => Some(tls),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "TLS handshake failed");
+                    None
                 }
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => debug!("TLS handshake timed out"),
+                Err(_) => {
+                    debug!("TLS handshake timed out");
+                    None
                 }
-            });
+            }
         }
-    });
-    Ok(ReceiverStream::new(rx))
+    }))
 }
 
 #[cfg(test)]
