@@ -40,5 +40,8 @@ has_gemma
 # A clean build from scratch: the incremental cache would only add ~1 GB to the disk it fills.
 # The free space is printed first because a full disk shows up as a linker crash (SIGBUS).
 df -h . | tail -n 1 >&2
+# The gateway-capacity test holds 1,200 requests open at once (two sockets each in this process):
+# use the hard limit on open files where the soft one is lower.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 CARGO_INCREMENTAL=0 cargo test --workspace --all-targets
 ./scripts/validate-manifests.sh
