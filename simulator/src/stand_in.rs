@@ -10,8 +10,8 @@
 //! Each stand-in binds its own loopback address (`127.0.0.x`), because upstream matches subset
 //! hints by IP only: distinct addresses let a hint name one pod. Every answer names its pod in
 //! `x-stand-in-pod` (the index), the model it was asked for in `x-received-model` and the
-//! xxHash64 of the body it received in `x-received-body-xxh64` (hex); a pod's page can be
-//! replaced while it runs ([`StandIns::set_metrics`]).
+//! xxHash64 of the body it received in `x-received-body-xxh64` (hex). [`StandIns::start_epp`]
+//! starts the EPP over them, as the end-to-end tests need it.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -30,9 +30,15 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use epp::{
+    app::RunningApp,
+    config::{Flags, normalize_go_args},
+};
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::envoy::wait_until_scraped;
 
 /// What one stand-in's `/metrics` page reports.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -91,7 +97,7 @@ impl FixedMetrics {
 /// One stand-in's state.
 struct Pod {
     index: usize,
-    page: watch::Receiver<String>,
+    page: String,
     answer_after: Duration,
     served: AtomicU64,
 }
@@ -101,7 +107,6 @@ pub struct StandIns {
     /// Their addresses, in the order given.
     pub addrs: Vec<SocketAddr>,
     pods: Vec<Arc<Pod>>,
-    pages: Vec<watch::Sender<String>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -122,7 +127,6 @@ impl StandIns {
         let mut started = Self {
             addrs: Vec::new(),
             pods: Vec::new(),
-            pages: Vec::new(),
             cancel: cancel.clone(),
             tasks: tasks.clone(),
         };
@@ -134,10 +138,9 @@ impl StandIns {
             let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, host));
             let listener = TcpListener::bind((ip, 0)).await?;
             let addr = listener.local_addr()?;
-            let (page_tx, page) = watch::channel(metrics.page());
             let pod = Arc::new(Pod {
                 index,
-                page,
+                page: metrics.page(),
                 answer_after,
                 served: AtomicU64::new(0),
             });
@@ -153,17 +156,9 @@ impl StandIns {
             });
             started.addrs.push(addr);
             started.pods.push(pod);
-            started.pages.push(page_tx);
         }
         let _ = stop_on_error.disarm();
         Ok(started)
-    }
-
-    /// Replace pod `i`'s page (the next scrape sees it). Out-of-range indexes are ignored.
-    pub fn set_metrics(&self, i: usize, metrics: &FixedMetrics) {
-        if let Some(tx) = self.pages.get(i) {
-            tx.send_replace(metrics.page());
-        }
     }
 
     /// Requests pod `i` has answered.
@@ -171,10 +166,28 @@ impl StandIns {
         self.pods.get(i).map_or(0, |p| p.served.load(Ordering::Relaxed))
     }
 
-    /// The `--endpoints` value naming every stand-in (vLLM engine).
-    pub fn endpoints_flag(&self) -> String {
-        let list: Vec<String> = self.addrs.iter().map(ToString::to_string).collect();
-        format!("--endpoints={}", list.join(","))
+    /// Start the EPP (in this process, ports chosen by the system, TLS as by default) over every
+    /// stand-in, with `extra_flags`, and wait (at most 5 s) until it has scraped each of them.
+    ///
+    /// # Errors
+    /// Bad flags, a failed start, or a stand-in not scraped in time.
+    pub async fn start_epp(&self, extra_flags: &[String]) -> anyhow::Result<RunningApp> {
+        let endpoints: Vec<String> = self.addrs.iter().map(ToString::to_string).collect();
+        let mut args = vec![
+            "epp".to_owned(),
+            format!("--endpoints={}", endpoints.join(",")),
+            "--grpc-port=0".to_owned(),
+            "--grpc-health-port=0".to_owned(),
+            "--metrics-port=0".to_owned(),
+        ];
+        args.extend(extra_flags.iter().cloned());
+        let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args))?;
+        let app = epp::app::start(flags).await?;
+        if !wait_until_scraped(&app.reader, self.addrs.len(), Duration::from_secs(5)).await {
+            app.shutdown().await;
+            anyhow::bail!("the EPP did not scrape every stand-in within 5 s");
+        }
+        Ok(app)
     }
 
     /// Stop every stand-in.
@@ -186,7 +199,7 @@ impl StandIns {
 }
 
 async fn metrics_page(State(pod): State<Arc<Pod>>) -> String {
-    pod.page.borrow().clone()
+    pod.page.clone()
 }
 
 /// The digest a stand-in reports for a body it received.

@@ -9,9 +9,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use epp::config::{Flags, normalize_go_args};
 use epp_sim::{
-    envoy::{Envoy, EnvoyPorts, free_port, render_config, wait_until_scraped},
+    envoy::{Envoy, EnvoyPorts, free_port, render_config},
     stand_in::{FixedMetrics, StandIns},
 };
 use futures_util::future::join_all;
@@ -29,21 +28,11 @@ async fn more_concurrent_requests_than_envoys_default_breaker_all_succeed() {
     )
     .await
     .unwrap();
-    let grpc = free_port().unwrap();
-    let args = vec![
-        "epp".to_owned(),
-        pods.endpoints_flag(),
-        format!("--grpc-port={grpc}"),
-        format!("--grpc-health-port={}", free_port().unwrap()),
-        format!("--metrics-port={}", free_port().unwrap()),
-    ];
-    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).unwrap();
-    let app = epp::app::start(flags).await.unwrap();
-    assert!(wait_until_scraped(&app.reader, 3, Duration::from_secs(5)).await);
+    let app = pods.start_epp(&[]).await.unwrap();
     let ports = EnvoyPorts {
         listener: free_port().unwrap(),
         admin: free_port().unwrap(),
-        epp: grpc,
+        epp: app.grpc_addr.port(),
     };
     let envoy = Envoy::start_with_config(ports, render_config(ports))
         .await

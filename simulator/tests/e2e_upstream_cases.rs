@@ -22,12 +22,9 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use epp::{
-    app::RunningApp,
-    config::{Flags, normalize_go_args},
-};
+use epp::app::RunningApp;
 use epp_sim::{
-    envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers, wait_until_scraped},
+    envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers},
     stand_in::{FixedMetrics, StandIns, body_digest},
 };
 use futures_util::future::join_all;
@@ -118,25 +115,14 @@ impl Live {
         let pods = StandIns::start(pods, FIRST_HOST, answer_after)
             .await
             .expect("stand-in pods bind on loopback");
-        let grpc = free_port().unwrap();
-        let args = vec![
-            "epp".to_owned(),
-            pods.endpoints_flag(),
-            format!("--grpc-port={grpc}"),
-            format!("--grpc-health-port={}", free_port().unwrap()),
-            format!("--metrics-port={}", free_port().unwrap()),
-            format!("--config-text={config}"),
-        ];
-        let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).expect("flags");
-        let app = epp::app::start(flags).await.expect("epp starts");
-        assert!(
-            wait_until_scraped(&app.reader, pods.addrs.len(), Duration::from_secs(5)).await,
-            "EPP scraped every stand-in"
-        );
+        let app = pods
+            .start_epp(&[format!("--config-text={config}")])
+            .await
+            .expect("the EPP starts and scrapes every stand-in");
         let ports = EnvoyPorts {
             listener: free_port().unwrap(),
             admin: free_port().unwrap(),
-            epp: grpc,
+            epp: app.grpc_addr.port(),
         };
         let config = with_subset_hint_filter(&trusting_client_headers(&render_config(ports)));
         let envoy = Envoy::start_with_config(ports, config)

@@ -40,11 +40,6 @@ impl BodyMemory {
         })
     }
 
-    /// The limit.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Bytes held now, by every stream.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)

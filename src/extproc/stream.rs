@@ -5,7 +5,9 @@
 //! the headers answer is held until the body is complete (full-duplex), then
 //! [`Scheduler::decide`](crate::scheduler::Scheduler::decide) runs once and its outcome goes out
 //! as the headers answer followed by the body: re-emitted piece by piece as received unless the
-//! outcome edits it. Response side: the [`ResponseChain`] built from the outcome's response plan
+//! outcome edits it. Body pieces are charged to the process-wide
+//! [`BodyMemory`](super::body_memory::BodyMemory) until the request is routed; a request body in
+//! `STREAMED` mode (where the route must be chosen before any of it arrives) is refused. Response side: the [`ResponseChain`] built from the outcome's response plan
 //! answers every chunk as it arrives (SSE stays incremental); in full-duplex mode end of stream
 //! and trailers flush it alike (in the other modes a body answer cannot follow the trailers).
 //!
