@@ -95,6 +95,7 @@ fn bench_exchange(c: &mut Criterion) {
         explain_decisions: false,
         tasks: tokio_util::task::TaskTracker::new(),
         body_memory: epp::extproc::body_memory::BodyMemory::new(1 << 30),
+        flow: None,
     });
 
     let mut group = c.benchmark_group("extproc_exchange");

@@ -29,6 +29,7 @@ use crate::{
         format_address,
     },
     extproc::{ExtProcService, Processor, body_memory::BodyMemory},
+    flow_dispatch::FlowDispatcher,
     k8s::{
         discovery::{PoolSource, run_discovery},
         leader::{Candidacy, LEASE_DURATION, RENEW_EVERY, lease_name, run_leader_election},
@@ -256,6 +257,11 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
             "--tracing: OpenTelemetry export is not implemented yet, no spans are sent (pass --tracing=false to say so)"
         );
     }
+    if config.flow_control_ignored {
+        warn!(
+            "the flowControl config section is set but the flowControl feature gate is disabled; its settings are ignored"
+        );
+    }
     let scheduler = Arc::new(build_scheduler(&config)?);
     let metrics = Arc::new(EppMetrics::new()?.with_known_models(scheduler.known_models()));
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
@@ -447,8 +453,27 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         });
     }
 
+    // Flow control: one dispatcher for the pool.
+    let flow = scheduler.flow_control().map(|policy| {
+        info!(
+            ttl_ms = policy.ttl_ns / 1_000_000,
+            max_requests = policy.max_requests,
+            max_bytes = policy.max_bytes,
+            "flow control on: requests queue in the EPP while the pool is saturated"
+        );
+        FlowDispatcher::start(
+            policy.clone(),
+            reader.clone(),
+            clock.clone(),
+            metrics.clone(),
+            pool.clone(),
+            cancel.clone(),
+        )
+    });
+
     // ext_proc.
     let processor = Arc::new(Processor {
+        flow,
         reader: reader.clone(),
         scheduler,
         metrics: metrics.clone(),

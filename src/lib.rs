@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod datastore;
 pub mod extproc;
+pub mod flow_dispatch;
 pub mod guard;
 pub mod k8s;
 pub mod listen;

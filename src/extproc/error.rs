@@ -15,6 +15,7 @@ use crate::{
     scheduler::{
         SchedulingError,
         admission::{Refusal, Rejection},
+        flow::FlowRefusal,
     },
 };
 
@@ -77,6 +78,9 @@ pub enum EppError {
     /// A prompt guard could not scan the prompt, or a header a budget keys by is unusable.
     #[error("{0}")]
     Unusable(Refusal),
+    /// Flow control did not let the request through.
+    #[error("{0}")]
+    Flow(FlowRefusal),
     /// An invariant broke inside the EPP.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -105,6 +109,7 @@ impl From<Refusal> for EppError {
             Refusal::NoCandidates => EppError::NoCandidates,
             Refusal::NoPods => EppError::NoPods,
             Refusal::Scheduling(e) => EppError::Scheduling(e),
+            Refusal::Flow(f) => EppError::Flow(f),
             Refusal::Internal(what) => EppError::Internal(what),
         }
     }
@@ -123,6 +128,12 @@ impl EppError {
             EppError::Guard { status, .. } => *status,
             EppError::OverBudget(_) => 429,
             EppError::BudgetStoreUnavailable | EppError::BodyMemoryExhausted { .. } => 503,
+            // Upstream (GIE): a full queue is 429, or 503 while the pool is empty; every
+            // eviction is 503.
+            EppError::Flow(FlowRefusal::QueueFull {
+                pool_empty: false, ..
+            }) => 429,
+            EppError::Flow(_) => 503,
         }
     }
 
@@ -156,6 +167,11 @@ impl EppError {
             EppError::Guard { .. } => ("invalid_request_error", "content_policy_violation"),
             EppError::OverBudget(_) => ("rate_limit_error", "rate_limit_exceeded"),
             EppError::BudgetStoreUnavailable => ("server_error", "budget_store_unavailable"),
+            EppError::Flow(FlowRefusal::QueueFull { .. }) => ("rate_limit_error", "queue_full"),
+            EppError::Flow(FlowRefusal::Expired { .. }) => ("server_overloaded", "queue_timeout"),
+            EppError::Flow(FlowRefusal::ClientGone | FlowRefusal::ShuttingDown) => {
+                ("server_error", "service_unavailable")
+            }
         }
     }
 
@@ -168,6 +184,14 @@ impl EppError {
             EppError::Scheduling(SchedulingError::Profile { .. } | SchedulingError::Saturated) => {
                 Some("rejected-saturated")
             }
+            EppError::Flow(
+                FlowRefusal::QueueFull { pool_empty: true, .. }
+                | FlowRefusal::Expired { pool_empty: true, .. },
+            ) => Some("rejected-no-endpoints"),
+            EppError::Flow(FlowRefusal::QueueFull { .. }) => Some("rejected-saturated"),
+            EppError::Flow(FlowRefusal::Expired { .. }) => Some("rejected-ttl-expired"),
+            EppError::Flow(FlowRefusal::ClientGone) => Some("rejected-context-cancelled"),
+            EppError::Flow(FlowRefusal::ShuttingDown) => Some("rejected-shutting-down"),
             _ => None,
         }
     }
@@ -208,6 +232,15 @@ impl EppError {
                     RATELIMIT_RESET_TOKENS,
                     reset_text(r.retry_after_ms).as_bytes(),
                 ));
+            }
+            // The queue's estimate from its drain rate.
+            EppError::Flow(f) if f.retry_after_ms().is_some() => {
+                let ms = f.retry_after_ms().unwrap_or(1_000);
+                headers.push(set_header(
+                    "retry-after",
+                    ms.div_ceil(1000).max(1).to_string().as_bytes(),
+                ));
+                headers.push(set_header("retry-after-ms", ms.to_string().as_bytes()));
             }
             // Saturation frees with the next scrape, held bodies as soon as other requests are
             // routed: one second is enough for either.

@@ -11,8 +11,8 @@ use envoy_types::pb::{
 };
 
 use super::wire::{
-    DEBUG_REQUEST, LB_NAMESPACE, MODEL_REWRITE_HEADERS, OBJECTIVE_HEADERS, REQUEST_ID, SERVED_ENDPOINT_KEY,
-    SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE,
+    DEBUG_REQUEST, FAIRNESS_HEADERS, LB_NAMESPACE, MODEL_REWRITE_HEADERS, OBJECTIVE_HEADERS, REQUEST_ID,
+    SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE,
 };
 use crate::scheduler::RequestMeta;
 
@@ -49,6 +49,12 @@ impl RequestHeaders {
                 }
                 k if OBJECTIVE_HEADERS.contains(&k) && !value.is_empty() => {
                     self.meta.objective = Some(text(value));
+                }
+                k if FAIRNESS_HEADERS.contains(&k)
+                    && !value.is_empty()
+                    && self.meta.fairness_id.is_none() =>
+                {
+                    self.meta.fairness_id = Some(text(value));
                 }
                 _ => {}
             }

@@ -30,6 +30,8 @@ pub struct Processor {
     pub tasks: tokio_util::task::TaskTracker,
     /// The process-wide budget for request bodies being read (`--max-buffered-body-bytes`).
     pub body_memory: Arc<super::body_memory::BodyMemory>,
+    /// Flow control's dispatcher, when the `flowControl` gate is on.
+    pub flow: Option<Arc<crate::flow_dispatch::FlowDispatcher>>,
 }
 
 impl Processor {

@@ -45,7 +45,7 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(ANSWER_BUFFER);
-        let mut exchange = Exchange::new(self.processor.clone());
+        let mut exchange = Exchange::new(self.processor.clone()).watching(tx.clone());
         self.tasks.spawn(async move {
             let mut out = Vec::with_capacity(8);
             loop {

@@ -43,7 +43,11 @@ use super::{
 };
 use crate::{
     datastore::{InFlight, Snapshot},
-    scheduler::{DecideEnv, Decision, ResponsePlan, Scratch, admission::BudgetReservation},
+    flow_dispatch::QueueRequest,
+    scheduler::{
+        DecideEnv, Decision, ResponsePlan, Scratch,
+        admission::{BudgetReservation, Refusal},
+    },
 };
 
 /// What Envoy does with bodies in one direction (from `protocol_config`).
@@ -203,7 +207,13 @@ pub struct Exchange {
     plan: Option<ResponsePlan>,
     response: Option<ResponseChain>,
     response_finished: bool,
+    /// The stream's answer channel: closed when the proxy stops reading (its client went
+    /// away), which takes a queued request out of the flow-control queue.
+    answers: Option<Answers>,
 }
+
+/// The sending side of a stream's answers.
+pub type Answers = tokio::sync::mpsc::Sender<Result<ProcessingResponse, tonic::Status>>;
 
 impl Exchange {
     /// A new exchange served by `p`.
@@ -227,7 +237,14 @@ impl Exchange {
             plan: None,
             response: None,
             response_finished: false,
+            answers: None,
         }
+    }
+
+    /// Watch `answers` for the proxy going away while a request waits in the flow-control queue.
+    pub fn watching(mut self, answers: Answers) -> Self {
+        self.answers = Some(answers);
+        self
     }
 
     /// Work deferred until the answers of the last message are sent: the pre-request hooks
@@ -441,7 +458,7 @@ impl Exchange {
             .scheduler
             .parse_request(self.headers.api_path(), body)
             .map_err(|e| (EppError::from(e), None))?;
-        let snapshot = self.p.reader.load();
+        let mut snapshot = self.p.reader.load();
         let mut rng = SmallRng::from_rng(&mut rand::rng());
         let timer = self.p.plugin_timer();
         let mut scratch = Scratch::default();
@@ -454,11 +471,49 @@ impl Exchange {
             timer: Some(&timer),
             scratch: &mut scratch,
         };
-        let verdict = self
-            .p
-            .scheduler
-            .decide(&request, body, &self.headers.meta, &snapshot, &mut env)
-            .await;
+        let scheduler = &self.p.scheduler;
+        let meta = &self.headers.meta;
+        let verdict = match (
+            scheduler.admit(&request, body, meta, &snapshot, &mut env).await,
+            &self.p.flow,
+        ) {
+            (Err(refused), _) => refused,
+            (Ok(admitted), None) => scheduler.place(admitted, meta, &snapshot, &mut env),
+            // Flow control: wait for the request's turn, then place it on the snapshot that let
+            // it go (late binding), at the time it left.
+            (Ok(admitted), Some(flow)) => {
+                let pair = self.p.metrics.labels.pair(
+                    &admitted.client_model,
+                    &admitted.target_model,
+                    Instant::now(),
+                    false,
+                );
+                let queued = QueueRequest {
+                    fairness_id: scheduler.flow_id(meta, admitted.priority),
+                    priority: admitted.priority,
+                    bytes: body.len() as u64,
+                    tokens: admitted.request.estimated_load_tokens(),
+                    model_label: &pair.model,
+                    target_label: &pair.target,
+                };
+                let answers = self.answers.clone();
+                let gone = async move {
+                    match answers {
+                        Some(tx) => tx.closed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                match flow.wait(queued, gone).await {
+                    Ok(fresh) => {
+                        env.now = self.p.clock.now();
+                        let verdict = scheduler.place(admitted, meta, &fresh, &mut env);
+                        snapshot = fresh;
+                        verdict
+                    }
+                    Err(refusal) => admitted.refuse(Refusal::Flow(refusal)),
+                }
+            }
+        };
         // The request's model pair takes its label place once, first, so that the budget's
         // series below name the same models; a routed request holds it while it runs.
         let (model, target) = match &verdict.result {

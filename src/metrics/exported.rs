@@ -82,9 +82,30 @@ pub struct EppMetrics {
     pub budget_store_errors: prometheus::IntCounter,
     /// Guard hits.
     pub guard_hits: IntCounterVec,
+    /// Flow control: time in queue by outcome.
+    pub flow_queue_duration: HistogramVec,
+    /// Flow control: dispatch cycle duration.
+    pub flow_dispatch_cycle: Histogram,
+    /// Flow control: enqueue duration by outcome.
+    pub flow_enqueue_duration: HistogramVec,
+    /// Flow control: queued requests.
+    pub flow_queue_size: IntGaugeVec,
+    /// Flow control: queued bytes.
+    pub flow_queue_bytes: IntGaugeVec,
+    /// Flow control: the pool's saturation.
+    pub flow_pool_saturation: GaugeVec,
     /// The bounded label values of request-supplied model names.
     pub labels: ModelLabels,
 }
+
+/// Labels of the flow-control queue gauges, in order.
+pub const FLOW_QUEUE_LABELS: [&str; 5] = [
+    "fairness_id",
+    "priority",
+    "inference_pool",
+    "model_name",
+    "target_model_name",
+];
 
 /// Remove every series of `vec` whose labels `doomed` picks.
 fn remove_series<T: MetricVecBuilder>(vec: &MetricVec<T>, doomed: &dyn Fn(&[LabelPair]) -> bool) {
@@ -330,6 +351,47 @@ impl EppMetrics {
                 ),
                 &["kind"],
             )?,
+            flow_queue_duration: hist(
+                FLOW_CONTROL_QUEUE_DURATION_SECONDS,
+                "Time requests spent in the flow-control queue.",
+                FLOW_QUEUE_BUCKETS.to_vec(),
+                &[
+                    "fairness_id",
+                    "priority",
+                    "outcome",
+                    "inference_pool",
+                    "model_name",
+                    "target_model_name",
+                ],
+            )?,
+            flow_dispatch_cycle: Histogram::with_opts(
+                HistogramOpts::new(
+                    FLOW_CONTROL_DISPATCH_CYCLE_SECONDS,
+                    "[ALPHA] Duration of flow-control dispatch cycles.",
+                )
+                .buckets(FLOW_CYCLE_BUCKETS.to_vec()),
+            )?,
+            flow_enqueue_duration: hist(
+                FLOW_CONTROL_ENQUEUE_SECONDS,
+                "Duration of flow-control enqueue calls.",
+                FLOW_CYCLE_BUCKETS.to_vec(),
+                &["fairness_id", "priority", "outcome"],
+            )?,
+            flow_queue_size: IntGaugeVec::new(
+                opts(FLOW_CONTROL_QUEUE_SIZE, "Requests in the flow-control queue."),
+                &FLOW_QUEUE_LABELS,
+            )?,
+            flow_queue_bytes: IntGaugeVec::new(
+                opts(FLOW_CONTROL_QUEUE_BYTES, "Bytes in the flow-control queue."),
+                &FLOW_QUEUE_LABELS,
+            )?,
+            flow_pool_saturation: GaugeVec::new(
+                opts(
+                    FLOW_CONTROL_POOL_SATURATION,
+                    "The pool's saturation as flow control last saw it.",
+                ),
+                &["inference_pool"],
+            )?,
             labels: ModelLabels::default(),
         };
         let info = IntGaugeVec::new(
@@ -375,6 +437,12 @@ impl EppMetrics {
             Box::new(m.prefix_indexer_bytes.clone()),
             Box::new(m.prefix_hit_ratio.clone()),
             Box::new(m.prefix_hit_bytes.clone()),
+            Box::new(m.flow_queue_duration.clone()),
+            Box::new(m.flow_dispatch_cycle.clone()),
+            Box::new(m.flow_enqueue_duration.clone()),
+            Box::new(m.flow_queue_size.clone()),
+            Box::new(m.flow_queue_bytes.clone()),
+            Box::new(m.flow_pool_saturation.clone()),
         ] {
             m.registry.register(c)?;
         }

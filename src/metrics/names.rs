@@ -68,6 +68,31 @@ pub const SCRAPE_ERRORS_TOTAL: &str = "inference_extension_model_server_scrape_e
 /// Scheduler scores repaired by the framework (extra), by kind.
 pub const SCORE_REPAIRS_TOTAL: &str = "inference_extension_scheduler_score_repairs_total";
 
+/// Time requests spent in the flow-control queue, by outcome.
+pub const FLOW_CONTROL_QUEUE_DURATION_SECONDS: &str =
+    "inference_extension_flow_control_request_queue_duration_seconds";
+/// Duration of flow-control dispatch cycles.
+pub const FLOW_CONTROL_DISPATCH_CYCLE_SECONDS: &str =
+    "inference_extension_flow_control_dispatch_cycle_duration_seconds";
+/// Duration of enqueue calls, by outcome (`NotYetFinalized` when queued).
+pub const FLOW_CONTROL_ENQUEUE_SECONDS: &str =
+    "inference_extension_flow_control_request_enqueue_duration_seconds";
+/// Requests in the flow-control queue.
+pub const FLOW_CONTROL_QUEUE_SIZE: &str = "inference_extension_flow_control_queue_size";
+/// Bytes in the flow-control queue.
+pub const FLOW_CONTROL_QUEUE_BYTES: &str = "inference_extension_flow_control_queue_bytes";
+/// The pool's saturation as flow control last saw it.
+pub const FLOW_CONTROL_POOL_SATURATION: &str = "inference_extension_flow_control_pool_saturation";
+
+/// Queue-duration buckets (seconds), as llm-d-router.
+pub const FLOW_QUEUE_BUCKETS: [f64; 16] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Dispatch-cycle and enqueue buckets (seconds), as llm-d-router.
+pub const FLOW_CYCLE_BUCKETS: [f64; 10] =
+    [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
+
 /// Request-duration buckets (seconds), as upstream.
 pub const DURATION_BUCKETS: [f64; 35] = [
     0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0,

@@ -27,6 +27,7 @@ use rand::{RngCore, seq::IndexedRandom};
 use super::{
     Decision, Scheduler, SchedulingError,
     admission::{Admission, AdmissionEvent, BudgetReservation, PromptGuard, Refusal},
+    flow::{DEFAULT_FLOW, Fairness},
     plugin::{PluginTimer, SchedulingContext},
     profile::Scratch,
 };
@@ -43,6 +44,8 @@ pub struct RequestMeta {
     pub tenant: Option<String>,
     /// The objective (`x-gateway-inference-objective`), when present.
     pub objective: Option<String>,
+    /// The flow-control fairness id (`x-gateway-inference-fairness-id`), when present.
+    pub fairness_id: Option<String>,
     /// The model to serve instead of the requested one (`x-gateway-model-name-rewrite`).
     pub model_rewrite: Option<String>,
     /// The gateway's subset hint: `ip:port` or bare IPs the request may go to.
@@ -144,8 +147,93 @@ pub struct Verdict {
     pub result: Result<Outcome, Refused>,
 }
 
+/// A request that passed admission, waiting to be placed: at once without flow control, when
+/// its flow's turn comes with it.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    /// The request as it will be served (parsed again after a guard masked it).
+    pub request: Cow<'a, LlmRequest>,
+    /// The body `request` was parsed from.
+    pub body: Cow<'a, [u8]>,
+    /// Whether `body` is a guard's masked copy rather than the client's.
+    body_masked: bool,
+    /// The model the client asked for.
+    pub client_model: String,
+    /// The model it will be served as.
+    pub target_model: String,
+    /// The objective's priority.
+    pub priority: i32,
+    /// Candidates on the snapshot of admission, and that snapshot's generation: placing on the
+    /// same snapshot reuses them, a later one (after a wait in the queue) looks them up again.
+    candidates: (Vec<EndpointId>, u64),
+    restore: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The budget reservation, once made.
+    pub reservation: Option<BudgetReservation>,
+    /// What the admission stages did.
+    pub events: Vec<AdmissionEvent>,
+}
+
+impl Admitted<'_> {
+    /// The same request, owning its parts (to wait in a queue that outlives the caller's
+    /// buffers: the simulator's).
+    pub fn into_owned(self) -> Admitted<'static> {
+        Admitted {
+            request: Cow::Owned(self.request.into_owned()),
+            body: Cow::Owned(self.body.into_owned()),
+            body_masked: self.body_masked,
+            client_model: self.client_model,
+            target_model: self.target_model,
+            priority: self.priority,
+            candidates: self.candidates,
+            restore: self.restore,
+            reservation: self.reservation,
+            events: self.events,
+        }
+    }
+
+    /// Refuse the admitted request (its reservation goes back with the refusal).
+    pub fn refuse(self, refusal: Refusal) -> Verdict {
+        Verdict {
+            result: Err(Refused {
+                target_model: refused_target(&refusal, &self.client_model, &self.target_model),
+                refusal,
+                reservation: self.reservation,
+                model: self.client_model,
+            }),
+            events: self.events,
+        }
+    }
+}
+
+/// A guard refuses before the target model counts: its refusals are labelled with the requested
+/// model on both labels.
+fn refused_target(refusal: &Refusal, client_model: &str, target_model: &str) -> String {
+    match refusal {
+        Refusal::Guard { .. } | Refusal::Unscannable { .. } => client_model.to_owned(),
+        _ => target_model.to_owned(),
+    }
+}
+
 impl Scheduler {
-    /// Decide where `request` (parsed from `body`) goes, or why it does not.
+    /// The flow a request of `priority` queues in: its fairness id ([`DEFAULT_FLOW`] without
+    /// one). In a band whose fairness is token-weighted, the token budget's tenant comes first
+    /// when the gateway named one: the same identity pays and shares.
+    pub fn flow_id<'m>(&self, meta: &'m RequestMeta, priority: i32) -> &'m str {
+        let token_weighted = self
+            .flow
+            .as_ref()
+            .is_some_and(|f| f.band(priority).fairness == Fairness::TokenWeighted);
+        let tenant = meta.tenant.as_deref().filter(|_| token_weighted);
+        tenant
+            .or(meta.fairness_id.as_deref())
+            .filter(|id| !id.is_empty())
+            .unwrap_or(DEFAULT_FLOW)
+    }
+
+    /// Decide where `request` (parsed from `body`) goes, or why it does not: [`Self::admit`]
+    /// then [`Self::place`] on the same snapshot. With flow control the caller goes through
+    /// [`Self::admit`], the queue ([`super::flow::FlowQueues`]) and [`Self::place`] itself,
+    /// since only it knows how to wait.
     pub async fn decide(
         &self,
         request: &LlmRequest,
@@ -154,6 +242,24 @@ impl Scheduler {
         snapshot: &Snapshot,
         env: &mut DecideEnv<'_>,
     ) -> Verdict {
+        match self.admit(request, body, meta, snapshot, env).await {
+            Ok(admitted) => self.place(admitted, meta, snapshot, env),
+            Err(refused) => refused,
+        }
+    }
+
+    /// Run the admission stages (guards, budget, and without flow control the saturation gate).
+    ///
+    /// # Errors
+    /// The refusing [`Verdict`].
+    pub async fn admit<'a>(
+        &self,
+        request: &'a LlmRequest,
+        body: &'a [u8],
+        meta: &'a RequestMeta,
+        snapshot: &'a Snapshot,
+        env: &mut DecideEnv<'_>,
+    ) -> Result<Admitted<'a>, Verdict> {
         let candidates = candidates(snapshot, meta);
         let priority = meta
             .objective
@@ -178,10 +284,10 @@ impl Scheduler {
             reservation: None,
             events: Vec::new(),
         };
-        let mut admitted = Ok(());
+        let mut verdict = Ok(());
         for stage in &self.admission {
-            admitted = stage.admit(&mut cx).await;
-            if admitted.is_err() {
+            verdict = stage.admit(&mut cx).await;
+            if verdict.is_err() {
                 break;
             }
         }
@@ -195,22 +301,62 @@ impl Scheduler {
             events,
             ..
         } = cx;
-        let refuse = |refusal: Refusal, reservation| Refused {
-            // A guard refuses before the target model counts: its refusals are labelled with
-            // the requested model on both labels.
-            target_model: match refusal {
-                Refusal::Guard { .. } | Refusal::Unscannable { .. } => request.model.clone(),
-                _ => target_model.clone(),
-            },
-            refusal,
+        let admitted = Admitted {
+            body_masked: matches!(served_body, Cow::Owned(_)),
+            request: served,
+            body: served_body,
+            client_model: request.model.clone(),
+            target_model,
+            priority,
+            candidates: (candidates, snapshot.generation),
+            restore,
             reservation,
-            model: request.model.clone(),
+            events,
         };
-        if let Err(refusal) = admitted {
-            return Verdict {
-                events,
-                result: Err(refuse(refusal, reservation)),
-            };
+        match verdict {
+            Ok(()) => Ok(admitted),
+            Err(refusal) => Err(admitted.refuse(refusal)),
+        }
+    }
+
+    /// Schedule an admitted request on `snapshot` (the one it was admitted on, or a fresh one
+    /// after it waited: late binding) and build the outcome.
+    pub fn place(
+        &self,
+        admitted: Admitted<'_>,
+        meta: &RequestMeta,
+        snapshot: &Snapshot,
+        env: &mut DecideEnv<'_>,
+    ) -> Verdict {
+        let Admitted {
+            request: served,
+            body: served_body,
+            body_masked,
+            client_model,
+            target_model,
+            priority,
+            candidates: (candidates, generation),
+            restore,
+            reservation,
+            events,
+        } = admitted;
+        let candidates = if generation == snapshot.generation {
+            candidates
+        } else {
+            self::candidates(snapshot, meta)
+        };
+        let refuse = |refusal: Refusal, reservation, events| Verdict {
+            events,
+            result: Err(Refused {
+                target_model: refused_target(&refusal, &client_model, &target_model),
+                refusal,
+                reservation,
+                model: client_model.clone(),
+            }),
+        };
+        // After a wait, the subset hint or the pool may have nothing left to offer.
+        if candidates.is_empty() {
+            return refuse(Refusal::NoCandidates, reservation, events);
         }
         let ctx = SchedulingContext {
             snapshot,
@@ -229,11 +375,11 @@ impl Scheduler {
         }
         let cycle = match scheduled {
             Ok(cycle) if cycle.endpoints.is_empty() => {
-                let refused = refuse(Refusal::Internal("scheduler returned no endpoint"), reservation);
-                return Verdict {
+                return refuse(
+                    Refusal::Internal("scheduler returned no endpoint"),
+                    reservation,
                     events,
-                    result: Err(refused),
-                };
+                );
             }
             Ok(cycle) => cycle,
             Err(e) => {
@@ -241,10 +387,7 @@ impl Scheduler {
                     SchedulingError::NoCandidates => Refusal::NoCandidates,
                     other => Refusal::Scheduling(other),
                 };
-                return Verdict {
-                    events,
-                    result: Err(refuse(refusal, reservation)),
-                };
+                return refuse(refusal, reservation, events);
             }
         };
         let served = served.into_owned();
@@ -277,10 +420,7 @@ impl Scheduler {
                     .map_or_else(String::new, |e| e.address_text.to_string())
             })
         });
-        let masked_body = match served_body {
-            Cow::Owned(b) => Some(b),
-            Cow::Borrowed(_) => None,
-        };
+        let masked_body = body_masked.then(|| served_body.into_owned());
         Verdict {
             events,
             result: Ok(Outcome {

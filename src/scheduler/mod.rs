@@ -7,6 +7,7 @@
 //! - [`decide`]: the decide step, the one place a routing decision is made (admission, then
 //!   scheduling, then the outcome); the server and the simulator both call it.
 //! - [`admission`]: the stages before scheduling (prompt guards, token budget, saturation gate).
+//! - [`flow`]: flow control's queues and dispatch cycle (the `flowControl` gate).
 //! - [`plugin`]: the contracts (Filter, Scorer, Picker, DataProducer, PreRequest).
 //! - [`profile`]: filters → weighted scorers → picker, with score checks done by the framework.
 //! - [`pipeline`]: producers, the profile, pre-request hooks.
@@ -16,6 +17,7 @@
 pub mod admission;
 pub mod decide;
 pub mod filters;
+pub mod flow;
 pub mod params;
 pub mod pickers;
 pub mod pipeline;
@@ -30,7 +32,9 @@ pub mod scorers;
 #[cfg(test)]
 mod tests;
 
-pub use decide::{DecideEnv, Outcome, Refused, RequestMeta, ResponsePlan, Verdict, subset_candidates};
+pub use decide::{
+    Admitted, DecideEnv, Outcome, Refused, RequestMeta, ResponsePlan, Verdict, subset_candidates,
+};
 pub use pipeline::{Decision, Scheduler, SchedulingError};
 pub use plugin::{CycleState, PluginName, SchedulingContext};
 pub use profile::{Explanation, Scratch};

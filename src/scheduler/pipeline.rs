@@ -10,6 +10,7 @@ use rand::RngCore;
 
 use super::{
     admission::{AdmissionStage, PromptGuard, TokenBudget, saturation_gate::shed_when_saturated},
+    flow::FlowControlPolicy,
     plugin::{
         CycleState, DataProducer, ExtensionPoint, Needs, PluginName, PluginTimer, PoolChange, PreRequest,
         SaturationDetector, SchedulingContext,
@@ -90,6 +91,8 @@ pub struct Scheduler {
     pub(crate) budget: Option<Arc<TokenBudget>>,
     /// How request bodies are read.
     pub(crate) parser: RequestParser,
+    /// Flow control, when the `flowControl` gate is on.
+    pub(crate) flow: Option<Arc<FlowControlPolicy>>,
 }
 
 /// The configured request parser (`parser.pluginRef`).
@@ -102,6 +105,12 @@ pub enum RequestParser {
 }
 
 impl Scheduler {
+    /// Flow control, when the `flowControl` gate is on: requests go through [`Self::admit`],
+    /// its queue and [`Self::place`].
+    pub fn flow_control(&self) -> Option<&Arc<FlowControlPolicy>> {
+        self.flow.as_ref()
+    }
+
     /// Read a request body at `path` with the configured parser.
     ///
     /// # Errors
@@ -166,7 +175,7 @@ impl Scheduler {
 
     /// Saturation of `candidates` by the configured detector.
     pub fn saturation(&self, ctx: &SchedulingContext<'_>, candidates: &[EndpointId]) -> f64 {
-        self.detector.saturation(ctx, candidates)
+        self.detector.saturation(ctx.snapshot, ctx.now, candidates)
     }
 
     /// The saturation gate's check alone: a sheddable request (priority < 0) is refused when
@@ -174,7 +183,7 @@ impl Scheduler {
     ///
     /// # Errors
     /// [`SchedulingError::Saturated`].
-    pub fn admit(
+    pub fn shed_check(
         &self,
         ctx: &SchedulingContext<'_>,
         candidates: &[EndpointId],

@@ -101,8 +101,9 @@ pub trait Filter: Send + Sync {
 pub trait SaturationDetector: Send + Sync {
     /// Identity.
     fn name(&self) -> &PluginName;
-    /// Saturation of `candidates` (1.0 for an empty set).
-    fn saturation(&self, ctx: &SchedulingContext<'_>, candidates: &[EndpointId]) -> f64;
+    /// Saturation of `candidates` at `now` (1.0 for an empty set). It reads the pool only, not
+    /// the request: flow control asks it about the whole pool with no request at hand.
+    fn saturation(&self, snapshot: &Snapshot, now: Timestamp, candidates: &[EndpointId]) -> f64;
 }
 
 /// Rates candidates.

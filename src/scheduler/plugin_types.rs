@@ -61,9 +61,15 @@ pub const PASSTHROUGH_PARSER: &str = "passthrough-parser";
 pub const METRICS_DATA_SOURCE: &str = "metrics-data-source";
 /// `core-metrics-extractor` (upstream data layer; read by the metrics collector).
 pub const CORE_METRICS_EXTRACTOR: &str = "core-metrics-extractor";
-/// `fcfs-ordering-policy` (upstream flow control; accepted so such configs load).
+/// `fcfs-ordering-policy` (upstream flow control, the default ordering).
 pub const FCFS_ORDERING_POLICY: &str = "fcfs-ordering-policy";
-/// `global-strict-fairness-policy` (upstream flow control; accepted so such configs load).
+/// `edf-ordering-policy` (upstream flow control).
+pub const EDF_ORDERING_POLICY: &str = "edf-ordering-policy";
+/// `global-strict-fairness-policy` (upstream flow control, the default fairness).
 pub const GLOBAL_STRICT_FAIRNESS_POLICY: &str = "global-strict-fairness-policy";
-/// `static-usage-limit-policy` (upstream flow control; accepted so such configs load).
+/// `round-robin-fairness-policy` (upstream flow control).
+pub const ROUND_ROBIN_FAIRNESS_POLICY: &str = "round-robin-fairness-policy";
+/// `token-weighted-fairness-policy` (ours: fairness measured in estimated tokens).
+pub const TOKEN_WEIGHTED_FAIRNESS_POLICY: &str = "token-weighted-fairness-policy";
+/// `static-usage-limit-policy` (upstream flow control, the default usage limit).
 pub const STATIC_USAGE_LIMIT_POLICY: &str = "static-usage-limit-policy";

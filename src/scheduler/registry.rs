@@ -19,6 +19,7 @@ use super::{
         DecisionTreeFilter, LeastKvCacheFilter, LeastQueueFilter, LoraAffinityFilter, LowQueueFilter,
         PrefixAffinityFilter,
     },
+    flow::{BandPolicy, Fairness, FlowControlPolicy, Ordering},
     params::{decode_params, no_params},
     pickers::{MaxScorePicker, PickerParams, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     pipeline::{RequestParser, Scheduler},
@@ -33,7 +34,10 @@ use super::{
         KvCacheScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer, QueueSignal, TokenLoadScorer,
     },
 };
-use crate::config::{ConfigError, ConfigIssue, EndpointPickerConfig, PluginSpec};
+use crate::config::{
+    ConfigError, ConfigIssue, EndpointPickerConfig, PluginSpec,
+    epp_config::{BandSpec, FlowControlSpec},
+};
 
 /// The roles one configured plugin instance plays.
 #[derive(Default, Clone)]
@@ -48,6 +52,36 @@ struct Roles {
     objectives: Vec<(String, i32)>,
     guard: Option<Arc<PromptGuard>>,
     budget: Option<Arc<TokenBudget>>,
+    flow_policy: Option<FlowPolicyRole>,
+}
+
+/// A flow-control policy plugin.
+#[derive(Debug, Clone, Copy)]
+enum FlowPolicyRole {
+    Fairness(Fairness),
+    Ordering(Ordering),
+    /// `static-usage-limit-policy`'s threshold.
+    UsageLimit(f64),
+}
+
+/// `static-usage-limit-policy` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct UsageLimitParams {
+    threshold: f64,
+}
+
+impl Default for UsageLimitParams {
+    fn default() -> Self {
+        Self { threshold: 1.0 }
+    }
+}
+
+fn flow_policy(role: FlowPolicyRole) -> Roles {
+    Roles {
+        flow_policy: Some(role),
+        ..Roles::default()
+    }
 }
 
 /// Builds the roles of one configured instance from its name and spec.
@@ -174,11 +208,38 @@ const REGISTRY: &[(&str, Builder)] = &[
     // Read by the metrics collector's data layer.
     (METRICS_DATA_SOURCE, |_, _| Ok(Roles::default())),
     (CORE_METRICS_EXTRACTOR, |_, _| Ok(Roles::default())),
-    // Accepted so upstream flow-control configs load; flow control itself is not implemented and
-    // the `flowControl` gate is refused by the config's validation.
-    (FCFS_ORDERING_POLICY, |_, _| Ok(Roles::default())),
-    (GLOBAL_STRICT_FAIRNESS_POLICY, |_, _| Ok(Roles::default())),
-    (STATIC_USAGE_LIMIT_POLICY, |_, _| Ok(Roles::default())),
+    // Flow-control policies, referenced by name from the `flowControl` section.
+    (FCFS_ORDERING_POLICY, |_, spec| {
+        no_params(spec)?;
+        Ok(flow_policy(FlowPolicyRole::Ordering(Ordering::Fcfs)))
+    }),
+    (EDF_ORDERING_POLICY, |_, spec| {
+        no_params(spec)?;
+        Ok(flow_policy(FlowPolicyRole::Ordering(Ordering::Edf)))
+    }),
+    (GLOBAL_STRICT_FAIRNESS_POLICY, |_, spec| {
+        no_params(spec)?;
+        Ok(flow_policy(FlowPolicyRole::Fairness(Fairness::GlobalStrict)))
+    }),
+    (ROUND_ROBIN_FAIRNESS_POLICY, |_, spec| {
+        no_params(spec)?;
+        Ok(flow_policy(FlowPolicyRole::Fairness(Fairness::RoundRobin)))
+    }),
+    (TOKEN_WEIGHTED_FAIRNESS_POLICY, |_, spec| {
+        no_params(spec)?;
+        Ok(flow_policy(FlowPolicyRole::Fairness(Fairness::TokenWeighted)))
+    }),
+    (STATIC_USAGE_LIMIT_POLICY, |_, spec| {
+        let p: UsageLimitParams = decode_params(spec)?;
+        // Zero or less would hold every request until its TTL: a typo, not a policy.
+        if !(p.threshold.is_finite() && p.threshold > 0.0) {
+            return Err(ConfigIssue {
+                path: format!("{}.parameters.threshold", spec.path),
+                reason: format!("must be a number > 0, got {}", p.threshold),
+            });
+        }
+        Ok(flow_policy(FlowPolicyRole::UsageLimit(p.threshold)))
+    }),
 ];
 
 /// Every plugin type accepted in `plugins[].type`, in registry order.
@@ -401,10 +462,142 @@ impl TreeBuilder<'_> {
     }
 }
 
+/// The flow-control policy of `spec`: references resolved by instance name, the three default
+/// policies taken by their type name when not declared (upstream creates them on demand), the
+/// detector from `flowControl.saturationDetector`, else the scheduler's.
+fn flow_control_policy(
+    spec: &FlowControlSpec,
+    config: &EndpointPickerConfig,
+    roles: &[Roles],
+    detector: &Arc<dyn SaturationDetector>,
+    issues: &mut Vec<ConfigIssue>,
+) -> FlowControlPolicy {
+    // `want` names the kind for the message; `pick` extracts it from a role.
+    let mut resolve = |name: &str, path: String, want: &str, pick: &dyn Fn(FlowPolicyRole) -> bool| {
+        let role = match config.plugins.iter().position(|p| p.name == name) {
+            Some(i) => roles[i].flow_policy,
+            None if name == FCFS_ORDERING_POLICY => Some(FlowPolicyRole::Ordering(Ordering::Fcfs)),
+            None if name == GLOBAL_STRICT_FAIRNESS_POLICY => {
+                Some(FlowPolicyRole::Fairness(Fairness::GlobalStrict))
+            }
+            None if name == STATIC_USAGE_LIMIT_POLICY => Some(FlowPolicyRole::UsageLimit(1.0)),
+            None => {
+                issues.push(ConfigIssue {
+                    path,
+                    reason: format!("plugin {name:?} not found"),
+                });
+                return None;
+            }
+        };
+        match role {
+            Some(r) if pick(r) => Some(r),
+            _ => {
+                issues.push(ConfigIssue {
+                    path,
+                    reason: format!("plugin {name:?} is not {want}"),
+                });
+                None
+            }
+        }
+    };
+    let mut band = |b: &BandSpec| -> BandPolicy {
+        let fairness = b
+            .fairness_policy_ref
+            .as_deref()
+            .and_then(|name| {
+                resolve(
+                    name,
+                    format!("{}.fairnessPolicyRef", b.path),
+                    "a fairness policy",
+                    &|r| matches!(r, FlowPolicyRole::Fairness(_)),
+                )
+            })
+            .map_or(Fairness::GlobalStrict, |r| match r {
+                FlowPolicyRole::Fairness(f) => f,
+                _ => Fairness::GlobalStrict,
+            });
+        let ordering = b
+            .ordering_policy_ref
+            .as_deref()
+            .and_then(|name| {
+                resolve(
+                    name,
+                    format!("{}.orderingPolicyRef", b.path),
+                    "an ordering policy",
+                    &|r| matches!(r, FlowPolicyRole::Ordering(_)),
+                )
+            })
+            .map_or(Ordering::Fcfs, |r| match r {
+                FlowPolicyRole::Ordering(o) => o,
+                _ => Ordering::Fcfs,
+            });
+        BandPolicy {
+            max_bytes: b.max_bytes,
+            max_requests: b.max_requests,
+            fairness,
+            ordering,
+        }
+    };
+    let default_band = band(&spec.default_band);
+    let default_negative_band = band(&spec.default_negative_band);
+    let bands = spec.bands.iter().map(|b| (b.priority, band(b))).collect();
+    let ceiling = spec
+        .usage_limit_policy_ref
+        .as_deref()
+        .and_then(|name| {
+            resolve(
+                name,
+                "flowControl.usageLimitPolicyPluginRef".into(),
+                "a usage-limit policy",
+                &|r| matches!(r, FlowPolicyRole::UsageLimit(_)),
+            )
+        })
+        .map_or(1.0, |r| match r {
+            FlowPolicyRole::UsageLimit(t) => t,
+            _ => 1.0,
+        });
+    let detector = match spec.saturation_detector_ref.as_deref() {
+        None => detector.clone(),
+        Some(name) => {
+            let found = config.plugins.iter().position(|p| p.name == name);
+            match found.and_then(|i| roles[i].detector.clone()) {
+                Some(d) => d,
+                None => {
+                    issues.push(ConfigIssue {
+                        path: "flowControl.saturationDetector.pluginRef".into(),
+                        reason: match found {
+                            None => format!("saturation detector references undefined plugin {name:?}"),
+                            Some(_) => format!("plugin {name:?} is not a saturation detector"),
+                        },
+                    });
+                    detector.clone()
+                }
+            }
+        }
+    };
+    let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    FlowControlPolicy {
+        max_bytes: spec.max_bytes,
+        max_requests: spec.max_requests,
+        ttl_ns: nanos(spec.default_request_ttl),
+        no_endpoint_ttl_ns: nanos(spec.no_endpoint_request_ttl),
+        bands,
+        default_band,
+        default_negative_band,
+        ceiling,
+        detector,
+    }
+}
+
 /// The admission stages in their documented order: every prompt guard (config order, one
-/// stage), then the token budget, then the saturation gate. Guards go first so that a rejected
-/// prompt costs no budget, and the budget sees the prompt as masked.
-fn admission_stages(roles: &[Roles], detector: &Arc<dyn SaturationDetector>) -> Vec<Arc<dyn AdmissionStage>> {
+/// stage), then the token budget, then the saturation gate (replaced by the queue when flow
+/// control is on: upstream sheds nothing by saturation then). Guards go first so that a
+/// rejected prompt costs no budget, and the budget sees the prompt as masked.
+fn admission_stages(
+    roles: &[Roles],
+    detector: &Arc<dyn SaturationDetector>,
+    flow_control: bool,
+) -> Vec<Arc<dyn AdmissionStage>> {
     let mut stages: Vec<Arc<dyn AdmissionStage>> = Vec::new();
     if let Some(guards) = PromptGuards::new(roles.iter().filter_map(|r| r.guard.clone()).collect()) {
         stages.push(Arc::new(guards));
@@ -412,7 +605,9 @@ fn admission_stages(roles: &[Roles], detector: &Arc<dyn SaturationDetector>) -> 
     if let Some(budget) = roles.iter().find_map(|r| r.budget.clone()) {
         stages.push(Arc::new(BudgetStage(budget)));
     }
-    stages.push(Arc::new(SaturationGate::new(detector.clone())));
+    if !flow_control {
+        stages.push(Arc::new(SaturationGate::new(detector.clone())));
+    }
     stages
 }
 
@@ -552,6 +747,10 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
 
     let budget = roles.iter().find_map(|r| r.budget.as_ref());
     let parser = request_parser(config, &roles, &mut issues);
+    let flow = config
+        .flow_control
+        .as_ref()
+        .map(|spec| Arc::new(flow_control_policy(spec, config, &roles, &detector, &mut issues)));
 
     if !issues.is_empty() {
         return Err(ConfigError::Invalid { issues });
@@ -567,7 +766,8 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
         pre_request,
         pool_change,
         needs,
-        admission: admission_stages(&roles, &detector),
+        admission: admission_stages(&roles, &detector, flow.is_some()),
+        flow,
         output_guards: roles
             .iter()
             .filter_map(|r| r.guard.clone())

@@ -13,8 +13,9 @@ use serde::Deserialize;
 
 use super::plugin::{CycleState, Filter, PluginName, SaturationDetector, SchedulingContext};
 use crate::{
+    clock::Timestamp,
     config::{ConfigIssue, PluginSpec, parse_duration},
-    datastore::{Endpoint, EndpointId},
+    datastore::{Endpoint, EndpointId, Snapshot},
 };
 
 /// Raw parameters of `utilization-detector`.
@@ -106,8 +107,8 @@ impl UtilizationDetector {
         }
     }
 
-    fn endpoint_saturation(&self, ctx: &SchedulingContext<'_>, e: &Endpoint) -> f64 {
-        if !e.is_fresh(ctx.now, self.staleness) {
+    fn endpoint_saturation(&self, now: Timestamp, e: &Endpoint) -> f64 {
+        if !e.is_fresh(now, self.staleness) {
             return 1.0;
         }
         let q = f64::from(e.metrics.waiting) / self.queue;
@@ -121,16 +122,16 @@ impl SaturationDetector for UtilizationDetector {
         &self.name
     }
 
-    fn saturation(&self, ctx: &SchedulingContext<'_>, candidates: &[EndpointId]) -> f64 {
+    fn saturation(&self, snapshot: &Snapshot, now: Timestamp, candidates: &[EndpointId]) -> f64 {
         if candidates.is_empty() {
             return 1.0;
         }
         let sum: f64 = candidates
             .iter()
             .map(|id| {
-                ctx.snapshot
+                snapshot
                     .get(*id)
-                    .map_or(1.0, |e| self.endpoint_saturation(ctx, e))
+                    .map_or(1.0, |e| self.endpoint_saturation(now, e))
             })
             .sum();
         sum / candidates.len() as f64
@@ -258,13 +259,13 @@ impl SaturationDetector for ConcurrencyDetector {
         &self.name
     }
 
-    fn saturation(&self, ctx: &SchedulingContext<'_>, candidates: &[EndpointId]) -> f64 {
+    fn saturation(&self, snapshot: &Snapshot, _now: Timestamp, candidates: &[EndpointId]) -> f64 {
         if candidates.is_empty() {
             return 1.0;
         }
         let load: f64 = candidates
             .iter()
-            .filter_map(|id| ctx.snapshot.get(*id))
+            .filter_map(|id| snapshot.get(*id))
             .map(|e| self.load(e))
             .sum();
         load / (self.capacity * candidates.len() as f64)

@@ -346,6 +346,7 @@ impl TestServer {
             explain_decisions: true,
             tasks: TaskTracker::new(),
             body_memory: body_memory.clone(),
+            flow: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -206,6 +206,9 @@ pub enum Refusal {
     /// The scheduler could not place the request (saturated, filters removed every endpoint).
     #[error("{0}")]
     Scheduling(SchedulingError),
+    /// Flow control did not let the request through (queue full, TTL, client gone).
+    #[error("{0}")]
+    Flow(crate::scheduler::flow::FlowRefusal),
     /// An invariant broke inside the EPP.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -213,7 +216,8 @@ pub enum Refusal {
 
 impl Refusal {
     /// A short, fixed label for reports and metrics: `guard`, `budget`, `budget-store`,
-    /// `no-candidates`, `saturated`, `no-endpoint`, `internal`.
+    /// `no-candidates`, `saturated`, `no-endpoint`, `queue-full`, `queue-timeout`,
+    /// `client-gone`, `shutting-down`, `internal`.
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::Guard { .. } | Refusal::Unscannable { .. } => "guard",
@@ -224,6 +228,12 @@ impl Refusal {
             }
             Refusal::Scheduling(SchedulingError::Saturated) => "saturated",
             Refusal::Scheduling(SchedulingError::Profile { .. }) => "no-endpoint",
+            Refusal::Flow(f) => match f {
+                crate::scheduler::flow::FlowRefusal::QueueFull { .. } => "queue-full",
+                crate::scheduler::flow::FlowRefusal::Expired { .. } => "queue-timeout",
+                crate::scheduler::flow::FlowRefusal::ClientGone => "client-gone",
+                crate::scheduler::flow::FlowRefusal::ShuttingDown => "shutting-down",
+            },
             Refusal::Internal(_) => "internal",
         }
     }

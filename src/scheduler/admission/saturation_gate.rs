@@ -58,7 +58,7 @@ pub fn shed_when_saturated(
     ctx: &SchedulingContext<'_>,
     candidates: &[crate::datastore::EndpointId],
 ) -> Result<(), SchedulingError> {
-    if ctx.priority < 0 && detector.saturation(ctx, candidates) >= 1.0 {
+    if ctx.priority < 0 && detector.saturation(ctx.snapshot, ctx.now, candidates) >= 1.0 {
         return Err(SchedulingError::Saturated);
     }
     Ok(())

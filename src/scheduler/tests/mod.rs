@@ -305,7 +305,7 @@ fn a_huge_max_tokens_does_not_saturate_the_token_concurrency_detector() {
     // Upstream's estimate reads the body's size, not its limit: 38 tokens in flight against
     // 3 × 1,000,000 of capacity.
     let ids: Vec<_> = snap.all_ids().collect();
-    assert_eq!(s.admit(&ctx, &ids), Ok(()));
+    assert_eq!(s.shed_check(&ctx, &ids), Ok(()));
     assert!((s.saturation(&ctx, &ids) - 38.0 / 3_000_000.0).abs() < 1e-12);
 }
 
@@ -332,7 +332,7 @@ fn the_registry_lists_each_plugin_type_once() {
     let types: Vec<&str> = registry::plugin_types().collect();
     let unique: std::collections::BTreeSet<&str> = types.iter().copied().collect();
     assert_eq!(unique.len(), types.len());
-    assert_eq!(types.len(), 32);
+    assert_eq!(types.len(), 35);
     for t in [
         plugin_types::QUEUE_SCORER,
         plugin_types::TOKEN_BUDGET,
@@ -381,4 +381,95 @@ fn the_parser_reference_selects_the_passthrough_parser_or_is_refused() {
         )),
         ["plugins[2]: a prompt-guard needs a parser that reads the prompt; passthrough-parser reads none"]
     );
+}
+
+fn flow_config(extra: &str) -> Result<Scheduler, String> {
+    let doc = format!(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: queue-scorer\n{extra}"
+    );
+    let config = EndpointPickerConfig::from_yaml(&doc).map_err(|e| e.to_string())?;
+    build_scheduler(&config).map_err(|e| e.to_string())
+}
+
+/// The section's references resolve by instance name; the three default policies resolve by
+/// type name undeclared, as upstream creates them; the queue replaces the saturation gate.
+#[test]
+fn flow_control_policies_resolve_by_name() {
+    let s = flow_config(
+        "- {name: rr, type: round-robin-fairness-policy}
+- {name: tw, type: token-weighted-fairness-policy}
+- {name: edf, type: edf-ordering-policy}
+- {name: limit, type: static-usage-limit-policy, parameters: {threshold: 0.8}}
+- {name: cd, type: concurrency-detector}
+flowControl:
+  maxRequests: 10
+  defaultRequestTTL: 2s
+  defaultPriorityBand: {fairnessPolicyRef: tw}
+  priorityBands:
+  - {priority: 5, fairnessPolicyRef: rr, orderingPolicyRef: edf}
+  - {priority: -1, fairnessPolicyRef: global-strict-fairness-policy, orderingPolicyRef: fcfs-ordering-policy}
+  usageLimitPolicyPluginRef: limit
+  saturationDetector: {pluginRef: cd}
+",
+    )
+    .unwrap();
+    let f = s.flow_control().expect("on");
+    assert_eq!(f.max_requests, 10);
+    assert_eq!(f.ttl_ns, 2_000_000_000);
+    assert_eq!(f.ceiling, 0.8);
+    assert_eq!(f.detector.name().name.as_ref(), "cd");
+    assert_eq!(f.band(5).fairness, flow::Fairness::RoundRobin);
+    assert_eq!(f.band(5).ordering, flow::Ordering::Edf);
+    assert_eq!(f.band(-1).fairness, flow::Fairness::GlobalStrict);
+    assert_eq!(f.band(0).fairness, flow::Fairness::TokenWeighted, "the template");
+    assert_eq!(f.band(7).fairness, flow::Fairness::TokenWeighted, "the template");
+    assert_eq!(
+        f.band(-3).fairness,
+        flow::Fairness::TokenWeighted,
+        "no negative template: the default one"
+    );
+    assert_eq!(
+        s.admission_stages().count(),
+        0,
+        "no saturation gate: the queue takes its place"
+    );
+
+    // Token-weighted bands key flows by the budget's tenant first; others by the fairness id.
+    let meta = RequestMeta {
+        tenant: Some("team-a".into()),
+        fairness_id: Some("f1".into()),
+        ..RequestMeta::default()
+    };
+    assert_eq!(s.flow_id(&meta, 0), "team-a");
+    assert_eq!(s.flow_id(&meta, 5), "f1");
+    assert_eq!(s.flow_id(&RequestMeta::default(), 5), "default-flow");
+}
+
+#[test]
+fn bad_flow_control_references_are_named() {
+    let e = flow_config(
+        "- {name: q2, type: queue-scorer}
+- {name: edf, type: edf-ordering-policy}
+- {name: zero, type: static-usage-limit-policy, parameters: {threshold: 0}}
+flowControl:
+  priorityBands:
+  - {priority: 1, fairnessPolicyRef: missing, orderingPolicyRef: q2}
+  - {priority: 2, fairnessPolicyRef: edf, orderingPolicyRef: round-robin-fairness-policy}
+  usageLimitPolicyPluginRef: edf
+  saturationDetector: {pluginRef: q2}
+",
+    )
+    .err()
+    .unwrap();
+    for expected in [
+        "plugins[3].parameters.threshold: must be a number > 0, got 0",
+        "flowControl.priorityBands[0].fairnessPolicyRef: plugin \"missing\" not found",
+        "flowControl.priorityBands[0].orderingPolicyRef: plugin \"q2\" is not an ordering policy",
+        "flowControl.priorityBands[1].fairnessPolicyRef: plugin \"edf\" is not a fairness policy",
+        "flowControl.priorityBands[1].orderingPolicyRef: plugin \"round-robin-fairness-policy\" not found",
+        "flowControl.usageLimitPolicyPluginRef: plugin \"edf\" is not a usage-limit policy",
+        "flowControl.saturationDetector.pluginRef: plugin \"q2\" is not a saturation detector",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in {e}");
+    }
 }

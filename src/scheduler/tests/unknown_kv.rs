@@ -139,7 +139,7 @@ fn utilization_detector_reads_only_the_queue_when_kv_is_unknown() {
     // Default thresholds: queue 5, KV 0.8. Unknown KV adds nothing; the queue decides.
     let sat = |spec: &[(u32, Option<f64>)]| {
         let snap = pods(spec);
-        with_ctx(&snap, |ctx, ids| d.saturation(ctx, &ids))
+        with_ctx(&snap, |ctx, ids| d.saturation(ctx.snapshot, ctx.now, &ids))
     };
     assert_eq!(sat(&[(0, None)]), 0.0);
     assert_eq!(sat(&[(2, None)]), 0.4);

@@ -256,7 +256,7 @@ fn saturation(d: &UtilizationDetector, snap: &Snapshot) -> f64 {
         now: Timestamp(1_000_000_000),
         priority: 0,
     };
-    d.saturation(&ctx, &snap.all_ids().collect::<Vec<_>>())
+    d.saturation(ctx.snapshot, ctx.now, &snap.all_ids().collect::<Vec<_>>())
 }
 
 #[test]
@@ -361,7 +361,7 @@ fn sheddable_requests_are_refused_only_when_saturated() {
             now: Timestamp(1_000_000_000),
             priority,
         };
-        s.admit(&ctx, &snap.all_ids().collect::<Vec<_>>())
+        s.shed_check(&ctx, &snap.all_ids().collect::<Vec<_>>())
     };
     let saturated = aged(&[(10, 0.9, Some(0))]);
     let idle = aged(&[(0, 0.1, Some(0))]);
