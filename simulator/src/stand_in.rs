@@ -10,8 +10,12 @@
 //! Each stand-in binds its own loopback address (`127.0.0.x`), because upstream matches subset
 //! hints by IP only: distinct addresses let a hint name one pod. Every answer names its pod in
 //! `x-stand-in-pod` (the index), the model it was asked for in `x-received-model` and the
-//! xxHash64 of the body it received in `x-received-body-xxh64` (hex). [`StandIns::start_epp`]
-//! starts the EPP over them, as the end-to-end tests need it.
+//! xxHash64 of the body it received in `x-received-body-xxh64` (hex). A streaming request
+//! (`"stream": true`) is answered as Server-Sent Events: one content chunk, a usage-only chunk,
+//! `[DONE]`. The page changes only when a test sets it ([`StandIns::set_metrics`]: saturation
+//! that clears), and the `x-test-tag` header of every request is logged in arrival order
+//! ([`StandIns::arrivals`]: the order requests left a queue). [`StandIns::start_epp`] starts the
+//! EPP over them, as the end-to-end tests need it.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -26,7 +30,7 @@ use axum::{
     Router,
     body::Bytes,
     extract::State,
-    http::{HeaderValue, StatusCode, Uri},
+    http::{HeaderMap, HeaderValue, StatusCode, Uri},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -34,6 +38,7 @@ use epp::{
     app::RunningApp,
     config::{Flags, normalize_go_args},
 };
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -97,9 +102,10 @@ impl FixedMetrics {
 /// One stand-in's state.
 struct Pod {
     index: usize,
-    page: String,
+    page: Mutex<String>,
     answer_after: Duration,
     served: AtomicU64,
+    arrivals: Arc<Mutex<Vec<String>>>,
 }
 
 /// Running stand-ins.
@@ -107,6 +113,7 @@ pub struct StandIns {
     /// Their addresses, in the order given.
     pub addrs: Vec<SocketAddr>,
     pods: Vec<Arc<Pod>>,
+    arrivals: Arc<Mutex<Vec<String>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -127,6 +134,7 @@ impl StandIns {
         let mut started = Self {
             addrs: Vec::new(),
             pods: Vec::new(),
+            arrivals: Arc::default(),
             cancel: cancel.clone(),
             tasks: tasks.clone(),
         };
@@ -140,9 +148,10 @@ impl StandIns {
             let addr = listener.local_addr()?;
             let pod = Arc::new(Pod {
                 index,
-                page: metrics.page(),
+                page: Mutex::new(metrics.page()),
                 answer_after,
                 served: AtomicU64::new(0),
+                arrivals: started.arrivals.clone(),
             });
             let app = Router::new()
                 .route("/metrics", get(metrics_page))
@@ -159,6 +168,18 @@ impl StandIns {
         }
         let _ = stop_on_error.disarm();
         Ok(started)
+    }
+
+    /// Replace what pod `i`'s page reports (from its next scrape on).
+    pub fn set_metrics(&self, i: usize, metrics: &FixedMetrics) {
+        if let Some(p) = self.pods.get(i) {
+            *p.page.lock() = metrics.page();
+        }
+    }
+
+    /// The `x-test-tag` of every request received so far, in arrival order, all pods together.
+    pub fn arrivals(&self) -> Vec<String> {
+        self.arrivals.lock().clone()
     }
 
     /// Requests pod `i` has answered.
@@ -199,7 +220,7 @@ impl StandIns {
 }
 
 async fn metrics_page(State(pod): State<Arc<Pod>>) -> String {
-    pod.page.clone()
+    pod.page.lock().clone()
 }
 
 /// The digest a stand-in reports for a body it received.
@@ -208,24 +229,27 @@ pub fn body_digest(body: &[u8]) -> String {
 }
 
 /// An OpenAI-style answer naming the pod and the model it was asked for.
-async fn answer(State(pod): State<Arc<Pod>>, uri: Uri, body: Bytes) -> Response {
-    let model = serde_json::from_slice::<Value>(&body)
-        .ok()
+async fn answer(State(pod): State<Arc<Pod>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(tag) = headers.get("x-test-tag").and_then(|v| v.to_str().ok()) {
+        pod.arrivals.lock().push(tag.to_owned());
+    }
+    let parsed = serde_json::from_slice::<Value>(&body).ok();
+    let model = parsed
+        .as_ref()
         .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_default();
+    let stream = parsed
+        .as_ref()
+        .and_then(|v| v.get("stream").and_then(Value::as_bool))
+        .unwrap_or(false);
     tokio::time::sleep(pod.answer_after).await;
     pod.served.fetch_add(1, Ordering::Relaxed);
     let chat = uri.path().ends_with("/chat/completions");
-    let answer = if chat {
-        json!({"id": "stand-in", "object": "chat.completion", "model": model,
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    let mut response = if stream {
+        sse_answer(&model, chat)
     } else {
-        json!({"id": "stand-in", "object": "text_completion", "model": model,
-               "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
-               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        (StatusCode::OK, axum::Json(json_answer(&model, chat))).into_response()
     };
-    let mut response = (StatusCode::OK, axum::Json(answer)).into_response();
     let headers = response.headers_mut();
     headers.insert("x-stand-in-pod", HeaderValue::from(pod.index));
     if let Ok(v) = HeaderValue::from_str(&body_digest(&body)) {
@@ -235,4 +259,42 @@ async fn answer(State(pod): State<Arc<Pod>>, uri: Uri, body: Bytes) -> Response 
         headers.insert("x-received-model", v);
     }
     response
+}
+
+/// A streamed answer: one content chunk, a usage-only chunk (as vLLM sends with
+/// `include_usage`), `[DONE]`.
+fn sse_answer(model: &str, chat: bool) -> Response {
+    let (object, choice) = if chat {
+        (
+            "chat.completion.chunk",
+            json!({"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}),
+        )
+    } else {
+        (
+            "text_completion",
+            json!({"index": 0, "text": "ok", "finish_reason": "stop"}),
+        )
+    };
+    let content = json!({"id": "stand-in", "object": object, "model": model, "choices": [choice]});
+    let usage = json!({"id": "stand-in", "object": object, "model": model, "choices": [],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
+    let text = format!("data: {content}\n\ndata: {usage}\n\ndata: [DONE]\n\n");
+    let mut response = (StatusCode::OK, text).into_response();
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+    response
+}
+
+/// A complete (non-streamed) answer.
+fn json_answer(model: &str, chat: bool) -> Value {
+    if chat {
+        json!({"id": "stand-in", "object": "chat.completion", "model": model,
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    } else {
+        json!({"id": "stand-in", "object": "text_completion", "model": model,
+               "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    }
 }

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::{
     ReplaySetup, RunOutcome, baselines, plot, replay,
     report::{Report, Summary, markdown},
+    tenants,
 };
 use crate::{
     engine::EngineProfile,
@@ -34,6 +35,8 @@ pub enum Format {
     MultiLora,
     /// Generated: tenants with their own system prompts.
     MultiTenant,
+    /// Generated: tenants at equal steady rates; `team-0` floods for a while (`--flood-*`).
+    NoisyNeighbour,
 }
 
 /// The workload options shared by `replay`, `compare` and `load`.
@@ -62,7 +65,7 @@ impl WorkloadArgs {
     /// Read or generate the workload.
     ///
     /// # Errors
-    /// Missing or unreadable trace, malformed lines, bad rate scale.
+    /// Missing or unreadable trace, malformed lines, bad rate scale, bad noisy-neighbour flags.
     pub fn load(&self) -> Result<Workload, String> {
         if !(self.rate_scale > 0.0 && self.rate_scale.is_finite()) {
             return Err(format!(
@@ -94,6 +97,10 @@ impl WorkloadArgs {
             Format::SharedPrefix => generate::shared_prefix(&self.generator, self.seed),
             Format::MultiLora => generate::multi_lora(&self.generator, self.seed),
             Format::MultiTenant => generate::multi_tenant(&self.generator, self.seed),
+            Format::NoisyNeighbour => {
+                self.generator.check_noisy_neighbour()?;
+                generate::noisy_neighbour(&self.generator, self.seed)
+            }
         };
         if let Some(n) = self.limit {
             w.truncate(n);
@@ -187,7 +194,13 @@ pub fn run(args: &SimArgs) -> Result<Vec<Report>, String> {
         simulated,
         simulated / wall.max(1e-9)
     );
-    let reports: Vec<Report> = runs.iter().map(Report::from_run).collect();
+    let reports: Vec<Report> = runs
+        .iter()
+        .map(|run| Report {
+            tenants: tenants::breakdown(run, &workload),
+            ..Report::from_run(run)
+        })
+        .collect();
     let table = markdown(&reports);
     println!("{table}");
     if let Some(path) = &args.json {

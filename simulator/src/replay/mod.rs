@@ -20,6 +20,7 @@ pub mod baselines;
 pub mod command;
 pub mod plot;
 pub mod report;
+pub mod tenants;
 
 use std::{
     cmp::Reverse,

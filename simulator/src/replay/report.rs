@@ -5,13 +5,14 @@
 //! requests with at least two output tokens; E2E = last token − arrival. Throughput counts output
 //! tokens over the span from the first arrival to the last completion. The prefix hit rate is
 //! the engine model's own: prompt tokens found in the serving pod's KV cache at admission over
-//! all prompt tokens of completed requests. Percentiles are nearest-rank.
+//! all prompt tokens of completed requests. Percentiles are nearest-rank. A run of a workload
+//! with tenants also carries a per-tenant breakdown ([`tenants`](super::tenants)).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{Outcome, RunOutcome};
+use super::{Outcome, RunOutcome, tenants::TenantBreakdown};
 
 /// Latency summary in seconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -104,6 +105,10 @@ pub struct Report {
     pub simulated_s: f64,
     /// Per-pod breakdown.
     pub pods: Vec<PodReport>,
+    /// Per-tenant breakdown, when the workload has tenants; [`Report::from_run`] leaves it
+    /// empty (the run does not know the tenants), [`super::tenants::breakdown`] fills it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<TenantBreakdown>,
 }
 
 impl Report {
@@ -190,6 +195,7 @@ impl Report {
             },
             simulated_s: span_s,
             pods,
+            tenants: None,
         }
     }
 
@@ -266,7 +272,8 @@ pub struct Summary {
     pub max_over_mean_requests: f64,
 }
 
-/// A Markdown table with one row per report.
+/// A Markdown table with one row per report, then a per-tenant table for each report that has
+/// a tenant breakdown.
 pub fn markdown(reports: &[Report]) -> String {
     let mut out = String::from(
         "| config | done | rejected | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | TPOT p50 | E2E p90 | out tok/s | prefix hits | max/mean reqs |\n\
@@ -300,11 +307,17 @@ pub fn markdown(reports: &[Report]) -> String {
     if !refusals.is_empty() {
         out.push_str(&format!("\nRefused by the EPP: {}.\n", refusals.join("; ")));
     }
+    for r in reports {
+        if let Some(t) = &r.tenants {
+            out.push('\n');
+            out.push_str(&super::tenants::markdown(&r.name, t));
+        }
+    }
     out
 }
 
 /// `0.0123` → `12.3 ms`, `4.5` → `4.50 s`.
-fn seconds(s: f64) -> String {
+pub(super) fn seconds(s: f64) -> String {
     if s < 1.0 {
         format!("{:.1} ms", s * 1e3)
     } else {

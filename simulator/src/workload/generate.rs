@@ -1,8 +1,10 @@
 //! Synthetic workloads: shared-prefix groups (the shape of llm-d's prefix-cache benchmark),
-//! multi-LoRA traffic with Zipf-distributed adapter popularity, and multi-tenant traffic. All
-//! are seeded and use Poisson arrivals.
+//! multi-LoRA traffic with Zipf-distributed adapter popularity, multi-tenant traffic, and a
+//! noisy neighbour (steady tenants, one of which floods for a while). All are seeded and use
+//! Poisson arrivals.
 
 use rand::{Rng, SeedableRng, rngs::SmallRng};
+use xxhash_rust::xxh64::xxh64;
 
 use super::{TraceRequest, Workload, exponential_gap_ns};
 
@@ -12,10 +14,11 @@ pub const BLOCK_TOKENS: u32 = 16;
 /// Which generator, and its knobs.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct GeneratorParams {
-    /// Requests to generate.
+    /// Requests to generate (noisy-neighbour: the steady traffic, about this many over
+    /// `requests / rate` seconds; the flood comes on top).
     #[arg(long, default_value_t = 2_000)]
     pub requests: usize,
-    /// Mean arrival rate, requests per second (Poisson).
+    /// Mean arrival rate, requests per second (Poisson; noisy-neighbour: of the steady traffic).
     #[arg(long, default_value_t = 20.0)]
     pub rate: f64,
     /// shared-prefix: prompt groups, each with its own system prompt.
@@ -39,9 +42,19 @@ pub struct GeneratorParams {
     /// multi-lora / multi-tenant: Zipf exponent of popularity.
     #[arg(long, default_value_t = 1.0)]
     pub zipf: f64,
-    /// multi-tenant: tenants (`team-0` sends the most).
+    /// multi-tenant / noisy-neighbour: tenants (`team-0` sends the most, or floods).
     #[arg(long, default_value_t = 4)]
     pub tenants: u32,
+    /// noisy-neighbour: `team-0`'s rate during the flood, as a multiple of its steady share
+    /// (1 = no flood). The flood only adds requests; the other tenants' are unchanged.
+    #[arg(long, default_value_t = 10.0)]
+    pub flood_factor: f64,
+    /// noisy-neighbour: when the flood starts, as a fraction of the run (0..=1).
+    #[arg(long, default_value_t = 0.25)]
+    pub flood_start: f64,
+    /// noisy-neighbour: when the flood ends, as a fraction of the run (0..=1).
+    #[arg(long, default_value_t = 0.75)]
+    pub flood_end: f64,
 }
 
 impl Default for GeneratorParams {
@@ -57,7 +70,37 @@ impl Default for GeneratorParams {
             adapters: 8,
             zipf: 1.0,
             tenants: 4,
+            flood_factor: 10.0,
+            flood_start: 0.25,
+            flood_end: 0.75,
         }
+    }
+}
+
+impl GeneratorParams {
+    /// Check the noisy-neighbour knobs: a positive rate (the run lasts `requests / rate`), a
+    /// flood factor of at least 1 (a flood never removes requests), and a window inside the run.
+    ///
+    /// # Errors
+    /// A message naming the offending flag.
+    pub fn check_noisy_neighbour(&self) -> Result<(), String> {
+        if !(self.rate > 0.0 && self.rate.is_finite()) {
+            return Err(format!("--rate must be a positive number, got {}", self.rate));
+        }
+        if !(self.flood_factor >= 1.0 && self.flood_factor.is_finite()) {
+            return Err(format!(
+                "--flood-factor must be a number of at least 1, got {}",
+                self.flood_factor
+            ));
+        }
+        let fraction = |x: f64| (0.0..=1.0).contains(&x);
+        if !(fraction(self.flood_start) && fraction(self.flood_end) && self.flood_start <= self.flood_end) {
+            return Err(format!(
+                "--flood-start and --flood-end must satisfy 0 <= start <= end <= 1, got {} and {}",
+                self.flood_start, self.flood_end
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -89,6 +132,27 @@ fn zipf_table(n: u32, s: f64) -> Vec<f64> {
 fn zipf_pick(cdf: &[f64], rng: &mut SmallRng) -> u32 {
     let u: f64 = rng.random();
     cdf.iter().position(|c| u < *c).unwrap_or(cdf.len() - 1) as u32
+}
+
+/// Arrival times of a Poisson process of `rate` per second in `[from_ns, to_ns)`.
+fn poisson(rng: &mut SmallRng, rate: f64, from_ns: u64, to_ns: u64) -> Vec<u64> {
+    let mut times = Vec::new();
+    let mut t = from_ns;
+    loop {
+        t = t.saturating_add(exponential_gap_ns(rng, rate));
+        if t >= to_ns {
+            return times;
+        }
+        times.push(t);
+    }
+}
+
+/// Stream of the noisy neighbour's flood RNG; tenant streams are tenant indices (`u32`).
+const FLOOD_STREAM: u64 = u64::MAX;
+
+/// An RNG of its own for each `stream` of a generator, so streams never shift each other.
+fn stream_rng(seed: u64, stream: u64) -> SmallRng {
+    SmallRng::seed_from_u64(xxh64(&stream.to_le_bytes(), seed))
 }
 
 fn arrivals(p: &GeneratorParams, rng: &mut SmallRng) -> Vec<u64> {
@@ -154,12 +218,45 @@ enum Owner {
     Tenant,
 }
 
+impl Owner {
+    /// First prefix key of this owner's system prompts. Distinct ranges, so an adapter's and a
+    /// tenant's system prompts never coincide.
+    fn prefix_base(self) -> u64 {
+        match self {
+            Self::Adapter => 1_000,
+            Self::Tenant => 2_000,
+        }
+    }
+
+    /// Request `question` (a key unique in the workload) of key `k` at `arrival_ns`: the key's
+    /// own system prompt, then the question.
+    fn request(self, p: &GeneratorParams, k: u32, question: u64, arrival_ns: u64) -> TraceRequest {
+        let (input, blocks) = prompt(
+            u64::from(k) + self.prefix_base(),
+            p.prefix_tokens,
+            question,
+            p.question_tokens,
+        );
+        let (adapter, tenant) = match self {
+            Self::Adapter => (Some(format!("lora-{k}").into()), None),
+            Self::Tenant => (None, Some(format!("team-{k}").into())),
+        };
+        TraceRequest {
+            arrival_ns,
+            input_tokens: input,
+            output_tokens: p.output_tokens.max(1),
+            blocks,
+            adapter,
+            tenant,
+        }
+    }
+}
+
 /// Requests keyed by a Zipf-distributed `k`: the key's own system prompt, then a unique question.
 fn zipf_keyed(p: &GeneratorParams, seed: u64, owner: Owner) -> Workload {
-    // Distinct prefix-key ranges, so an adapter's and a tenant's system prompts never coincide.
-    let (keys, prefix_base, name) = match owner {
-        Owner::Adapter => (p.adapters, 1_000, "multi-lora"),
-        Owner::Tenant => (p.tenants, 2_000, "multi-tenant"),
+    let (keys, name) = match owner {
+        Owner::Adapter => (p.adapters, "multi-lora"),
+        Owner::Tenant => (p.tenants, "multi-tenant"),
     };
     let mut rng = SmallRng::seed_from_u64(seed);
     let cdf = zipf_table(keys, p.zipf);
@@ -167,33 +264,53 @@ fn zipf_keyed(p: &GeneratorParams, seed: u64, owner: Owner) -> Workload {
     let requests = times
         .into_iter()
         .enumerate()
-        .map(|(i, t)| {
-            let k = zipf_pick(&cdf, &mut rng);
-            let (input, blocks) = prompt(
-                u64::from(k) + prefix_base,
-                p.prefix_tokens,
-                i as u64,
-                p.question_tokens,
-            );
-            let (adapter, tenant) = match owner {
-                Owner::Adapter => (Some(format!("lora-{k}").into()), None),
-                Owner::Tenant => (None, Some(format!("team-{k}").into())),
-            };
-            TraceRequest {
-                arrival_ns: t,
-                input_tokens: input,
-                output_tokens: p.output_tokens.max(1),
-                blocks,
-                adapter,
-                tenant,
-            }
-        })
+        .map(|(i, t)| owner.request(p, zipf_pick(&cdf, &mut rng), i as u64, t))
         .collect();
     Workload {
         name: name.into(),
         block_tokens: BLOCK_TOKENS,
         requests,
     }
+}
+
+/// Noisy neighbour: `tenants` tenants (`team-0`, …) each send their own system prompt plus a
+/// unique question at a steady Poisson rate of `rate / tenants` for `requests / rate` seconds
+/// (so about `requests` steady requests in all); from `flood_start` to `flood_end` of that run,
+/// `team-0` sends `flood_factor` times its share.
+///
+/// Each tenant's steady arrivals come from its own RNG, seeded from (`seed`, tenant), and the
+/// flood's extra `team-0` requests from another, and the steady requests are numbered before the
+/// flood's. So the flood only adds requests: with `flood_factor` 1 the workload is exactly the
+/// steady traffic of any other flood factor, and a report can compare the quiet tenants' fate
+/// request for request. Parameters are not checked here (see
+/// [`GeneratorParams::check_noisy_neighbour`]): a rate that is not positive gives no requests,
+/// a flood factor below 1 no flood.
+pub fn noisy_neighbour(p: &GeneratorParams, seed: u64) -> Workload {
+    let tenants = p.tenants.max(1);
+    let duration_ns = if p.rate > 0.0 && p.rate.is_finite() {
+        (p.requests as f64 / p.rate * 1e9) as u64
+    } else {
+        0
+    };
+    let share = p.rate / f64::from(tenants);
+    // Questions are numbered in generation order, steady traffic first, so a steady request's
+    // prompt does not depend on the flood either.
+    let mut requests = Vec::new();
+    for k in 0..tenants {
+        let mut rng = stream_rng(seed, u64::from(k));
+        for t in poisson(&mut rng, share, 0, duration_ns) {
+            requests.push(Owner::Tenant.request(p, k, requests.len() as u64, t));
+        }
+    }
+    let extra = share * (p.flood_factor - 1.0);
+    if extra > 0.0 && extra.is_finite() {
+        let at = |fraction: f64| (duration_ns as f64 * fraction.clamp(0.0, 1.0)) as u64;
+        let mut rng = stream_rng(seed, FLOOD_STREAM);
+        for t in poisson(&mut rng, extra, at(p.flood_start), at(p.flood_end)) {
+            requests.push(Owner::Tenant.request(p, 0, requests.len() as u64, t));
+        }
+    }
+    Workload::by_arrival("noisy-neighbour", BLOCK_TOKENS, requests)
 }
 
 #[cfg(test)]
@@ -235,5 +352,124 @@ mod tests {
                 .iter()
                 .all(|r| r.tenant.as_deref().is_some_and(|n| n.starts_with("team-")))
         );
+    }
+
+    fn tenant(r: &TraceRequest) -> &str {
+        r.tenant.as_deref().unwrap_or("-")
+    }
+
+    #[test]
+    fn the_flood_only_adds_team_0_requests() {
+        let p = |flood_factor| GeneratorParams {
+            requests: 400,
+            flood_factor,
+            ..Default::default()
+        };
+        let quiet = noisy_neighbour(&p(1.0), 7);
+        let loud = noisy_neighbour(&p(10.0), 7);
+        assert_eq!(quiet, noisy_neighbour(&p(1.0), 7));
+        assert!(
+            loud.requests
+                .windows(2)
+                .all(|w| w[0].arrival_ns <= w[1].arrival_ns)
+        );
+        // The quiet tenants' requests are identical, prompts included.
+        let others = |w: &Workload| -> Vec<TraceRequest> {
+            w.requests
+                .iter()
+                .filter(|r| tenant(r) != "team-0")
+                .cloned()
+                .collect()
+        };
+        assert_eq!(others(&quiet), others(&loud));
+        // Everything of the unflooded run is in the flooded one, in order; the rest is team-0's
+        // and inside the window (25 % .. 75 % of 400 / 20 = 20 s).
+        let mut loud_iter = loud.requests.iter();
+        let mut added = Vec::new();
+        for r in &quiet.requests {
+            loop {
+                let next = loud_iter
+                    .next()
+                    .expect("every unflooded request is in the flooded run");
+                if next == r {
+                    break;
+                }
+                added.push(next);
+            }
+        }
+        added.extend(loud_iter);
+        assert!(!added.is_empty());
+        assert!(added.iter().all(|r| tenant(r) == "team-0"));
+        assert!(
+            added
+                .iter()
+                .all(|r| (5_000_000_000..15_000_000_000).contains(&r.arrival_ns))
+        );
+        // Every prompt is a tenant's system prompt plus a question of its own.
+        let tails: std::collections::BTreeSet<u64> = loud.requests.iter().map(|r| r.blocks[128]).collect();
+        assert_eq!(tails.len(), loud.requests.len());
+        let prefixes: std::collections::BTreeSet<(&str, u64)> =
+            loud.requests.iter().map(|r| (tenant(r), r.blocks[0])).collect();
+        assert_eq!(prefixes.len(), 4);
+    }
+
+    #[test]
+    fn noisy_neighbour_rates_follow_the_flood_window() {
+        // 100 s at 20/s over 4 tenants: 5/s each; team-0 at 50/s from 25 s to 75 s.
+        let w = noisy_neighbour(&GeneratorParams::default(), 3);
+        let count = |name: &str, from_s: u64, to_s: u64| {
+            w.requests
+                .iter()
+                .filter(|r| {
+                    tenant(r) == name
+                        && (from_s * 1_000_000_000..to_s * 1_000_000_000).contains(&r.arrival_ns)
+                })
+                .count() as f64
+        };
+        // Poisson counts: within four standard deviations.
+        let within = |x: f64, expected: f64| (x - expected).abs() < 4.0 * expected.sqrt();
+        for k in 1..4 {
+            let n = count(&format!("team-{k}"), 0, 100);
+            assert!(within(n, 500.0), "team-{k}: {n}");
+        }
+        let (before, during, after) = (
+            count("team-0", 0, 25),
+            count("team-0", 25, 75),
+            count("team-0", 75, 100),
+        );
+        assert!(within(before, 125.0), "{before}");
+        assert!(within(during, 2_500.0), "{during}");
+        assert!(within(after, 125.0), "{after}");
+        assert!(w.requests.last().is_some_and(|r| r.arrival_ns < 100_000_000_000));
+    }
+
+    #[test]
+    fn noisy_neighbour_flags_are_checked() {
+        let ok = GeneratorParams::default();
+        assert_eq!(ok.check_noisy_neighbour(), Ok(()));
+        for bad in [
+            GeneratorParams {
+                flood_factor: 0.5,
+                ..ok.clone()
+            },
+            GeneratorParams {
+                flood_factor: f64::NAN,
+                ..ok.clone()
+            },
+            GeneratorParams {
+                rate: 0.0,
+                ..ok.clone()
+            },
+            GeneratorParams {
+                flood_start: 0.8,
+                ..ok.clone()
+            },
+            GeneratorParams {
+                flood_end: 1.5,
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.check_noisy_neighbour().is_err(), "{bad:?}");
+        }
     }
 }
