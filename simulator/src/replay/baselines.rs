@@ -5,13 +5,22 @@
 use epp::config::{DEFAULT_CONFIG_YAML, EndpointPickerConfig};
 
 /// Shipped baselines: name and YAML.
-pub const BASELINES: [(&str, &str); 6] = [
+pub const BASELINES: [(&str, &str); 9] = [
     ("round-robin", include_str!("../../configs/round-robin.yaml")),
     ("random", include_str!("../../configs/random.yaml")),
     ("least-queue", include_str!("../../configs/least-queue.yaml")),
     ("upstream-default", DEFAULT_CONFIG_YAML),
     ("sticky", include_str!("../../configs/sticky.yaml")),
     ("recommended", include_str!("../../configs/recommended.yaml")),
+    ("flow-control", include_str!("../../configs/flow-control.yaml")),
+    (
+        "flow-control-rr",
+        include_str!("../../configs/flow-control-rr.yaml"),
+    ),
+    (
+        "flow-control-fair",
+        include_str!("../../configs/flow-control-fair.yaml"),
+    ),
 ];
 
 /// Resolve `NAME` (a shipped baseline) or `NAME=FILE` into a name and a validated configuration.

@@ -125,7 +125,7 @@ pub struct SimArgs {
     #[arg(long, default_value = "50ms", value_parser = epp::config::parse_duration)]
     pub scrape_interval: Duration,
     /// A configuration: a shipped baseline (round-robin, random, least-queue, upstream-default,
-    /// sticky, recommended) or NAME=FILE. Repeat to compare.
+    /// sticky, recommended, flow-control, flow-control-rr, flow-control-fair) or NAME=FILE. Repeat to compare.
     #[arg(long = "config", value_name = "NAME[=FILE]")]
     pub configs: Vec<String>,
     /// Write the reports as JSON here.

@@ -33,11 +33,14 @@ use epp::{
     clock::Timestamp,
     config::EndpointPickerConfig,
     datastore::{
-        Endpoint, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight, LoraState,
-        Snapshot, format_address, merge_objectives,
+        Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight,
+        LoraState, Snapshot, format_address, merge_objectives,
     },
     scheduler::{
-        DecideEnv, RequestMeta, Scheduler, Scratch, admission::BudgetReservation, build_scheduler,
+        Admitted, DecideEnv, Refused, RequestMeta, Scheduler, Scratch, Verdict,
+        admission::{BudgetReservation, Refusal},
+        build_scheduler,
+        flow::{DISPATCH_TICK_NS, FlowQueues, FlowRefusal, NewItem},
         plugin_types::TOKEN_BUDGET,
     },
 };
@@ -100,8 +103,11 @@ pub struct RequestRecord {
     /// How it ended.
     pub outcome: Outcome,
     /// Why the EPP refused it ([`Refusal::reason`](epp::scheduler::admission::Refusal::reason):
-    /// `guard`, `budget`, `saturated`, …), when it did.
+    /// `guard`, `budget`, `saturated`, `queue-full`, `queue-timeout`, …), when it did.
     pub refusal: Option<&'static str>,
+    /// When the EPP decided where it goes, ns: its arrival, or when it left the flow-control
+    /// queue (TTFT counts the wait).
+    pub dispatched_ns: Option<u64>,
 }
 
 /// Per-pod totals of a run.
@@ -152,6 +158,14 @@ pub enum ReplayError {
 enum Event {
     StepEnd(u32),
     Scrape(u32),
+    /// A flow-control dispatch cycle.
+    FlowCycle,
+}
+
+/// A request waiting in the flow-control queue: what placing it needs.
+struct Queued {
+    admitted: Admitted<'static>,
+    meta: RequestMeta,
 }
 
 struct Pod {
@@ -165,6 +179,7 @@ struct Pod {
 
 struct Sim<'a> {
     setup: &'a ReplaySetup,
+    workload: &'a Workload,
     scheduler: Scheduler,
     pods: Vec<Pod>,
     queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
@@ -183,6 +198,15 @@ struct Sim<'a> {
     outstanding: usize,
     rng: SmallRng,
     scratch: Scratch,
+    /// Flow control's queue (the production one), when the config turns it on; payloads are
+    /// request indexes.
+    flow: Option<FlowQueues<usize>>,
+    /// Per queued request index, its admitted state.
+    queued: HashMap<usize, Queued>,
+    /// The earliest flow cycle already scheduled, if any.
+    flow_cycle_at: Option<u64>,
+    /// Endpoint ids of the whole pool (flow control's saturation is the pool's).
+    pool_ids: Vec<EndpointId>,
 }
 
 /// Replay `workload` under `setup`. `on_arrival` is called after each arrival (progress bars).
@@ -217,6 +241,7 @@ pub fn replay(
     let objectives = Arc::new(merge_objectives(scheduler.config_objectives(), &HashMap::new()));
     let mut sim = Sim {
         setup,
+        workload,
         scheduler,
         snapshot: Arc::new(Snapshot::new(Vec::new(), 0, Timestamp(0), true)),
         snapshot_dirty: true,
@@ -232,7 +257,12 @@ pub fn replay(
         outstanding: 0,
         rng: SmallRng::seed_from_u64(setup.seed),
         scratch: Scratch::default(),
+        flow: None,
+        queued: HashMap::new(),
+        flow_cycle_at: None,
+        pool_ids: (0..setup.pods).map(|i| EndpointId(i as u32)).collect(),
     };
+    sim.flow = sim.scheduler.flow_control().map(|p| FlowQueues::new(p.clone()));
     let interval = setup.scrape_interval_ns.max(1);
     for p in 0..setup.pods {
         // Staggered phases, as independent per-pod scrape loops would be.
@@ -258,7 +288,7 @@ pub fn replay(
                 on_arrival(next);
             }
             (_, Some(_)) => {
-                if next_arrival.is_none() && sim.outstanding == 0 {
+                if next_arrival.is_none() && sim.outstanding == 0 && sim.queued.is_empty() {
                     break;
                 }
                 let Some(Reverse((t, _, event))) = sim.queue.pop() else {
@@ -270,6 +300,14 @@ pub fn replay(
                     Event::Scrape(p) => {
                         sim.scrape(p);
                         sim.push(t + interval, Event::Scrape(p));
+                        // What the queue waits for may have changed.
+                        sim.flow_cycle_now();
+                    }
+                    Event::FlowCycle => {
+                        if sim.flow_cycle_at == Some(t) {
+                            sim.flow_cycle_at = None;
+                        }
+                        sim.flow_cycle();
                     }
                 }
             }
@@ -413,7 +451,7 @@ impl Sim<'_> {
     fn arrive(&mut self, workload: &Workload, index: usize, text: &mut String, body: &mut Vec<u8>) {
         let req = &workload.requests[index];
         self.now = self.now.max(req.arrival_ns);
-        let mut record = RequestRecord {
+        self.records.push(RequestRecord {
             arrival_ns: req.arrival_ns,
             pod: None,
             first_token_ns: None,
@@ -423,19 +461,22 @@ impl Sim<'_> {
             cached_tokens: 0,
             outcome: Outcome::RejectedByEpp,
             refusal: None,
-        };
+            dispatched_ns: None,
+        });
         self.in_flight.push(None);
         self.reservations.push(None);
         let model = req.adapter.as_deref().unwrap_or(&self.setup.profile.model);
         chat_body(workload, req, model, text, body);
         let Ok(parsed) = self.scheduler.parse_request("/v1/chat/completions", body) else {
-            record.refusal = Some("bad-request");
-            self.records.push(record);
+            self.records[index].refusal = Some("bad-request");
             return;
         };
         let snapshot = self.current_snapshot();
+        // The trace's tenant is both the budget's tenant and the fairness id, as a gateway
+        // that authenticates tenants would send them.
         let meta = RequestMeta {
             tenant: req.tenant.as_deref().map(str::to_owned),
+            fairness_id: req.tenant.as_deref().map(str::to_owned),
             ..RequestMeta::default()
         };
         let mut env = DecideEnv {
@@ -445,54 +486,80 @@ impl Sim<'_> {
             timer: None,
             scratch: &mut self.scratch,
         };
-        // The in-memory budget store never waits (a Redis store is refused at setup), so the
-        // decision completes on its first poll.
-        let verdict = self
+        // The in-memory budget store never waits (a Redis store is refused at setup), so
+        // admission completes on its first poll.
+        let admitted = self
             .scheduler
-            .decide(&parsed, body, &meta, &snapshot, &mut env)
+            .admit(&parsed, body, &meta, &snapshot, &mut env)
             .now_or_never();
-        let Some(verdict) = verdict else {
-            record.refusal = Some("budget-store");
-            self.records.push(record);
-            return;
-        };
-        let outcome = match verdict.result {
-            Ok(outcome) => outcome,
-            Err(refused) => {
-                if let Some(r) = refused.reservation {
-                    settle(&r, 0);
-                }
-                record.refusal = Some(refused.refusal.reason());
-                self.records.push(record);
+        let admitted = match admitted {
+            None => {
+                self.records[index].refusal = Some("budget-store");
                 return;
             }
+            Some(Err(refused)) => return self.finish_refused(index, refused.result.err()),
+            Some(Ok(a)) => a,
         };
+        let Some(flow) = self.flow.as_mut() else {
+            let verdict = self.scheduler.place(admitted, &meta, &snapshot, &mut env);
+            return self.start(index, verdict, &snapshot);
+        };
+        let item = NewItem {
+            payload: index,
+            fairness_id: self.scheduler.flow_id(&meta, admitted.priority).into(),
+            priority: admitted.priority,
+            bytes: body.len() as u64,
+            tokens: admitted.request.estimated_load_tokens(),
+        };
+        match flow.enqueue(item, self.now) {
+            Ok(_) => {
+                let admitted = admitted.into_owned();
+                self.queued.insert(index, Queued { admitted, meta });
+                self.flow_cycle();
+            }
+            Err((_, rejection)) => {
+                let refusal = Refusal::Flow(FlowRefusal::QueueFull {
+                    pool_empty: rejection.pool_empty,
+                    retry_after_ms: rejection.retry_after_ms,
+                });
+                self.finish_refused(index, admitted.refuse(refusal).result.err());
+            }
+        }
+    }
+
+    /// Carry out a decision: the request starts on its pod (counted in flight, the pre-request
+    /// hooks run, the engine takes it), or its refusal is recorded.
+    fn start(&mut self, index: usize, verdict: Verdict, snapshot: &Snapshot) {
+        let outcome = match verdict.result {
+            Ok(outcome) => outcome,
+            Err(refused) => return self.finish_refused(index, Some(refused)),
+        };
+        self.records[index].dispatched_ns = Some(self.now);
         let Some(primary) = outcome.endpoints().first().and_then(|id| snapshot.get(*id)) else {
             if let Some(r) = &outcome.reservation {
                 settle(r, 0);
             }
-            record.refusal = Some("internal");
-            self.records.push(record);
+            self.records[index].refusal = Some("internal");
             return;
         };
         let p = primary.uid.0;
         let in_flight = InFlight::start(&primary.live, outcome.load_tokens);
-        self.scheduler.pre_request(&snapshot, &outcome.cycle, None);
-        record.pod = Some(p);
+        self.scheduler.pre_request(snapshot, &outcome.cycle, None);
+        self.records[index].pod = Some(p);
+        let req = &self.workload.requests[index];
         let pod = &mut self.pods[p as usize];
         pod.totals.requests += 1;
         let submitted = pod.engine.submit(EngineRequest {
             id: index as u64,
             prompt_tokens: req.input_tokens,
             output_tokens: req.output_tokens,
-            block_hashes: workload.engine_hashes(req, pod.engine.profile().block_size),
+            block_hashes: self.workload.engine_hashes(req, pod.engine.profile().block_size),
             adapter: req.adapter.clone(),
         });
         match submitted {
             Ok(()) => {
-                record.outcome = Outcome::Unfinished;
+                self.records[index].outcome = Outcome::Unfinished;
                 self.outstanding += 1;
-                self.records.push(record);
                 self.in_flight[index] = Some(in_flight);
                 self.reservations[index] = outcome.reservation;
                 self.kick(p);
@@ -503,9 +570,87 @@ impl Sim<'_> {
                 if let Some(r) = &outcome.reservation {
                     settle(r, 0);
                 }
-                record.outcome = Outcome::RejectedByEngine;
-                self.records.push(record);
+                self.records[index].outcome = Outcome::RejectedByEngine;
             }
+        }
+    }
+
+    /// Record a refusal (its reservation's tokens go back).
+    fn finish_refused(&mut self, index: usize, refused: Option<Refused>) {
+        let Some(refused) = refused else { return };
+        if let Some(r) = refused.reservation {
+            settle(&r, 0);
+        }
+        self.records[index].refusal = Some(refused.refusal.reason());
+    }
+
+    /// A cycle as soon as possible (the current instant), if something is queued.
+    fn flow_cycle_now(&mut self) {
+        if !self.queued.is_empty() {
+            self.flow_cycle();
+        }
+    }
+
+    /// Schedule a flow cycle at `at` unless one is due no later.
+    fn schedule_flow_cycle(&mut self, at: u64) {
+        if self.flow_cycle_at.is_some_and(|t| t <= at && t >= self.now) {
+            return;
+        }
+        self.flow_cycle_at = Some(at);
+        self.push(at, Event::FlowCycle);
+    }
+
+    /// One dispatch cycle, as the server's dispatcher runs it: expire, then release at most one
+    /// request if the pool's saturation allows, placed on this instant's snapshot. The next
+    /// cycle is due a tick later while requests remain (the server's pace), or at the next
+    /// expiry; scrapes and finished requests also run one (what saturation reads changed).
+    fn flow_cycle(&mut self) {
+        if self.flow.is_none() {
+            return;
+        }
+        let snapshot = self.current_snapshot();
+        let Some(flow) = self.flow.as_mut() else { return };
+        flow.observe_pool(snapshot.endpoints.is_empty(), self.now);
+        let expired = flow.expire(self.now);
+        let dispatched = if flow.is_empty() {
+            None
+        } else {
+            let saturation =
+                flow.policy()
+                    .detector
+                    .saturation(&snapshot, Timestamp(self.now), &self.pool_ids);
+            flow.dispatch(saturation, self.now)
+        };
+        let (remaining, next_expiry) = (flow.len(), flow.next_expiry());
+        for e in expired {
+            let refusal = Refusal::Flow(FlowRefusal::Expired {
+                pool_empty: e.pool_empty,
+                retry_after_ms: e.retry_after_ms,
+            });
+            if let Some(q) = self.queued.remove(&e.item.payload) {
+                self.finish_refused(e.item.payload, q.admitted.refuse(refusal).result.err());
+            }
+        }
+        if let Some(d) = dispatched
+            && let Some(q) = self.queued.remove(&d.payload)
+        {
+            let mut env = DecideEnv {
+                now: Timestamp(self.now),
+                unix_ms: self.now / 1_000_000,
+                rng: &mut self.rng,
+                timer: None,
+                scratch: &mut self.scratch,
+            };
+            let verdict = self.scheduler.place(q.admitted, &q.meta, &snapshot, &mut env);
+            self.start(d.payload, verdict, &snapshot);
+            if remaining > 0 {
+                self.schedule_flow_cycle(self.now + DISPATCH_TICK_NS);
+            }
+        }
+        if remaining > 0
+            && let Some(at) = next_expiry
+        {
+            self.schedule_flow_cycle(at.max(self.now + 1));
         }
     }
 
@@ -528,6 +673,7 @@ impl Sim<'_> {
         let overhead = (self.setup.profile.arrival_overhead_us * 1_000.0) as u64;
         let pod = &mut self.pods[p as usize];
         pod.busy = false;
+        let mut finished = false;
         for event in pod.pending.drain(..) {
             match event {
                 EngineEvent::FirstToken { id, cached_tokens } => {
@@ -553,9 +699,14 @@ impl Sim<'_> {
                         *slot = None;
                     }
                     self.outstanding = self.outstanding.saturating_sub(1);
+                    finished = true;
                 }
             }
         }
         self.kick(p);
+        // A finished request frees what an in-flight detector counts.
+        if finished {
+            self.flow_cycle_now();
+        }
     }
 }

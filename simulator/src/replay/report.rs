@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{Outcome, RunOutcome, tenants::TenantBreakdown};
+use super::{Outcome, RequestRecord, RunOutcome, tenants::TenantBreakdown};
 
 /// Latency summary in seconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -66,6 +66,14 @@ pub struct PodReport {
     pub lora_loads: u64,
 }
 
+/// The TTFT a request must meet to count in the goodput, seconds (an interactive chat's
+/// patience).
+pub const GOODPUT_TTFT_S: f64 = 2.0;
+
+/// The time per output token a request must meet to count in the two-level goodput, seconds
+/// (a reading pace).
+pub const GOODPUT_TPOT_S: f64 = 0.1;
+
 /// The report of one run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -91,6 +99,12 @@ pub struct Report {
     pub e2e: Latency,
     /// Output tokens per second over the run.
     pub throughput_tokens_per_s: f64,
+    /// Goodput: requests per second over the run served with a first token within
+    /// [`GOODPUT_TTFT_S`] of arrival.
+    pub goodput_rps: f64,
+    /// Goodput under both service levels: first token within [`GOODPUT_TTFT_S`] and time per
+    /// output token within [`GOODPUT_TPOT_S`] (requests per second).
+    pub goodput_slo_rps: f64,
     /// Prompt tokens per second over the run.
     pub input_tokens_per_s: f64,
     /// Prompt tokens served from the prefix cache / all prompt tokens.
@@ -136,6 +150,20 @@ impl Report {
                 Some(secs(span) / f64::from(r.output_tokens - 1))
             })
             .collect();
+        // Within the TTFT level, and (`tpot`) within the TPOT level too (a request with one
+        // output token has no TPOT to miss).
+        let meets = |r: &RequestRecord, tpot: bool| {
+            let Some(first) = r.first_token_ns else {
+                return false;
+            };
+            let ttft_ok = secs(first.saturating_sub(r.arrival_ns)) <= GOODPUT_TTFT_S;
+            let tpot_ok = !tpot
+                || r.output_tokens < 2
+                || r.finish_ns.is_some_and(|f| {
+                    secs(f.saturating_sub(first)) / f64::from(r.output_tokens - 1) <= GOODPUT_TPOT_S
+                });
+            ttft_ok && tpot_ok
+        };
         let start = run.records.iter().map(|r| r.arrival_ns).min().unwrap_or(0);
         let span_s = secs(run.end_ns.saturating_sub(start)).max(1e-9);
         let output: u64 = done.iter().map(|r| u64::from(r.output_tokens)).sum();
@@ -184,6 +212,8 @@ impl Report {
             tpot: Latency::of(tpot),
             e2e: Latency::of(e2e),
             throughput_tokens_per_s: output as f64 / span_s,
+            goodput_rps: done.iter().filter(|r| meets(r, false)).count() as f64 / span_s,
+            goodput_slo_rps: done.iter().filter(|r| meets(r, true)).count() as f64 / span_s,
             input_tokens_per_s: prompt as f64 / span_s,
             prefix_hit_rate: ratio(cached, prompt),
             preemptions: run.pods.iter().map(|p| p.preemptions).sum(),
@@ -215,6 +245,8 @@ impl Report {
             e2e_p90_s: self.e2e.p90_s,
             e2e_p99_s: self.e2e.p99_s,
             throughput_tokens_per_s: self.throughput_tokens_per_s,
+            goodput_rps: self.goodput_rps,
+            goodput_slo_rps: self.goodput_slo_rps,
             prefix_hit_rate: self.prefix_hit_rate,
             rejected: self.rejected,
             refused: self.refused.clone(),
@@ -258,6 +290,10 @@ pub struct Summary {
     pub e2e_p99_s: f64,
     /// Output tokens per second.
     pub throughput_tokens_per_s: f64,
+    /// Requests per second served within [`GOODPUT_TTFT_S`] of TTFT.
+    pub goodput_rps: f64,
+    /// Requests per second served within [`GOODPUT_TTFT_S`] and [`GOODPUT_TPOT_S`].
+    pub goodput_slo_rps: f64,
     /// Engine prefix-cache hit rate.
     pub prefix_hit_rate: f64,
     /// Requests refused.

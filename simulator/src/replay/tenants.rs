@@ -323,6 +323,7 @@ mod tests {
             cached_tokens: 0,
             outcome,
             refusal: (outcome == Outcome::RejectedByEpp).then_some("budget"),
+            dispatched_ns: done.then_some(arrival_ns),
         }
     }
 
