@@ -382,3 +382,86 @@ fn a_guard_config_rejects_matching_prompts_before_the_budget_charges_them() {
     let (_, report) = run(&workload, &setup("both", config(&both), 4, profile));
     assert_eq!(report.refused, [("guard", team0)].into());
 }
+
+/// The worst TTFT p90 of the quiet tenants and the flooder's, from a noisy-neighbour run.
+fn quiet_and_flooder_p90(workload: &Workload, name: &str) -> (f64, f64) {
+    let (outcome, _) = run(workload, &setup(name, baseline(name), 4, EngineProfile::h100()));
+    let rows = epp_sim::replay::tenants::tenant_report(&outcome, workload);
+    let quiet = rows
+        .iter()
+        .filter(|r| r.tenant != "team-0")
+        .map(|r| r.ttft.p90_s)
+        .fold(0.0, f64::max);
+    let flooder = rows.iter().find(|r| r.tenant == "team-0").unwrap().ttft.p90_s;
+    (quiet, flooder)
+}
+
+/// One tenant floods the pool to about twice its capacity. Upstream's flow control (one FCFS
+/// queue) makes everyone wait behind the flood; `flow-control-fair` (a gate on in-flight
+/// requests, token-weighted fairness between tenants) keeps the quiet tenants' TTFT low and
+/// leaves the wait to the flooder.
+#[test]
+fn fair_flow_control_leaves_the_flood_to_the_flooder() {
+    let params = GeneratorParams {
+        requests: 1_500,
+        rate: 120.0,
+        tenants: 4,
+        flood_factor: 10.0,
+        ..GeneratorParams::default()
+    };
+    let workload = generate::noisy_neighbour(&params, 1);
+    let (fcfs_quiet, _) = quiet_and_flooder_p90(&workload, "flow-control");
+    let (fair_quiet, fair_flooder) = quiet_and_flooder_p90(&workload, "flow-control-fair");
+    assert!(
+        fair_quiet * 5.0 < fcfs_quiet,
+        "quiet p90: fair {fair_quiet} s, fcfs {fcfs_quiet} s"
+    );
+    assert!(
+        fair_flooder > fair_quiet * 5.0,
+        "fair: flooder {fair_flooder} s, quiet {fair_quiet} s"
+    );
+}
+
+/// With a 1 s TTL at three times the pool's capacity, no admitted request waits in the EPP past
+/// its TTL, and those that would are refused as `queue-timeout`; without flow control every
+/// request is decided on arrival.
+#[test]
+fn the_queue_ttl_bounds_every_wait() {
+    let params = GeneratorParams {
+        requests: 3_000,
+        rate: 600.0,
+        tenants: 4,
+        flood_factor: 1.0,
+        ..GeneratorParams::default()
+    };
+    let workload = generate::noisy_neighbour(&params, 2);
+    let text = baselines::BASELINES
+        .iter()
+        .find(|(n, _)| *n == "flow-control")
+        .unwrap()
+        .1
+        .replace(
+            "featureGates: [flowControl]\n",
+            "featureGates: [flowControl]\nflowControl:\n  defaultRequestTTL: 1s\n",
+        );
+    let config = EndpointPickerConfig::from_yaml(&text).unwrap();
+    let (outcome, report) = run(&workload, &setup("ttl", config, 4, EngineProfile::h100()));
+    let timed_out = report.refused.get("queue-timeout").copied().unwrap_or(0);
+    assert!(timed_out > 0, "{:?}", report.refused);
+    assert_eq!(report.refused.len(), 1, "{:?}", report.refused);
+    for r in outcome.records.iter().filter(|r| r.outcome == Outcome::Completed) {
+        let waited = r.dispatched_ns.unwrap() - r.arrival_ns;
+        assert!(waited <= 1_000_000_000, "waited {waited} ns");
+    }
+    let (outcome, _) = run(
+        &workload,
+        &setup("none", baseline("upstream-default"), 4, EngineProfile::h100()),
+    );
+    assert!(
+        outcome
+            .records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Completed)
+            .all(|r| r.dispatched_ns == Some(r.arrival_ns))
+    );
+}
