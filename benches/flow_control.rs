@@ -47,11 +47,11 @@ fn bench_enqueue_dispatch(c: &mut Criterion) {
             let mut q = FlowQueues::new(policy(fairness));
             let mut now = 0u64;
             let mut next = 0usize;
-            let mut item = |n: usize| NewItem {
+            let item = |n: usize| NewItem {
                 payload: n,
                 fairness_id: flows[n % FLOWS].clone(),
                 // Two bands, as with one objective above the default.
-                priority: i32::from(n % 10 == 0),
+                priority: i32::from(n.is_multiple_of(10)),
                 bytes: 4_096,
                 tokens: 1_000 + (n % 7) as u64 * 500,
             };

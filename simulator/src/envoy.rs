@@ -180,6 +180,25 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Envoy on free ports in front of the EPP whose ext_proc port is `epp`, running the shipped
+/// config with the gateway-owned headers trusted (as the end-to-end tests send them), passed
+/// through `shape` (extra filters).
+///
+/// # Errors
+/// No free port, or Envoy not installed or not starting.
+pub async fn trusting_envoy_in_front(
+    epp: u16,
+    shape: impl FnOnce(String) -> String,
+) -> Result<Envoy, EnvoyError> {
+    let ports = EnvoyPorts {
+        listener: free_port().map_err(EnvoyError::Io)?,
+        admin: free_port().map_err(EnvoyError::Io)?,
+        epp,
+    };
+    let config = shape(trusting_client_headers(&render_config(ports)));
+    Envoy::start_with_config(ports, config).await
+}
+
 /// Wait until the EPP behind `reader` knows `endpoints` endpoints and has scraped each at least
 /// once (checked every 25 ms, for at most `within`); whether that happened. Routing before the
 /// first scrape would be on empty metrics.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use epp::app::RunningApp;
 use epp_sim::{
-    envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers},
+    envoy::{Envoy, trusting_envoy_in_front},
     stand_in::{FixedMetrics, StandIns},
 };
 use serde_json::{Value, json};
@@ -84,12 +84,7 @@ impl Live {
             .start_epp(&[format!("--config-text={config}")])
             .await
             .expect("the EPP starts and scrapes every stand-in");
-        let ports = EnvoyPorts {
-            listener: free_port().unwrap(),
-            admin: free_port().unwrap(),
-            epp: app.grpc_addr.port(),
-        };
-        let envoy = Envoy::start_with_config(ports, trusting_client_headers(&render_config(ports)))
+        let envoy = trusting_envoy_in_front(app.grpc_addr.port(), |c| c)
             .await
             .expect("envoy 1.40 must be installed and start");
         Live {

@@ -24,7 +24,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use epp::app::RunningApp;
 use epp_sim::{
-    envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers},
+    envoy::{Envoy, trusting_envoy_in_front},
     stand_in::{FixedMetrics, StandIns, body_digest},
 };
 use futures_util::future::join_all;
@@ -119,13 +119,7 @@ impl Live {
             .start_epp(&[format!("--config-text={config}")])
             .await
             .expect("the EPP starts and scrapes every stand-in");
-        let ports = EnvoyPorts {
-            listener: free_port().unwrap(),
-            admin: free_port().unwrap(),
-            epp: app.grpc_addr.port(),
-        };
-        let config = with_subset_hint_filter(&trusting_client_headers(&render_config(ports)));
-        let envoy = Envoy::start_with_config(ports, config)
+        let envoy = trusting_envoy_in_front(app.grpc_addr.port(), |c| with_subset_hint_filter(&c))
             .await
             .expect("envoy 1.40 must be installed and start");
         Live {

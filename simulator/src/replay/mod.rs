@@ -350,6 +350,17 @@ fn remote_budget_store(config: &EndpointPickerConfig) -> Option<&str> {
         .map(|p| p.path.as_str())
 }
 
+/// What a decision at logical time `now` (ns) may use: the budget windows read the same clock.
+fn logical_env<'a>(now: u64, rng: &'a mut SmallRng, scratch: &'a mut Scratch) -> DecideEnv<'a> {
+    DecideEnv {
+        now: Timestamp(now),
+        unix_ms: now / 1_000_000,
+        rng,
+        timer: None,
+        scratch,
+    }
+}
+
 /// Settle `reservation` with `actual` tokens (the in-memory store answers at once).
 fn settle(reservation: &BudgetReservation, actual: u64) {
     let _ = reservation.settle(actual).now_or_never();
@@ -479,13 +490,7 @@ impl Sim<'_> {
             fairness_id: req.tenant.as_deref().map(str::to_owned),
             ..RequestMeta::default()
         };
-        let mut env = DecideEnv {
-            now: Timestamp(self.now),
-            unix_ms: self.now / 1_000_000,
-            rng: &mut self.rng,
-            timer: None,
-            scratch: &mut self.scratch,
-        };
+        let mut env = logical_env(self.now, &mut self.rng, &mut self.scratch);
         // The in-memory budget store never waits (a Redis store is refused at setup), so
         // admission completes on its first poll.
         let admitted = self
@@ -634,13 +639,7 @@ impl Sim<'_> {
         if let Some(d) = dispatched
             && let Some(q) = self.queued.remove(&d.payload)
         {
-            let mut env = DecideEnv {
-                now: Timestamp(self.now),
-                unix_ms: self.now / 1_000_000,
-                rng: &mut self.rng,
-                timer: None,
-                scratch: &mut self.scratch,
-            };
+            let mut env = logical_env(self.now, &mut self.rng, &mut self.scratch);
             let verdict = self.scheduler.place(q.admitted, &q.meta, &snapshot, &mut env);
             self.start(d.payload, verdict, &snapshot);
             if remaining > 0 {
