@@ -257,6 +257,15 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
             "--tracing: OpenTelemetry export is not implemented yet, no spans are sent (pass --tracing=false to say so)"
         );
     }
+    // GIE's deprecated switch: llm-d-router no longer reads it and neither does this EPP, so an
+    // operator who sets it is told where the switch is now.
+    if std::env::var("ENABLE_EXPERIMENTAL_FLOW_CONTROL_LAYER").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        && !config.feature_gates.contains("flowControl")
+    {
+        warn!(
+            "ENABLE_EXPERIMENTAL_FLOW_CONTROL_LAYER is deprecated and not read: flow control stays off; add `featureGates: [flowControl]` to the EndpointPickerConfig"
+        );
+    }
     if config.flow_control_ignored {
         warn!(
             "the flowControl config section is set but the flowControl feature gate is disabled; its settings are ignored"

@@ -483,11 +483,14 @@ impl Sim<'_> {
             return;
         };
         let snapshot = self.current_snapshot();
-        // The trace's tenant is both the budget's tenant and the fairness id, as a gateway
-        // that authenticates tenants would send them.
+        // The trace's tenant is the budget's tenant, the fairness id and the objective's name,
+        // as a gateway that authenticates tenants would send them: an objective of that name
+        // in the config (`inference-objectives`) gives the tenant's priority; none, priority 0.
+        let tenant = req.tenant.as_deref().map(str::to_owned);
         let meta = RequestMeta {
-            tenant: req.tenant.as_deref().map(str::to_owned),
-            fairness_id: req.tenant.as_deref().map(str::to_owned),
+            tenant: tenant.clone(),
+            fairness_id: tenant.clone(),
+            objective: tenant,
             ..RequestMeta::default()
         };
         let mut env = logical_env(self.now, &mut self.rng, &mut self.scratch);
