@@ -175,7 +175,8 @@ fn chat(content: &str) -> Value {
 }
 
 /// Saturated pods hold every request in the EPP, where the queue gauges count them; nothing
-/// reaches a pod and nothing fails. When the metrics clear, every request is served.
+/// reaches a pod and nothing fails, for longer than Envoy's ext_proc call timeout. When the
+/// metrics clear, every request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturation_holds_requests_and_its_clearing_releases_them() {
     let live = Live::start(
@@ -200,7 +201,9 @@ async fn saturation_holds_requests_and_its_clearing_releases_them() {
         ),
         6.0 * chat("held 0").to_string().len() as f64
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Held past the shipped config's ext_proc `grpc_service.timeout` (10 s): that timeout does
+    // not end a stream that waits in the queue (the TTL does, 60 s by default).
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
     assert_eq!(live.served(), 0, "nothing reaches a saturated pool");
     assert!(waiting.iter().all(|h| !h.is_finished()), "nothing was answered");
     assert!(live.metric("inference_extension_flow_control_pool_saturation", &[]) >= 1.0);
