@@ -14,6 +14,11 @@
 //!    (the model rewrite and the usage request, applied in one pass by the caller), the response
 //!    plan, the reservation, the explanation and the decision the pre-request hooks learn from.
 //!
+//! Steps 1–3 are [`Scheduler::admit`], 4–5 [`Scheduler::place`]. Without flow control
+//! [`Scheduler::decide`] runs both on one snapshot. With it, the caller puts the
+//! [`AdmittedRequest`] in the flow-control queue ([`super::flow`]) and places it on the snapshot
+//! of its dispatch (late binding: candidates are looked up again there).
+//!
 //! Pure: no clock, no global RNG, no I/O besides the budget store behind its trait. The snapshot
 //! and `now` are those of the body's arrival: a budget store's round trip (at most its timeout,
 //! 100 ms by default) does not refresh them.
@@ -150,7 +155,7 @@ pub struct Verdict {
 /// A request that passed admission, waiting to be placed: at once without flow control, when
 /// its flow's turn comes with it.
 #[derive(Debug)]
-pub struct Admitted<'a> {
+pub struct AdmittedRequest<'a> {
     /// The request as it will be served (parsed again after a guard masked it).
     pub request: Cow<'a, LlmRequest>,
     /// The body `request` was parsed from.
@@ -173,11 +178,11 @@ pub struct Admitted<'a> {
     pub events: Vec<AdmissionEvent>,
 }
 
-impl Admitted<'_> {
+impl AdmittedRequest<'_> {
     /// The same request, owning its parts (to wait in a queue that outlives the caller's
     /// buffers: the simulator's).
-    pub fn into_owned(self) -> Admitted<'static> {
-        Admitted {
+    pub fn into_owned(self) -> AdmittedRequest<'static> {
+        AdmittedRequest {
             request: Cow::Owned(self.request.into_owned()),
             body: Cow::Owned(self.body.into_owned()),
             body_masked: self.body_masked,
@@ -259,7 +264,7 @@ impl Scheduler {
         meta: &'a RequestMeta,
         snapshot: &'a Snapshot,
         env: &mut DecideEnv<'_>,
-    ) -> Result<Admitted<'a>, Verdict> {
+    ) -> Result<AdmittedRequest<'a>, Verdict> {
         let candidates = candidates(snapshot, meta);
         let priority = meta
             .objective
@@ -301,7 +306,7 @@ impl Scheduler {
             events,
             ..
         } = cx;
-        let admitted = Admitted {
+        let admitted = AdmittedRequest {
             body_masked: matches!(served_body, Cow::Owned(_)),
             request: served,
             body: served_body,
@@ -323,12 +328,12 @@ impl Scheduler {
     /// after it waited: late binding) and build the outcome.
     pub fn place(
         &self,
-        admitted: Admitted<'_>,
+        admitted: AdmittedRequest<'_>,
         meta: &RequestMeta,
         snapshot: &Snapshot,
         env: &mut DecideEnv<'_>,
     ) -> Verdict {
-        let Admitted {
+        let AdmittedRequest {
             request: served,
             body: served_body,
             body_masked,

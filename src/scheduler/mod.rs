@@ -33,7 +33,7 @@ pub mod scorers;
 mod tests;
 
 pub use decide::{
-    Admitted, DecideEnv, Outcome, Refused, RequestMeta, ResponsePlan, Verdict, subset_candidates,
+    AdmittedRequest, DecideEnv, Outcome, Refused, RequestMeta, ResponsePlan, Verdict, subset_candidates,
 };
 pub use pipeline::{Decision, Scheduler, SchedulingError};
 pub use plugin::{CycleState, PluginName, SchedulingContext};

@@ -53,19 +53,25 @@ pub struct Decision {
     pub repairs: ScoreRepairs,
 }
 
-/// Drop the candidates whose last scrape could not connect, unless none would be left.
+/// Drop the candidates whose last scrape could not connect, and those never scraped whose
+/// scrapes fail, unless none would be left.
 ///
 /// A model server that refuses connections has crashed or is restarting; in a static pool (no
 /// readiness probe to take it out) it would otherwise keep its last scraped load and keep winning
-/// picks that Envoy can only answer with 503. A slow or failing scrape (timeout, HTTP status) says
-/// nothing about serving, so only connection failures count. Failing open keeps a pool whose
-/// every scrape fails (metrics on another port, a network policy) routable. The endpoint is back
-/// as soon as a scrape succeeds.
+/// picks that Envoy can only answer with 503. An endpoint whose page has never been read (it
+/// never parses, is too large, times out) has no load at all to show, and its zero queue would
+/// otherwise win every pick: it is not scraped, for routing as for admission. Once scraped, a
+/// slow or failing scrape (timeout, HTTP status) says nothing about serving, so it keeps its last
+/// metrics (aging out for admission). Failing open keeps a pool whose every scrape fails
+/// (metrics on another port, a network policy) routable. The endpoint is back as soon as a
+/// scrape succeeds.
 fn drop_unreachable(snapshot: &Snapshot, candidates: &mut Vec<EndpointId>) {
     let reachable = |id: &EndpointId| {
-        snapshot
-            .get(*id)
-            .is_none_or(|e| e.metrics.last_error != Some(ScrapeFailure::Connect))
+        snapshot.get(*id).is_none_or(|e| match e.metrics.last_error {
+            Some(ScrapeFailure::Connect) => false,
+            Some(_) => e.metrics.scraped_at.is_some(),
+            None => true,
+        })
     };
     if !candidates.iter().all(reachable) && candidates.iter().any(reachable) {
         candidates.retain(reachable);

@@ -222,10 +222,18 @@ fn count(v: Option<f64>) -> u32 {
     v.map_or(0, |x| x.clamp(0.0, f64::from(u32::MAX)).round() as u32)
 }
 
+/// Adapters read from one list of a LoRA info series at most: a server holds a few adapters at a
+/// time (vLLM's `max_loras`), and a list of 100,000 names costs 100,000 allocations per scrape.
+pub const MAX_ADAPTERS_PER_LIST: usize = 256;
+
+/// Longest adapter name kept; longer ones are skipped (no request names such a model).
+pub const MAX_ADAPTER_NAME_BYTES: usize = 256;
+
 fn split_adapters(list: &str) -> Arc<[Arc<str>]> {
     list.split(',')
         .map(str::trim)
-        .filter(|a| !a.is_empty())
+        .filter(|a| !a.is_empty() && a.len() <= MAX_ADAPTER_NAME_BYTES)
+        .take(MAX_ADAPTERS_PER_LIST)
         .map(Arc::from)
         .collect()
 }
@@ -400,6 +408,46 @@ mod tests {
 
     fn vllm() -> EngineSpec {
         builtin_engines().remove(0)
+    }
+
+    /// Hostile but valid pages cost bounded work and yield bounded state: a LoRA info series of
+    /// 2,000 adapters keeps the first 256 (names past 256 bytes skipped), one naming 100,000 (a
+    /// line past 64 KiB) is not parsed, and 100,000 series of the waiting gauge are summed over
+    /// the first 64 only.
+    #[test]
+    fn hostile_pages_are_read_within_bounds() {
+        let lora_page = |n: usize| {
+            let names: Vec<String> = (0..n).map(|i| format!("lora{i}")).collect();
+            format!(
+                "vllm:num_requests_waiting{{model_name=\"m\"}} 1\nvllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"\"}} 1.7e9\n",
+                names.join(",")
+            )
+        };
+        let e = extract(&vllm(), &lora_page(100_000));
+        assert!(e.metrics.lora.is_none());
+        assert_eq!((e.bad_lines, e.metrics.waiting), (1, 1));
+        let mut names: Vec<String> = (0..2_000).map(|i| format!("lora{i}")).collect();
+        names.insert(1, "x".repeat(300));
+        let page = format!(
+            "vllm:num_requests_waiting{{model_name=\"m\"}} 1\nvllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"\"}} 1.7e9\n",
+            names.join(",")
+        );
+        let e = extract(&vllm(), &page);
+        let lora = e.metrics.lora.unwrap();
+        assert_eq!(lora.running.len(), MAX_ADAPTERS_PER_LIST);
+        assert_eq!(&*lora.running[1], "lora1", "the 300-byte name is skipped");
+        assert_eq!(&*lora.running[255], "lora255");
+
+        let mut page = String::new();
+        for i in 0..100_000 {
+            page.push_str(&format!("vllm:num_requests_waiting{{model_name=\"m{i}\"}} 1\n"));
+        }
+        let e = extract(&vllm(), &page);
+        assert_eq!(
+            e.metrics.waiting,
+            u32::from(crate::scrape::exposition::MAX_SERIES_PER_NAME)
+        );
+        assert_eq!(e.bad_lines, 0);
     }
 
     #[test]

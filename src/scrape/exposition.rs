@@ -3,10 +3,25 @@
 //! Written here because the common crate drops every sample whose name contains `:` (all of
 //! vLLM's and SGLang's). Pure, zero-copy for names and unescaped label values, and line-oriented:
 //! a bad line is counted and skipped, never fatal, so one odd series cannot blind the EPP to a pod.
+//!
+//! Bounded work for hostile pages: a named read parses at most [`MAX_SERIES_PER_NAME`] samples of
+//! each wanted name per page (later ones are skipped after their name, as unwanted lines are), so
+//! a page of megabytes of one wanted gauge costs a name comparison per line, not a parse; a wanted
+//! line longer than [`MAX_SAMPLE_LINE_BYTES`] is malformed, not parsed; the page itself is capped
+//! by the collector (8 MiB).
 
 use std::borrow::Cow;
 
 use smallvec::SmallVec;
+
+/// Samples of one wanted name parsed per page at most. An engine exports its gauges once per
+/// model (or adapter set): a handful of series. Past this, the page is not an engine's.
+pub const MAX_SERIES_PER_NAME: u16 = 64;
+
+/// Longest wanted sample line parsed; a longer one counts as malformed. The longest a real
+/// engine writes is a LoRA info series listing its loaded adapters (a few hundred bytes); 64 KiB
+/// holds thousands of names, and bounds the label parsing a single line can cost.
+pub const MAX_SAMPLE_LINE_BYTES: usize = 64 << 10;
 
 /// One sample line.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +136,8 @@ struct LineFilter {
     /// Name of the current family when it cannot hold a wanted sample (empty: none).
     skipped_family: Vec<u8>,
     bad: usize,
+    /// Samples parsed so far per wanted name (by its position in `wanted`).
+    parsed: SmallVec<[u16; 16]>,
 }
 
 impl LineFilter {
@@ -144,7 +161,18 @@ impl LineFilter {
         }
         let name_end = memchr::memchr3(b'{', b' ', b'\t', line).unwrap_or(line.len());
         let name = &line[..name_end];
-        if !wanted.iter().any(|w| w.as_ref().as_bytes() == name) {
+        let Some(i) = wanted.iter().position(|w| w.as_ref().as_bytes() == name) else {
+            return;
+        };
+        if self.parsed.len() < wanted.len() {
+            self.parsed.resize(wanted.len(), 0);
+        }
+        if self.parsed[i] >= MAX_SERIES_PER_NAME {
+            return;
+        }
+        self.parsed[i] += 1;
+        if line.len() > MAX_SAMPLE_LINE_BYTES {
+            self.bad += 1;
             return;
         }
         match std::str::from_utf8(line)

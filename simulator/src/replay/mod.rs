@@ -37,7 +37,7 @@ use epp::{
         LoraState, Snapshot, format_address, merge_objectives,
     },
     scheduler::{
-        Admitted, DecideEnv, Refused, RequestMeta, Scheduler, Scratch, Verdict,
+        AdmittedRequest, DecideEnv, Refused, RequestMeta, Scheduler, Scratch, Verdict,
         admission::{BudgetReservation, Refusal},
         build_scheduler,
         flow::{DISPATCH_TICK_NS, FlowQueues, FlowRefusal, NewItem},
@@ -164,7 +164,7 @@ enum Event {
 
 /// A request waiting in the flow-control queue: what placing it needs.
 struct Queued {
-    admitted: Admitted<'static>,
+    admitted: AdmittedRequest<'static>,
     meta: RequestMeta,
 }
 

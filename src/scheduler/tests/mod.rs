@@ -138,6 +138,38 @@ fn endpoints_refusing_connections_get_no_traffic_while_another_answers() {
     assert_eq!(d.endpoints, vec![EndpointId(1)]);
 }
 
+/// A pod whose page has never been read (it never parses) shows no load at all; its zero queue
+/// must not win: it gets no traffic while a scraped pod answers. Once scraped, a failing page
+/// keeps the pod routable on its last metrics.
+#[test]
+fn endpoints_never_scraped_get_no_traffic_while_a_scraped_one_answers() {
+    use crate::datastore::ScrapeFailure;
+    let s = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
+    let snap = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |m| {
+            m.scraped_at = None;
+            m.last_error = Some(ScrapeFailure::Parse);
+        })
+        .endpoint("10.0.0.2:8000", |m| m.waiting = 4)
+        .endpoint("10.0.0.3:8000", |m| {
+            m.waiting = 9;
+            m.last_error = Some(ScrapeFailure::Parse);
+        })
+        .build();
+    let mut rng = SmallRng::seed_from_u64(0);
+    for _ in 0..10 {
+        let d = run(&s, &snap, br#"{"model":"m","prompt":"x"}"#, &mut rng).unwrap();
+        assert_eq!(d.endpoints, vec![EndpointId(1)]);
+    }
+    // Not yet attempted (a pod just discovered): a candidate like any other.
+    let fresh = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |m| m.scraped_at = None)
+        .endpoint("10.0.0.2:8000", |m| m.waiting = 4)
+        .build();
+    let d = run(&s, &fresh, br#"{"model":"m","prompt":"x"}"#, &mut rng).unwrap();
+    assert_eq!(d.endpoints, vec![EndpointId(0)]);
+}
+
 #[test]
 fn unknown_types_and_bad_parameters_name_their_path() {
     let cfg = config(
