@@ -45,17 +45,33 @@ impl BodyStage for StreamReplacer {
 
 /// Response guards at work: SSE events are split out as they complete and masked across events
 /// ([`StreamMask`]); a non-streaming body is held to its end (a JSON body can only be masked
-/// whole).
+/// whole), up to [`MAX_RESPONSE_USAGE_BYTES`].
+///
+/// Past its limits the guard fails closed: text it cannot scan is never released. An SSE event
+/// longer than [`MAX_HELD_EVENT_BYTES`](crate::parser::MAX_HELD_EVENT_BYTES) ends the stream with an error event; a JSON body longer
+/// than the limit is replaced by an error body. Letting it through unscanned would turn a size
+/// into a way around the guard.
 struct OutputMask {
     guards: Vec<Arc<PromptGuard>>,
     streaming: bool,
     events: EventSplitter,
     stream: StreamMask,
     held: Vec<u8>,
+    /// The limit was passed: nothing more is released.
+    withheld: bool,
 }
+
+/// The SSE event that ends a stream the output guard could not scan.
+const WITHHELD_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the response could not be scanned by the output guard (an event over 1 MiB); the rest of it was withheld\",\"type\":\"server_error\",\"param\":null,\"code\":\"response_too_large\"}}\n\n";
+
+/// The body that replaces a JSON response the output guard could not scan.
+const WITHHELD_BODY: &[u8] = b"{\"error\":{\"message\":\"the response could not be scanned by the output guard (a body over 4 MiB); it was withheld\",\"type\":\"server_error\",\"param\":null,\"code\":\"response_too_large\"}}";
 
 impl BodyStage for OutputMask {
     fn feed(&mut self, data: &[u8], end_of_stream: bool) -> Vec<u8> {
+        if self.withheld {
+            return Vec::new();
+        }
         let sets: Vec<&PatternSet> = self.guards.iter().filter_map(|g| g.response_patterns()).collect();
         if self.streaming {
             let mut out = Vec::with_capacity(data.len());
@@ -63,10 +79,21 @@ impl BodyStage for OutputMask {
             self.events.feed_with(data, end_of_stream, |ev| {
                 out.extend_from_slice(&stream.event(&sets, ev))
             });
+            if self.events.overflowed() {
+                self.withheld = true;
+                drop(self.events.take_held());
+                out.extend_from_slice(WITHHELD_EVENT);
+                return out;
+            }
             if end_of_stream {
                 out.extend_from_slice(&self.stream.finish(&sets));
             }
             return out;
+        }
+        if self.held.len() + data.len() > MAX_RESPONSE_USAGE_BYTES {
+            self.withheld = true;
+            self.held = Vec::new();
+            return WITHHELD_BODY.to_vec();
         }
         self.held.extend_from_slice(data);
         if !end_of_stream {
@@ -134,6 +161,7 @@ impl ResponseChain {
                 events: EventSplitter::default(),
                 stream: StreamMask::default(),
                 held: Vec::new(),
+                withheld: false,
             }));
         }
         Self {
@@ -179,5 +207,92 @@ impl ResponseChain {
     /// Drop the JSON kept for usage once it has been read.
     pub fn release_buffers(&mut self) {
         self.tap.json = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::PluginSpec,
+        scheduler::{PluginName, plugin_types::PROMPT_GUARD},
+    };
+
+    fn card_guard() -> Arc<PromptGuard> {
+        let spec = PluginSpec {
+            name: "cards".into(),
+            plugin_type: PROMPT_GUARD.into(),
+            parameters: serde_yaml_ng::from_str("response:\n  regex: {builtins: [CREDIT_CARD]}\n").unwrap(),
+            path: "plugins[0]".into(),
+        };
+        let name = PluginName {
+            kind: PROMPT_GUARD,
+            name: "cards".into(),
+        };
+        Arc::new(PromptGuard::from_config(name, &spec).unwrap())
+    }
+
+    /// Feed `pieces` (the last with end of stream) and collect what the client gets.
+    fn run(chain: &mut ResponseChain, pieces: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let last = i + 1 == pieces.len();
+            out.extend(chain.feed(p, last).unwrap_or_else(|| p.clone()));
+        }
+        out
+    }
+
+    /// 3 MB without an event boundary: the output guard cannot scan it, so it releases nothing
+    /// of it and ends the stream with an error event (fail closed); the masked event before it
+    /// went out masked.
+    #[test]
+    fn a_guarded_stream_without_boundaries_is_withheld_past_the_limit() {
+        let plan = ResponsePlan {
+            output_guards: vec![card_guard()],
+            ..ResponsePlan::default()
+        };
+        let mut chain = ResponseChain::new(plan, true);
+        let mut pieces =
+            vec![b"data: {\"choices\":[{\"delta\":{\"content\":\"4111 1111 1111 1111\"}}]}\n\n".to_vec()];
+        pieces.extend(std::iter::repeat_n(vec![b'x'; 62_000], 50));
+        let out = run(&mut chain, &pieces);
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("4111 1111 1111 1111"), "{text}");
+        assert!(
+            !text.contains("xxxx"),
+            "nothing of the unscannable event is released"
+        );
+        assert!(
+            text.ends_with(std::str::from_utf8(WITHHELD_EVENT).unwrap()),
+            "{text}"
+        );
+        assert!(out.len() < 4_096);
+    }
+
+    /// A JSON body past the limit is replaced by an error body, not held or released unscanned.
+    #[test]
+    fn a_guarded_json_body_past_the_limit_is_replaced_by_an_error() {
+        let plan = ResponsePlan {
+            output_guards: vec![card_guard()],
+            ..ResponsePlan::default()
+        };
+        let mut chain = ResponseChain::new(plan, false);
+        let pieces: Vec<Vec<u8>> = std::iter::repeat_n(vec![b'y'; 62_000], 80).collect();
+        assert_eq!(run(&mut chain, &pieces), WITHHELD_BODY);
+    }
+
+    /// The injected-usage filter (budgets) passes an endless event through whole: accounting
+    /// never costs the client its answer.
+    #[test]
+    fn a_budget_stream_without_boundaries_passes_through() {
+        let plan = ResponsePlan {
+            hide_injected_usage: true,
+            ..ResponsePlan::default()
+        };
+        let mut chain = ResponseChain::new(plan, true);
+        let pieces: Vec<Vec<u8>> = std::iter::repeat_n(vec![b'z'; 62_000], 50).collect();
+        let out = run(&mut chain, &pieces);
+        assert_eq!(out.len(), 62_000 * 50);
+        assert!(out.iter().all(|b| *b == b'z'));
     }
 }

@@ -19,5 +19,5 @@ pub use request::{
     LlmRequest, RequestError, parse_request, parse_request_as, passthrough_request, replace_model,
 };
 pub use restore::{ModelRestorer, StreamReplacer, model_patterns};
-pub use sse_filter::{EventSplitter, UsageEventFilter};
+pub use sse_filter::{EventSplitter, MAX_HELD_EVENT_BYTES, UsageEventFilter};
 pub use usage::{SseUsageScanner, Usage, usage_from_json};

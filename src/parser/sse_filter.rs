@@ -23,11 +23,23 @@ fn is_usage_only(event: &[u8]) -> bool {
         })
 }
 
+/// The most an [`EventSplitter`] holds of one unfinished event. A model's SSE event is one JSON
+/// chunk of a few kilobytes; a stream that goes on this long without a blank line is not one the
+/// stages that need whole events can read, and holding it would let one response grow the EPP
+/// without bound.
+pub const MAX_HELD_EVENT_BYTES: usize = 1 << 20;
+
 /// Splits an SSE byte stream into complete events (each ending in a blank line, after `\n` or
-/// `\r\n` line endings), holding an unfinished event until the chunk that completes it.
+/// `\r\n` line endings), holding an unfinished event until the chunk that completes it, up to
+/// [`MAX_HELD_EVENT_BYTES`]: past that it is [`overflowed`](Self::overflowed) and its caller
+/// decides (pass the rest through, or fail closed). Each byte is searched for a boundary once.
 #[derive(Debug, Default)]
 pub struct EventSplitter {
     partial: Vec<u8>,
+    /// Bytes of `partial` already searched without finding a boundary (less the two a boundary
+    /// split across chunks may still start in).
+    searched: usize,
+    overflowed: bool,
 }
 
 /// The end (exclusive) of the first event in `bytes`: just past its blank line.
@@ -42,39 +54,71 @@ fn event_end(bytes: &[u8]) -> Option<usize> {
 
 impl EventSplitter {
     /// Feed a chunk and call `f` on every event it completes (on the held tail too at end of
-    /// stream).
+    /// stream). Once the unfinished event passes [`MAX_HELD_EVENT_BYTES`] the splitter is
+    /// overflowed: it keeps what it held for [`Self::take_held`] and reads nothing more.
     pub fn feed_with(&mut self, chunk: &[u8], end_of_stream: bool, mut f: impl FnMut(&[u8])) {
+        if self.overflowed {
+            return;
+        }
         self.partial.extend_from_slice(chunk);
         let mut start = 0;
-        while let Some(len) = event_end(&self.partial[start..]) {
-            let end = start + len;
+        let mut from = self.searched;
+        while let Some(len) = event_end(&self.partial[from..]) {
+            let end = from + len;
             f(&self.partial[start..end]);
             start = end;
+            from = end;
         }
         self.partial.drain(..start);
+        // A boundary (`\n\n` or `\n\r\n`) may begin in the last two bytes searched.
+        self.searched = self.partial.len().saturating_sub(2);
         if end_of_stream && !self.partial.is_empty() {
             f(&self.partial);
             self.partial.clear();
+            self.searched = 0;
+        } else if self.partial.len() > MAX_HELD_EVENT_BYTES {
+            self.overflowed = true;
         }
+    }
+
+    /// Whether an event passed [`MAX_HELD_EVENT_BYTES`] unfinished.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// The bytes held (the unfinished event), emptying the splitter.
+    pub fn take_held(&mut self) -> Vec<u8> {
+        self.searched = 0;
+        std::mem::take(&mut self.partial)
     }
 }
 
-/// The filter state of one response stream.
+/// The filter state of one response stream. A stream whose event outgrows the splitter is
+/// passed through unfiltered from there on: the usage-only event is small, so what overflows is
+/// not it, and the budget then settles from what the usage tap read (or the reservation).
 #[derive(Debug, Default)]
 pub struct UsageEventFilter {
     events: EventSplitter,
+    passing: bool,
 }
 
 impl UsageEventFilter {
     /// Feed the next chunk; returns what the client may see now. With `end_of_stream` the held
     /// tail is released.
     pub fn feed(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<u8> {
+        if self.passing {
+            return chunk.to_vec();
+        }
         let mut out = Vec::with_capacity(chunk.len());
         self.events.feed_with(chunk, end_of_stream, |event| {
             if !is_usage_only(event) {
                 out.extend_from_slice(event);
             }
         });
+        if self.events.overflowed() {
+            self.passing = true;
+            out.extend_from_slice(&self.events.take_held());
+        }
         out
     }
 }
@@ -112,6 +156,27 @@ mod tests {
             b"data: a\n\ndata: b\n\ntail",
             &[b"data: a\n\n", b"data: b\n\n", b"tail"],
         );
+    }
+
+    /// A stream without event boundaries is held up to the limit, then passed through whole and
+    /// in order; the usage-only event is still dropped before the overflow.
+    #[test]
+    fn an_endless_event_is_passed_through_past_the_limit() {
+        let mut f = UsageEventFilter::default();
+        let usage = b"data: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\n";
+        let mut out = f.feed(usage, false);
+        assert!(out.is_empty());
+        let piece = vec![b'x'; 62_000];
+        let mut sent = 0;
+        while sent <= MAX_HELD_EVENT_BYTES + 62_000 {
+            out.extend(f.feed(&piece, false));
+            sent += piece.len();
+        }
+        assert!(out.len() > MAX_HELD_EVENT_BYTES, "released once past the limit");
+        out.extend(f.feed(b"tail", true));
+        assert_eq!(out.len(), sent + 4);
+        assert!(out.iter().take(sent).all(|b| *b == b'x'));
+        assert!(out.ends_with(b"tail"));
     }
 
     #[test]
