@@ -5,7 +5,14 @@
 //! health, metrics), and returns a [`RunningApp`] whose [`shutdown`](RunningApp::shutdown) drains
 //! them. Every background task is owned by one tracker and one cancellation token.
 
-use std::{collections::BTreeMap, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{Router, routing::get};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -105,9 +112,20 @@ pub fn load_config(flags: &Flags) -> Result<EndpointPickerConfig, ConfigError> {
     }
 }
 
+/// Concurrent ext_proc streams one HTTP/2 connection may hold (the SETTINGS the server
+/// announces): a bound on the stream state one connection can hold, set to what the shipped
+/// gateway sends at most (its circuit breaker, 40,000 requests). It cannot be lower: Envoy 1.40's
+/// ext_proc client does not open more connections to stay under a peer's limit, and the requests
+/// past it fail (measured: 688 of 1,200 concurrent requests answered 500 at 256 per connection).
+pub const MAX_EXT_PROC_STREAMS_PER_CONNECTION: u32 = 40_000;
+
+/// Concurrent streams per connection on the health port (probes send one at a time).
+pub const MAX_HEALTH_STREAMS_PER_CONNECTION: u32 = 16;
+
 /// The EPP, running.
 pub struct RunningApp {
-    /// Bound ext_proc address.
+    /// Where the ext_proc listener is reached on this host (loopback when it binds every
+    /// interface; the health and metrics addresses likewise).
     pub grpc_addr: SocketAddr,
     /// Bound health address.
     pub health_addr: SocketAddr,
@@ -137,8 +155,16 @@ impl RunningApp {
     }
 }
 
-async fn bind(port: u16) -> Result<TcpListener, AppError> {
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+/// Bind `port` on `ip`, or, without one, on every interface as Go's `:port` does: IPv6 and
+/// IPv4 (`[::]`, dual-stack on Linux), falling back to IPv4 alone on a host without IPv6.
+async fn bind(ip: Option<IpAddr>, port: u16) -> Result<TcpListener, AppError> {
+    let addr = match ip {
+        Some(ip) => SocketAddr::new(ip, port),
+        None => match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await {
+            Ok(l) => return Ok(l),
+            Err(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        },
+    };
     TcpListener::bind(addr)
         .await
         .map_err(|source| AppError::Bind { addr, source })
@@ -277,13 +303,29 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let grpc_listener = bind(flags.grpc_port).await?;
-    let health_listener = bind(flags.grpc_health_port).await?;
-    let metrics_listener = bind(flags.metrics_port).await?;
+    let grpc_listener = bind(flags.grpc_bind_address, flags.grpc_port).await?;
+    let health_listener = bind(
+        flags.grpc_health_bind_address.or(flags.grpc_bind_address),
+        flags.grpc_health_port,
+    )
+    .await?;
+    let metrics_listener = bind(
+        flags.metrics_bind_address.or(flags.grpc_bind_address),
+        flags.metrics_port,
+    )
+    .await?;
+    // Where each listener is reached from this host: its bound address, or loopback when it
+    // listens on every interface (what tests and tools on the host connect to).
     let local = |l: &TcpListener| {
-        l.local_addr().map_err(|source| AppError::Bind {
+        let bound = l.local_addr().map_err(|source| AppError::Bind {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
+        })?;
+        info!(listener = %bound, "bound");
+        Ok::<_, AppError>(if bound.ip().is_unspecified() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, bound.port()))
+        } else {
+            bound
         })
     };
     let (grpc_addr, health_addr, metrics_addr) = (
@@ -450,6 +492,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         let health_tasks = tasks.clone();
         tasks.spawn(async move {
             let r = Server::builder()
+                .max_concurrent_streams(Some(MAX_HEALTH_STREAMS_PER_CONNECTION))
                 .add_service(health_service)
                 .serve_with_incoming_shutdown(
                     speaking_within(no_delay(health_listener), FIRST_BYTES_TIMEOUT, &health_tasks),
@@ -499,6 +542,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     // and flow-control windows than HTTP/2's defaults (16 KB frames, 64 KB windows) save frames,
     // WINDOW_UPDATEs and syscalls (measured in BENCHMARKS.md).
     let mut builder = Server::builder()
+        .max_concurrent_streams(Some(MAX_EXT_PROC_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_frame_size(Some(256 * 1024))
         .initial_stream_window_size(Some(4 * 1024 * 1024))

@@ -37,6 +37,19 @@ pub struct Flags {
     #[arg(long, default_value_t = 9090, help_heading = "Serving")]
     pub metrics_port: u16,
 
+    /// Address the ext_proc listener binds (ours). Default: every interface, IPv6 and IPv4, as
+    /// the Go EPP's `:9002` (IPv4 only where the host has no IPv6).
+    #[arg(long, value_name = "IP", help_heading = "Serving")]
+    pub grpc_bind_address: Option<std::net::IpAddr>,
+
+    /// Address the health listener binds (ours; default as --grpc-bind-address's).
+    #[arg(long, value_name = "IP", help_heading = "Serving")]
+    pub grpc_health_bind_address: Option<std::net::IpAddr>,
+
+    /// Address the metrics listener binds (ours; default as --grpc-bind-address's).
+    #[arg(long, value_name = "IP", help_heading = "Serving")]
+    pub metrics_bind_address: Option<std::net::IpAddr>,
+
     /// Serve ext_proc over TLS (self-signed unless --cert-path is set).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", help_heading = "Serving")]
@@ -418,6 +431,34 @@ mod tests {
         assert!(f.secure_serving);
         assert_eq!(f.grpc_port, 77);
         assert_eq!(f.verbosity, 3);
+    }
+
+    #[test]
+    fn bind_addresses_are_ips_and_default_to_every_interface() {
+        let f = parse(&["--pool-name=p"]).unwrap();
+        assert_eq!(
+            (
+                f.grpc_bind_address,
+                f.grpc_health_bind_address,
+                f.metrics_bind_address
+            ),
+            (None, None, None)
+        );
+        let f = parse(&[
+            "--pool-name=p",
+            "--grpc-bind-address=127.0.0.1",
+            "--metrics-bind-address",
+            "::1",
+        ])
+        .unwrap();
+        assert_eq!(f.grpc_bind_address, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(f.metrics_bind_address, Some("::1".parse().unwrap()));
+        let e = parse(&["--pool-name=p", "--grpc-bind-address=localhost"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("invalid value 'localhost' for '--grpc-bind-address <IP>'"),
+            "{e}"
+        );
     }
 
     /// Regression (robustness issue, item 8): `--config-text "$CFG"` with a document starting
