@@ -3,6 +3,7 @@
 
 pub mod epp_config;
 pub mod flags;
+pub mod flow_control;
 pub mod settings;
 
 pub use epp_config::{

@@ -213,23 +213,27 @@ impl ResponseChain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::PluginSpec,
-        scheduler::{PluginName, plugin_types::PROMPT_GUARD},
-    };
+    use crate::{config::EndpointPickerConfig, scheduler::build_scheduler};
 
+    /// The output guards a config with one card-masking response guard gives a decision.
     fn card_guard() -> Arc<PromptGuard> {
-        let spec = PluginSpec {
-            name: "cards".into(),
-            plugin_type: PROMPT_GUARD.into(),
-            parameters: serde_yaml_ng::from_str("response:\n  regex: {builtins: [CREDIT_CARD]}\n").unwrap(),
-            path: "plugins[0]".into(),
-        };
-        let name = PluginName {
-            kind: PROMPT_GUARD,
-            name: "cards".into(),
-        };
-        Arc::new(PromptGuard::from_config(name, &spec).unwrap())
+        let config = EndpointPickerConfig::from_yaml(
+            "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: prompt-guard
+  parameters:
+    response:
+      regex: {builtins: [CREDIT_CARD]}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+",
+        )
+        .unwrap();
+        build_scheduler(&config).unwrap().output_guards[0].clone()
     }
 
     /// Feed `pieces` (the last with end of stream) and collect what the client gets.

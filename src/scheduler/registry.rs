@@ -36,7 +36,7 @@ use super::{
 };
 use crate::config::{
     ConfigError, ConfigIssue, EndpointPickerConfig, PluginSpec,
-    epp_config::{BandSpec, FlowControlSpec},
+    flow_control::{BandSpec, FlowControlSpec},
 };
 
 /// The roles one configured plugin instance plays.
