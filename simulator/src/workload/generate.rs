@@ -55,6 +55,10 @@ pub struct GeneratorParams {
     /// noisy-neighbour: when the flood ends, as a fraction of the run (0..=1).
     #[arg(long, default_value_t = 0.75)]
     pub flood_end: f64,
+    /// noisy-neighbour: question tokens of the flood's requests (default: --question-tokens),
+    /// for a flood of long prompts rather than many requests.
+    #[arg(long)]
+    pub flood_question_tokens: Option<u32>,
 }
 
 impl Default for GeneratorParams {
@@ -73,6 +77,7 @@ impl Default for GeneratorParams {
             flood_factor: 10.0,
             flood_start: 0.25,
             flood_end: 0.75,
+            flood_question_tokens: None,
         }
     }
 }
@@ -306,8 +311,12 @@ pub fn noisy_neighbour(p: &GeneratorParams, seed: u64) -> Workload {
     if extra > 0.0 && extra.is_finite() {
         let at = |fraction: f64| (duration_ns as f64 * fraction.clamp(0.0, 1.0)) as u64;
         let mut rng = stream_rng(seed, FLOOD_STREAM);
+        let flood = GeneratorParams {
+            question_tokens: p.flood_question_tokens.unwrap_or(p.question_tokens),
+            ..p.clone()
+        };
         for t in poisson(&mut rng, extra, at(p.flood_start), at(p.flood_end)) {
-            requests.push(Owner::Tenant.request(p, 0, requests.len() as u64, t));
+            requests.push(Owner::Tenant.request(&flood, 0, requests.len() as u64, t));
         }
     }
     Workload::by_arrival("noisy-neighbour", BLOCK_TOKENS, requests)
@@ -352,6 +361,32 @@ mod tests {
                 .iter()
                 .all(|r| r.tenant.as_deref().is_some_and(|n| n.starts_with("team-")))
         );
+    }
+
+    /// `--flood-question-tokens` lengthens the flood's requests only.
+    #[test]
+    fn a_flood_of_long_prompts_changes_only_the_flood() {
+        let p = GeneratorParams {
+            requests: 400,
+            rate: 40.0,
+            flood_factor: 3.0,
+            flood_question_tokens: Some(4_096),
+            ..GeneratorParams::default()
+        };
+        let w = noisy_neighbour(&p, 3);
+        let calm = noisy_neighbour(
+            &GeneratorParams {
+                flood_factor: 1.0,
+                ..p.clone()
+            },
+            3,
+        );
+        let long = 2_048 + 4_096;
+        let flood: Vec<_> = w.requests.iter().filter(|r| r.input_tokens == long).collect();
+        assert!(!flood.is_empty());
+        assert!(flood.iter().all(|r| tenant(r) == "team-0"));
+        assert_eq!(w.requests.len(), calm.requests.len() + flood.len());
+        assert!(calm.requests.iter().all(|r| r.input_tokens == 2_048 + 128));
     }
 
     fn tenant(r: &TraceRequest) -> &str {
