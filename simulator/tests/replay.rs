@@ -398,7 +398,7 @@ fn quiet_and_flooder_p90(workload: &Workload, name: &str) -> (f64, f64) {
 
 /// One tenant floods the pool to about twice its capacity. Upstream's flow control (one FCFS
 /// queue) makes everyone wait behind the flood; `flow-control-fair` (a gate on in-flight
-/// requests, token-weighted fairness between tenants) keeps the quiet tenants' TTFT low and
+/// tokens, token-weighted fairness between tenants) keeps the quiet tenants' TTFT low and
 /// leaves the wait to the flooder.
 #[test]
 fn fair_flow_control_leaves_the_flood_to_the_flooder() {
