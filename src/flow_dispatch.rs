@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     clock::Clock,
     datastore::{EndpointId, Snapshot, SnapshotReader},
-    metrics::{exported::EppMetrics, labels::OTHER},
+    metrics::{
+        exported::EppMetrics,
+        labels::{MAX_LABEL_BYTES, OTHER},
+    },
     scheduler::flow::{
         DEFAULT_FLOW, DISPATCH_TICK_NS, Dispatched, FlowControlPolicy, FlowQueues, FlowRefusal,
         MAX_FAIRNESS_ID_BYTES, NewItem, Ticket,
@@ -181,7 +184,7 @@ impl FlowDispatcher {
     /// The label of a fairness id, admitting new ones while there is room.
     fn fairness_label(&self, id: &str) -> String {
         let mut known = self.fairness_labels.lock();
-        if id.len() > 128 || id == OTHER {
+        if id.len() > MAX_LABEL_BYTES || id == OTHER {
             return OTHER.into();
         }
         if known.contains(id) {
@@ -299,11 +302,6 @@ impl FlowDispatcher {
                 .observe(started.elapsed().as_secs_f64());
         }
         busy
-    }
-
-    /// Requests queued now.
-    pub fn queued(&self) -> usize {
-        self.queues.lock().len()
     }
 }
 

@@ -2,8 +2,10 @@
 //! decide step and back.
 //!
 //! Request side: headers are read into the decision's metadata ([`hints`](super::hints)) and
-//! the headers answer is held until the body is complete (full-duplex), then
-//! [`Scheduler::decide`](crate::scheduler::Scheduler::decide) runs once and its outcome goes out
+//! the headers answer is held until the body is complete (full-duplex), then the decide step
+//! runs once ([`Scheduler::admit`](crate::scheduler::Scheduler::admit), with flow control a wait
+//! in [`FlowDispatcher`](crate::flow_dispatch::FlowDispatcher) that ends when the proxy stops
+//! reading, then [`Scheduler::place`](crate::scheduler::Scheduler::place)) and its outcome goes out
 //! as the headers answer followed by the body: re-emitted piece by piece as received unless the
 //! outcome edits it. Body pieces are charged to the process-wide
 //! [`BodyMemory`](super::body_memory::BodyMemory) until the request is routed; a request body in

@@ -7,10 +7,14 @@
 //! - each pod is scraped every `scrape_interval` (pods staggered across the interval); the
 //!   scheduler reads only the last scrape, so its view is as stale as in production;
 //! - every request is parsed from real bytes (synthesized text) by the production parser and
-//!   decided by the production decide step ([`Scheduler::decide`]) built from an
-//!   `EndpointPickerConfig`: admission included (prompt guards, token budgets in memory with
-//!   windows in logical time, the saturation gate), so a refused request is reported with its
-//!   reason;
+//!   decided by the production decide step ([`Scheduler::admit`], then [`Scheduler::place`])
+//!   built from an `EndpointPickerConfig`: admission included (prompt guards, token budgets in
+//!   memory with windows in logical time, the saturation gate), so a refused request is
+//!   reported with its reason;
+//! - with flow control, an admitted request waits in the production queue ([`FlowQueues`]):
+//!   dispatch cycles run at its arrival, at each scrape and finished request (what saturation
+//!   reads changed), one tick after a dispatch and at the next expiry, and the request is placed
+//!   on the snapshot of its dispatch; its TTFT counts the wait;
 //! - the in-flight hooks are the server's: the pick counts on the endpoint's live counters
 //!   (which load scorers add to the scraped queue) until the response ends, the pre-request
 //!   hooks (prefix index insert) run after each decision, and a budget reservation is settled
@@ -278,12 +282,12 @@ pub fn replay(
         let next_event = sim.queue.peek().map(|Reverse((t, _, _))| *t);
         match (next_arrival, next_event) {
             (Some(a), Some(e)) if a <= e => {
-                sim.arrive(workload, next, &mut text, &mut body);
+                sim.arrive(next, &mut text, &mut body);
                 next += 1;
                 on_arrival(next);
             }
             (Some(_), None) => {
-                sim.arrive(workload, next, &mut text, &mut body);
+                sim.arrive(next, &mut text, &mut body);
                 next += 1;
                 on_arrival(next);
             }
@@ -459,7 +463,8 @@ impl Sim<'_> {
         self.snapshot.clone()
     }
 
-    fn arrive(&mut self, workload: &Workload, index: usize, text: &mut String, body: &mut Vec<u8>) {
+    fn arrive(&mut self, index: usize, text: &mut String, body: &mut Vec<u8>) {
+        let workload = self.workload;
         let req = &workload.requests[index];
         self.now = self.now.max(req.arrival_ns);
         self.records.push(RequestRecord {
