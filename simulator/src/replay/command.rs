@@ -29,8 +29,14 @@ pub enum Format {
     Mooncake,
     /// Azure LLM inference CSV trace (`--trace`).
     Azure,
-    /// Generated: shared-prefix groups.
+    /// Generated: shared-prefix groups (many users behind few system prompts).
     SharedPrefix,
+    /// Generated: questions over a corpus with Zipf document popularity (`--documents`).
+    DocQa,
+    /// Generated: multi-turn sessions re-sending their history (`--turns`, `--think-time`).
+    Sessions,
+    /// Generated: unique prompts, a share of them long (`--long-fraction`).
+    Mixed,
     /// Generated: LoRA adapters with Zipf popularity.
     MultiLora,
     /// Generated: tenants with their own system prompts.
@@ -85,6 +91,9 @@ impl WorkloadArgs {
             );
             Ok((name, text))
         };
+        if !matches!(self.format, Format::Mooncake | Format::Azure) {
+            self.generator.check()?;
+        }
         let mut w = match self.format {
             Format::Mooncake => {
                 let (name, text) = read()?;
@@ -95,6 +104,9 @@ impl WorkloadArgs {
                 azure::parse(&name, &text)?
             }
             Format::SharedPrefix => generate::shared_prefix(&self.generator, self.seed),
+            Format::DocQa => generate::doc_qa(&self.generator, self.seed),
+            Format::Sessions => generate::sessions(&self.generator, self.seed),
+            Format::Mixed => generate::mixed(&self.generator, self.seed),
             Format::MultiLora => generate::multi_lora(&self.generator, self.seed),
             Format::MultiTenant => generate::multi_tenant(&self.generator, self.seed),
             Format::NoisyNeighbour => {
