@@ -542,19 +542,34 @@ async fn request_trailers_complete_the_body() {
     assert_eq!(answers[2], Answer::RequestTrailers);
 }
 
-#[tokio::test]
-async fn client_cancel_releases_in_flight_exactly_once() {
-    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
-    let live = server.snapshot.endpoints[1].live.clone();
+/// A stream that has sent a request's headers and whole body, left open for the response: the
+/// client (keep it alive while the stream is used), the sender and the answers.
+async fn open_routed_stream(
+    server: &TestServer,
+) -> (
+    envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient<
+        tonic::transport::Channel,
+    >,
+    tokio::sync::mpsc::Sender<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest>,
+    tonic::Streaming<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse>,
+) {
     let mut client = server.client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(request_headers()).await.unwrap();
     tx.send(req_body(BODY, true)).await.unwrap();
-    let mut inbound = client
+    let inbound = client
         .process(ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
+    (client, tx, inbound)
+}
+
+#[tokio::test]
+async fn client_cancel_releases_in_flight_exactly_once() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let live = server.snapshot.endpoints[1].live.clone();
+    let (client, tx, mut inbound) = open_routed_stream(&server).await;
     let first = inbound.message().await.unwrap().unwrap();
     assert_eq!(dest_of(&decode(&first)), "192.168.1.2:8000,192.168.1.1:8000");
     inbound.message().await.unwrap().unwrap();
@@ -578,6 +593,29 @@ async fn client_cancel_releases_in_flight_exactly_once() {
         text.contains(r#"inference_objective_running_requests{model_name="my-model"} 0"#),
         "{text}"
     );
+}
+
+/// A routed request counts as prefill work on its endpoint (its prompt, nothing of it cached
+/// yet) until the first response bytes come back; it stays in flight until the response ends.
+#[tokio::test]
+async fn the_first_response_bytes_end_the_prefill_count() {
+    let server = TestServer::start(pods(), Some(QUEUE_KV)).await;
+    let live = server.snapshot.endpoints[1].live.clone();
+    let (_client, tx, mut inbound) = open_routed_stream(&server).await;
+    inbound.message().await.unwrap().unwrap();
+    inbound.message().await.unwrap().unwrap();
+    // `"test1"` with its quotes: 7 bytes, one token.
+    assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (1, 1));
+    tx.send(resp_headers(&[(":status", "200")], false)).await.unwrap();
+    inbound.message().await.unwrap().unwrap();
+    assert_eq!(live.prefilling_requests(), 1, "headers alone are not an answer");
+    tx.send(resp_body(b"{\"id\":", false)).await.unwrap();
+    inbound.message().await.unwrap().unwrap();
+    assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (0, 0));
+    assert_eq!(live.in_flight_requests(), 1);
+    tx.send(resp_body(b"1}", true)).await.unwrap();
+    inbound.message().await.unwrap().unwrap();
+    assert_eq!((live.in_flight_requests(), live.prefilling_requests()), (0, 0));
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use epp_sim::{
     engine::{Engine, EngineProfile, EngineRequest},
-    replay::{ReplaySetup, baselines, replay},
+    replay::{Placement, ReplaySetup, baselines, replay},
     workload::generate::{GeneratorParams, shared_prefix},
 };
 
@@ -61,6 +61,7 @@ fn whole_replay(c: &mut Criterion) {
         profile: EngineProfile::h100(),
         scrape_interval_ns: 50_000_000,
         seed: 1,
+        placement: Placement::Scheduler,
     };
     let mut group = c.benchmark_group("replay");
     group.sample_size(10);

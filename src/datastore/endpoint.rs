@@ -65,6 +65,10 @@ pub struct EndpointSpec {
 pub struct EndpointLive {
     in_flight_requests: AtomicU32,
     in_flight_tokens: AtomicU64,
+    /// Of the in-flight requests, those whose first response byte has not come back yet.
+    prefilling_requests: AtomicU32,
+    /// Their prompt tokens expected to be computed (not found in the endpoint's cache).
+    prefill_tokens: AtomicU64,
 }
 
 impl EndpointLive {
@@ -80,41 +84,88 @@ impl EndpointLive {
 
     /// Count one more request carrying `tokens` estimated tokens.
     pub fn start(&self, tokens: u64) {
-        self.in_flight_requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+        add(&self.in_flight_requests, &self.in_flight_tokens, tokens);
+    }
+
+    /// In-flight requests still waiting for their first response byte: queued or prefilling.
+    pub fn prefilling_requests(&self) -> u32 {
+        self.prefilling_requests.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens those requests were expected to compute on this endpoint: the prefill work
+    /// ahead of a request sent now.
+    pub fn prefill_tokens(&self) -> u64 {
+        self.prefill_tokens.load(Ordering::Relaxed)
+    }
+
+    fn start_prefill(&self, tokens: u64) {
+        add(&self.prefilling_requests, &self.prefill_tokens, tokens);
+    }
+
+    fn finish_prefill(&self, tokens: u64) {
+        subtract(&self.prefilling_requests, &self.prefill_tokens, tokens);
     }
 
     /// Release a request counted by [`start`](Self::start). Saturates at zero.
     pub fn finish(&self, tokens: u64) {
-        let _ = self
-            .in_flight_requests
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(1))
-            });
-        let _ = self
-            .in_flight_tokens
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(tokens))
-            });
+        subtract(&self.in_flight_requests, &self.in_flight_tokens, tokens);
     }
+}
+
+/// Count one request of `tokens` on a (requests, tokens) pair of counters.
+fn add(requests: &AtomicU32, counted: &AtomicU64, tokens: u64) {
+    requests.fetch_add(1, Ordering::Relaxed);
+    counted.fetch_add(tokens, Ordering::Relaxed);
+}
+
+/// Take one request of `tokens` off a (requests, tokens) pair of counters, saturating at zero.
+fn subtract(requests: &AtomicU32, counted: &AtomicU64, tokens: u64) {
+    let _ = requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(1))
+    });
+    let _ = counted.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(tokens))
+    });
 }
 
 /// One request counted on an endpoint's live counters. Released exactly once: when it is
 /// dropped (the response ended, the client went away, the stream was reset), or when it is
 /// replaced by the count on the endpoint that actually served.
+///
+/// Until [`first_byte`](Self::first_byte) it also counts as prefilling, with the prompt tokens
+/// it is expected to compute there.
 #[derive(Debug)]
 pub struct InFlight {
     live: Arc<EndpointLive>,
     tokens: u64,
+    /// Prompt tokens counted as prefilling; `None` once the first response byte came back.
+    prefill: Option<u64>,
 }
 
 impl InFlight {
-    /// Count one request of `tokens` estimated tokens on `live`.
-    pub fn start(live: &Arc<EndpointLive>, tokens: u64) -> Self {
+    /// Count one request of `tokens` estimated tokens on `live`, prefilling `prefill_tokens`
+    /// prompt tokens until its first response byte.
+    pub fn start(live: &Arc<EndpointLive>, tokens: u64, prefill_tokens: u64) -> Self {
         live.start(tokens);
+        live.start_prefill(prefill_tokens);
         Self {
             live: live.clone(),
             tokens,
+            prefill: Some(prefill_tokens),
+        }
+    }
+
+    /// The same request counted on `live` instead (the endpoint that actually served), in the
+    /// same phase.
+    pub fn moved_to(&self, live: &Arc<EndpointLive>) -> Self {
+        live.start(self.tokens);
+        if let Some(p) = self.prefill {
+            live.start_prefill(p);
+        }
+        Self {
+            live: live.clone(),
+            tokens: self.tokens,
+            prefill: self.prefill,
         }
     }
 
@@ -122,10 +173,19 @@ impl InFlight {
     pub fn tokens(&self) -> u64 {
         self.tokens
     }
+
+    /// The first response byte came back: the prompt is computed, the request no longer counts
+    /// as prefilling. Idempotent.
+    pub fn first_byte(&mut self) {
+        if let Some(p) = self.prefill.take() {
+            self.live.finish_prefill(p);
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.first_byte();
         self.live.finish(self.tokens);
     }
 }
@@ -169,13 +229,30 @@ mod tests {
     #[test]
     fn in_flight_is_released_once_on_drop() {
         let live = Arc::new(EndpointLive::default());
-        let a = InFlight::start(&live, 10);
-        let b = InFlight::start(&live, 5);
+        let mut a = InFlight::start(&live, 10, 4);
+        let b = InFlight::start(&live, 5, 3);
         assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (2, 15));
+        assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (2, 7));
+        a.first_byte();
+        a.first_byte();
+        assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (1, 3));
         drop(a);
         assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (1, 5));
+        assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (1, 3));
+        let other = Arc::new(EndpointLive::default());
+        let moved = b.moved_to(&other);
         drop(b);
-        assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (0, 0));
+        assert_eq!((live.in_flight_requests(), live.prefilling_requests()), (0, 0));
+        assert_eq!((other.in_flight_tokens(), other.prefill_tokens()), (5, 3));
+        drop(moved);
+        assert_eq!(
+            (
+                other.in_flight_requests(),
+                other.in_flight_tokens(),
+                other.prefill_tokens()
+            ),
+            (0, 0, 0)
+        );
     }
 
     #[test]

@@ -549,7 +549,7 @@ impl Exchange {
         };
         observe::routed(&self.p.metrics, &outcome, primary, [&model_label, &target_label]);
         let destination = observe::destination(&snapshot, &outcome);
-        let in_flight = InFlight::start(&primary.live, outcome.load_tokens);
+        let in_flight = InFlight::start(&primary.live, outcome.load_tokens, outcome.prefill_tokens);
         let primary_address = primary.spec.address;
         let body = outcome.take_body(body);
         self.request_stream = outcome.request.stream;
@@ -604,7 +604,7 @@ impl Exchange {
         let snapshot = self.p.reader.load();
         if let Some(e) = snapshot.by_address(addr).and_then(|id| snapshot.get(id)) {
             // The old count is released as the new one replaces it.
-            routed.in_flight = InFlight::start(&e.live, routed.in_flight.tokens());
+            routed.in_flight = routed.in_flight.moved_to(&e.live);
             routed.primary = addr;
         }
     }
@@ -640,6 +640,13 @@ impl Exchange {
 
     fn on_response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
         let eos = b.end_of_stream;
+        // The first answer bytes: the model server has computed the prompt (a streamed answer's
+        // first token; a buffered one's whole body).
+        if (!b.body.is_empty() || eos)
+            && let Some(routed) = self.routed.as_mut()
+        {
+            routed.in_flight.first_byte();
+        }
         let transformed = self.response_chain(false).feed(&b.body, eos);
         match self.response_mode {
             BodyMode::FullDuplex => {

@@ -35,6 +35,7 @@ use super::{
     flow::{DEFAULT_FLOW, Fairness},
     plugin::{PluginTimer, SchedulingContext},
     profile::Scratch,
+    scorers::prefill_backlog::held_tokens,
 };
 use crate::{
     clock::Timestamp,
@@ -110,6 +111,10 @@ pub struct Outcome {
     pub cycle: Decision,
     /// Tokens the request is expected to occupy on its endpoint (in-flight accounting).
     pub load_tokens: u64,
+    /// Prompt tokens the primary endpoint is expected to compute: the estimated prompt less the
+    /// prefix the cycle's prefix match says it holds (the whole prompt without a match). Counted
+    /// as prefill work on the endpoint until the first response byte.
+    pub prefill_tokens: u64,
 }
 
 impl Outcome {
@@ -396,6 +401,7 @@ impl Scheduler {
             }
         };
         let served = served.into_owned();
+        let prefill_tokens = expected_prefill_tokens(&served, &cycle, snapshot);
         let fallback = reservation.as_ref().and_then(|r| r.admitted.fallback.as_deref());
         let mut edits = Vec::new();
         // Budgets settle from usage: a streaming client that did not ask for it (no
@@ -430,6 +436,7 @@ impl Scheduler {
             events,
             result: Ok(Outcome {
                 load_tokens: served.estimated_load_tokens(),
+                prefill_tokens,
                 request: served,
                 target_model,
                 priority,
@@ -445,6 +452,17 @@ impl Scheduler {
                 cycle,
             }),
         }
+    }
+}
+
+/// The prompt tokens `cycle`'s primary endpoint is expected to compute for `request`: the
+/// estimated prompt less the tokens the prefix match says the endpoint holds.
+fn expected_prefill_tokens(request: &LlmRequest, cycle: &Decision, snapshot: &Snapshot) -> u64 {
+    let prompt = request.estimated_prompt_tokens();
+    let primary = cycle.endpoints.first().and_then(|id| snapshot.get(*id));
+    match (cycle.state.prefix.as_ref(), primary) {
+        (Some(m), Some(e)) => prompt.saturating_sub(held_tokens(m, e.uid)),
+        _ => prompt,
     }
 }
 

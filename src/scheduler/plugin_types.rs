@@ -16,6 +16,8 @@ pub const LORA_AFFINITY_SCORER: &str = "lora-affinity-scorer";
 pub const PREFIX_CACHE_SCORER: &str = "prefix-cache-scorer";
 /// `token-load-scorer` (upstream; reads in-flight load).
 pub const TOKEN_LOAD_SCORER: &str = "token-load-scorer";
+/// `prefill-backlog-scorer` (ours; reads the prefix match and in-flight prefill work).
+pub const PREFILL_BACKLOG_SCORER: &str = "prefill-backlog-scorer";
 /// `approx-prefix-cache-producer` (upstream).
 pub const APPROX_PREFIX_CACHE_PRODUCER: &str = "approx-prefix-cache-producer";
 /// `inflight-load-producer` (upstream; its counting is always on here, as upstream creates it

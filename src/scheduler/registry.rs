@@ -31,7 +31,8 @@ use super::{
     profile::{Profile, WeightedScorer},
     saturation::{ConcurrencyDetector, UtilizationDetector},
     scorers::{
-        KvCacheScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer, QueueSignal, TokenLoadScorer,
+        KvCacheScorer, LoraAffinityScorer, PrefillBacklogScorer, PrefixCacheScorer, QueueScorer, QueueSignal,
+        TokenLoadScorer,
     },
 };
 use crate::config::{
@@ -110,6 +111,9 @@ const REGISTRY: &[(&str, Builder)] = &[
     }),
     (TOKEN_LOAD_SCORER, |name, spec| {
         Ok(scorer(TokenLoadScorer::new(name, &decode_params(spec)?)))
+    }),
+    (PREFILL_BACKLOG_SCORER, |name, spec| {
+        Ok(scorer(PrefillBacklogScorer::new(name, &decode_params(spec)?)))
     }),
     (APPROX_PREFIX_CACHE_PRODUCER, |name, spec| {
         let p = Arc::new(ApproxPrefixProducer::from_config(name, spec)?);

@@ -251,6 +251,97 @@ impl Engine {
         }
     }
 
+    /// Prompt tokens of `req` that a submission now would find cached (whole blocks, leaving at
+    /// least one token to compute, as admission does).
+    pub fn cached_tokens(&self, req: &EngineRequest) -> u32 {
+        if !self.profile.enable_prefix_caching {
+            return 0;
+        }
+        let bs = self.profile.block_size;
+        let max = (req.prompt_tokens.max(1) - 1) / bs;
+        let hashes = &req.block_hashes[..req.block_hashes.len().min(max as usize)];
+        self.pool.cached_prefix(hashes) as u32 * bs
+    }
+
+    /// The time to first token `req` would see if submitted now and nothing else arrived, ns:
+    /// the engine model's own estimate from its true state, for the simulator's exact-cache
+    /// oracle.
+    ///
+    /// Every running and waiting request's remaining prefill goes first (FCFS), then this one's
+    /// uncached tokens, in steps of the token budget left by the decoding requests, each step
+    /// priced by [`EngineProfile::step_ns`]. An adapter that cannot join the batch while other
+    /// adapters fill the slots waits for their longest remaining decode, and pays a load when it
+    /// is not resident. Not modelled: the rest of the step in progress, KV-cache exhaustion, the
+    /// `max_num_seqs` cap and preemptions (none binds in an engine that is not overloaded).
+    pub fn predict_ttft_ns(&self, req: &EngineRequest) -> u64 {
+        let prompt = req.prompt_tokens.max(1);
+        let own = u64::from(prompt - self.cached_tokens(req).min(prompt - 1));
+        let mut prefill = own;
+        let mut decoding = 0u32;
+        let mut context = 0u64;
+        let mut longest_other_decode = 0u32;
+        let mut other_adapters: Vec<&Arc<str>> = Vec::new();
+        for (running, &slot) in self
+            .running
+            .iter()
+            .map(|s| (true, s))
+            .chain(self.waiting.iter().map(|s| (false, s)))
+        {
+            let Some(seq) = self.seq(slot) else { continue };
+            let prompt_left = if running {
+                seq.req.prompt_tokens.saturating_sub(seq.computed)
+            } else {
+                // Waiting (never started, or preempted and starting over): its own hits.
+                seq.req.prompt_tokens - self.cached_tokens(&seq.req).min(seq.req.prompt_tokens - 1)
+            };
+            if prompt_left == 0 {
+                decoding += 1;
+                context += u64::from(seq.computed);
+            } else {
+                prefill += u64::from(prompt_left);
+            }
+            if let Some(a) = &seq.req.adapter
+                && req.adapter.as_ref() != Some(a)
+            {
+                if !other_adapters.contains(&a) {
+                    other_adapters.push(a);
+                }
+                let left = seq.req.output_tokens.saturating_sub(seq.generated);
+                longest_other_decode = longest_other_decode.max(left);
+            }
+        }
+        let budget = u64::from(
+            self.profile
+                .max_num_batched_tokens
+                .saturating_sub(decoding)
+                .max(1),
+        );
+        let step = |prefill_tokens: u64| {
+            self.profile.step_ns(&StepWork {
+                sequences: decoding + 1,
+                decode_context_tokens: context,
+                prefill_tokens,
+                prefill_attention_pairs: 0.0,
+                distinct_adapters: u32::from(req.adapter.is_some()),
+            })
+        };
+        let full_steps = prefill / budget;
+        let rest = prefill % budget;
+        let mut ns = full_steps * step(budget) + if rest > 0 { step(rest) } else { 0 };
+        // The new request's own attention against its cached prefix and earlier chunks.
+        let cached = f64::from(prompt) - own as f64;
+        ns += (self.profile.attention_per_pair_ns * own as f64 * (cached + own as f64 / 2.0)) as u64;
+        if let Some(a) = &req.adapter {
+            if other_adapters.len() as u32 >= self.profile.max_loras {
+                ns += u64::from(longest_other_decode) * step(0);
+            }
+            if !self.resident_adapters.iter().any(|(r, _)| r == a) {
+                ns += self.profile.lora_load_ns();
+            }
+        }
+        ns
+    }
+
     /// Schedule and run one step. Returns its duration in ns (`None` when idle); `events`
     /// receives what happens at the step's end.
     pub fn step(&mut self, events: &mut Vec<EngineEvent>) -> Option<u64> {

@@ -226,3 +226,73 @@ fn an_aborted_request_leaves_and_frees_its_blocks() {
     assert_eq!(e.gauges().kv_usage, 0.0);
     assert_eq!(e.step(&mut events), None);
 }
+
+/// Submit `req`, run to idle and return its first token's time, ns.
+fn actual_ttft(engine: &mut Engine, req: EngineRequest) -> u64 {
+    let id = req.id;
+    engine.submit(req).unwrap();
+    run(engine)
+        .into_iter()
+        .find(|(_, e)| matches!(e, EngineEvent::FirstToken { id: i, .. } if *i == id))
+        .map(|(t, _)| t)
+        .unwrap()
+}
+
+/// The oracle's estimate is the engine's own timing: exact on an idle engine, with or without a
+/// cached prefix, and close behind queued prefill work.
+#[test]
+fn predicted_ttft_follows_the_engine() {
+    let mut e = Engine::new(small());
+    let cold = request(1, 4_000, 1, 1);
+    let predicted = e.predict_ttft_ns(&cold);
+    assert_eq!(e.cached_tokens(&cold), 0);
+    let actual = actual_ttft(&mut e, cold);
+    assert!(predicted.abs_diff(actual) <= 2, "{predicted} vs {actual}");
+
+    // The same prefix again: 3,984 tokens cached (the last token is always computed).
+    let warm = request(2, 4_000, 1, 1);
+    assert_eq!(e.cached_tokens(&warm), 3_984);
+    let predicted_warm = e.predict_ttft_ns(&warm);
+    let actual_warm = actual_ttft(&mut e, warm);
+    assert!(
+        predicted_warm.abs_diff(actual_warm) <= 2,
+        "{predicted_warm} vs {actual_warm}"
+    );
+    assert!(predicted_warm * 3 < predicted, "{predicted_warm} vs {predicted}");
+
+    // Behind three long prompts: four steps of prefill before its first token.
+    let mut busy = Engine::new(small());
+    for id in 10..13 {
+        busy.submit(request(id, 8_000, 2, id)).unwrap();
+    }
+    let late = request(20, 2_000, 1, 20);
+    let predicted_late = busy.predict_ttft_ns(&late);
+    let actual_late = actual_ttft(&mut busy, late);
+    let error = predicted_late.abs_diff(actual_late) as f64 / actual_late as f64;
+    assert!(error < 0.15, "{predicted_late} vs {actual_late}");
+    assert!(predicted_late > 3 * predicted, "{predicted_late}");
+}
+
+/// An adapter that cannot join a batch full of another adapter waits for it, and pays its load.
+#[test]
+fn predicted_ttft_waits_for_the_adapter_slot() {
+    let lora = |id, adapter: &str, output| EngineRequest {
+        adapter: Some(adapter.into()),
+        ..request(id, 512, output, id)
+    };
+    let mut e = Engine::new(small());
+    let idle = e.predict_ttft_ns(&lora(1, "a", 1));
+    e.submit(lora(2, "b", 200)).unwrap();
+    let mut events = Vec::new();
+    e.step(&mut events);
+    let blocked = e.predict_ttft_ns(&lora(3, "a", 1));
+    let same = e.predict_ttft_ns(&lora(4, "b", 1));
+    assert!(
+        blocked > same + 100 * e.profile().step_ns(&StepWork::default()),
+        "{blocked} vs {same}"
+    );
+    assert!(
+        idle > e.predict_ttft_ns(&request(5, 512, 1, 5)),
+        "a cold adapter pays its load"
+    );
+}

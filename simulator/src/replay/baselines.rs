@@ -1,11 +1,16 @@
 //! The configurations shipped for comparisons, by name. Each is an ordinary
 //! `EndpointPickerConfig` document (see `simulator/configs/`), so what wins here can be deployed
-//! as it is.
+//! as it is, except `oracle`, whose placement the replay itself makes ([`Placement::Oracle`]).
 
 use epp::config::{DEFAULT_CONFIG_YAML, EndpointPickerConfig};
 
+use super::Placement;
+
+/// The name of the exact-cache oracle baseline.
+pub const ORACLE: &str = "oracle";
+
 /// Shipped baselines: name and YAML.
-pub const BASELINES: [(&str, &str); 9] = [
+pub const BASELINES: [(&str, &str); 10] = [
     ("round-robin", include_str!("../../configs/round-robin.yaml")),
     ("random", include_str!("../../configs/random.yaml")),
     ("least-queue", include_str!("../../configs/least-queue.yaml")),
@@ -21,7 +26,18 @@ pub const BASELINES: [(&str, &str); 9] = [
         "flow-control-fair",
         include_str!("../../configs/flow-control-fair.yaml"),
     ),
+    (ORACLE, include_str!("../../configs/oracle.yaml")),
 ];
+
+/// Who places the requests of configuration `spec`: the exact-cache oracle for the shipped
+/// `oracle`, the scheduler for everything else (a file named `oracle=FILE` included).
+pub fn placement(spec: &str) -> Placement {
+    if spec == ORACLE {
+        Placement::Oracle
+    } else {
+        Placement::Scheduler
+    }
+}
 
 /// Resolve `NAME` (a shipped baseline) or `NAME=FILE` into a name and a validated configuration.
 ///
@@ -59,6 +75,9 @@ mod tests {
             assert_eq!(n, name);
             epp::scheduler::build_scheduler(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+        assert_eq!(placement(ORACLE), Placement::Oracle);
+        assert_eq!(placement("oracle=my-file.yaml"), Placement::Scheduler);
+        assert_eq!(placement("recommended"), Placement::Scheduler);
         let e = resolve("fastest").unwrap_err();
         assert!(
             e.starts_with("unknown baseline \"fastest\": use one of round-robin, random"),

@@ -137,7 +137,7 @@ pub struct SimArgs {
     #[arg(long, default_value = "50ms", value_parser = epp::config::parse_duration)]
     pub scrape_interval: Duration,
     /// A configuration: a shipped baseline (round-robin, random, least-queue, upstream-default,
-    /// sticky, recommended, flow-control, flow-control-rr, flow-control-fair) or NAME=FILE. Repeat to compare.
+    /// sticky, recommended, flow-control, flow-control-rr, flow-control-fair, oracle) or NAME=FILE. Repeat to compare.
     #[arg(long = "config", value_name = "NAME[=FILE]")]
     pub configs: Vec<String>,
     /// Write the reports as JSON here.
@@ -181,6 +181,7 @@ pub fn run(args: &SimArgs) -> Result<Vec<Report>, String> {
             baselines::resolve(s).map(|(name, config)| ReplaySetup {
                 name,
                 config,
+                placement: baselines::placement(s),
                 pods: args.pods,
                 profile: profile.clone(),
                 scrape_interval_ns: u64::try_from(args.scrape_interval.as_nanos()).unwrap_or(u64::MAX),

@@ -71,6 +71,21 @@ pub struct ReplaySetup {
     pub scrape_interval_ns: u64,
     /// Seed of the scheduler's RNG.
     pub seed: u64,
+    /// Who chooses the pod.
+    pub placement: Placement,
+}
+
+/// Who chooses the pod of an admitted request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// The scheduler built from the configuration (every policy an EPP can run).
+    #[default]
+    Scheduler,
+    /// The exact-cache oracle: the pod whose engine, in its true state, predicts the lowest
+    /// TTFT ([`Engine::predict_ttft_ns`]); ties go to the pod with the fewest requests so far,
+    /// then the lowest index. The configuration's admission still runs, and its placement is
+    /// computed and then overridden, so hooks and in-flight counts follow the oracle's pod.
+    Oracle,
 }
 
 /// What happened to one request.
@@ -543,10 +558,13 @@ impl Sim<'_> {
     /// Carry out a decision: the request starts on its pod (counted in flight, the pre-request
     /// hooks run, the engine takes it), or its refusal is recorded.
     fn start(&mut self, index: usize, verdict: Verdict, snapshot: &Snapshot) {
-        let outcome = match verdict.result {
+        let mut outcome = match verdict.result {
             Ok(outcome) => outcome,
             Err(refused) => return self.finish_refused(index, Some(refused)),
         };
+        if self.setup.placement == Placement::Oracle {
+            outcome.cycle.endpoints = vec![self.oracle_pick(index)];
+        }
         self.records[index].dispatched_ns = Some(self.now);
         let Some(primary) = outcome.endpoints().first().and_then(|id| snapshot.get(*id)) else {
             if let Some(r) = &outcome.reservation {
@@ -556,19 +574,13 @@ impl Sim<'_> {
             return;
         };
         let p = primary.uid.0;
-        let in_flight = InFlight::start(&primary.live, outcome.load_tokens);
+        let in_flight = InFlight::start(&primary.live, outcome.load_tokens, outcome.prefill_tokens);
         self.scheduler.pre_request(snapshot, &outcome.cycle, None);
         self.records[index].pod = Some(p);
-        let req = &self.workload.requests[index];
+        let engine_request = self.engine_request(index, p as usize);
         let pod = &mut self.pods[p as usize];
         pod.totals.requests += 1;
-        let submitted = pod.engine.submit(EngineRequest {
-            id: index as u64,
-            prompt_tokens: req.input_tokens,
-            output_tokens: req.output_tokens,
-            block_hashes: self.workload.engine_hashes(req, pod.engine.profile().block_size),
-            adapter: req.adapter.clone(),
-        });
+        let submitted = pod.engine.submit(engine_request);
         match submitted {
             Ok(()) => {
                 self.records[index].outcome = Outcome::Unfinished;
@@ -586,6 +598,33 @@ impl Sim<'_> {
                 self.records[index].outcome = Outcome::RejectedByEngine;
             }
         }
+    }
+
+    /// The engine request of workload request `index` on pod `p`.
+    fn engine_request(&self, index: usize, p: usize) -> EngineRequest {
+        let req = &self.workload.requests[index];
+        EngineRequest {
+            id: index as u64,
+            prompt_tokens: req.input_tokens,
+            output_tokens: req.output_tokens,
+            block_hashes: self
+                .workload
+                .engine_hashes(req, self.pods[p].engine.profile().block_size),
+            adapter: req.adapter.clone(),
+        }
+    }
+
+    /// The exact-cache oracle's pod for request `index` ([`Placement::Oracle`]).
+    fn oracle_pick(&self, index: usize) -> EndpointId {
+        // Pods are identical: one block hashing serves them all.
+        let request = self.engine_request(index, 0);
+        let best = (0..self.pods.len())
+            .min_by_key(|&p| {
+                let predicted = self.pods[p].engine.predict_ttft_ns(&request);
+                (predicted, self.pods[p].totals.requests, p)
+            })
+            .unwrap_or(0);
+        EndpointId(best as u32)
     }
 
     /// Record a refusal (its reservation's tokens go back).
@@ -687,6 +726,10 @@ impl Sim<'_> {
                     if let Some(r) = self.records.get_mut(id as usize) {
                         r.first_token_ns = Some(now + overhead);
                         r.cached_tokens = cached_tokens;
+                    }
+                    // The first answer bytes leave the pod: no longer prefill work there.
+                    if let Some(f) = self.in_flight.get_mut(id as usize).and_then(Option::as_mut) {
+                        f.first_byte();
                     }
                 }
                 EngineEvent::Token { .. } => {}

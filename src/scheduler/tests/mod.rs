@@ -260,6 +260,7 @@ fn scores_out_of_range_are_clamped_and_nan_is_zero() {
     assert_eq!((repairs.clamped, repairs.non_finite), (2, 1));
 }
 
+mod prefill_backlog;
 mod properties;
 mod unknown_kv;
 mod upstream_vectors;
@@ -325,7 +326,7 @@ fn a_huge_max_tokens_does_not_saturate_the_token_concurrency_detector() {
         req.max_output_tokens,
         Some(crate::parser::request::MAX_ACCOUNTED_OUTPUT_TOKENS)
     );
-    let _running = crate::datastore::InFlight::start(&snap.endpoints[0].live, req.estimated_load_tokens());
+    let _running = crate::datastore::InFlight::start(&snap.endpoints[0].live, req.estimated_load_tokens(), 0);
     let ctx = SchedulingContext {
         snapshot: &snap,
         request: &req,
@@ -364,9 +365,10 @@ fn the_registry_lists_each_plugin_type_once() {
     let types: Vec<&str> = registry::plugin_types().collect();
     let unique: std::collections::BTreeSet<&str> = types.iter().copied().collect();
     assert_eq!(unique.len(), types.len());
-    assert_eq!(types.len(), 35);
+    assert_eq!(types.len(), 36);
     for t in [
         plugin_types::QUEUE_SCORER,
+        plugin_types::PREFILL_BACKLOG_SCORER,
         plugin_types::TOKEN_BUDGET,
         plugin_types::STATIC_USAGE_LIMIT_POLICY,
     ] {

@@ -483,7 +483,7 @@ fn burst_counts(cfg: &EndpointPickerConfig, snap: &Snapshot) -> [u32; 3] {
             )
             .unwrap();
         let e = snap.get(d.endpoints[0]).unwrap();
-        running.push(crate::datastore::InFlight::start(&e.live, 10));
+        running.push(crate::datastore::InFlight::start(&e.live, 10, 0));
         counts[d.endpoints[0].index()] += 1;
     }
     counts

@@ -1,0 +1,141 @@
+//! `prefill-backlog-scorer`: exact scores from the prefix match and the in-flight prefill work,
+//! and the prefill count the decide step books on the chosen endpoint.
+
+use rand::{SeedableRng, rngs::SmallRng};
+
+use crate::{
+    clock::Timestamp,
+    datastore::{InFlight, testing::SnapshotBuilder},
+    parser::parse_request,
+    prefix::hash::BlockHash,
+    scheduler::{
+        plugin::{CycleState, PluginName, PrefixMatch, SchedulingContext, Scorer},
+        scorers::{PrefillBacklogParams, PrefillBacklogScorer},
+    },
+};
+
+/// Scores of the three endpoints: endpoint 0 holds the whole prefix with two requests (300
+/// tokens) still prefilling, endpoint 1 half of it and nothing in flight, endpoint 2 none of it
+/// with one request (100 tokens) prefilling. The prompt estimates at 100 tokens.
+fn scores(params: PrefillBacklogParams) -> Vec<f64> {
+    let snap = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |_| {})
+        .endpoint("10.0.0.2:8000", |_| {})
+        .endpoint("10.0.0.3:8000", |_| {})
+        .build();
+    let live = |i: usize| &snap.endpoints[i].live;
+    let _in_flight = [
+        InFlight::start(live(0), 1_000, 200),
+        InFlight::start(live(0), 1_000, 100),
+        InFlight::start(live(2), 1_000, 100),
+    ];
+    // 400 bytes of prompt text, 402 with its quotes: 100 tokens.
+    let body = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(400));
+    let req = parse_request("/v1/completions", body.as_bytes()).unwrap();
+    assert_eq!(req.estimated_prompt_tokens(), 100);
+    let state = CycleState {
+        prefix: Some(PrefixMatch {
+            // Blocks of 25 tokens: endpoint 0 holds all 100, endpoint 1 the first 50.
+            hashes: (0..4).map(BlockHash).collect(),
+            matched: vec![(snap.endpoints[0].uid, 4), (snap.endpoints[1].uid, 2)],
+            block_size_tokens: 25,
+        }),
+    };
+    let ctx = SchedulingContext {
+        snapshot: &snap,
+        request: &req,
+        body: body.as_bytes(),
+        target_model: "m",
+        now: Timestamp(0),
+        priority: 0,
+    };
+    let name = PluginName {
+        kind: crate::scheduler::plugin_types::PREFILL_BACKLOG_SCORER,
+        name: "b".into(),
+    };
+    let scorer = PrefillBacklogScorer::new(name, &params);
+    let ids: Vec<_> = snap.all_ids().collect();
+    let mut out = vec![f64::NAN; 3];
+    scorer.score(&ctx, &state, &ids, &mut out);
+    out
+}
+
+fn assert_close(got: &[f64], want: &[f64]) {
+    assert!(
+        got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12),
+        "{got:?} vs {want:?}"
+    );
+}
+
+/// Costs: ahead + (1 + b) × own, b = 3 prefilling requests / 3 endpoints = 1:
+/// 300 + 0, 0 + 2 × 50, 100 + 2 × 100 → scores 1 − cost / 300.
+#[test]
+fn recomputed_tokens_weigh_more_when_queues_form() {
+    assert_close(&scores(PrefillBacklogParams::default()), &[0.0, 2.0 / 3.0, 0.0]);
+}
+
+/// Without the recompute weight: 300, 50, 200 → 1 − cost / 300.
+#[test]
+fn without_recompute_awareness_the_shortest_wait_wins() {
+    assert_close(
+        &scores(PrefillBacklogParams {
+            recompute_aware: false,
+        }),
+        &[0.0, 5.0 / 6.0, 1.0 / 3.0],
+    );
+}
+
+/// The decide step books the prompt less the prefix the chosen endpoint holds as prefill work on
+/// it; the first response byte releases it.
+#[test]
+fn a_routed_request_counts_its_uncached_prompt_as_prefill_until_its_first_byte() {
+    let cfg = crate::config::EndpointPickerConfig::from_yaml(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefill-backlog-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefill-backlog-scorer\n",
+    )
+    .unwrap();
+    let s = crate::scheduler::build_scheduler(&cfg).unwrap();
+    let snap = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |_| {})
+        .endpoint("10.0.0.2:8000", |_| {})
+        .build();
+    let prompt = "You are a helpful assistant. ".repeat(40);
+    let body = format!(r#"{{"model":"m","prompt":"{prompt}"}}"#);
+    let req = parse_request("/v1/completions", body.as_bytes()).unwrap();
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut scratch = crate::scheduler::Scratch::default();
+    let mut env = crate::scheduler::DecideEnv {
+        now: Timestamp(0),
+        unix_ms: 0,
+        rng: &mut rng,
+        timer: None,
+        scratch: &mut scratch,
+    };
+    let meta = crate::scheduler::RequestMeta::default();
+    let decide = |env: &mut crate::scheduler::DecideEnv<'_>| {
+        let verdict =
+            futures_util::FutureExt::now_or_never(s.decide(&req, body.as_bytes(), &meta, &snap, env))
+                .unwrap();
+        let outcome = verdict.result.unwrap();
+        s.pre_request(&snap, &outcome.cycle, None);
+        outcome
+    };
+    // Nothing cached anywhere: the whole prompt is prefill work.
+    let first = decide(&mut env);
+    assert_eq!(first.prefill_tokens, req.estimated_prompt_tokens());
+    let primary = first.endpoints()[0];
+    let live = &snap.get(primary).unwrap().live;
+    let mut counted = InFlight::start(live, first.load_tokens, first.prefill_tokens);
+    // The same prompt again: the first endpoint holds all of it, so its cost is its backlog,
+    // P, against 1.5 P elsewhere (the whole prompt, weighed by 1 + 1/2 prefilling request per
+    // endpoint); nothing of it is prefill work there.
+    let again = decide(&mut env);
+    assert_eq!(again.endpoints(), first.endpoints());
+    assert_eq!(again.prefill_tokens, 0);
+    assert_eq!(
+        (live.prefilling_requests(), live.prefill_tokens()),
+        (1, first.prefill_tokens)
+    );
+    counted.first_byte();
+    assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (0, 0));
+    assert_eq!(live.in_flight_requests(), 1);
+}
