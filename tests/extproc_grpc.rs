@@ -618,6 +618,36 @@ async fn the_first_response_bytes_end_the_prefill_count() {
     assert_eq!((live.in_flight_requests(), live.prefilling_requests()), (0, 0));
 }
 
+/// The cached tokens a model server reports are counted against what the prefix index
+/// predicted for the endpoint (nothing, for a first request; then the whole prompt).
+#[tokio::test]
+async fn reported_cached_tokens_are_counted_against_the_prediction() {
+    let server = TestServer::start(pods(), None).await;
+    let usage = br#"{"usage":{"prompt_tokens":10,"completion_tokens":1,"total_tokens":11,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+    let prompt = "a long shared prompt ".repeat(20);
+    let body = format!(r#"{{"model":"my-model","prompt":"{prompt}"}}"#);
+    for _ in 0..2 {
+        server
+            .exchange(vec![
+                request_headers(),
+                req_body(body.as_bytes(), true),
+                resp_headers(&[(":status", "200")], false),
+                resp_body(usage, true),
+            ])
+            .await;
+    }
+    let text = server.metrics.render();
+    // First: nothing predicted, 4 reported. Second: all 10 predicted, 4 found: 6 over.
+    for line in [
+        "inference_extension_prefix_cache_predicted_tokens_total 10",
+        "inference_extension_prefix_cache_reported_tokens_total 8",
+        "inference_extension_prefix_cache_overpredicted_tokens_total 6",
+        "inference_extension_prefix_indexer_forgotten_blocks_total 0",
+    ] {
+        assert!(text.contains(line), "{line} missing in\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn completed_exchange_releases_in_flight() {
     let server = TestServer::start(pods(), Some(QUEUE_KV)).await;

@@ -8,7 +8,7 @@ use crate::{
     datastore::{Endpoint, Snapshot},
     metrics::exported::EppMetrics,
     parser::Usage,
-    scheduler::{Outcome, admission::AdmissionEvent},
+    scheduler::{Outcome, admission::AdmissionEvent, plugin::CacheReport},
 };
 
 /// Count what the admission stages did.
@@ -134,6 +134,17 @@ pub fn destination(snapshot: &Snapshot, outcome: &Outcome) -> String {
         .map(|e| &*e.address_text)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Count a model server's cached-token report against the index's prediction, and the index
+/// entries it made the index forget.
+pub fn cache_report(m: &EppMetrics, report: &CacheReport, forgotten: usize) {
+    let predicted = report.predicted_tokens();
+    m.prefix_cache_predicted.inc_by(predicted);
+    m.prefix_cache_reported.inc_by(report.cached_tokens);
+    m.prefix_cache_overpredicted
+        .inc_by(predicted.saturating_sub(report.cached_tokens));
+    m.prefix_indexer_forgotten.inc_by(forgotten as u64);
 }
 
 /// Count an answered response of `seconds` and `bytes` with its usage, if read.

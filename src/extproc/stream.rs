@@ -49,6 +49,7 @@ use crate::{
     scheduler::{
         DecideEnv, Decision, ResponsePlan, Scratch,
         admission::{BudgetReservation, Refusal},
+        plugin::{CachePrediction, CacheReport},
     },
 };
 
@@ -104,6 +105,8 @@ struct Routed {
     target_label: String,
     primary: SocketAddr,
     in_flight: InFlight,
+    /// What the prefix index predicted on the primary, checked against the server's usage.
+    cache_prediction: Option<CachePrediction>,
 }
 
 impl Drop for Routed {
@@ -565,6 +568,7 @@ impl Exchange {
             target_label,
             primary: primary_address,
             in_flight,
+            cache_prediction: outcome.cache_prediction,
         });
         debug!(destination = %destination, "picked");
         self.pending_hooks = Some((snapshot, outcome.cycle));
@@ -605,6 +609,8 @@ impl Exchange {
         if let Some(e) = snapshot.by_address(addr).and_then(|id| snapshot.get(id)) {
             // The old count is released as the new one replaces it.
             routed.in_flight = routed.in_flight.moved_to(&e.live);
+            // The prediction was for the endpoint that did not serve.
+            routed.cache_prediction = None;
             routed.primary = addr;
         }
     }
@@ -695,6 +701,18 @@ impl Exchange {
                     }
                 });
             }
+        }
+        if let (Some(routed), Some(u)) = (self.routed.as_ref(), usage.as_ref())
+            && let (Some(predicted), Some(cached_tokens)) = (routed.cache_prediction, u.cached_tokens)
+            && u.prompt_tokens > 0
+        {
+            let report = CacheReport {
+                predicted,
+                prompt_tokens: u.prompt_tokens,
+                cached_tokens,
+            };
+            let forgotten = self.p.scheduler.cache_report(&report);
+            observe::cache_report(&self.p.metrics, &report, forgotten);
         }
         if let Some(routed) = self.routed.take() {
             let labels = [routed.model_label.as_str(), routed.target_label.as_str()];

@@ -64,6 +64,14 @@ pub struct EppMetrics {
     pub prefix_indexer_size: prometheus::IntGauge,
     /// Prefix index heap bytes.
     pub prefix_indexer_bytes: prometheus::IntGauge,
+    /// Cached prompt tokens predicted by the prefix index, in the servers' count.
+    pub prefix_cache_predicted: prometheus::IntCounter,
+    /// Cached prompt tokens reported by the servers.
+    pub prefix_cache_reported: prometheus::IntCounter,
+    /// Predicted cached tokens the servers did not find.
+    pub prefix_cache_overpredicted: prometheus::IntCounter,
+    /// Index entries forgotten on cache misses.
+    pub prefix_indexer_forgotten: prometheus::IntCounter,
     /// Prefix hit ratio per request.
     pub prefix_hit_ratio: Histogram,
     /// Prefix hit bytes per request.
@@ -296,6 +304,22 @@ impl EppMetrics {
                 PREFIX_INDEXER_BYTES,
                 "Heap bytes held by the prefix indexer.",
             ))?,
+            prefix_cache_predicted: prometheus::IntCounter::with_opts(opts(
+                PREFIX_CACHE_PREDICTED_TOKENS,
+                "Prompt tokens the prefix index predicted cached on the chosen endpoint, in the model server's count, over responses reporting cached tokens.",
+            ))?,
+            prefix_cache_reported: prometheus::IntCounter::with_opts(opts(
+                PREFIX_CACHE_REPORTED_TOKENS,
+                "Cached prompt tokens the model servers reported for those responses.",
+            ))?,
+            prefix_cache_overpredicted: prometheus::IntCounter::with_opts(opts(
+                PREFIX_CACHE_OVERPREDICTED_TOKENS,
+                "Predicted cached prompt tokens the model servers did not find cached.",
+            ))?,
+            prefix_indexer_forgotten: prometheus::IntCounter::with_opts(opts(
+                PREFIX_INDEXER_FORGOTTEN_BLOCKS,
+                "Prefix index entries forgotten because a model server found less cached than predicted.",
+            ))?,
             prefix_hit_ratio: Histogram::with_opts(
                 HistogramOpts::new(
                     PREFIX_INDEXER_HIT_RATIO,
@@ -435,6 +459,10 @@ impl EppMetrics {
             Box::new(m.scrape_duration.clone()),
             Box::new(m.prefix_indexer_size.clone()),
             Box::new(m.prefix_indexer_bytes.clone()),
+            Box::new(m.prefix_cache_predicted.clone()),
+            Box::new(m.prefix_cache_reported.clone()),
+            Box::new(m.prefix_cache_overpredicted.clone()),
+            Box::new(m.prefix_indexer_forgotten.clone()),
             Box::new(m.prefix_hit_ratio.clone()),
             Box::new(m.prefix_hit_bytes.clone()),
             Box::new(m.flow_queue_duration.clone()),

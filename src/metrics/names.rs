@@ -47,6 +47,16 @@ pub const PREFIX_INDEXER_SIZE: &str = "inference_extension_prefix_indexer_size";
 pub const PREFIX_INDEXER_HIT_RATIO: &str = "inference_extension_prefix_indexer_hit_ratio";
 /// Matched prompt bytes on the chosen endpoint.
 pub const PREFIX_INDEXER_HIT_BYTES: &str = "inference_extension_prefix_indexer_hit_bytes";
+/// Prompt tokens the prefix index predicted cached on the chosen endpoint, in the model server's
+/// count, over the responses that reported cached tokens (extra).
+pub const PREFIX_CACHE_PREDICTED_TOKENS: &str = "inference_extension_prefix_cache_predicted_tokens_total";
+/// Cached prompt tokens the model servers reported for those responses (extra).
+pub const PREFIX_CACHE_REPORTED_TOKENS: &str = "inference_extension_prefix_cache_reported_tokens_total";
+/// Of the predicted tokens, those the model server did not find cached (extra).
+pub const PREFIX_CACHE_OVERPREDICTED_TOKENS: &str =
+    "inference_extension_prefix_cache_overpredicted_tokens_total";
+/// Index entries forgotten after a model server found less cached than predicted (extra).
+pub const PREFIX_INDEXER_FORGOTTEN_BLOCKS: &str = "inference_extension_prefix_indexer_forgotten_blocks_total";
 /// Heap bytes of the prefix index (extra).
 pub const PREFIX_INDEXER_BYTES: &str = "inference_extension_prefix_indexer_bytes";
 /// Duration of model-server scrapes (extra).

@@ -137,6 +137,8 @@ struct Ring {
     capacity: usize,
     /// Total inserts so far; slot of insert `n` is `n % capacity`.
     head: u64,
+    /// Inserts before this one were forgotten early ([`PrefixIndex::forget_oldest`]).
+    tail: u64,
     live: usize,
 }
 
@@ -212,6 +214,7 @@ impl PrefixIndex {
                     hashes: Vec::new(),
                     capacity: capacity.max(1),
                     head: 0,
+                    tail: 0,
                     live: 0,
                 }))
             })
@@ -266,6 +269,33 @@ impl PrefixIndex {
                 }
             }
         }
+    }
+
+    /// Forget `endpoint`'s `n` least recently routed blocks (fewer if it holds fewer): the engine
+    /// evidently evicted blocks the index still credits it with, and the oldest are the likeliest
+    /// to be gone too. Ring slots whose block was routed again since are skipped (the newer
+    /// insert stands). Returns how many entries were removed. Runs in at most one pass over the
+    /// endpoint's ring.
+    pub fn forget_oldest(&self, endpoint: EndpointUid, n: usize) -> usize {
+        let Some(ring) = self.rings.lock().get(&endpoint.0).cloned() else {
+            return 0;
+        };
+        let mut ring = ring.lock();
+        let mut pos = ring.tail.max(ring.head.saturating_sub(ring.capacity as u64));
+        let mut removed = 0;
+        while removed < n && pos < ring.head {
+            let hash = ring.hashes[(pos % ring.capacity as u64) as usize];
+            if self.shards[shard_of(hash)]
+                .write()
+                .remove(hash, endpoint.0, Some(pos as u32))
+            {
+                removed += 1;
+            }
+            pos += 1;
+        }
+        ring.tail = pos;
+        ring.live -= removed;
+        removed
     }
 
     /// Forget every endpoint for which `keep` is false.
@@ -328,6 +358,38 @@ mod tests {
         idx.match_blocks(&hs(&[1, 2, 9, 3]), &mut out);
         out.sort();
         assert_eq!(out, vec![(EndpointUid(1), 2), (EndpointUid(2), 1)]);
+    }
+
+    #[test]
+    fn forgetting_drops_the_least_recently_routed_and_keeps_the_ring_consistent() {
+        let idx = PrefixIndex::new();
+        let one = EndpointUid(1);
+        idx.insert(one, &hs(&(0..10).collect::<Vec<_>>()), 100);
+        idx.insert(EndpointUid(2), &hs(&[1]), 100);
+        idx.insert(one, &hs(&[0]), 100); // refresh 0: its first insert is stale
+        // The three oldest live blocks: 1, 2 and 3 (the first insert of 0 is stale).
+        assert_eq!(idx.forget_oldest(one, 3), 3);
+        let mut out = Vec::new();
+        idx.match_blocks(&hs(&[0]), &mut out);
+        assert_eq!(out, vec![(one, 1)], "0 was routed again since");
+        idx.match_blocks(&hs(&[1]), &mut out);
+        assert_eq!(out, vec![(EndpointUid(2), 1)], "another endpoint keeps its copy");
+        idx.match_blocks(&hs(&[3]), &mut out);
+        assert!(out.is_empty());
+        idx.match_blocks(&hs(&[4]), &mut out);
+        assert_eq!(out, vec![(one, 1)]);
+        assert_eq!(idx.entries_of(one), 7);
+        assert_eq!(idx.forget_oldest(one, 1_000), 7);
+        assert_eq!(idx.entries_of(one), 0);
+        assert_eq!(idx.forget_oldest(one, 1), 0);
+        assert_eq!(idx.forget_oldest(EndpointUid(9), 1), 0, "unknown endpoint");
+        // Wrapping past the forgotten slots takes nothing away twice.
+        idx.insert(one, &hs(&(100..250).collect::<Vec<_>>()), 100);
+        assert_eq!(idx.entries_of(one), 100);
+        assert_eq!(idx.forget_oldest(one, 40), 40);
+        assert_eq!(idx.entries_of(one), 60);
+        idx.insert(one, &hs(&(300..340).collect::<Vec<_>>()), 100);
+        assert_eq!(idx.entries_of(one), 100);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use super::{
     Decision, Scheduler, SchedulingError,
     admission::{Admission, AdmissionEvent, BudgetReservation, PromptGuard, Refusal},
     flow::{DEFAULT_FLOW, Fairness},
-    plugin::{PluginTimer, SchedulingContext},
+    plugin::{CachePrediction, PluginTimer, SchedulingContext},
     profile::Scratch,
     scorers::prefill_backlog::held_tokens,
 };
@@ -115,6 +115,9 @@ pub struct Outcome {
     /// prefix the cycle's prefix match says it holds (the whole prompt without a match). Counted
     /// as prefill work on the endpoint until the first response byte.
     pub prefill_tokens: u64,
+    /// What the prefix index predicted for the primary endpoint, when a prefix match was made:
+    /// checked against the cached tokens the model server reports ([`Scheduler::cache_report`]).
+    pub cache_prediction: Option<CachePrediction>,
 }
 
 impl Outcome {
@@ -401,7 +404,10 @@ impl Scheduler {
             }
         };
         let served = served.into_owned();
-        let prefill_tokens = expected_prefill_tokens(&served, &cycle, snapshot);
+        let cache_prediction = predict_cache(&served, &cycle, snapshot);
+        let prefill_tokens = cache_prediction.map_or(served.estimated_prompt_tokens(), |p| {
+            p.prompt_tokens.saturating_sub(p.held_tokens)
+        });
         let fallback = reservation.as_ref().and_then(|r| r.admitted.fallback.as_deref());
         let mut edits = Vec::new();
         // Budgets settle from usage: a streaming client that did not ask for it (no
@@ -437,6 +443,7 @@ impl Scheduler {
             result: Ok(Outcome {
                 load_tokens: served.estimated_load_tokens(),
                 prefill_tokens,
+                cache_prediction,
                 request: served,
                 target_model,
                 priority,
@@ -455,15 +462,18 @@ impl Scheduler {
     }
 }
 
-/// The prompt tokens `cycle`'s primary endpoint is expected to compute for `request`: the
-/// estimated prompt less the tokens the prefix match says the endpoint holds.
-fn expected_prefill_tokens(request: &LlmRequest, cycle: &Decision, snapshot: &Snapshot) -> u64 {
-    let prompt = request.estimated_prompt_tokens();
-    let primary = cycle.endpoints.first().and_then(|id| snapshot.get(*id));
-    match (cycle.state.prefix.as_ref(), primary) {
-        (Some(m), Some(e)) => prompt.saturating_sub(held_tokens(m, e.uid)),
-        _ => prompt,
-    }
+/// What the cycle's prefix match says `cycle`'s primary endpoint holds of `request`'s prompt
+/// (`None` without a match).
+fn predict_cache(request: &LlmRequest, cycle: &Decision, snapshot: &Snapshot) -> Option<CachePrediction> {
+    let m = cycle.state.prefix.as_ref()?;
+    let e = snapshot.get(*cycle.endpoints.first()?)?;
+    let prompt_tokens = request.estimated_prompt_tokens();
+    Some(CachePrediction {
+        endpoint: e.uid,
+        prompt_tokens,
+        held_tokens: held_tokens(m, e.uid).min(prompt_tokens),
+        block_size_tokens: m.block_size_tokens,
+    })
 }
 
 impl Scheduler {

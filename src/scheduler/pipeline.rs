@@ -12,8 +12,8 @@ use super::{
     admission::{AdmissionStage, PromptGuard, TokenBudget, saturation_gate::shed_when_saturated},
     flow::FlowControlPolicy,
     plugin::{
-        CycleState, DataProducer, ExtensionPoint, Needs, PluginName, PluginTimer, PoolChange, PreRequest,
-        SaturationDetector, SchedulingContext,
+        CacheReport, CycleState, DataProducer, ExtensionPoint, Needs, PluginName, PluginTimer, PoolChange,
+        PreRequest, SaturationDetector, SchedulingContext,
     },
     profile::{Profile, ProfileError, ScoreRepairs, Scratch},
 };
@@ -248,6 +248,12 @@ impl Scheduler {
         for plugin in &self.pool_change {
             plugin.on_pool_change(snapshot);
         }
+    }
+
+    /// Hand a model server's report of a routed request's cached prompt tokens to the hooks that
+    /// recorded the request (the prefix index); returns the index entries they forgot.
+    pub fn cache_report(&self, report: &CacheReport) -> usize {
+        self.pre_request.iter().map(|h| h.on_cache_report(report)).sum()
     }
 
     /// Tell the pre-request hooks (e.g. the prefix index insert) where a decided request went.

@@ -163,6 +163,63 @@ pub trait PreRequest: Send + Sync {
     fn name(&self) -> &PluginName;
     /// Called with the chosen endpoints (indices into `snapshot`), primary first.
     fn pre_request(&self, snapshot: &Snapshot, state: &CycleState, picked: &[EndpointId]);
+    /// The model server reported how much of a routed request's prompt it found cached; returns
+    /// the index entries it forgot as a result. The default ignores the report.
+    fn on_cache_report(&self, _report: &CacheReport) -> usize {
+        0
+    }
+}
+
+/// What the prefix index predicted for a routed request's prompt on its endpoint, kept until
+/// the model server reports what it found cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachePrediction {
+    /// The endpoint that served.
+    pub endpoint: EndpointUid,
+    /// The prompt, in the EPP's estimate (a quarter of its bytes).
+    pub prompt_tokens: u64,
+    /// Of those, the tokens the index said the endpoint held.
+    pub held_tokens: u64,
+    /// Tokens per index block.
+    pub block_size_tokens: u32,
+}
+
+/// A model server's report of a routed request's prompt, next to the prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheReport {
+    /// What was predicted at the decision.
+    pub predicted: CachePrediction,
+    /// Prompt tokens the server counted (`usage.prompt_tokens`).
+    pub prompt_tokens: u64,
+    /// Of those, the tokens it found cached (`usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u64,
+}
+
+impl CacheReport {
+    /// The predicted cached tokens in the server's units: the predicted share of the prompt
+    /// times the prompt the server counted.
+    pub fn predicted_tokens(&self) -> u64 {
+        let p = &self.predicted;
+        if p.prompt_tokens == 0 {
+            return 0;
+        }
+        let share = p.held_tokens.min(p.prompt_tokens) as f64 / p.prompt_tokens as f64;
+        (share * self.prompt_tokens as f64).round() as u64
+    }
+
+    /// Tokens predicted cached that were not, in the EPP's units (0 when the server found at
+    /// least what was predicted).
+    pub fn missed_tokens(&self) -> u64 {
+        if self.prompt_tokens == 0 {
+            return 0;
+        }
+        let found_share = self.cached_tokens.min(self.prompt_tokens) as f64 / self.prompt_tokens as f64;
+        let found = (found_share * self.predicted.prompt_tokens as f64) as u64;
+        self.predicted
+            .held_tokens
+            .min(self.predicted.prompt_tokens)
+            .saturating_sub(found)
+    }
 }
 
 /// Learns that the pool's endpoint set changed (a pod joined, left or changed), off the request

@@ -16,9 +16,11 @@
 //!   reads changed), one tick after a dispatch and at the next expiry, and the request is placed
 //!   on the snapshot of its dispatch; its TTFT counts the wait;
 //! - the in-flight hooks are the server's: the pick counts on the endpoint's live counters
-//!   (which load scorers add to the scraped queue) until the response ends, the pre-request
-//!   hooks (prefix index insert) run after each decision, and a budget reservation is settled
-//!   with the served tokens when the request finishes.
+//!   (which load scorers add to the scraped queue) until the response ends, and as prefill work
+//!   until its first token; the pre-request hooks (prefix index insert) run after each decision;
+//!   the engine's cached-token count at the first token goes back to the scheduler as a model
+//!   server's usage does ([`Scheduler::cache_report`]); and a budget reservation is settled with
+//!   the served tokens when the request finishes.
 
 pub mod baselines;
 pub mod command;
@@ -45,6 +47,7 @@ use epp::{
         admission::{BudgetReservation, Refusal},
         build_scheduler,
         flow::{DISPATCH_TICK_NS, FlowQueues, FlowRefusal, NewItem},
+        plugin::{CachePrediction, CacheReport},
         plugin_types::TOKEN_BUDGET,
     },
 };
@@ -119,6 +122,9 @@ pub struct RequestRecord {
     pub output_tokens: u32,
     /// Prompt tokens served from the engine's prefix cache at admission.
     pub cached_tokens: u32,
+    /// Prompt tokens the EPP's prefix index predicted cached on the chosen pod (in the engine's
+    /// count), when the configuration matches prefixes.
+    pub predicted_cached_tokens: Option<u32>,
     /// How it ended.
     pub outcome: Outcome,
     /// Why the EPP refused it ([`Refusal::reason`](epp::scheduler::admission::Refusal::reason):
@@ -214,6 +220,8 @@ struct Sim<'a> {
     in_flight: Vec<Option<InFlight>>,
     /// Per request: its budget reservation, settled when it finishes.
     reservations: Vec<Option<BudgetReservation>>,
+    /// Per request: the prefix index's prediction, checked at its first token.
+    predictions: Vec<Option<CachePrediction>>,
     outstanding: usize,
     rng: SmallRng,
     scratch: Scratch,
@@ -273,6 +281,7 @@ pub fn replay(
         records: Vec::with_capacity(workload.requests.len()),
         in_flight: Vec::with_capacity(workload.requests.len()),
         reservations: Vec::with_capacity(workload.requests.len()),
+        predictions: Vec::with_capacity(workload.requests.len()),
         outstanding: 0,
         rng: SmallRng::seed_from_u64(setup.seed),
         scratch: Scratch::default(),
@@ -490,12 +499,14 @@ impl Sim<'_> {
             prompt_tokens: req.input_tokens,
             output_tokens: 0,
             cached_tokens: 0,
+            predicted_cached_tokens: None,
             outcome: Outcome::RejectedByEpp,
             refusal: None,
             dispatched_ns: None,
         });
         self.in_flight.push(None);
         self.reservations.push(None);
+        self.predictions.push(None);
         let model = req.adapter.as_deref().unwrap_or(&self.setup.profile.model);
         chat_body(workload, req, model, text, body);
         let Ok(parsed) = self.scheduler.parse_request("/v1/chat/completions", body) else {
@@ -564,6 +575,8 @@ impl Sim<'_> {
         };
         if self.setup.placement == Placement::Oracle {
             outcome.cycle.endpoints = vec![self.oracle_pick(index)];
+            // The index predicted for the scheduler's pick, not the oracle's.
+            outcome.cache_prediction = None;
         }
         self.records[index].dispatched_ns = Some(self.now);
         let Some(primary) = outcome.endpoints().first().and_then(|id| snapshot.get(*id)) else {
@@ -587,6 +600,7 @@ impl Sim<'_> {
                 self.outstanding += 1;
                 self.in_flight[index] = Some(in_flight);
                 self.reservations[index] = outcome.reservation;
+                self.predictions[index] = outcome.cache_prediction;
                 self.kick(p);
             }
             Err(_) => {
@@ -723,9 +737,20 @@ impl Sim<'_> {
         for event in pod.pending.drain(..) {
             match event {
                 EngineEvent::FirstToken { id, cached_tokens } => {
+                    let predicted = self.predictions.get_mut(id as usize).and_then(Option::take);
                     if let Some(r) = self.records.get_mut(id as usize) {
                         r.first_token_ns = Some(now + overhead);
                         r.cached_tokens = cached_tokens;
+                        // The usage a model server reports, checked against the prediction.
+                        if let Some(predicted) = predicted {
+                            let report = CacheReport {
+                                predicted,
+                                prompt_tokens: u64::from(r.prompt_tokens),
+                                cached_tokens: u64::from(cached_tokens),
+                            };
+                            r.predicted_cached_tokens = Some(report.predicted_tokens() as u32);
+                            self.scheduler.cache_report(&report);
+                        }
                     }
                     // The first answer bytes leave the pod: no longer prefill work there.
                     if let Some(f) = self.in_flight.get_mut(id as usize).and_then(Option::as_mut) {

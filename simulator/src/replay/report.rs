@@ -109,6 +109,12 @@ pub struct Report {
     pub input_tokens_per_s: f64,
     /// Prompt tokens served from the prefix cache / all prompt tokens.
     pub prefix_hit_rate: f64,
+    /// Prompt tokens the EPP's prefix index predicted cached / all prompt tokens, over the
+    /// completed requests it made a prediction for (0 without any).
+    pub index_predicted_hit_rate: f64,
+    /// Of the tokens the index predicted cached, the share the engine found cached (1 when it
+    /// predicted none).
+    pub index_precision: f64,
     /// Preemptions over all pods.
     pub preemptions: u64,
     /// LoRA adapter loads over all pods.
@@ -169,6 +175,14 @@ impl Report {
         let output: u64 = done.iter().map(|r| u64::from(r.output_tokens)).sum();
         let prompt: u64 = done.iter().map(|r| u64::from(r.prompt_tokens)).sum();
         let cached: u64 = done.iter().map(|r| u64::from(r.cached_tokens)).sum();
+        let (mut predicted_prompt, mut predicted, mut confirmed) = (0u64, 0u64, 0u64);
+        for r in &done {
+            if let Some(p) = r.predicted_cached_tokens {
+                predicted_prompt += u64::from(r.prompt_tokens);
+                predicted += u64::from(p);
+                confirmed += u64::from(p.min(r.cached_tokens));
+            }
+        }
         let count = |o: Outcome| run.records.iter().filter(|r| r.outcome == o).count();
         // Prompt and cached tokens per pod, in one pass over the completed requests.
         let mut per_pod = vec![(0u64, 0u64); run.pods.len()];
@@ -216,6 +230,12 @@ impl Report {
             goodput_slo_rps: done.iter().filter(|r| meets(r, true)).count() as f64 / span_s,
             input_tokens_per_s: prompt as f64 / span_s,
             prefix_hit_rate: ratio(cached, prompt),
+            index_predicted_hit_rate: ratio(predicted, predicted_prompt),
+            index_precision: if predicted == 0 {
+                1.0
+            } else {
+                ratio(confirmed, predicted)
+            },
             preemptions: run.pods.iter().map(|p| p.preemptions).sum(),
             lora_loads: run.pods.iter().map(|p| p.lora_loads).sum(),
             max_over_mean_requests: if mean_requests > 0.0 {

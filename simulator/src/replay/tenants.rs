@@ -321,6 +321,7 @@ mod tests {
             prompt_tokens: 90,
             output_tokens: if done { 10 } else { 0 },
             cached_tokens: 0,
+            predicted_cached_tokens: None,
             outcome,
             refusal: (outcome == Outcome::RejectedByEpp).then_some("budget"),
             dispatched_ns: done.then_some(arrival_ns),

@@ -5,6 +5,13 @@
 //! honoured when the engine does not report its block count (upstream computes it and never uses
 //! it), and endpoints that leave the pool are purged as soon as a new snapshot shows it (a
 //! [`PoolChange`] chore, run off the request path).
+//!
+//! One parameter of ours, off by default: `forgetOnCacheMiss`. When a model server reports
+//! (`usage.prompt_tokens_details.cached_tokens`) fewer cached prompt tokens than the index
+//! credited the endpoint with, the engine evidently evicted blocks the index still remembers:
+//! the index forgets as many of that endpoint's least recently routed blocks (at least two
+//! blocks missed, so the one token an engine always recomputes is no miss). Reports that found
+//! more than predicted change nothing.
 
 use std::sync::Arc;
 
@@ -16,7 +23,10 @@ use crate::{
     prefix::{BlockingParams, PrefixIndex, block_hashes},
     scheduler::{
         params::decode_params,
-        plugin::{CycleState, DataProducer, Needs, PluginName, PoolChange, PreRequest, SchedulingContext},
+        plugin::{
+            CacheReport, CycleState, DataProducer, Needs, PluginName, PoolChange, PreRequest,
+            SchedulingContext,
+        },
     },
 };
 
@@ -39,6 +49,8 @@ pub struct ApproxPrefixParams {
     pub lru_capacity_per_server: u32,
     /// Deprecated: block size in characters.
     pub block_size: Option<u32>,
+    /// Ours: correct the index from the cached tokens model servers report (module doc).
+    pub forget_on_cache_miss: bool,
 }
 
 impl Default for ApproxPrefixParams {
@@ -50,6 +62,7 @@ impl Default for ApproxPrefixParams {
             max_prefix_tokens_to_match: 0,
             lru_capacity_per_server: 31_250,
             block_size: None,
+            forget_on_cache_miss: false,
         }
     }
 }
@@ -192,5 +205,19 @@ impl PreRequest for ApproxPrefixProducer {
             &m.hashes,
             usize::try_from(capacity).unwrap_or(usize::MAX),
         );
+    }
+
+    fn on_cache_report(&self, report: &CacheReport) -> usize {
+        if !self.params.forget_on_cache_miss {
+            return 0;
+        }
+        let missed_blocks = report.missed_tokens() / u64::from(report.predicted.block_size_tokens.max(1));
+        if missed_blocks < 2 {
+            return 0;
+        }
+        self.index.forget_oldest(
+            report.predicted.endpoint,
+            usize::try_from(missed_blocks).unwrap_or(usize::MAX),
+        )
     }
 }

@@ -1,15 +1,19 @@
 //! `prefill-backlog-scorer`: exact scores from the prefix match and the in-flight prefill work,
-//! and the prefill count the decide step books on the chosen endpoint.
+//! the prefill count the decide step books on the chosen endpoint, and the prefix index's
+//! correction from the cached tokens a model server reports.
 
 use rand::{SeedableRng, rngs::SmallRng};
 
+use futures_util::FutureExt;
+
 use crate::{
     clock::Timestamp,
-    datastore::{InFlight, testing::SnapshotBuilder},
-    parser::parse_request,
+    datastore::{InFlight, Snapshot, testing::SnapshotBuilder},
+    parser::{LlmRequest, parse_request},
     prefix::hash::BlockHash,
     scheduler::{
-        plugin::{CycleState, PluginName, PrefixMatch, SchedulingContext, Scorer},
+        DecideEnv, Outcome, RequestMeta, Scheduler, Scratch,
+        plugin::{CacheReport, CycleState, PluginName, PrefixMatch, SchedulingContext, Scorer},
         scorers::{PrefillBacklogParams, PrefillBacklogScorer},
     },
 };
@@ -60,6 +64,27 @@ fn scores(params: PrefillBacklogParams) -> Vec<f64> {
     out
 }
 
+/// Decide `req` (parsed from `body`) on `snap`, run the pre-request hooks (the prefix index
+/// records the pick) and return the outcome.
+fn decide_and_record(s: &Scheduler, snap: &Snapshot, req: &LlmRequest, body: &[u8]) -> Outcome {
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut scratch = Scratch::default();
+    let mut env = DecideEnv {
+        now: Timestamp(0),
+        unix_ms: 0,
+        rng: &mut rng,
+        timer: None,
+        scratch: &mut scratch,
+    };
+    let verdict = s
+        .decide(req, body, &RequestMeta::default(), snap, &mut env)
+        .now_or_never()
+        .unwrap();
+    let outcome = verdict.result.unwrap();
+    s.pre_request(snap, &outcome.cycle, None);
+    outcome
+}
+
 fn assert_close(got: &[f64], want: &[f64]) {
     assert!(
         got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12),
@@ -101,26 +126,9 @@ fn a_routed_request_counts_its_uncached_prompt_as_prefill_until_its_first_byte()
     let prompt = "You are a helpful assistant. ".repeat(40);
     let body = format!(r#"{{"model":"m","prompt":"{prompt}"}}"#);
     let req = parse_request("/v1/completions", body.as_bytes()).unwrap();
-    let mut rng = SmallRng::seed_from_u64(1);
-    let mut scratch = crate::scheduler::Scratch::default();
-    let mut env = crate::scheduler::DecideEnv {
-        now: Timestamp(0),
-        unix_ms: 0,
-        rng: &mut rng,
-        timer: None,
-        scratch: &mut scratch,
-    };
-    let meta = crate::scheduler::RequestMeta::default();
-    let decide = |env: &mut crate::scheduler::DecideEnv<'_>| {
-        let verdict =
-            futures_util::FutureExt::now_or_never(s.decide(&req, body.as_bytes(), &meta, &snap, env))
-                .unwrap();
-        let outcome = verdict.result.unwrap();
-        s.pre_request(&snap, &outcome.cycle, None);
-        outcome
-    };
+    let decide = || decide_and_record(&s, &snap, &req, body.as_bytes());
     // Nothing cached anywhere: the whole prompt is prefill work.
-    let first = decide(&mut env);
+    let first = decide();
     assert_eq!(first.prefill_tokens, req.estimated_prompt_tokens());
     let primary = first.endpoints()[0];
     let live = &snap.get(primary).unwrap().live;
@@ -128,7 +136,7 @@ fn a_routed_request_counts_its_uncached_prompt_as_prefill_until_its_first_byte()
     // The same prompt again: the first endpoint holds all of it, so its cost is its backlog,
     // P, against 1.5 P elsewhere (the whole prompt, weighed by 1 + 1/2 prefilling request per
     // endpoint); nothing of it is prefill work there.
-    let again = decide(&mut env);
+    let again = decide();
     assert_eq!(again.endpoints(), first.endpoints());
     assert_eq!(again.prefill_tokens, 0);
     assert_eq!(
@@ -138,4 +146,51 @@ fn a_routed_request_counts_its_uncached_prompt_as_prefill_until_its_first_byte()
     counted.first_byte();
     assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (0, 0));
     assert_eq!(live.in_flight_requests(), 1);
+}
+
+/// A report of fewer cached tokens than predicted makes the index forget that many of the
+/// endpoint's oldest blocks, with `forgetOnCacheMiss` only; a full hit forgets nothing.
+#[test]
+fn a_cache_miss_report_makes_the_index_forget_only_when_asked() {
+    let build = |forget: bool| {
+        let cfg = crate::config::EndpointPickerConfig::from_yaml(&format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: approx-prefix-cache-producer\n  parameters: {{forgetOnCacheMiss: {forget}}}\n- type: prefix-cache-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n"
+        ))
+        .unwrap();
+        crate::scheduler::build_scheduler(&cfg).unwrap()
+    };
+    let snap = SnapshotBuilder::new().endpoint("10.0.0.1:8000", |_| {}).build();
+    // 64 bytes per 16-token block: 40 blocks of prompt.
+    let body = format!(r#"{{"model":"m","prompt":"{}"}}"#, "y".repeat(40 * 64));
+    let req = parse_request("/v1/completions", body.as_bytes()).unwrap();
+    for forget in [false, true] {
+        let s = build(forget);
+        let decide = || decide_and_record(&s, &snap, &req, body.as_bytes());
+        let first = decide();
+        assert_eq!(first.cache_prediction.unwrap().held_tokens, 0);
+        let second = decide();
+        let predicted = second.cache_prediction.unwrap();
+        assert_eq!((predicted.prompt_tokens, predicted.held_tokens), (640, 640));
+        let report = |cached_tokens| CacheReport {
+            predicted,
+            prompt_tokens: 600,
+            cached_tokens,
+        };
+        // The server's count differs from the estimate: shares are compared.
+        assert_eq!(report(600).predicted_tokens(), 600);
+        assert_eq!(report(600).missed_tokens(), 0);
+        assert_eq!(s.cache_report(&report(600)), 0);
+        // 597 of 600: the token an engine always recomputes, no miss.
+        assert_eq!(s.cache_report(&report(597)), 0);
+        // Half found: 320 estimated tokens missed, 20 blocks forgotten (of 40).
+        assert_eq!(report(300).missed_tokens(), 320);
+        assert_eq!(s.cache_report(&report(300)), if forget { 20 } else { 0 });
+        let third = decide();
+        let held = third.cache_prediction.unwrap().held_tokens;
+        assert_eq!(
+            held,
+            if forget { 0 } else { 640 },
+            "the oldest blocks are the prompt's first"
+        );
+    }
 }
