@@ -4,7 +4,9 @@
 //! and 1k / 8k / 100k-token chat prompts.
 //!
 //! `decide` measures the whole decide step (admission and the outcome around the same cycle) at
-//! 64 endpoints and 8k tokens.
+//! 64 endpoints and 8k tokens. `decision_recommended` is one decision under the recommended
+//! config (`simulator/configs/recommended.yaml`: six scorers, prefix match up to 4,096 blocks) at
+//! 64 endpoints.
 //!
 //! Run: `cargo bench --bench scheduler`. Results and machine: benches/README.md.
 
@@ -38,9 +40,22 @@ fn chat_body(tokens: usize) -> Vec<u8> {
 }
 
 fn bench_decision(c: &mut Criterion) {
-    let scheduler = build_scheduler(&EndpointPickerConfig::default_config()).unwrap();
-    let mut group = c.benchmark_group("decision");
-    for endpoints in [8u32, 64, 512, 4096] {
+    sweep(
+        c,
+        "decision",
+        &EndpointPickerConfig::default_config(),
+        &[8, 64, 512, 4096],
+    );
+    let recommended =
+        EndpointPickerConfig::from_yaml(include_str!("../simulator/configs/recommended.yaml")).unwrap();
+    sweep(c, "decision_recommended", &recommended, &[64]);
+}
+
+/// One scheduling decision under `config` for each endpoint count and prompt length.
+fn sweep(c: &mut Criterion, name: &str, config: &EndpointPickerConfig, endpoint_counts: &[u32]) {
+    let scheduler = build_scheduler(config).unwrap();
+    let mut group = c.benchmark_group(name);
+    for &endpoints in endpoint_counts {
         let mut b = SnapshotBuilder::new();
         for i in 0..endpoints {
             b = b.endpoint(
