@@ -35,7 +35,6 @@ use super::{
     flow::{DEFAULT_FLOW, Fairness},
     plugin::{CachePrediction, PluginTimer, SchedulingContext},
     profile::Scratch,
-    scorers::prefill_backlog::held_tokens,
 };
 use crate::{
     clock::Timestamp,
@@ -471,7 +470,7 @@ fn predict_cache(request: &LlmRequest, cycle: &Decision, snapshot: &Snapshot) ->
     Some(CachePrediction {
         endpoint: e.uid,
         prompt_tokens,
-        held_tokens: held_tokens(m, e.uid).min(prompt_tokens),
+        held_tokens: m.held_tokens(e.uid).min(prompt_tokens),
         block_size_tokens: m.block_size_tokens,
     })
 }

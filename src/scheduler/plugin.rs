@@ -69,6 +69,14 @@ impl PrefixMatch {
             .map(|(_, n)| *n)
             .unwrap_or(0)
     }
+
+    /// Prompt tokens `uid` holds: its matched blocks times the block size. The match stops at
+    /// the producer's `maxPrefixBlocksToMatch`, and what lies past it counts as not held (a
+    /// share of the matched blocks would count a long prompt whose first blocks alone were
+    /// looked up as entirely cached).
+    pub fn held_tokens(&self, uid: EndpointUid) -> u64 {
+        u64::from(self.matched_blocks(uid)) * u64::from(self.block_size_tokens)
+    }
 }
 
 /// Per-request scratch shared between plugins, filled by data producers.

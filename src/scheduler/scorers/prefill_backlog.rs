@@ -2,7 +2,7 @@
 //! come soonest, estimated in prompt tokens still to compute there.
 //!
 //! For each candidate `e`, with `P` the request's estimated prompt tokens and `H(e)` the prompt
-//! tokens the prefix index says `e` holds ([`held_tokens`]):
+//! tokens the prefix index says `e` holds ([`PrefixMatch::held_tokens`]):
 //! - `own(e) = max(0, P − H(e))`: the tokens this request would compute on `e`;
 //! - `ahead(e)`: the prompt tokens of the requests this EPP sent to `e` that have not answered
 //!   their first byte yet, each counted as what it was expected to compute there
@@ -20,18 +20,12 @@
 
 use serde::Deserialize;
 
+#[cfg(doc)]
+use crate::scheduler::plugin::PrefixMatch;
 use crate::{
-    datastore::{EndpointId, EndpointUid},
-    scheduler::plugin::{CycleState, Needs, PluginName, PrefixMatch, SchedulingContext, Scorer},
+    datastore::EndpointId,
+    scheduler::plugin::{CycleState, Needs, PluginName, SchedulingContext, Scorer},
 };
-
-/// Prompt tokens `m` says endpoint `uid` holds: its matched blocks times the block size. The
-/// match stops at the producer's `maxPrefixBlocksToMatch`, and what lies past it counts as not
-/// held (a share of the matched blocks would count a long prompt whose first blocks alone were
-/// looked up as entirely cached).
-pub fn held_tokens(m: &PrefixMatch, uid: EndpointUid) -> u64 {
-    u64::from(m.matched_blocks(uid)) * u64::from(m.block_size_tokens)
-}
 
 /// Parameters.
 #[derive(Debug, Clone, Deserialize)]
@@ -90,7 +84,7 @@ impl Scorer for PrefillBacklogScorer {
                 continue;
             };
             // Scratch use of `out`: the tokens this request would compute here.
-            *slot = (prompt - prefix.map_or(0.0, |m| held_tokens(m, e.uid) as f64)).max(0.0);
+            *slot = (prompt - prefix.map_or(0.0, |m| m.held_tokens(e.uid) as f64)).max(0.0);
             waiting += u64::from(e.live.prefilling_requests());
         }
         let b = if self.recompute_aware && !candidates.is_empty() {
