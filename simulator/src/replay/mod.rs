@@ -18,9 +18,10 @@
 //! - the in-flight hooks are the server's: the pick counts on the endpoint's live counters
 //!   (which load scorers add to the scraped queue) until the response ends, and as prefill work
 //!   until its first token; the pre-request hooks (prefix index insert) run after each decision;
-//!   the engine's cached-token count at the first token goes back to the scheduler as a model
-//!   server's usage does ([`Scheduler::cache_report`]); and a budget reservation is settled with
-//!   the served tokens when the request finishes.
+//!   the engine's cached-token count goes back to the scheduler as a model server's usage does
+//!   ([`Scheduler::cache_report`]), at the first token where a server's usage comes with the
+//!   response's end (a correction lands a little sooner here); and a budget reservation is
+//!   settled with the served tokens when the request finishes.
 
 pub mod baselines;
 pub mod command;
