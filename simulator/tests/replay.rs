@@ -12,6 +12,7 @@ use epp_sim::{
     workload::{
         Workload,
         generate::{self, GeneratorParams},
+        suite,
     },
 };
 
@@ -194,7 +195,7 @@ fn the_oracle_bounds_round_robin_and_the_upstream_default_on_document_qa() {
         output_tokens: 64,
         ..Default::default()
     };
-    let workload = generate::doc_qa(&params, 3);
+    let workload = suite::doc_qa(&params, 3);
     let profile = EngineProfile {
         num_gpu_blocks: 6_000,
         ..EngineProfile::h100()
@@ -258,7 +259,7 @@ fn the_recommended_default_keeps_agent_loops_fast_near_capacity() {
         think_time: 1.0,
         ..Default::default()
     };
-    let workload = generate::sessions(&params, 4);
+    let workload = suite::sessions(&params, 4);
     let profile = EngineProfile::h100();
     let (_, upstream) = run(
         &workload,

@@ -30,7 +30,7 @@ use rand::{SeedableRng, rngs::SmallRng};
 use tracing::{debug, trace};
 
 use super::{
-    body_memory::{BodyCharge, BodyMemoryExhausted, PIECE_OVERHEAD_BYTES},
+    body_memory::BodyPieces,
     encode::{
         Direction, body_replace_answer, common_with_headers, destination_metadata, push_streamed_body,
         push_streamed_pieces, request_headers_answer, response_headers_answer, set_header, streamed_chunk,
@@ -122,71 +122,6 @@ impl Drop for Routed {
 struct Routing {
     destination: String,
     body: Option<Vec<u8>>,
-}
-
-/// The request body as received: kept in the pieces it came in, so that an unchanged body is
-/// re-emitted without copying, and joined once (exactly sized) for parsing. Every byte held is
-/// charged to the process-wide [`BodyMemory`](super::body_memory::BodyMemory).
-struct BodyPieces {
-    pieces: Vec<Vec<u8>>,
-    len: usize,
-    charge: BodyCharge,
-}
-
-/// A piece below this size is copied onto the end of the previous one (while that stays within
-/// one re-emitted chunk) instead of being kept alone: a body sent as one-byte frames would
-/// otherwise cost about fifty bytes of bookkeeping per byte.
-const COALESCE_BELOW_BYTES: usize = 16 << 10;
-
-impl BodyPieces {
-    fn new(charge: BodyCharge) -> Self {
-        Self {
-            pieces: Vec::new(),
-            len: 0,
-            charge,
-        }
-    }
-
-    /// Keep `piece`, charged to the budget.
-    fn push(&mut self, piece: Vec<u8>) -> Result<(), BodyMemoryExhausted> {
-        if piece.is_empty() {
-            return Ok(());
-        }
-        let n = piece.len();
-        match self.pieces.last_mut() {
-            Some(last) if n < COALESCE_BELOW_BYTES && last.len() + n <= BODY_CHUNK_BYTES => {
-                let needed = last.len() + n;
-                if needed > last.capacity() {
-                    // Doubling (as `Vec` would), charged before it happens, capped at one chunk.
-                    let grown = (last.capacity() * 2).clamp(needed, BODY_CHUNK_BYTES);
-                    self.charge.grow(grown - last.capacity())?;
-                    last.reserve_exact(grown - last.len());
-                }
-                last.extend_from_slice(&piece);
-            }
-            _ => {
-                self.charge.grow(piece.capacity() + PIECE_OVERHEAD_BYTES)?;
-                self.pieces.push(piece);
-            }
-        }
-        self.len += n;
-        Ok(())
-    }
-
-    /// The whole body, and the pieces it came in when there were several (the joined copy is
-    /// charged as well).
-    fn join(&mut self) -> Result<(Vec<u8>, Vec<Vec<u8>>), BodyMemoryExhausted> {
-        let mut pieces = std::mem::take(&mut self.pieces);
-        if pieces.len() <= 1 {
-            return Ok((pieces.pop().unwrap_or_default(), pieces));
-        }
-        self.charge.grow(self.len)?;
-        let mut joined = Vec::with_capacity(self.len);
-        for piece in &pieces {
-            joined.extend_from_slice(piece);
-        }
-        Ok((joined, pieces))
-    }
 }
 
 /// State of one exchange.
@@ -350,7 +285,7 @@ impl Exchange {
         if self.decided {
             return Flow::Continue;
         }
-        if self.body.len + b.body.len() > MAX_REQUEST_BODY_BYTES {
+        if self.body.len() + b.body.len() > MAX_REQUEST_BODY_BYTES {
             return self.fail(
                 EppError::BodyTooLarge {
                     limit: MAX_REQUEST_BODY_BYTES,
@@ -451,7 +386,7 @@ impl Exchange {
             }
         }
         // The body is handed on: what the stream held against the budget is free for others.
-        self.body.charge.release();
+        self.body.release();
         Flow::Continue
     }
 
@@ -736,70 +671,4 @@ fn ratelimit_headers(
             crate::budget::reset_text(reset_ms).as_bytes(),
         ),
     ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::extproc::body_memory::BodyMemory;
-
-    /// Regression (robustness issue, item 2): a body sent as one-byte frames cost 43–61 bytes of
-    /// memory per body byte, one kept piece each; tiny pieces now join the previous one.
-    #[test]
-    fn one_byte_pieces_are_coalesced_and_charged_near_their_size() {
-        let memory = BodyMemory::new(1 << 30);
-        let mut body = BodyPieces::new(memory.charge());
-        for i in 0..100_000u32 {
-            body.push(vec![b'a' + (i % 26) as u8]).unwrap();
-        }
-        assert_eq!(body.len, 100_000);
-        assert_eq!(body.pieces.len(), 2, "62,000 + 38,000 bytes");
-        assert!(body.pieces.iter().all(|p| p.len() <= BODY_CHUNK_BYTES));
-        // Capacity grows by doubling, at most one chunk per piece, plus one overhead per piece.
-        assert!(
-            memory.held() <= 2 * BODY_CHUNK_BYTES + 2 * PIECE_OVERHEAD_BYTES,
-            "{}",
-            memory.held()
-        );
-        let (joined, pieces) = body.join().unwrap();
-        assert_eq!(joined.len(), 100_000);
-        assert!(
-            joined
-                .iter()
-                .enumerate()
-                .all(|(i, b)| *b == b'a' + (i % 26) as u8)
-        );
-        assert_eq!(pieces.iter().map(Vec::len).sum::<usize>(), 100_000);
-        drop(body);
-        assert_eq!(memory.held(), 0, "every byte given back");
-    }
-
-    #[test]
-    fn large_pieces_are_kept_as_they_came_and_the_join_is_charged() {
-        let memory = BodyMemory::new(1 << 30);
-        let mut body = BodyPieces::new(memory.charge());
-        body.push(vec![1; 65_536]).unwrap();
-        body.push(vec![2; 20_000]).unwrap();
-        body.push(vec![3; 100]).unwrap(); // joins the 20,000-byte piece
-        assert_eq!(
-            body.pieces.iter().map(Vec::len).collect::<Vec<_>>(),
-            [65_536, 20_100]
-        );
-        let before = memory.held();
-        let (joined, _) = body.join().unwrap();
-        assert_eq!(memory.held(), before + joined.len());
-        body.charge.release();
-        assert_eq!(memory.held(), 0);
-    }
-
-    #[test]
-    fn a_piece_past_the_budget_is_refused_and_nothing_is_kept() {
-        let memory = BodyMemory::new(50_000);
-        let mut body = BodyPieces::new(memory.charge());
-        assert_eq!(
-            body.push(vec![0; 60_000]),
-            Err(BodyMemoryExhausted { limit: 50_000 })
-        );
-        assert_eq!((body.len, body.pieces.len(), memory.held()), (0, 0, 0));
-    }
 }

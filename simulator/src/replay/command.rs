@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     engine::EngineProfile,
-    workload::{Workload, azure, generate, mooncake},
+    workload::{Workload, azure, generate, mooncake, suite},
 };
 
 /// Where requests come from.
@@ -104,9 +104,9 @@ impl WorkloadArgs {
                 azure::parse(&name, &text)?
             }
             Format::SharedPrefix => generate::shared_prefix(&self.generator, self.seed),
-            Format::DocQa => generate::doc_qa(&self.generator, self.seed),
-            Format::Sessions => generate::sessions(&self.generator, self.seed),
-            Format::Mixed => generate::mixed(&self.generator, self.seed),
+            Format::DocQa => suite::doc_qa(&self.generator, self.seed),
+            Format::Sessions => suite::sessions(&self.generator, self.seed),
+            Format::Mixed => suite::mixed(&self.generator, self.seed),
             Format::MultiLora => generate::multi_lora(&self.generator, self.seed),
             Format::MultiTenant => generate::multi_tenant(&self.generator, self.seed),
             Format::NoisyNeighbour => {

@@ -13,6 +13,7 @@
 pub mod azure;
 pub mod generate;
 pub mod mooncake;
+pub mod suite;
 
 use std::sync::Arc;
 
