@@ -45,6 +45,20 @@ async fn scrape(app: &RunningApp, token: Option<&str>) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// A scrape once the pool gauges are on the page: they appear with the pool's first sync, which
+/// a loaded machine may not have reached when the app has just started (bounded: 5 s).
+async fn scrape_synced(app: &RunningApp, token: Option<&str>) -> (u16, String) {
+    let mut last = scrape(app, token).await;
+    for _ in 0..100 {
+        if last.0 != 200 || last.1.contains("# TYPE inference_pool_ready_pods gauge") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        last = scrape(app, token).await;
+    }
+    last
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_need_a_token_the_cluster_authorizes() {
     let kube = FakeKube::start().await;
@@ -62,7 +76,7 @@ async fn metrics_need_a_token_the_cluster_authorizes() {
         scrape(&app, Some("other-token")).await,
         (403, "Forbidden\n".into())
     );
-    let (status, page) = scrape(&app, Some("prometheus-token")).await;
+    let (status, page) = scrape_synced(&app, Some("prometheus-token")).await;
     assert_eq!(status, 200);
     assert!(page.contains("# TYPE inference_pool_ready_pods gauge"), "{page}");
 
@@ -98,7 +112,7 @@ async fn metrics_need_a_token_the_cluster_authorizes() {
 async fn metrics_auth_false_serves_the_page_open() {
     let kube = FakeKube::start().await;
     let app = app(&kube, &["--metrics-endpoint-auth=false"]).await;
-    let (status, page) = scrape(&app, None).await;
+    let (status, page) = scrape_synced(&app, None).await;
     assert_eq!(status, 200);
     assert!(page.contains("# TYPE inference_pool_ready_pods gauge"), "{page}");
     assert_eq!(kube.review_calls().await, 0);
