@@ -40,7 +40,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::engine::{Engine, EngineEvent, EngineGauges, EngineProfile, EngineRequest};
+use crate::engine::{Engine, EngineEvent, EngineGauges, EngineProfile, EngineRequest, MetricsDialect};
 
 /// Bytes of prompt per token (the EPP's estimate as well).
 const BYTES_PER_TOKEN: usize = 4;
@@ -126,6 +126,26 @@ impl PodState {
         let p = &self.config.profile;
         let model = &p.model;
         let waiting = g.waiting + self.config.extra_waiting;
+        if p.metrics == MetricsDialect::Llamacpp {
+            // `llama-server --metrics`: unlabelled, no KV utilization, no adapters.
+            return format!(
+                "# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n\
+                 # TYPE llamacpp:prompt_tokens_total counter\n\
+                 llamacpp:prompt_tokens_total {}\n\
+                 # HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n\
+                 # TYPE llamacpp:tokens_predicted_total counter\n\
+                 llamacpp:tokens_predicted_total {}\n\
+                 # HELP llamacpp:requests_processing Number of requests processing.\n\
+                 # TYPE llamacpp:requests_processing gauge\n\
+                 llamacpp:requests_processing {}\n\
+                 # HELP llamacpp:requests_deferred Number of requests deferred.\n\
+                 # TYPE llamacpp:requests_deferred gauge\n\
+                 llamacpp:requests_deferred {waiting}\n",
+                g.prompt_tokens,
+                g.generation_tokens,
+                g.running,
+            );
+        }
         let join = |v: &[Arc<str>]| v.iter().map(|a| a.as_ref()).collect::<Vec<_>>().join(",");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -326,7 +326,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo { pods, load } => demo(pods, load).await?,
         Command::SharedDocs(args) => {
             let report = epp_sim::shared_docs::run(args).await?;
-            println!("{}", report.table());
+            if !report.runs.is_empty() {
+                println!("{}", report.table());
+            }
+            if let Some(table) = report.simulated_table() {
+                println!("{table}");
+            }
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Replay(args) | Command::Compare(args) => {

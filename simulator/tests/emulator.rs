@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use epp_sim::{
     emulator::{Emulator, PodConfig},
-    engine::EngineProfile,
+    engine::{EngineProfile, MetricsDialect},
 };
 use serde_json::{Value, json};
 
@@ -27,7 +27,7 @@ async fn metric(addr: &str, name: &str) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
@@ -117,6 +117,49 @@ async fn requests_beyond_max_num_seqs_show_up_as_waiting() {
     for c in calls {
         assert_eq!(c.await.unwrap(), 200);
     }
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_llamacpp_profile_serves_llama_server_metrics() {
+    let config = PodConfig {
+        profile: EngineProfile {
+            max_num_seqs: 1,
+            metrics: MetricsDialect::Llamacpp,
+            ..EngineProfile::h100()
+        },
+        ..PodConfig::default()
+    };
+    let emulator = Emulator::start(vec![config], 0).await.unwrap();
+    let addr = emulator.addrs[0].to_string();
+    let url = format!("http://{addr}/v1/completions");
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let url = url.clone();
+        calls.push(tokio::spawn(async move {
+            post(&url, &json!({"model": "m", "prompt": "x", "max_tokens": 200}))
+                .await
+                .status()
+        }));
+    }
+    let mut seen = (0.0, 0.0);
+    for _ in 0..100 {
+        seen = (
+            metric(&addr, "llamacpp:requests_processing").await,
+            metric(&addr, "llamacpp:requests_deferred").await,
+        );
+        if seen == (1.0, 1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, (1.0, 1.0));
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(metric(&addr, "llamacpp:tokens_predicted_total").await, 400.0);
+    let page = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(!page.contains("vllm:"), "{page}");
     emulator.shutdown().await;
 }
 

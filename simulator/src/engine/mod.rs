@@ -24,7 +24,7 @@ pub mod profile;
 
 use std::{collections::VecDeque, sync::Arc};
 
-pub use profile::{EngineProfile, StepWork};
+pub use profile::{EngineProfile, MetricsDialect, StepWork};
 
 use kv::{BlockId, BlockPool};
 

@@ -57,6 +57,20 @@ pub struct EngineProfile {
     pub attention_per_pair_ns: f64,
     /// Added to each request's time to first token (API server, tokenisation), µs.
     pub arrival_overhead_us: f64,
+    /// Which model server's `/metrics` page the EPP scrapes from these engines.
+    pub metrics: MetricsDialect,
+}
+
+/// The gauges a model server exports, as the EPP's scraper maps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsDialect {
+    /// vLLM: waiting and running requests, KV-cache utilization, LoRA adapters, cache geometry.
+    #[default]
+    Vllm,
+    /// llama.cpp's `llama-server --metrics`: deferred and processing requests only; KV
+    /// utilization, adapters and cache geometry stay unknown to the EPP.
+    Llamacpp,
 }
 
 impl EngineProfile {
@@ -86,6 +100,7 @@ impl EngineProfile {
             prefill_per_token_us: 33.0,
             attention_per_pair_ns: 1.2,
             arrival_overhead_us: 0.0,
+            metrics: MetricsDialect::Vllm,
         }
     }
 

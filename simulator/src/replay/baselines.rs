@@ -39,27 +39,32 @@ pub fn placement(spec: &str) -> Placement {
     }
 }
 
+/// Resolve `NAME` (a shipped baseline) or `NAME=FILE` into a name and the configuration's YAML,
+/// not yet parsed (the benchmarks that start a real EPP hand it the text).
+///
+/// # Errors
+/// Unknown baseline or unreadable file, with the name.
+pub fn resolve_text(spec: &str) -> Result<(String, String), String> {
+    if let Some((name, file)) = spec.split_once('=') {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("config {name}: {file}: {e}"))?;
+        return Ok((name.to_owned(), text));
+    }
+    let Some((_, yaml)) = BASELINES.iter().find(|(n, _)| *n == spec) else {
+        let known: Vec<&str> = BASELINES.iter().map(|(n, _)| *n).collect();
+        return Err(format!(
+            "unknown baseline {spec:?}: use one of {} or NAME=FILE",
+            known.join(", ")
+        ));
+    };
+    Ok((spec.to_owned(), (*yaml).to_owned()))
+}
+
 /// Resolve `NAME` (a shipped baseline) or `NAME=FILE` into a name and a validated configuration.
 ///
 /// # Errors
 /// Unknown baseline, unreadable file or invalid configuration, with the name.
 pub fn resolve(spec: &str) -> Result<(String, EndpointPickerConfig), String> {
-    let (name, text) = match spec.split_once('=') {
-        Some((name, file)) => {
-            let text = std::fs::read_to_string(file).map_err(|e| format!("config {name}: {file}: {e}"))?;
-            (name.to_owned(), text)
-        }
-        None => {
-            let Some((_, yaml)) = BASELINES.iter().find(|(n, _)| *n == spec) else {
-                let known: Vec<&str> = BASELINES.iter().map(|(n, _)| *n).collect();
-                return Err(format!(
-                    "unknown baseline {spec:?}: use one of {} or NAME=FILE",
-                    known.join(", ")
-                ));
-            };
-            (spec.to_owned(), (*yaml).to_owned())
-        }
-    };
+    let (name, text) = resolve_text(spec)?;
     let config = EndpointPickerConfig::from_yaml(&text).map_err(|e| format!("config {name}: {e}"))?;
     Ok((name, config))
 }

@@ -56,7 +56,7 @@ use futures_util::FutureExt;
 use rand::{SeedableRng, rngs::SmallRng};
 
 use crate::{
-    engine::{Engine, EngineEvent, EngineProfile, EngineRequest},
+    engine::{Engine, EngineEvent, EngineProfile, EngineRequest, MetricsDialect},
     workload::{TraceRequest, Workload},
 };
 
@@ -453,17 +453,20 @@ impl Sim<'_> {
         let pod = &mut self.pods[p as usize];
         let g = pod.engine.gauges();
         let profile = pod.engine.profile();
+        // What the pod's `/metrics` page would show; the EPP's scraper maps llama.cpp's page to
+        // queue counts only.
+        let vllm = profile.metrics == MetricsDialect::Vllm;
         pod.endpoint.metrics = Arc::new(EngineMetrics {
             waiting: g.waiting,
             running: g.running,
-            kv_usage: Some(g.kv_usage),
-            lora: Some(LoraState {
+            kv_usage: vllm.then_some(g.kv_usage),
+            lora: vllm.then(|| LoraState {
                 running: g.running_adapters.into(),
                 waiting: g.waiting_adapters.into(),
                 max_active: profile.max_loras,
             }),
-            block_size: Some(profile.block_size),
-            num_gpu_blocks: Some(u64::from(profile.num_gpu_blocks)),
+            block_size: vllm.then_some(profile.block_size),
+            num_gpu_blocks: vllm.then_some(u64::from(profile.num_gpu_blocks)),
             scraped_at: Some(Timestamp(now)),
             last_error: None,
         });

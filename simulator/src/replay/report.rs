@@ -75,7 +75,7 @@ pub const GOODPUT_TTFT_S: f64 = 2.0;
 pub const GOODPUT_TPOT_S: f64 = 0.1;
 
 /// The report of one run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Report {
     /// Configuration name.
     pub name: String,

@@ -18,6 +18,12 @@
 //! whole, so a cached document is its plain KV state (16 MiB) rather than a set of checkpoints.
 //! With llama.cpp's defaults (8 GiB prompt cache, several slots) every server would soon hold
 //! every document of this small workload, and routing would only matter during the warm-up.
+//!
+//! With `--simulate PROFILE` the same trace, tokenized by llama-server itself, is also replayed
+//! in the simulator with the same configurations ([`simulated`]), and both are reported side by
+//! side: the check of the engine model against real servers. `--sim-only` skips the real runs.
+
+pub mod simulated;
 
 use std::{
     collections::BTreeMap,
@@ -26,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use epp::{
     config::{EndpointPickerConfig, Flags, normalize_go_args},
     scheduler::build_scheduler,
@@ -38,8 +44,10 @@ use tokio::sync::Mutex;
 use crate::{
     envoy::{Envoy, EnvoyPorts, free_port, render_config, wait_until_scraped},
     llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary},
-    replay::{baselines::BASELINES, report::Latency},
+    engine::EngineProfile,
+    replay::{baselines, report::Latency},
 };
+use simulated::{Fidelity, SimRun, TokenPrompt};
 
 /// Options of `epp-sim shared-docs`.
 #[derive(clap::Args, Debug, Clone)]
@@ -103,6 +111,14 @@ pub struct SharedDocsArgs {
     /// Print every request as it completes: arrival, document, picked server, TTFT, cached.
     #[arg(long)]
     pub verbose: bool,
+    /// Also replay the trace in the simulator on this engine profile (a preset or a profile
+    /// file, e.g. `simulator/profiles/llamacpp-gemma3-270m-cpu.yaml`), one simulated pod per
+    /// server, and report real and simulated side by side.
+    #[arg(long, value_name = "PROFILE")]
+    pub simulate: Option<String>,
+    /// With `--simulate`: skip the real runs (llama-server still tokenizes the prompts).
+    #[arg(long, requires = "simulate")]
+    pub sim_only: bool,
 }
 
 /// Results of one config.
@@ -158,8 +174,17 @@ pub struct SharedDocsReport {
     pub max_tokens: u32,
     /// Seed.
     pub seed: u64,
-    /// One entry per config, in the order run.
+    /// One entry per config, in the order run (empty with `--sim-only`).
     pub runs: Vec<ConfigRun>,
+    /// The engine profile of the simulated runs (`--simulate`).
+    pub profile: Option<String>,
+    /// The same trace in the simulator, one entry per config (`--simulate`).
+    pub simulated: Vec<SimRun>,
+    /// How the simulated runs compare with the real ones.
+    pub fidelity: Option<Fidelity>,
+    /// Prompts whose token count (llama-server's template and tokenizer, the simulator's input)
+    /// differs from the `usage.prompt_tokens` a server reported for them in a real run.
+    pub token_count_mismatches: Option<usize>,
 }
 
 impl SharedDocsReport {
@@ -209,6 +234,30 @@ impl SharedDocsReport {
             ));
         }
         out
+    }
+}
+
+impl SharedDocsReport {
+    /// The real and simulated runs side by side with the fidelity verdict (`--simulate`), or
+    /// nothing.
+    pub fn simulated_table(&self) -> Option<String> {
+        let profile = self.profile.as_deref()?;
+        let mut out = format!("Simulated on {} pods of engine profile {profile}:\n\n", self.servers);
+        out.push_str(&simulated::side_by_side(&self.runs, &self.simulated));
+        if let Some(f) = &self.fidelity {
+            out.push_str(&format!(
+                "\nSame ranking by mean TTFT: {}. Simulated mean TTFT within 25 % of the real one: {} of {}.\n",
+                if f.same_ranking { "yes" } else { "no" },
+                f.within_25_percent,
+                f.mean_ratio.len()
+            ));
+        }
+        if let Some(n) = self.token_count_mismatches {
+            out.push_str(&format!(
+                "Prompts whose tokenized length differs from the servers' usage.prompt_tokens: {n}.\n"
+            ));
+        }
+        Some(out)
     }
 }
 
@@ -305,6 +354,8 @@ fn trace(args: &SharedDocsArgs) -> Vec<Arrival> {
 /// What one request saw.
 #[derive(Debug, Clone, Default)]
 struct Outcome {
+    /// Position of the request in the trace.
+    index: usize,
     ok: bool,
     /// HTTP status (0: transport error or client timeout).
     status: u16,
@@ -381,23 +432,78 @@ async fn ask(client: &reqwest::Client, url: &str, body: String, timeout: Duratio
     out
 }
 
-/// The YAML of `spec`: a shipped baseline by name (`simulator/configs/`, or `upstream-default`),
-/// or `NAME=FILE`.
+/// The YAML of `spec` for a real run: a shipped baseline by name (`simulator/configs/`, or
+/// `upstream-default`), or `NAME=FILE`. The oracle exists only in the simulator.
 fn config_text(spec: &str) -> anyhow::Result<(String, String)> {
-    if let Some((name, file)) = spec.split_once('=') {
-        let text = std::fs::read_to_string(file).with_context(|| format!("config {name}: {file}"))?;
-        return Ok((name.to_owned(), text));
+    if spec == baselines::ORACLE {
+        bail!(
+            "config oracle reads each simulated engine's true state and exists only in the simulator: use it with --simulate PROFILE --sim-only"
+        );
     }
-    match BASELINES.iter().find(|(n, _)| *n == spec) {
-        Some((name, yaml)) => Ok(((*name).to_owned(), (*yaml).to_owned())),
-        None => {
-            let known: Vec<&str> = BASELINES.iter().map(|(n, _)| *n).collect();
-            bail!(
-                "unknown config {spec:?}: use one of {} or NAME=FILE",
-                known.join(", ")
-            )
-        }
+    baselines::resolve_text(spec).map_err(|e| anyhow!(e))
+}
+
+/// The chat messages of one request.
+fn messages(docs: &[String], a: &Arrival) -> Value {
+    json!([
+        {"role": "system", "content": format!("Answer from this document only.\n\n{}", docs[a.doc])},
+        {"role": "user", "content": a.question},
+    ])
+}
+
+/// POST `body` to a llama-server endpoint and read the JSON answer.
+async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> anyhow::Result<Value> {
+    let resp = client.post(&url).json(body).send().await.with_context(|| url.clone())?;
+    let status = resp.status();
+    let text = resp.text().await.with_context(|| url.clone())?;
+    if !status.is_success() {
+        bail!("{url}: {status}: {text}");
     }
+    serde_json::from_str(&text).with_context(|| format!("{url}: not JSON"))
+}
+
+/// Every prompt of the trace as llama-server tokenizes it: its chat template
+/// (`/apply-template`), then its tokenizer (`/tokenize`, special tokens parsed as the chat
+/// endpoint does), on a server of its own.
+async fn tokenize(
+    args: &SharedDocsArgs,
+    bin: &std::path::Path,
+    model: &std::path::Path,
+    docs: &[String],
+    arrivals: &[Arrival],
+) -> anyhow::Result<Vec<TokenPrompt>> {
+    let server = LlamaServer::start(bin, model, free_port()?, &server_config(args)).await?;
+    let client = reqwest::Client::new();
+    let mut prompts = Vec::with_capacity(arrivals.len());
+    for a in arrivals {
+        let templated = post_json(
+            &client,
+            format!("{}/apply-template", server.url()),
+            &json!({"messages": messages(docs, a)}),
+        )
+        .await?;
+        let prompt = templated["prompt"]
+            .as_str()
+            .ok_or_else(|| anyhow!("/apply-template answered without a prompt: {templated}"))?;
+        let tokenized = post_json(
+            &client,
+            format!("{}/tokenize", server.url()),
+            &json!({"content": prompt, "add_special": false, "parse_special": true}),
+        )
+        .await?;
+        let tokens = tokenized["tokens"]
+            .as_array()
+            .ok_or_else(|| anyhow!("/tokenize answered without tokens"))?
+            .iter()
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| anyhow!("/tokenize answered a token that is not a u32"))?;
+        prompts.push(TokenPrompt {
+            arrival_ns: u64::try_from(a.at.as_nanos()).unwrap_or(u64::MAX),
+            tokens,
+        });
+    }
+    Ok(prompts)
 }
 
 /// Sum of one counter family on a llama-server's `/metrics` page.
@@ -419,19 +525,23 @@ struct Fleet {
     servers: Vec<LlamaServer>,
 }
 
-async fn start_fleet(
-    args: &SharedDocsArgs,
-    bin: &std::path::Path,
-    model: &std::path::Path,
-) -> anyhow::Result<Fleet> {
-    let config = LlamaServerConfig {
+fn server_config(args: &SharedDocsArgs) -> LlamaServerConfig {
+    LlamaServerConfig {
         ctx: args.ctx,
         parallel: args.parallel,
         threads: args.threads,
         alias: Some("gemma-3-270m".into()),
         cache_ram_mib: Some(args.cache_ram_mib),
         swa_full: true,
-    };
+    }
+}
+
+async fn start_fleet(
+    args: &SharedDocsArgs,
+    bin: &std::path::Path,
+    model: &std::path::Path,
+) -> anyhow::Result<Fleet> {
+    let config = server_config(args);
     let mut servers = Vec::with_capacity(args.servers);
     for _ in 0..args.servers {
         servers.push(LlamaServer::start(bin, model, free_port()?, &config).await?);
@@ -446,7 +556,7 @@ async fn run_config(
     model: &std::path::Path,
     docs: &Arc<Vec<String>>,
     arrivals: &[Arrival],
-) -> anyhow::Result<ConfigRun> {
+) -> anyhow::Result<(ConfigRun, Vec<(usize, u64)>)> {
     let fleet = start_fleet(args, bin, model).await?;
     let endpoints: Vec<String> = fleet
         .servers
@@ -486,14 +596,11 @@ async fn run_config(
     let timeout = Duration::from_secs(args.request_timeout);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for a in arrivals {
+    for (index, a) in arrivals.iter().enumerate() {
         tokio::time::sleep_until((started + a.at).into()).await;
         let body = json!({
             "model": "gemma-3-270m",
-            "messages": [
-                {"role": "system", "content": format!("Answer from this document only.\n\n{}", docs[a.doc])},
-                {"role": "user", "content": a.question},
-            ],
+            "messages": messages(docs, a),
             "max_tokens": args.max_tokens,
             "temperature": 0,
             "stream": true,
@@ -504,6 +611,7 @@ async fn run_config(
         let (doc, at, verbose) = (a.doc, a.at, args.verbose);
         tasks.spawn(async move {
             let mut o = ask(&client, &url, body, timeout).await;
+            o.index = index;
             o.done_at = started.elapsed();
             if verbose {
                 eprintln!(
@@ -532,7 +640,8 @@ async fn run_config(
     let first = arrivals.first().map_or(Duration::ZERO, |a| a.at);
     let last = ok.iter().map(|o| o.done_at).max().unwrap_or(first);
     let makespan = (last.saturating_sub(first)).as_secs_f64().max(1e-9);
-    Ok(ConfigRun {
+    let prompt_tokens_by_request = ok.iter().map(|o| (o.index, o.prompt_tokens)).collect();
+    let run = ConfigRun {
         config: name.clone(),
         completed: ok.len(),
         errors: outcomes.len() - ok.len(),
@@ -553,7 +662,8 @@ async fn run_config(
         prompt_tokens: ok.iter().map(|o| o.prompt_tokens).sum(),
         cached_tokens: ok.iter().map(|o| o.cached_tokens).sum(),
         prefill_ktokens_per_server: prefill,
-    })
+    };
+    Ok((run, prompt_tokens_by_request))
 }
 
 /// Run the benchmark: the same seeded trace once per config, each on fresh servers.
@@ -576,23 +686,38 @@ pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
             .collect(),
     );
     let arrivals = trace(&args);
-    // Every config is checked before any server starts.
+    // Every config and the profile are checked before any server starts.
     let mut configs = Vec::with_capacity(args.configs.len());
     for spec in &args.configs {
-        let (name, text) = config_text(spec)?;
+        let (name, text) = if args.sim_only {
+            baselines::resolve_text(spec).map_err(|e| anyhow!(e))?
+        } else {
+            config_text(spec)?
+        };
         let parsed = EndpointPickerConfig::from_yaml(&text).with_context(|| format!("config {name}"))?;
-        build_scheduler(&parsed).map_err(|e| anyhow::anyhow!("config {name}: {e}"))?;
+        build_scheduler(&parsed).map_err(|e| anyhow!("config {name}: {e}"))?;
         configs.push((name, text));
     }
+    let profile = args
+        .simulate
+        .as_deref()
+        .map(EngineProfile::load)
+        .transpose()
+        .map_err(|e| anyhow!(e))?;
+    let prompts = match &profile {
+        Some(_) => Some(tokenize(&args, &bin, &model, &docs, &arrivals).await?),
+        None => None,
+    };
     let mut runs = Vec::new();
     let mut mean_prompt_tokens = 0;
-    for config in &configs {
+    let mut token_count_mismatches = None;
+    for config in configs.iter().filter(|_| !args.sim_only) {
         let name = &config.0;
         eprintln!(
             "shared-docs: config {name}: {} requests at {} req/s over {} servers...",
             args.requests, args.rate, args.servers
         );
-        let run = run_config(&args, config, &bin, &model, &docs, &arrivals).await?;
+        let (run, prompt_tokens) = run_config(&args, config, &bin, &model, &docs, &arrivals).await?;
         eprintln!(
             "shared-docs: config {name}: TTFT mean {:.2} s, {} ok, {} errors, cached {:.1} %",
             run.ttft.mean_s,
@@ -603,7 +728,35 @@ pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
         if run.completed > 0 {
             mean_prompt_tokens = (run.prompt_tokens / run.completed as u64) as usize;
         }
+        if let Some(prompts) = &prompts {
+            let differ = prompt_tokens
+                .iter()
+                .filter(|(i, n)| prompts.get(*i).is_none_or(|p| p.tokens.len() as u64 != *n))
+                .count();
+            *token_count_mismatches.get_or_insert(0) += differ;
+        }
         runs.push(run);
+    }
+    let mut simulated = Vec::new();
+    if let (Some(profile), Some(prompts)) = (&profile, &prompts) {
+        eprintln!(
+            "shared-docs: replaying the trace in the simulator on {} pods ({})...",
+            args.servers, profile.name
+        );
+        let workload = simulated::token_workload("shared-docs", prompts, args.max_tokens);
+        let scrape = epp::config::parse_duration(&args.refresh_metrics_interval).map_err(|e| anyhow!(e))?;
+        simulated = simulated::simulate(
+            &workload,
+            &args.configs,
+            profile,
+            args.servers,
+            u64::try_from(scrape.as_nanos()).unwrap_or(u64::MAX),
+            args.seed,
+        )
+        .map_err(|e| anyhow!(e))?;
+        if mean_prompt_tokens == 0 && !prompts.is_empty() {
+            mean_prompt_tokens = prompts.iter().map(|p| p.tokens.len()).sum::<usize>() / prompts.len();
+        }
     }
     Ok(SharedDocsReport {
         servers: args.servers,
@@ -613,7 +766,11 @@ pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
         rate: args.rate,
         max_tokens: args.max_tokens,
         seed: args.seed,
+        fidelity: simulated::fidelity(&runs, &simulated),
         runs,
+        profile: profile.map(|p| p.name),
+        simulated,
+        token_count_mismatches,
     })
 }
 
@@ -674,9 +831,11 @@ mod tests {
         }
         let err = config_text("fastest").unwrap_err().to_string();
         assert!(
-            err.starts_with("unknown config \"fastest\": use one of round-robin"),
+            err.starts_with("unknown baseline \"fastest\": use one of round-robin"),
             "{err}"
         );
+        let err = config_text("oracle").unwrap_err().to_string();
+        assert!(err.ends_with("use it with --simulate PROFILE --sim-only"), "{err}");
     }
 
     #[test]
@@ -710,6 +869,10 @@ mod tests {
                 run("round-robin", 40.0, &[(200, 3), (504, 1)]),
                 run("recommended", 2.0, &[(200, 4)]),
             ],
+            profile: None,
+            simulated: Vec::new(),
+            fidelity: None,
+            token_count_mismatches: None,
         };
         let table = report.table();
         assert!(table.contains("| round-robin | 3 | 1 (504×1) |"), "{table}");
