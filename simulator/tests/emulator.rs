@@ -80,11 +80,14 @@ async fn streams_one_event_per_token_then_usage_and_done() {
     emulator.shutdown().await;
 }
 
-#[tokio::test]
-async fn requests_beyond_max_num_seqs_show_up_as_waiting() {
+/// Send `requests` of 200 output tokens at once to one pod serving one sequence at a time and
+/// wait (bounded) until its `/metrics` shows one running and the rest waiting under the gauge
+/// names given; returns what it last showed, and the pod's address once all are answered.
+async fn one_at_a_time(metrics: MetricsDialect, requests: usize, gauges: [&str; 2]) -> ((f64, f64), String) {
     let config = PodConfig {
         profile: EngineProfile {
             max_num_seqs: 1,
+            metrics,
             ..EngineProfile::h100()
         },
         ..PodConfig::default()
@@ -92,9 +95,9 @@ async fn requests_beyond_max_num_seqs_show_up_as_waiting() {
     let emulator = Emulator::start(vec![config], 0).await.unwrap();
     let addr = emulator.addrs[0].to_string();
     let url = format!("http://{addr}/v1/completions");
-    // Three requests of 200 tokens (~1.4 s each at ~7 ms per decode step), one at a time.
+    // Requests of 200 tokens (~1.4 s each at ~7 ms per decode step), one at a time.
     let mut calls = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..requests {
         let url = url.clone();
         calls.push(tokio::spawn(async move {
             post(&url, &json!({"model": "m", "prompt": "x", "max_tokens": 200}))
@@ -102,65 +105,42 @@ async fn requests_beyond_max_num_seqs_show_up_as_waiting() {
                 .status()
         }));
     }
+    let wanted = (1.0, (requests - 1) as f64);
     let mut seen = (0.0, 0.0);
     for _ in 0..100 {
-        seen = (
-            metric(&addr, "vllm:num_requests_running").await,
-            metric(&addr, "vllm:num_requests_waiting").await,
-        );
-        if seen == (1.0, 2.0) {
+        seen = (metric(&addr, gauges[0]).await, metric(&addr, gauges[1]).await);
+        if seen == wanted {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(seen, (1.0, 2.0));
     for c in calls {
         assert_eq!(c.await.unwrap(), 200);
     }
+    let page = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     emulator.shutdown().await;
+    (seen, page)
+}
+
+#[tokio::test]
+async fn requests_beyond_max_num_seqs_show_up_as_waiting() {
+    let gauges = ["vllm:num_requests_running", "vllm:num_requests_waiting"];
+    let (seen, _) = one_at_a_time(MetricsDialect::Vllm, 3, gauges).await;
+    assert_eq!(seen, (1.0, 2.0));
 }
 
 #[tokio::test]
 async fn a_llamacpp_profile_serves_llama_server_metrics() {
-    let config = PodConfig {
-        profile: EngineProfile {
-            max_num_seqs: 1,
-            metrics: MetricsDialect::Llamacpp,
-            ..EngineProfile::h100()
-        },
-        ..PodConfig::default()
-    };
-    let emulator = Emulator::start(vec![config], 0).await.unwrap();
-    let addr = emulator.addrs[0].to_string();
-    let url = format!("http://{addr}/v1/completions");
-    let mut calls = Vec::new();
-    for _ in 0..2 {
-        let url = url.clone();
-        calls.push(tokio::spawn(async move {
-            post(&url, &json!({"model": "m", "prompt": "x", "max_tokens": 200}))
-                .await
-                .status()
-        }));
-    }
-    let mut seen = (0.0, 0.0);
-    for _ in 0..100 {
-        seen = (
-            metric(&addr, "llamacpp:requests_processing").await,
-            metric(&addr, "llamacpp:requests_deferred").await,
-        );
-        if seen == (1.0, 1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let gauges = ["llamacpp:requests_processing", "llamacpp:requests_deferred"];
+    let (seen, page) = one_at_a_time(MetricsDialect::Llamacpp, 2, gauges).await;
     assert_eq!(seen, (1.0, 1.0));
-    for c in calls {
-        assert_eq!(c.await.unwrap(), 200);
-    }
-    assert_eq!(metric(&addr, "llamacpp:tokens_predicted_total").await, 400.0);
-    let page = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(page.contains("\nllamacpp:tokens_predicted_total 400\n"), "{page}");
     assert!(!page.contains("vllm:"), "{page}");
-    emulator.shutdown().await;
 }
 
 #[tokio::test]

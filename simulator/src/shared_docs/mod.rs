@@ -11,11 +11,15 @@
 //!
 //! Each server's cache is deliberately small, as a GPU server keeps only part of a large working
 //! set: one slot (`-np 1`, so a question about a document that is still being prefilled waits for
-//! it instead of prefilling it a second time) and a host-memory prompt cache (`--cache-ram`) that
-//! holds at most the context size, 8192 tokens: two documents. The slot's document is saved
-//! there before another is loaded, so a server keeps two documents, and the pool keeps all four
-//! only if each document stays on one server. `--swa-full` keeps Gemma's sliding-window layers
-//! whole, so a cached document is its plain KV state (16 MiB) rather than a set of checkpoints.
+//! it instead of prefilling it a second time) and a small host-memory prompt cache
+//! (`--cache-ram`, 64 MiB by default). The slot's prompt is saved there before the next request
+//! is looked up, evicting the oldest entries past the limit, so the number of documents a server
+//! keeps is the number of entries that fit: a 3k-token document is a 16.5 MiB entry, a 1k-token
+//! one 10.5 MiB at `--ctx 2048` (`--cache-ram-mib 24` keeps two of those; measure with
+//! `scripts/calibrate-llamacpp.py`). Sized so that a server keeps fewer documents than there
+//! are, the pool keeps them all only if each document stays on one server.
+//! `--swa-full` keeps Gemma's sliding-window layers whole, so a cached document is its plain KV
+//! state rather than a set of checkpoints.
 //! With llama.cpp's defaults (8 GiB prompt cache, several slots) every server would soon hold
 //! every document of this small workload, and routing would only matter during the warm-up.
 //!
@@ -42,9 +46,9 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::{
+    engine::EngineProfile,
     envoy::{Envoy, EnvoyPorts, free_port, render_config, wait_until_scraped},
     llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary},
-    engine::EngineProfile,
     replay::{baselines, report::Latency},
 };
 use simulated::{Fidelity, SimRun, TokenPrompt};
@@ -151,6 +155,25 @@ pub struct ConfigRun {
 }
 
 impl ConfigRun {
+    /// A run for tests of the reports: 100 prompt tokens of which `cached`, two servers.
+    #[cfg(test)]
+    fn example(config: &str, ttft: Latency, status: &[(u16, usize)], cached: u64) -> Self {
+        Self {
+            config: config.into(),
+            completed: status.iter().filter(|(c, _)| *c == 200).map(|(_, n)| n).sum(),
+            errors: status.iter().filter(|(c, _)| *c != 200).map(|(_, n)| n).sum(),
+            status: status.iter().copied().collect(),
+            ttft,
+            e2e: Latency::default(),
+            makespan_s: 1.0,
+            throughput_rps: 1.0,
+            output_tokens_per_s: 8.0,
+            prompt_tokens: 100,
+            cached_tokens: cached,
+            prefill_ktokens_per_server: vec![3.0, 3.0],
+        }
+    }
+
     /// Cached share of prompt tokens.
     pub fn cached_share(&self) -> f64 {
         self.cached_tokens as f64 / self.prompt_tokens.max(1) as f64
@@ -242,7 +265,10 @@ impl SharedDocsReport {
     /// nothing.
     pub fn simulated_table(&self) -> Option<String> {
         let profile = self.profile.as_deref()?;
-        let mut out = format!("Simulated on {} pods of engine profile {profile}:\n\n", self.servers);
+        let mut out = format!(
+            "Simulated on {} pods of engine profile {profile}:\n\n",
+            self.servers
+        );
         out.push_str(&simulated::side_by_side(&self.runs, &self.simulated));
         if let Some(f) = &self.fidelity {
             out.push_str(&format!(
@@ -453,7 +479,12 @@ fn messages(docs: &[String], a: &Arrival) -> Value {
 
 /// POST `body` to a llama-server endpoint and read the JSON answer.
 async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> anyhow::Result<Value> {
-    let resp = client.post(&url).json(body).send().await.with_context(|| url.clone())?;
+    let resp = client
+        .post(&url)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| url.clone())?;
     let status = resp.status();
     let text = resp.text().await.with_context(|| url.clone())?;
     if !status.is_success() {
@@ -463,8 +494,9 @@ async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> anyho
 }
 
 /// Every prompt of the trace as llama-server tokenizes it: its chat template
-/// (`/apply-template`), then its tokenizer (`/tokenize`, special tokens parsed as the chat
-/// endpoint does), on a server of its own.
+/// (`/apply-template`), then its tokenizer (`/tokenize` with the BOS token added and special
+/// tokens parsed, as the chat endpoint does: the counts equal its `usage.prompt_tokens`), on a
+/// server of its own.
 async fn tokenize(
     args: &SharedDocsArgs,
     bin: &std::path::Path,
@@ -488,7 +520,7 @@ async fn tokenize(
         let tokenized = post_json(
             &client,
             format!("{}/tokenize", server.url()),
-            &json!({"content": prompt, "add_special": false, "parse_special": true}),
+            &json!({"content": prompt, "add_special": true, "parse_special": true}),
         )
         .await?;
         let tokens = tokenized["tokens"]
@@ -835,27 +867,20 @@ mod tests {
             "{err}"
         );
         let err = config_text("oracle").unwrap_err().to_string();
-        assert!(err.ends_with("use it with --simulate PROFILE --sim-only"), "{err}");
+        assert!(
+            err.ends_with("use it with --simulate PROFILE --sim-only"),
+            "{err}"
+        );
     }
 
     #[test]
     fn the_table_reports_gain_over_the_first_config_and_failures_by_status() {
-        let run = |config: &str, mean: f64, status: &[(u16, usize)]| ConfigRun {
-            config: config.into(),
-            completed: status.iter().filter(|(c, _)| *c == 200).map(|(_, n)| n).sum(),
-            errors: status.iter().filter(|(c, _)| *c != 200).map(|(_, n)| n).sum(),
-            status: status.iter().copied().collect(),
-            ttft: Latency {
+        let run = |config: &str, mean: f64, status: &[(u16, usize)]| {
+            let ttft = Latency {
                 mean_s: mean,
                 ..Latency::default()
-            },
-            e2e: Latency::default(),
-            makespan_s: 1.0,
-            throughput_rps: 1.0,
-            output_tokens_per_s: 8.0,
-            prompt_tokens: 100,
-            cached_tokens: 90,
-            prefill_ktokens_per_server: vec![3.0, 3.0],
+            };
+            ConfigRun::example(config, ttft, status, 90)
         };
         let report = SharedDocsReport {
             servers: 2,

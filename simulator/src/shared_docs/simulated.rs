@@ -235,25 +235,13 @@ mod tests {
     }
 
     fn real(config: &str, mean: f64) -> ConfigRun {
-        ConfigRun {
-            config: config.into(),
-            completed: 1,
-            errors: 0,
-            status: [(200, 1)].into_iter().collect(),
-            ttft: Latency {
-                mean_s: mean,
-                p50_s: mean / 2.0,
-                p90_s: mean * 2.0,
-                ..Latency::default()
-            },
-            e2e: Latency::default(),
-            makespan_s: 1.0,
-            throughput_rps: 1.0,
-            output_tokens_per_s: 8.0,
-            prompt_tokens: 100,
-            cached_tokens: 50,
-            prefill_ktokens_per_server: vec![1.0],
-        }
+        let ttft = Latency {
+            mean_s: mean,
+            p50_s: mean / 2.0,
+            p90_s: mean * 2.0,
+            ..Latency::default()
+        };
+        ConfigRun::example(config, ttft, &[(200, 1)], 50)
     }
 
     fn sim(config: &str, mean: f64) -> SimRun {
@@ -275,15 +263,27 @@ mod tests {
 
     #[test]
     fn fidelity_compares_rankings_and_counts_means_within_a_quarter() {
-        let real_runs = [real("round-robin", 80.0), real("upstream-default", 2.0), real("recommended", 2.2)];
-        let same = [sim("round-robin", 50.0), sim("upstream-default", 1.9), sim("recommended", 2.2)];
+        let real_runs = [
+            real("round-robin", 80.0),
+            real("upstream-default", 2.0),
+            real("recommended", 2.2),
+        ];
+        let same = [
+            sim("round-robin", 50.0),
+            sim("upstream-default", 1.9),
+            sim("recommended", 2.2),
+        ];
         let f = fidelity(&real_runs, &same).unwrap();
         assert!(f.same_ranking);
         // 50 / 80 is off by more than a quarter; 1.9 / 2 and 2.2 / 2.2 are within.
         assert_eq!(f.within_25_percent, 2);
         assert_eq!(f.mean_ratio, vec![0.625, 0.95, 1.0]);
         assert_eq!(f.mean_ratio.len(), 3);
-        let swapped = [sim("round-robin", 60.0), sim("upstream-default", 2.3), sim("recommended", 2.1)];
+        let swapped = [
+            sim("round-robin", 60.0),
+            sim("upstream-default", 2.3),
+            sim("recommended", 2.1),
+        ];
         let f = fidelity(&real_runs, &swapped).unwrap();
         assert!(!f.same_ranking);
         assert!(fidelity(&[], &same).is_none());
@@ -293,13 +293,23 @@ mod tests {
     fn the_table_puts_real_and_simulated_side_by_side() {
         let table = side_by_side(
             &[real("round-robin", 80.0), real("recommended", 2.0)],
-            &[sim("round-robin", 60.0), sim("recommended", 2.5), sim("oracle", 1.0)],
+            &[
+                sim("round-robin", 60.0),
+                sim("recommended", 2.5),
+                sim("oracle", 1.0),
+            ],
         );
         assert!(
             table.contains("| round-robin | 80.00 s | 60.00 s | 0.75 | 40.00 s | 60.00 s | 160.00 s | 60.00 s | 50.0 % | 25.0 % | 2 | 3 |"),
             "{table}"
         );
-        assert!(table.contains("| recommended | 2.00 s | 2.50 s | 1.25 |"), "{table}");
-        assert!(table.contains("| oracle | – | 1.00 s | – | – | 1.00 s |"), "{table}");
+        assert!(
+            table.contains("| recommended | 2.00 s | 2.50 s | 1.25 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| oracle | – | 1.00 s | – | – | 1.00 s |"),
+            "{table}"
+        );
     }
 }
