@@ -96,7 +96,7 @@ pub struct SharedDocsArgs {
     #[arg(long, default_value_t = 8192)]
     pub ctx: u32,
     /// Host-memory prompt cache per server in MiB (`--cache-ram`; 0 = only what the slots hold).
-    /// It is also capped at `--ctx` tokens.
+    /// The documents it keeps are as many as their entries fit (see the module doc).
     #[arg(long, default_value_t = 64)]
     pub cache_ram_mib: u32,
     /// Directory the Gemma GGUF is assembled into when `$GEMMA_GGUF` is not set.
