@@ -28,6 +28,7 @@
 //! side: the check of the engine model against real servers. `--sim-only` skips the real runs.
 
 pub mod simulated;
+mod trace;
 
 use std::{
     collections::BTreeMap,
@@ -51,7 +52,8 @@ use crate::{
     llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary},
     replay::{baselines, report::Latency},
 };
-use simulated::{Fidelity, SimRun, TokenPrompt};
+use simulated::{Fidelity, SimRun};
+use trace::{Arrival, document, messages, trace};
 
 /// Options of `epp-sim shared-docs`.
 #[derive(clap::Args, Debug, Clone)]
@@ -287,96 +289,6 @@ impl SharedDocsReport {
     }
 }
 
-/// SplitMix64: a small, well-mixed seeded generator, enough for workloads.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
-
-const WORDS: &[&str] = &[
-    "river", "market", "engine", "harvest", "council", "winter", "bridge", "ledger", "garden", "signal",
-    "copper", "harbor", "lantern", "meadow", "orchard", "pilot", "quarry", "rail", "summit", "timber",
-    "valley", "whistle", "anchor", "barley", "canal", "dynamo", "ember", "falcon", "glacier", "hammer",
-    "island", "juniper", "kettle", "lumber", "marble", "needle", "oyster", "pepper", "quilt", "ribbon",
-    "saddle", "tunnel", "umbrella", "velvet", "wagon", "yarn", "zephyr", "archive", "beacon", "cellar",
-    "delta", "estate", "fabric", "granite", "horizon", "inlet", "jasmine", "kiln", "lagoon", "mill",
-];
-
-const VERBS: &[&str] = &[
-    "supplies", "measures", "protects", "records", "connects", "replaces", "inspects", "carries", "repairs",
-    "divides", "follows", "surveys", "stores", "lights", "feeds", "guards",
-];
-
-/// Document `d`: a title, then numbered sections of plain sentences, about `tokens` long (one
-/// sentence is about 14 tokens for Gemma's tokenizer). Documents differ from their first words.
-fn document(seed: u64, d: usize, tokens: usize) -> String {
-    let mut rng = Rng(seed ^ (0xD0C0_0000 + d as u64).wrapping_mul(0x9E37_79B9));
-    let mut text = format!(
-        "Document {d}: the {} {} report.\n",
-        WORDS[rng.below(WORDS.len())],
-        WORDS[rng.below(WORDS.len())]
-    );
-    let sentences = tokens / 14;
-    for s in 0..sentences {
-        if s % 8 == 0 {
-            text.push_str(&format!("\nSection {}.\n", s / 8 + 1));
-        }
-        text.push_str(&format!(
-            "The {} {} the {} near the {} {}. ",
-            WORDS[rng.below(WORDS.len())],
-            VERBS[rng.below(VERBS.len())],
-            WORDS[rng.below(WORDS.len())],
-            WORDS[rng.below(WORDS.len())],
-            rng.below(1000)
-        ));
-    }
-    text
-}
-
-/// One request of the trace.
-#[derive(Debug, Clone)]
-struct Arrival {
-    at: Duration,
-    doc: usize,
-    question: String,
-}
-
-fn trace(args: &SharedDocsArgs) -> Vec<Arrival> {
-    let mut rng = Rng(args.seed);
-    let mut t = 0.0;
-    (0..args.requests)
-        .map(|i| {
-            t += -rng.unit().ln() / args.rate.max(1e-6);
-            let doc = rng.below(args.docs);
-            let section = rng.below((args.doc_tokens / 96).max(1)) + 1;
-            let word = WORDS[rng.below(WORDS.len())];
-            Arrival {
-                at: Duration::from_secs_f64(t),
-                doc,
-                question: format!(
-                    "Question {i}: in one short sentence, what does section {section} say about the {word}?"
-                ),
-            }
-        })
-        .collect()
-}
-
 /// What one request saw.
 #[derive(Debug, Clone, Default)]
 struct Outcome {
@@ -469,75 +381,6 @@ fn config_text(spec: &str) -> anyhow::Result<(String, String)> {
     baselines::resolve_text(spec).map_err(|e| anyhow!(e))
 }
 
-/// The chat messages of one request.
-fn messages(docs: &[String], a: &Arrival) -> Value {
-    json!([
-        {"role": "system", "content": format!("Answer from this document only.\n\n{}", docs[a.doc])},
-        {"role": "user", "content": a.question},
-    ])
-}
-
-/// POST `body` to a llama-server endpoint and read the JSON answer.
-async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> anyhow::Result<Value> {
-    let resp = client
-        .post(&url)
-        .json(body)
-        .send()
-        .await
-        .with_context(|| url.clone())?;
-    let status = resp.status();
-    let text = resp.text().await.with_context(|| url.clone())?;
-    if !status.is_success() {
-        bail!("{url}: {status}: {text}");
-    }
-    serde_json::from_str(&text).with_context(|| format!("{url}: not JSON"))
-}
-
-/// Every prompt of the trace as llama-server tokenizes it: its chat template
-/// (`/apply-template`), then its tokenizer (`/tokenize` with the BOS token added and special
-/// tokens parsed, as the chat endpoint does: the counts equal its `usage.prompt_tokens`), on a
-/// server of its own.
-async fn tokenize(
-    args: &SharedDocsArgs,
-    bin: &std::path::Path,
-    model: &std::path::Path,
-    docs: &[String],
-    arrivals: &[Arrival],
-) -> anyhow::Result<Vec<TokenPrompt>> {
-    let server = LlamaServer::start(bin, model, free_port()?, &server_config(args)).await?;
-    let client = reqwest::Client::new();
-    let mut prompts = Vec::with_capacity(arrivals.len());
-    for a in arrivals {
-        let templated = post_json(
-            &client,
-            format!("{}/apply-template", server.url()),
-            &json!({"messages": messages(docs, a)}),
-        )
-        .await?;
-        let prompt = templated["prompt"]
-            .as_str()
-            .ok_or_else(|| anyhow!("/apply-template answered without a prompt: {templated}"))?;
-        let tokenized = post_json(
-            &client,
-            format!("{}/tokenize", server.url()),
-            &json!({"content": prompt, "add_special": true, "parse_special": true}),
-        )
-        .await?;
-        let tokens = tokenized["tokens"]
-            .as_array()
-            .ok_or_else(|| anyhow!("/tokenize answered without tokens"))?
-            .iter()
-            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-            .collect::<Option<Vec<u32>>>()
-            .ok_or_else(|| anyhow!("/tokenize answered a token that is not a u32"))?;
-        prompts.push(TokenPrompt {
-            arrival_ns: u64::try_from(a.at.as_nanos()).unwrap_or(u64::MAX),
-            tokens,
-        });
-    }
-    Ok(prompts)
-}
-
 /// Sum of one counter family on a llama-server's `/metrics` page.
 async fn server_counter(client: &reqwest::Client, server: &LlamaServer, name: &str) -> f64 {
     let Ok(resp) = client.get(format!("{}/metrics", server.url())).send().await else {
@@ -557,7 +400,7 @@ struct Fleet {
     servers: Vec<LlamaServer>,
 }
 
-fn server_config(args: &SharedDocsArgs) -> LlamaServerConfig {
+pub(super) fn server_config(args: &SharedDocsArgs) -> LlamaServerConfig {
     LlamaServerConfig {
         ctx: args.ctx,
         parallel: args.parallel,
@@ -737,7 +580,7 @@ pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
         .transpose()
         .map_err(|e| anyhow!(e))?;
     let prompts = match &profile {
-        Some(_) => Some(tokenize(&args, &bin, &model, &docs, &arrivals).await?),
+        Some(_) => Some(simulated::tokenize(&args, &bin, &model, &docs, &arrivals).await?),
         None => None,
     };
     let mut runs = Vec::new();

@@ -5,18 +5,25 @@
 //! many simulated pods as there are servers, and reports both side by side.
 //!
 //! The prompts are the real ones as token ids: llama-server's own chat template and tokenizer
-//! turn each request into the tokens it computes. They become a workload of 16-token trace
+//! ([`tokenize`], on a server of its own) turn each request into the tokens it computes. They become a workload of 16-token trace
 //! blocks whose ids chain the block's tokens onto the previous id, so two prompts share block
 //! ids exactly as far as they share tokens, rounded down to a block: the engine model's prefix
 //! cache sees the sharing the servers' prompt caches see, and the EPP's prefix index sees text
 //! that is equal exactly where the prompts are.
 
+use anyhow::{Context, anyhow, bail};
 use serde::Serialize;
+use serde_json::{Value, json};
 use xxhash_rust::xxh64::xxh64;
 
-use super::ConfigRun;
+use super::{
+    ConfigRun, SharedDocsArgs, server_config,
+    trace::{Arrival, messages},
+};
 use crate::{
     engine::EngineProfile,
+    envoy::free_port,
+    llama_server::LlamaServer,
     replay::{self, ReplaySetup, baselines, report::Report},
     workload::{TraceRequest, Workload},
 };
@@ -64,6 +71,67 @@ pub fn token_workload(name: &str, prompts: &[TokenPrompt], output_tokens: u32) -
         })
         .collect();
     Workload::by_arrival(name, TRACE_BLOCK_TOKENS, requests)
+}
+
+/// POST `body` to a llama-server endpoint and read the JSON answer.
+async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> anyhow::Result<Value> {
+    let resp = client
+        .post(&url)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| url.clone())?;
+    let status = resp.status();
+    let text = resp.text().await.with_context(|| url.clone())?;
+    if !status.is_success() {
+        bail!("{url}: {status}: {text}");
+    }
+    serde_json::from_str(&text).with_context(|| format!("{url}: not JSON"))
+}
+
+/// Every prompt of the trace as llama-server tokenizes it: its chat template
+/// (`/apply-template`), then its tokenizer (`/tokenize` with the BOS token added and special
+/// tokens parsed, as the chat endpoint does: the counts equal its `usage.prompt_tokens`), on a
+/// server of its own.
+pub(super) async fn tokenize(
+    args: &SharedDocsArgs,
+    bin: &std::path::Path,
+    model: &std::path::Path,
+    docs: &[String],
+    arrivals: &[Arrival],
+) -> anyhow::Result<Vec<TokenPrompt>> {
+    let server = LlamaServer::start(bin, model, free_port()?, &server_config(args)).await?;
+    let client = reqwest::Client::new();
+    let mut prompts = Vec::with_capacity(arrivals.len());
+    for a in arrivals {
+        let templated = post_json(
+            &client,
+            format!("{}/apply-template", server.url()),
+            &json!({"messages": messages(docs, a)}),
+        )
+        .await?;
+        let prompt = templated["prompt"]
+            .as_str()
+            .ok_or_else(|| anyhow!("/apply-template answered without a prompt: {templated}"))?;
+        let tokenized = post_json(
+            &client,
+            format!("{}/tokenize", server.url()),
+            &json!({"content": prompt, "add_special": true, "parse_special": true}),
+        )
+        .await?;
+        let tokens = tokenized["tokens"]
+            .as_array()
+            .ok_or_else(|| anyhow!("/tokenize answered without tokens"))?
+            .iter()
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| anyhow!("/tokenize answered a token that is not a u32"))?;
+        prompts.push(TokenPrompt {
+            arrival_ns: u64::try_from(a.at.as_nanos()).unwrap_or(u64::MAX),
+            tokens,
+        });
+    }
+    Ok(prompts)
 }
 
 /// What the simulator made of one configuration.
