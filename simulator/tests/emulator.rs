@@ -19,13 +19,17 @@ async fn post(url: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new().post(url).json(body).send().await.unwrap()
 }
 
-async fn metric(addr: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+async fn metrics_page(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn metric(addr: &str, name: &str) -> f64 {
+    let text = metrics_page(addr).await;
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .and_then(|l| l.rsplit(' ').next())
@@ -117,12 +121,7 @@ async fn one_at_a_time(metrics: MetricsDialect, requests: usize, gauges: [&str; 
     for c in calls {
         assert_eq!(c.await.unwrap(), 200);
     }
-    let page = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics_page(&addr).await;
     emulator.shutdown().await;
     (seen, page)
 }
