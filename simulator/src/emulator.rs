@@ -11,7 +11,9 @@
 //! Test hooks (request headers): `x-emulator-hold` pauses a stream after its first event until
 //! [`PodState::release`] is notified; `x-emulator-echo` answers with the last prompt text the pod
 //! received (also in `x-received-prompt`). Every response names its pod in `x-emulated-pod` and
-//! the model it was asked for in `x-received-model`.
+//! the model it was asked for in `x-received-model`. Fault hook (for the soak): `POST
+//! /emulator/page` with `garbage`, `slow` or `normal` makes `/metrics` answer bytes that are no
+//! exposition, answer only after [`SLOW_PAGE`], or answer normally again.
 
 use std::{
     collections::HashMap,
@@ -44,6 +46,14 @@ use crate::engine::{Engine, EngineEvent, EngineGauges, EngineProfile, EngineRequ
 
 /// Bytes of prompt per token (the EPP's estimate as well).
 const BYTES_PER_TOKEN: usize = 4;
+
+/// How long a `slow` page takes to answer: past any scrape timeout (the EPP's is 5 s at most).
+pub const SLOW_PAGE: Duration = Duration::from_secs(30);
+
+/// What `/metrics` answers (set through `POST /emulator/page`).
+const PAGE_NORMAL: u8 = 0;
+const PAGE_GARBAGE: u8 = 1;
+const PAGE_SLOW: u8 = 2;
 
 /// One emulated pod's engine and behaviour.
 #[derive(Debug, Clone)]
@@ -104,6 +114,8 @@ pub struct PodState {
     gauges: watch::Receiver<EngineGauges>,
     served: AtomicU64,
     next_id: AtomicU64,
+    /// The `/metrics` fault in force (`PAGE_*`).
+    page: std::sync::atomic::AtomicU8,
     tasks: TaskTracker,
     /// Streams that ask for it (`x-emulator-hold: 1`) pause after their first event until this
     /// is notified: tests use it to prove events reach the client one by one.
@@ -235,6 +247,7 @@ impl Emulator {
                 gauges,
                 served: AtomicU64::new(0),
                 next_id: AtomicU64::new(0),
+                page: std::sync::atomic::AtomicU8::new(PAGE_NORMAL),
                 tasks: tasks.clone(),
                 release: Notify::new(),
             });
@@ -244,6 +257,7 @@ impl Emulator {
                 .route("/v1/models", get(models))
                 .route("/health", get(|| async { "ok" }))
                 .route("/metrics", get(metrics))
+                .route("/emulator/page", post(set_page))
                 .with_state(state.clone());
             let token = cancel.clone();
             tasks.spawn(async move {
@@ -378,10 +392,38 @@ impl Drop for AbortOnDrop {
 }
 
 async fn metrics(State(pod): State<Arc<PodState>>) -> impl IntoResponse {
+    match pod.page.load(Ordering::Relaxed) {
+        PAGE_GARBAGE => {
+            // Bytes a broken exporter might send: binary, unterminated labels, no values.
+            let garbage =
+                "\u{0}\u{7f}vllm:num_requests_waiting{model_name=\"x\n{{{ not a sample\n".repeat(64);
+            return ([("content-type", "text/plain; version=0.0.4")], garbage);
+        }
+        PAGE_SLOW => {
+            // Until the page is set back (so a stopping pod is not held up by a scrape).
+            let until = Instant::now() + SLOW_PAGE;
+            while pod.page.load(Ordering::Relaxed) == PAGE_SLOW && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        _ => {}
+    }
     (
         [("content-type", "text/plain; version=0.0.4")],
         pod.metrics_text(),
     )
+}
+
+/// The fault hook: `garbage`, `slow` or `normal` in the body sets what `/metrics` answers.
+async fn set_page(State(pod): State<Arc<PodState>>, body: Bytes) -> Response {
+    let page = match body.as_ref() {
+        b"normal" => PAGE_NORMAL,
+        b"garbage" => PAGE_GARBAGE,
+        b"slow" => PAGE_SLOW,
+        _ => return error(StatusCode::BAD_REQUEST, "expected normal, garbage or slow"),
+    };
+    pod.page.store(page, Ordering::Relaxed);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn models(State(pod): State<Arc<PodState>>) -> Response {

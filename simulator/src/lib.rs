@@ -13,6 +13,7 @@
 //! - [`llama_server`]: real llama.cpp `llama-server` processes (Gemma 3 270M on the CPU) for end-to-end tests and benchmarks.
 //! - [`shared_docs`]: `epp-sim shared-docs`, the real-hardware benchmark: llama-server behind Envoy and the EPP.
 //! - [`scrape_cost`]: measures the CPU the metrics collector spends scraping N pods.
+//! - [`soak`]: `epp-sim soak`, a long chaos run (pods, Redis and pages failing) through Envoy with leak and ledger checks.
 //! - [`stand_in`]: model-server stand-ins whose `/metrics` report fixed values (upstream's hermetic fixtures, live).
 
 pub mod emulator;
@@ -26,6 +27,7 @@ pub mod load;
 pub mod replay;
 pub mod scrape_cost;
 pub mod shared_docs;
+pub mod soak;
 pub mod stand_in;
 pub mod trace_load;
 pub mod workload;

@@ -51,6 +51,10 @@ enum Command {
     /// Real-hardware benchmark: llama-server processes (Gemma 3 270M, CPU) behind Envoy and the
     /// EPP, questions about shared long documents; TTFT, throughput and cached share per config.
     SharedDocs(epp_sim::shared_docs::SharedDocsArgs),
+    /// Chaos soak (benchmark tooling, not CI): mixed traffic through a real Envoy and `epp` while
+    /// pods are killed, Redis restarts and metrics pages turn to garbage or hang; checks for
+    /// errors, leaks (RSS, files, threads, tasks, running counts) and the budget ledger.
+    Soak(epp_sim::soak::SoakArgs),
     /// Run several configurations on one workload and print them side by side.
     ///
     /// Example: epp-sim compare --trace mooncake_conversation_trace.jsonl --format mooncake
@@ -324,6 +328,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Demo { pods, load } => demo(pods, load).await?,
+        Command::Soak(args) => {
+            let report = epp_sim::soak::run(args).await?;
+            print!("{}", report.summary());
+            if !report.failures.is_empty() {
+                bail!("the soak failed {} check(s)", report.failures.len());
+            }
+        }
         Command::SharedDocs(args) => {
             let report = epp_sim::shared_docs::run(args).await?;
             if !report.runs.is_empty() {

@@ -229,3 +229,44 @@ async fn open_loop_trace_load_measures_ttft_and_reads_cached_tokens() {
     assert!(report.cached_share > 0.5, "{}", report.cached_share);
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_page_fault_hook_breaks_and_restores_metrics() {
+    let emulator = Emulator::start(vec![PodConfig::default()], 0).await.unwrap();
+    let addr = emulator.addrs[0].to_string();
+    let client = reqwest::Client::new();
+    let set = |mode: &'static str| {
+        client
+            .post(format!("http://{addr}/emulator/page"))
+            .body(mode)
+            .send()
+    };
+    let vllm = &epp::scrape::engines::builtin_engines()[0];
+    assert!(epp::scrape::engines::extract(vllm, &metrics_page(&addr).await).found_required);
+
+    assert_eq!(set("garbage").await.unwrap().status(), 204);
+    let garbage = metrics_page(&addr).await;
+    let read = epp::scrape::engines::extract(vllm, &garbage);
+    assert!(
+        !read.found_required,
+        "a garbage page gives the EPP nothing: {read:?}"
+    );
+    assert!(read.bad_lines > 0);
+
+    assert_eq!(set("slow").await.unwrap().status(), 204);
+    let slow = client
+        .get(format!("http://{addr}/metrics"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(
+        slow.unwrap_err().is_timeout(),
+        "a slow page does not answer in time"
+    );
+
+    let refused = set("sideways").await.unwrap();
+    assert_eq!(refused.status(), 400);
+    assert_eq!(set("normal").await.unwrap().status(), 204);
+    assert_eq!(metric(&addr, "vllm:num_requests_waiting").await, 0.0);
+    emulator.shutdown().await;
+}

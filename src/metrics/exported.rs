@@ -64,6 +64,8 @@ pub struct EppMetrics {
     pub prefix_indexer_size: prometheus::IntGauge,
     /// Prefix index heap bytes.
     pub prefix_indexer_bytes: prometheus::IntGauge,
+    /// Tasks alive in the async runtime, set when the page is rendered.
+    pub runtime_alive_tasks: prometheus::IntGauge,
     /// Cached prompt tokens predicted by the prefix index, in the servers' count.
     pub prefix_cache_predicted: prometheus::IntCounter,
     /// Cached prompt tokens reported by the servers.
@@ -304,6 +306,10 @@ impl EppMetrics {
                 PREFIX_INDEXER_BYTES,
                 "Heap bytes held by the prefix indexer.",
             ))?,
+            runtime_alive_tasks: prometheus::IntGauge::with_opts(opts(
+                RUNTIME_ALIVE_TASKS,
+                "Tasks alive in the EPP's async runtime when this page was rendered.",
+            ))?,
             prefix_cache_predicted: prometheus::IntCounter::with_opts(opts(
                 PREFIX_CACHE_PREDICTED_TOKENS,
                 "Prompt tokens the prefix index predicted cached on the chosen endpoint, in the model server's count, over responses reporting cached tokens.",
@@ -459,6 +465,7 @@ impl EppMetrics {
             Box::new(m.scrape_duration.clone()),
             Box::new(m.prefix_indexer_size.clone()),
             Box::new(m.prefix_indexer_bytes.clone()),
+            Box::new(m.runtime_alive_tasks.clone()),
             Box::new(m.prefix_cache_predicted.clone()),
             Box::new(m.prefix_cache_reported.clone()),
             Box::new(m.prefix_cache_overpredicted.clone()),
@@ -528,6 +535,11 @@ impl EppMetrics {
 
     /// The exposition text of every metric.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let alive = runtime.metrics().num_alive_tasks();
+            self.runtime_alive_tasks
+                .set(i64::try_from(alive).unwrap_or(i64::MAX));
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -59,6 +59,9 @@ pub const PREFIX_CACHE_OVERPREDICTED_TOKENS: &str =
 pub const PREFIX_INDEXER_FORGOTTEN_BLOCKS: &str = "inference_extension_prefix_indexer_forgotten_blocks_total";
 /// Heap bytes of the prefix index (extra).
 pub const PREFIX_INDEXER_BYTES: &str = "inference_extension_prefix_indexer_bytes";
+/// Tasks alive in the EPP's async runtime, read when the page is rendered (extra; the Go EPP's
+/// `go_goroutines` counterpart: a count that keeps growing under steady load is a leak).
+pub const RUNTIME_ALIVE_TASKS: &str = "inference_extension_runtime_alive_tasks";
 /// Duration of model-server scrapes (extra).
 pub const SCRAPE_DURATION_SECONDS: &str = "inference_extension_model_server_scrape_duration_seconds";
 /// Tokens reserved by the token budget, by tenant and model.
