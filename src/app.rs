@@ -39,7 +39,7 @@ use crate::{
     flow_dispatch::FlowDispatcher,
     k8s::{
         discovery::{PoolSource, run_discovery},
-        leader::{Candidacy, LEASE_DURATION, RENEW_EVERY, lease_name, run_leader_election},
+        leader::{Candidacy, lease_name, run_leader_election},
         metrics_auth::MetricsAuth,
         objectives::run_objectives,
         types::PoolShape,
@@ -376,8 +376,9 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
             namespace: namespace.clone(),
             lease: lease_name(&namespace, &pool),
             identity,
-            renew_every: RENEW_EVERY,
-            duration: LEASE_DURATION,
+            retry_period: flags.ha_retry_period,
+            renew_deadline: flags.ha_renew_deadline,
+            duration: flags.ha_lease_duration,
         };
         tasks.spawn(run_leader_election(
             client.clone(),

@@ -275,7 +275,7 @@ async fn leader_election_hands_over_and_followers_stay_warm() {
         .get(LEASES, "epp-ns-pool.gateway-api-inference-extension.sigs.k8s.io")
         .await
         .unwrap();
-    assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 4);
 
     // The leader shuts down and releases the lease: the follower takes over within a renewal.
     first.shutdown().await;

@@ -83,6 +83,12 @@ impl Settings {
         if given.iter().filter(|g| **g).count() != 1 {
             errors.push(FlagError::PoolSource);
         }
+        if !(flags.ha_retry_period < flags.ha_renew_deadline
+            && flags.ha_renew_deadline < flags.ha_lease_duration
+            && flags.ha_lease_duration >= std::time::Duration::from_secs(1))
+        {
+            errors.push(FlagError::LeaseTiming);
+        }
         let statics = flags.static_endpoints();
         if let Err(e) = &statics {
             errors.push(e.clone());
@@ -173,6 +179,42 @@ mod tests {
         Settings::from_flags(
             Flags::try_parse_from(std::iter::once("epp").chain(args.iter().copied())).unwrap(),
         )
+    }
+
+    #[test]
+    fn leader_election_timing_must_be_ordered() {
+        let ok = settings(&["--pool-name=p", "--ha-enable-leader-election"]).unwrap();
+        assert_eq!(
+            (
+                ok.flags.ha_retry_period,
+                ok.flags.ha_renew_deadline,
+                ok.flags.ha_lease_duration
+            ),
+            (
+                std::time::Duration::from_millis(500),
+                std::time::Duration::from_secs(3),
+                std::time::Duration::from_secs(4)
+            )
+        );
+        let upstream = [
+            "--pool-name=p",
+            "--ha-lease-duration=15s",
+            "--ha-renew-deadline=10s",
+            "--ha-retry-period=2s",
+        ];
+        assert!(settings(&upstream).is_ok());
+        for bad in [
+            ["--pool-name=p", "--ha-renew-deadline=4s"],
+            ["--pool-name=p", "--ha-retry-period=3s"],
+            ["--pool-name=p", "--ha-lease-duration=900ms"],
+        ] {
+            let e = settings(&bad).unwrap_err();
+            assert_eq!(
+                e.errors[0].to_string(),
+                "leader election needs --ha-retry-period < --ha-renew-deadline < --ha-lease-duration, and a lease of at least 1s",
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
