@@ -868,6 +868,41 @@ async fn prompt_guard_masks_upstream_and_restores_for_the_client() {
     );
 }
 
+/// Regression (fuzzing, `mask_restore`): a client whose own text holds `[EMAIL_1]` gets it back
+/// as written; the masked address takes the next free placeholder.
+#[tokio::test]
+async fn a_placeholder_the_client_wrote_is_not_restored_into_a_masked_value() {
+    let server = TestServer::start(pods(), Some(GUARDS)).await;
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"mail jane@corp.com"},{"role":"user","content":"and keep [EMAIL_1] as is"}]}"#;
+    let answer = br#"{"choices":[{"message":{"content":"Wrote [EMAIL_2]; kept [EMAIL_1]."}}]}"#;
+    let answers = server
+        .exchange(vec![
+            req_headers(&[(":path", "/v1/chat/completions"), ("x-request-id", "r")], false),
+            req_body(body, true),
+            resp_headers(&[(":status", "200"), ("content-type", "application/json")], false),
+            resp_body(answer, true),
+        ])
+        .await;
+    let Answer::RequestChunk { body: upstream, .. } = &answers[1] else {
+        panic!("{answers:?}")
+    };
+    assert_eq!(
+        String::from_utf8(upstream.clone()).unwrap(),
+        r#"{"model":"m","messages":[{"content":"mail [EMAIL_2]","role":"user"},{"content":"and keep [EMAIL_1] as is","role":"user"}]}"#
+    );
+    let client: Vec<u8> = answers[3..]
+        .iter()
+        .flat_map(|x| match x {
+            Answer::ResponseChunk { body, .. } => body.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        String::from_utf8(client).unwrap(),
+        r#"{"choices":[{"message":{"content":"Wrote jane@corp.com; kept [EMAIL_1]."}}]}"#
+    );
+}
+
 /// Team A's streamed completion through `server`: `body` up, `events` back.
 async fn team_a_stream(server: &TestServer, body: &[u8], events: &[u8]) -> Vec<Answer> {
     server

@@ -13,11 +13,20 @@ use super::patterns::PatternSet;
 use crate::parser::ApiKind;
 
 /// The placeholders of one request: `[RULE_n]` → original value.
+///
+/// A placeholder is never one the request already contains as text ([`Self::reserve_literals`]):
+/// the restore replaces every occurrence in the answer, so a client's own `[SSN_1]` echoed back
+/// would otherwise turn into the masked number (found by the `mask_restore` fuzz target).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Placeholders {
     entries: Vec<(String, String)>,
     counts: HashMap<String, usize>,
+    /// Placeholder-shaped text (`[NAME_n]`) present in the request, never handed out.
+    taken: std::collections::HashSet<String>,
 }
+
+/// The longest bracketed text considered placeholder-shaped (a rule name and a number).
+const MAX_PLACEHOLDER_BYTES: usize = 128;
 
 impl Placeholders {
     /// Masked values so far.
@@ -30,13 +39,40 @@ impl Placeholders {
         self.entries.is_empty()
     }
 
+    /// Record the placeholder-shaped pieces of `text` (`[` + name + `_` + digits + `]`), a
+    /// string of the request, so that no masked value is given one of them. Call it on every
+    /// prompt string before masking any.
+    pub fn reserve_literals(&mut self, text: &str) {
+        let bytes = text.as_bytes();
+        for open in memchr::memchr_iter(b'[', bytes) {
+            let rest = &bytes[open + 1..bytes.len().min(open + MAX_PLACEHOLDER_BYTES)];
+            let Some(close) = rest.iter().position(|b| matches!(b, b']' | b'[')) else {
+                continue;
+            };
+            let inner = &rest[..close];
+            if rest[close] != b']' {
+                continue;
+            }
+            let digits = inner.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+            if digits > 0 && inner.len() > digits + 1 && inner[inner.len() - digits - 1] == b'_' {
+                // `[` and `]` are ASCII, so the slice is on character boundaries.
+                self.taken.insert(text[open..open + close + 2].to_owned());
+            }
+        }
+    }
+
     fn placeholder_for(&mut self, rule: &str, original: &str) -> String {
         if let Some((p, _)) = self.entries.iter().find(|(_, o)| o == original) {
             return p.clone();
         }
         let n = self.counts.entry(rule.to_owned()).or_insert(0);
-        *n += 1;
-        let p = format!("[{rule}_{n}]");
+        let p = loop {
+            *n += 1;
+            let p = format!("[{rule}_{n}]");
+            if !self.taken.contains(&p) {
+                break p;
+            }
+        };
         self.entries.push((p.clone(), original.to_owned()));
         p
     }
@@ -133,6 +169,23 @@ mod tests {
             q.restore_patterns()[0].1,
             b"x\\\"y".to_vec(),
             "quotes escaped for JSON"
+        );
+    }
+
+    #[test]
+    fn a_placeholder_the_request_already_holds_is_never_handed_out() {
+        let set = PatternSet::new(&[Builtin::Ssn], &[]).unwrap();
+        let text = "my [SSN_1] note, [SSN_x] and [ SSN_2] are not ones; ssn 123-44-6789 [SSN_3]";
+        let mut p = Placeholders::default();
+        p.reserve_literals(text);
+        let masked = p.mask(&set, text).unwrap();
+        assert_eq!(
+            masked,
+            "my [SSN_1] note, [SSN_x] and [ SSN_2] are not ones; ssn [SSN_2] [SSN_3]"
+        );
+        assert_eq!(
+            p.restore_patterns(),
+            vec![(b"[SSN_2]".to_vec(), b"123-44-6789".to_vec())]
         );
     }
 

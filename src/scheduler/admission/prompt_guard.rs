@@ -272,6 +272,9 @@ impl PromptGuards {
             }
         })?;
         let mut placeholders = Placeholders::default();
+        crate::guard::visit_prompt_strings(request.api, &mut prompt, &mut |text| {
+            placeholders.reserve_literals(text);
+        });
         for g in &self.guards {
             match g.check(request.api, &mut prompt, &mut placeholders) {
                 GuardOutcome::Pass => {}
