@@ -58,7 +58,8 @@ pub struct SoakArgs {
     /// Requests per second (Poisson arrivals).
     #[arg(long, default_value_t = 6.0)]
     pub rate: f64,
-    /// Seconds between the starts of two faults (each lasts less).
+    /// Seconds between the starts of two faults (a fault lasts 4-20 s; the next one waits for
+    /// it to end).
     #[arg(long, default_value_t = 40)]
     pub fault_every: u64,
     /// Simulated seconds per wall second in the emulated pods.
@@ -453,10 +454,12 @@ fn read_answer(outcome: &mut Outcome, shape: &Shape, body: &[u8]) {
         if !text.trim_end().ends_with("data: [DONE]") {
             outcome.broken = true;
         }
-        outcome.usage = text
-            .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        let mut events = Vec::new();
+        epp::parser::EventSplitter::default().feed_with(body, true, |e| events.push(e.to_vec()));
+        outcome.usage = events
+            .iter()
+            .filter_map(|e| e.trim_ascii().strip_prefix(b"data: "))
+            .filter_map(|d| serde_json::from_slice::<serde_json::Value>(d).ok())
             .find_map(|v| total(&v));
     } else {
         match serde_json::from_slice::<serde_json::Value>(body) {
@@ -478,6 +481,12 @@ const FAULTS: [&str; 4] = ["pod-killed", "redis-restarted", "page-garbage", "pag
 /// # Errors
 /// When a process cannot start.
 pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
+    if !(args.minutes > 0.0 && args.rate > 0.0 && args.time_scale > 0.0)
+        || args.pods == 0
+        || args.fault_every == 0
+    {
+        bail!("--minutes, --rate, --time-scale, --pods and --fault-every must be positive");
+    }
     std::fs::create_dir_all(&args.out)?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(180))
@@ -554,7 +563,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
         if now >= duration {
             break;
         }
-        if now >= next_arrival {
+        while now >= next_arrival {
             let shape = draw(&mut rng);
             serial += 1;
             let (client, url, outcomes) = (client.clone(), url.clone(), outcomes.clone());
