@@ -267,16 +267,19 @@ fn parse_quoted(s: &str) -> Option<(Cow<'_, str>, &str)> {
             }
             b'\\' => {
                 let buf = owned.get_or_insert_with(|| s[..i].to_owned());
-                match bytes.get(i + 1)? {
-                    b'n' => buf.push('\n'),
-                    b'\\' => buf.push('\\'),
-                    b'"' => buf.push('"'),
+                // The escaped character may be any UTF-8 character (an unknown escape is kept
+                // as written): step over all of its bytes, never into the middle of one.
+                let escaped = s[i + 1..].chars().next()?;
+                match escaped {
+                    'n' => buf.push('\n'),
+                    '\\' => buf.push('\\'),
+                    '"' => buf.push('"'),
                     other => {
                         buf.push('\\');
-                        buf.push(char::from(*other));
+                        buf.push(other);
                     }
                 }
-                i += 2;
+                i += 1 + escaped.len_utf8();
             }
             _ => {
                 let ch = s[i..].chars().next()?;
@@ -321,6 +324,17 @@ mod tests {
         assert_eq!(got[1].label("quote"), Some("a\"b\\c"));
         assert_eq!(got[2].value, 2.0);
         assert!(got[3].value.is_nan());
+    }
+
+    /// Regression (fuzzing, `exposition`): a backslash before a multi-byte character in a
+    /// label value stepped into the middle of that character and panicked the scrape.
+    #[test]
+    fn an_escaped_multibyte_character_is_kept_whole() {
+        let text = "vllm:cache_config_info{cache_dtype=\"a\\\u{5fc}b\",block_size=\"16\"} 1\n";
+        let mut got = Vec::new();
+        assert_eq!(for_each_sample(text, |s| got.push(s)), 0);
+        assert_eq!(got[0].label("cache_dtype"), Some("a\\\u{5fc}b"));
+        assert_eq!(got[0].label("block_size"), Some("16"));
     }
 
     proptest::proptest! {
