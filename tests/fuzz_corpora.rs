@@ -22,7 +22,11 @@ fn replay(target: &str, check: fn(&[u8])) {
         let mut paths: Vec<_> = entries.map(|e| e.unwrap().path()).collect();
         paths.sort();
         for path in paths {
-            let input = std::fs::read(&path).unwrap();
+            // A fuzzer running on the same corpus may replace a file while this reads.
+            let input = match std::fs::read(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                read => read.unwrap(),
+            };
             let outcome = std::panic::catch_unwind(|| check(&input));
             assert!(outcome.is_ok(), "{target}: {} fails its property", path.display());
             replayed += 1;

@@ -394,9 +394,10 @@ impl Drop for AbortOnDrop {
 async fn metrics(State(pod): State<Arc<PodState>>) -> impl IntoResponse {
     match pod.page.load(Ordering::Relaxed) {
         PAGE_GARBAGE => {
-            // Bytes a broken exporter might send: binary, unterminated labels, no values.
-            let garbage =
-                "\u{0}\u{7f}vllm:num_requests_waiting{model_name=\"x\n{{{ not a sample\n".repeat(64);
+            // What a broken exporter might send: wanted names with unterminated labels or no
+            // value, binary, lines that are no sample.
+            let garbage = "vllm:num_requests_waiting{model_name=\"x\n\u{0}\u{7f}{{{ not a sample\nvllm:num_requests_running\n"
+                .repeat(64);
             return ([("content-type", "text/plain; version=0.0.4")], garbage);
         }
         PAGE_SLOW => {
