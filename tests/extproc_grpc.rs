@@ -420,13 +420,7 @@ async fn model_rewrite_is_restored_in_json_responses() {
             set: h(&[("x-went-into-resp-headers", "true")])
         }
     );
-    let body: Vec<u8> = answers[3..]
-        .iter()
-        .flat_map(|a| match a {
-            Answer::ResponseChunk { body, .. } => body.clone(),
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
+    let body = response_chunks(&answers[3..]);
     assert_eq!(
         String::from_utf8(body).unwrap(),
         r#"{"id":"cmpl-1","object":"text_completion","model":"my-model","usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#
@@ -470,13 +464,7 @@ async fn model_rewrite_is_restored_in_sse_split_across_chunks_and_events_stay_in
             eos: false
         }
     );
-    let rest: Vec<u8> = answers[4..]
-        .iter()
-        .flat_map(|x| match x {
-            Answer::ResponseChunk { body, .. } => body.clone(),
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
+    let rest = response_chunks(&answers[4..]);
     assert_eq!(
         String::from_utf8(rest).unwrap(),
         "data: {\"model\":\"my-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n"
@@ -855,13 +843,7 @@ async fn prompt_guard_masks_upstream_and_restores_for_the_client() {
         upstream,
         r#"{"model":"m","messages":[{"content":"Card [CREDIT_CARD_1], mail [EMAIL_1]","role":"user"}],"stream":true}"#
     );
-    let client: Vec<u8> = answers[3..]
-        .iter()
-        .flat_map(|x| match x {
-            Answer::ResponseChunk { body, .. } => body.clone(),
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
+    let client = response_chunks(&answers[3..]);
     assert_eq!(
         String::from_utf8(client).unwrap(),
         "data: {\"choices\":[{\"delta\":{\"content\":\"Charged 4111 1111 1111 1111 and wrote to jane@corp.com.\"}}]}\n\n"
@@ -890,17 +872,22 @@ async fn a_placeholder_the_client_wrote_is_not_restored_into_a_masked_value() {
         String::from_utf8(upstream.clone()).unwrap(),
         r#"{"model":"m","messages":[{"content":"mail [EMAIL_2]","role":"user"},{"content":"and keep [EMAIL_1] as is","role":"user"}]}"#
     );
-    let client: Vec<u8> = answers[3..]
+    let client = response_chunks(&answers[3..]);
+    assert_eq!(
+        String::from_utf8(client).unwrap(),
+        r#"{"choices":[{"message":{"content":"Wrote jane@corp.com; kept [EMAIL_1]."}}]}"#
+    );
+}
+
+/// The response body the client gets: every answer must be a response chunk.
+fn response_chunks(answers: &[Answer]) -> Vec<u8> {
+    answers
         .iter()
         .flat_map(|x| match x {
             Answer::ResponseChunk { body, .. } => body.clone(),
             other => panic!("unexpected {other:?}"),
         })
-        .collect();
-    assert_eq!(
-        String::from_utf8(client).unwrap(),
-        r#"{"choices":[{"message":{"content":"Wrote jane@corp.com; kept [EMAIL_1]."}}]}"#
-    );
+        .collect()
 }
 
 /// Team A's streamed completion through `server`: `body` up, `events` back.
