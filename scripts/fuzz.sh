@@ -6,7 +6,7 @@
 #
 #   scripts/fuzz.sh [RUNS] [TARGET...]    RUNS defaults to 10,000,000; targets to all six
 #
-# Environment: FUZZ_SANITIZER
+# Environment: FUZZ_MAX_LEN (input size cap in bytes, default 16384), FUZZ_SANITIZER
 # (none by default: the project forbids unsafe code, and without ASan the same time buys about
 # twice the executions; set address to add it), FUZZ_MINIMIZE=1 to shrink each corpus with
 # cargo fuzz cmin afterwards. A finding is left in fuzz/artifacts/<target>/: copy it into
@@ -39,8 +39,9 @@ for t in "${targets[@]}"; do
   status=0
   # -max_len: 16 KiB holds a long prompt, a config and the part of a metrics page whose lines
   # matter (a line is read alone); -timeout flags a hang.
+  max_len="${FUZZ_MAX_LEN:-16384}"
   cargo "${toolchain[@]}" fuzz run --sanitizer "$sanitizer" "$t" "fuzz/corpus/$t" -- \
-    -runs="$runs" -max_len=16384 -timeout=10 -rss_limit_mb=4096 \
+    -runs="$runs" -max_len="$max_len" -timeout=10 -rss_limit_mb=4096 \
     -print_final_stats=1 >"$log" 2>&1 || status=$?
   secs=$(($(date +%s) - start))
   done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true)
