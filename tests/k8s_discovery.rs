@@ -292,3 +292,69 @@ async fn leader_election_hands_over_and_followers_stay_warm() {
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     second.shutdown().await;
 }
+
+/// Whether `app` stays leader for all of `span` (polled every 25 ms).
+async fn leads_throughout(app: &RunningApp, span: Duration) -> bool {
+    let until = tokio::time::Instant::now() + span;
+    while tokio::time::Instant::now() < until {
+        if !*app.leader.borrow() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_rides_out_failed_renewals_until_the_renew_deadline() {
+    let kube = FakeKube::start().await;
+    kube.apply(POOLS, pool("pool", json!({"app": "vllm"}), &[8000]))
+        .await;
+    let app = start_with_client(
+        flags(&[
+            "--pool-name=pool",
+            "--ha-enable-leader-election",
+            "--ha-lease-duration=2s",
+            "--ha-renew-deadline=1s",
+            "--ha-retry-period=100ms",
+        ]),
+        Some(kube.client()),
+    )
+    .await
+    .unwrap();
+    let mut waited = 0;
+    while !*app.leader.borrow() && waited < 200 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        waited += 1;
+    }
+    assert!(*app.leader.borrow(), "the replica leads");
+    // An API blip shorter than the renew deadline: still leading (and ready) throughout.
+    kube.set_leases_down(true);
+    assert!(
+        leads_throughout(&app, Duration::from_millis(500)).await,
+        "a leader steps down only past the renew deadline"
+    );
+    kube.set_leases_down(false);
+    assert!(leads_throughout(&app, Duration::from_millis(300)).await);
+    // An outage past the deadline: it steps down (before its lease of 2 s could be taken).
+    kube.set_leases_down(true);
+    let down_at = tokio::time::Instant::now();
+    while *app.leader.borrow() && down_at.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let stepped_down_after = down_at.elapsed();
+    assert!(!*app.leader.borrow(), "stepped down");
+    assert!(
+        stepped_down_after >= Duration::from_millis(800) && stepped_down_after < Duration::from_secs(2),
+        "past the 1 s deadline, within the 2 s lease: {stepped_down_after:?}"
+    );
+    // The API answers again: it leads again.
+    kube.set_leases_down(false);
+    let mut waited = 0;
+    while !*app.leader.borrow() && waited < 200 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        waited += 1;
+    }
+    assert!(*app.leader.borrow(), "leads again once renewals succeed");
+    app.shutdown().await;
+}

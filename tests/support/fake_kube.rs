@@ -52,6 +52,8 @@ struct Reviews {
 pub struct FakeKube {
     inner: Arc<Mutex<Inner>>,
     reviews: Arc<Mutex<Reviews>>,
+    /// Answer every Lease request with a 500 (an API server that cannot reach etcd).
+    leases_down: Arc<std::sync::atomic::AtomicBool>,
     events: broadcast::Sender<Event>,
     epoch: watch::Sender<u64>,
     pub addr: SocketAddr,
@@ -146,6 +148,7 @@ impl FakeKube {
                 gone_before: 0,
             })),
             reviews: Arc::default(),
+            leases_down: Arc::default(),
             events,
             epoch,
             addr,
@@ -168,6 +171,11 @@ impl FakeKube {
     /// Make every review fail with a 500 (`true`) or answer again.
     pub async fn set_reviews_down(&self, down: bool) {
         self.reviews.lock().await.down = down;
+    }
+
+    /// Make every Lease request fail with a 500 (`true`) or answer again.
+    pub fn set_leases_down(&self, down: bool) {
+        self.leases_down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Reviews asked for so far.
@@ -313,6 +321,9 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
         }
         None => return status(404, "NotFound", &format!("unknown path {path}")),
     };
+    if collection == LEASES && fake.leases_down.load(std::sync::atomic::Ordering::SeqCst) {
+        return status(500, "InternalError", "etcd unavailable");
+    }
     let method = req.method().clone();
     let body = axum::body::to_bytes(req.into_body(), 1 << 20)
         .await
