@@ -142,17 +142,15 @@ async fn send(post: reqwest::RequestBuilder) -> Sample {
         .get("x-emulated-pod")
         .and_then(|v| v.to_str().ok())
         .map(String::from);
-    let mut pending = Vec::new();
+    // The core's splitter: events end at a blank line after `\n` or `\r\n` line endings.
+    let mut events = epp::parser::EventSplitter::default();
     loop {
         match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                pending.extend_from_slice(&chunk);
-                while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                    let event: Vec<u8> = pending.drain(..end + 2).collect();
-                    sample.note_event(&event, t0);
-                }
+            Ok(Some(chunk)) => events.feed_with(&chunk, false, |event| sample.note_event(event, t0)),
+            Ok(None) => {
+                events.feed_with(b"", true, |event| sample.note_event(event, t0));
+                break;
             }
-            Ok(None) => break,
             Err(_) => {
                 sample.status = 0;
                 break;

@@ -331,37 +331,38 @@ async fn ask(client: &reqwest::Client, url: &str, body: String, timeout: Duratio
             .and_then(|v| v.split("winner ").nth(1))
             .and_then(|v| v.split_whitespace().next())
             .map(str::to_owned);
-        let mut buf = Vec::new();
         let mut done = false;
-        while let Some(chunk) = resp.chunk().await.ok()? {
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = buf.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&event);
-                let Some(data) = text.trim().strip_prefix("data:") else {
-                    continue;
-                };
-                let data = data.trim();
-                if data == "[DONE]" {
-                    done = true;
-                    continue;
-                }
-                let Ok(v) = serde_json::from_str::<Value>(data) else {
-                    continue;
-                };
-                let has_text = v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .is_some_and(|s| !s.is_empty());
-                if has_text && out.ttft.is_none() {
-                    out.ttft = Some(started.elapsed());
-                }
-                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                    out.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
-                    out.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
-                    out.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
-                }
+        let mut on_event = |event: &[u8]| {
+            let text = String::from_utf8_lossy(event);
+            let Some(data) = text.trim().strip_prefix("data:") else {
+                return;
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                done = true;
+                return;
             }
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                return;
+            };
+            let has_text = v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty());
+            if has_text && out.ttft.is_none() {
+                out.ttft = Some(started.elapsed());
+            }
+            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                out.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+                out.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+                out.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+            }
+        };
+        // The core's splitter: events end at a blank line after `\n` or `\r\n` line endings.
+        let mut events = epp::parser::EventSplitter::default();
+        while let Some(chunk) = resp.chunk().await.ok()? {
+            events.feed_with(&chunk, false, &mut on_event);
         }
+        events.feed_with(b"", true, &mut on_event);
         Some(done)
     };
     let finished = tokio::time::timeout(timeout, attempt).await;
