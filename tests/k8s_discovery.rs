@@ -251,12 +251,7 @@ async fn leader_election_hands_over_and_followers_stay_warm() {
     )
     .await
     .unwrap();
-    let mut waited = 0;
-    while !*first.leader.borrow() && waited < 200 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        waited += 1;
-    }
-    assert!(*first.leader.borrow(), "the first replica leads");
+    until_leader(&first, 5000, "the first replica leads").await;
     let second = start_with_client(
         flags(&["--pool-name=pool", "--ha-enable-leader-election"]),
         Some(kube.client()),
@@ -279,18 +274,24 @@ async fn leader_election_hands_over_and_followers_stay_warm() {
 
     // The leader shuts down and releases the lease: the follower takes over within a renewal.
     first.shutdown().await;
-    let mut waited = 0;
-    while !*second.leader.borrow() && waited < 400 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        waited += 1;
-    }
-    assert!(*second.leader.borrow(), "the follower took over");
+    until_leader(&second, 10000, "the follower took over").await;
     let lease = kube
         .get(LEASES, "epp-ns-pool.gateway-api-inference-extension.sigs.k8s.io")
         .await
         .unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     second.shutdown().await;
+}
+
+/// Wait (polled every 25 ms, at most `within_ms`) until `app` leads; fail with `what` if not.
+async fn until_leader(app: &RunningApp, within_ms: u64, what: &str) {
+    for _ in 0..within_ms / 25 {
+        if *app.leader.borrow() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(*app.leader.borrow(), "{what}");
 }
 
 /// Whether `app` stays leader for all of `span` (polled every 25 ms).
@@ -322,12 +323,7 @@ async fn a_leader_rides_out_failed_renewals_until_the_renew_deadline() {
     )
     .await
     .unwrap();
-    let mut waited = 0;
-    while !*app.leader.borrow() && waited < 200 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        waited += 1;
-    }
-    assert!(*app.leader.borrow(), "the replica leads");
+    until_leader(&app, 5000, "the replica leads").await;
     // An API blip shorter than the renew deadline: still leading (and ready) throughout.
     kube.set_leases_down(true);
     assert!(
@@ -350,11 +346,6 @@ async fn a_leader_rides_out_failed_renewals_until_the_renew_deadline() {
     );
     // The API answers again: it leads again.
     kube.set_leases_down(false);
-    let mut waited = 0;
-    while !*app.leader.borrow() && waited < 200 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        waited += 1;
-    }
-    assert!(*app.leader.borrow(), "leads again once renewals succeed");
+    until_leader(&app, 5000, "leads again once renewals succeed").await;
     app.shutdown().await;
 }

@@ -47,7 +47,8 @@ use crate::engine::{Engine, EngineEvent, EngineGauges, EngineProfile, EngineRequ
 /// Bytes of prompt per token (the EPP's estimate as well).
 const BYTES_PER_TOKEN: usize = 4;
 
-/// How long a `slow` page takes to answer: past any scrape timeout (the EPP's is 5 s at most).
+/// How long a `slow` page takes to answer: past the EPP's scrape timeout (90 % of its scrape
+/// interval, 45 ms by default) for any interval up to half a minute.
 pub const SLOW_PAGE: Duration = Duration::from_secs(30);
 
 /// What `/metrics` answers (set through `POST /emulator/page`).

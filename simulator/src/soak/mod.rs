@@ -51,7 +51,7 @@ use chaos::{
     Chaos, FAULTS, Proc, ledger_tokens, page_value, proc_sample, spawn_pod, spawn_redis, wait_for,
     wait_for_redis,
 };
-use report::{judge, plot_rss};
+use report::{Observed, judge, plot_rss};
 use traffic::{CONFIG, draw, draw_warm_up, one};
 
 /// `epp-sim soak` arguments.
@@ -240,10 +240,12 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let url = envoy.url();
     let t0 = Instant::now();
 
-    // Warm-up requests, then the idle baseline (connection pools in place).
+    // Warm-up requests, then the idle baseline (connection pools in place). They are judged
+    // with the rest: the budget charged their usage too.
     let mut rng = SmallRng::seed_from_u64(args.seed);
+    let mut warm_up = Vec::new();
     for serial in 0..20 {
-        one(client.clone(), url.clone(), draw_warm_up(&mut rng), serial, t0).await;
+        warm_up.push(one(client.clone(), url.clone(), draw_warm_up(&mut rng), serial, t0).await);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_tasks = page_value(&client, &metrics_url, epp::metrics::names::RUNTIME_ALIVE_TASKS).await;
@@ -251,7 +253,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
 
     let duration = args.minutes * 60.0;
     let warmup = (duration / 5.0).min(300.0);
-    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let outcomes = Arc::new(Mutex::new(warm_up));
     let mut fault_log: Vec<Fault> = Vec::new();
     let mut samples = Vec::new();
     let progress = indicatif::ProgressBar::new(duration as u64);
@@ -346,13 +348,17 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let outcomes = std::mem::take(&mut *outcomes.lock().await);
     let report = judge(
         &args,
-        outcomes,
-        fault_log,
-        samples,
-        (idle, after),
-        running_after,
-        ledger,
-        (warmup, traffic_end),
+        Observed {
+            outcomes,
+            fault_log,
+            samples,
+            idle,
+            after,
+            running_after,
+            ledger,
+            warmup,
+            traffic_end,
+        },
     );
     std::fs::write(args.out.join("soak.json"), serde_json::to_vec_pretty(&report)?)?;
     plot_rss(&args.out.join("soak-rss.svg"), &report.samples, warmup).map_err(anyhow::Error::msg)?;

@@ -12,17 +12,38 @@ pub(super) const POD_BACK_GRACE: f64 = 3.0;
 /// Seconds around a Redis outage within which a request's charge is uncertain.
 pub(super) const REDIS_GRACE: f64 = 1.0;
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn judge(
-    args: &SoakArgs,
-    outcomes: Vec<Outcome>,
-    fault_log: Vec<Fault>,
-    samples: Vec<Sample>,
-    (idle, after): (Sample, Sample),
-    running_after: f64,
-    ledger: u64,
-    (warmup, traffic_end): (f64, f64),
-) -> SoakReport {
+/// What a soak run recorded, for [`judge`].
+pub(super) struct Observed {
+    /// Every request's outcome.
+    pub(super) outcomes: Vec<Outcome>,
+    /// Every fault and when it held.
+    pub(super) fault_log: Vec<Fault>,
+    /// The EPP process sampled every 5 s.
+    pub(super) samples: Vec<Sample>,
+    /// The EPP idle before the traffic, and settled after it.
+    pub(super) idle: Sample,
+    pub(super) after: Sample,
+    /// Requests the EPP still counted as running after the run.
+    pub(super) running_after: f64,
+    /// The `ledger` tenant's tokens in Redis.
+    pub(super) ledger: u64,
+    /// When the warm-up and the traffic ended (s since the traffic started).
+    pub(super) warmup: f64,
+    pub(super) traffic_end: f64,
+}
+
+pub(super) fn judge(args: &SoakArgs, observed: Observed) -> SoakReport {
+    let Observed {
+        outcomes,
+        fault_log,
+        samples,
+        idle,
+        after,
+        running_after,
+        ledger,
+        warmup,
+        traffic_end,
+    } = observed;
     let overlaps = |o: &Outcome, kind: &str, grace: f64| {
         fault_log
             .iter()
