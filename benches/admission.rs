@@ -1,6 +1,6 @@
 //! Admission costs: a prompt guard with the four builtins and ten custom patterns over a
-//! 100k-token chat prompt (clean, so every pattern scans all of it), and one in-memory budget
-//! reserve + settle, and a response guard masking a streamed answer across its SSE events.
+//! 100k-token chat prompt (clean, so every pattern scans all of it), in-memory budget reserve +
+//! settle (two per-minute counters; and four windows with calendar and money limits), and a response guard masking a streamed answer across its SSE events.
 //!
 //! Run: `cargo bench --bench admission`. Results and machine: benches/README.md.
 
@@ -10,7 +10,10 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use epp::{
-    budget::{Layer, LayerKey, MemoryStore, Window},
+    budget::{
+        BudgetPolicy, Charge, Counter, CounterKey, LayerKey, Limit, MemoryStore, ModelBudget, Period, Prices,
+        TenantBudget, Unit, Window,
+    },
     config::PluginSpec,
     guard::{Builtin, PatternSet, Placeholders, response::StreamMask},
     parser::ApiKind,
@@ -122,25 +125,86 @@ fn bench_admission(c: &mut Criterion) {
         })
     });
     group.throughput(Throughput::Elements(1));
+    // Two token counters in a fixed window: the shape of the earlier per-minute budget.
     let store = MemoryStore::new();
-    let layers = vec![
-        Layer {
-            key: LayerKey::tenant("team-a"),
-            limit: u64::MAX,
-        },
-        Layer {
-            key: LayerKey::model("team-a", "llama"),
-            limit: u64::MAX,
-        },
-    ];
-    let w = Window {
+    let window = Window {
         id: 1,
+        ends_ms: 60_000,
         remaining_ms: 1000,
     };
+    let counter = |layer: LayerKey| Counter {
+        key: CounterKey {
+            layer,
+            period: Period::Fixed { ms: 60_000 },
+            unit: Unit::Tokens,
+        },
+        limit: u64::MAX,
+        window,
+    };
+    let counters = vec![
+        counter(LayerKey::tenant("team-a")),
+        counter(LayerKey::model("team-a", "llama")),
+    ];
+    let (reserved, actual) = (
+        Charge {
+            tokens: 1000,
+            nanos: 0,
+        },
+        Charge {
+            tokens: 900,
+            nanos: 0,
+        },
+    );
     group.bench_function("budget_reserve_and_settle_memory", |b| {
         b.iter(|| {
-            black_box(store.reserve_now(&layers, 1000, w));
-            store.settle_now(&layers, w, 1000, 900);
+            black_box(store.reserve_now(&counters, reserved));
+            store.settle_now(&counters, reserved, actual);
+        })
+    });
+    // A platform team's budget: per-minute tokens, a daily token total and a monthly money
+    // limit on the tenant, a per-model TPM; the windows are computed per request (calendar ones
+    // in the policy's time zone), then reserved and settled.
+    let limit = |period, unit, amount| Limit { period, unit, amount };
+    let policy = BudgetPolicy {
+        time_zone: jiff::tz::TimeZone::get("Europe/Berlin").unwrap(),
+        prices: [(
+            "llama".to_owned(),
+            Prices {
+                input: 200_000_000,
+                cached_input: 20_000_000,
+                output: 800_000_000,
+            },
+        )]
+        .into(),
+        tenants: [(
+            "team-a".to_owned(),
+            TenantBudget {
+                limits: vec![
+                    limit(Period::Fixed { ms: 60_000 }, Unit::Tokens, u64::MAX),
+                    limit(Period::Day, Unit::Tokens, u64::MAX),
+                    limit(Period::Month, Unit::Spend, u64::MAX),
+                ],
+                models: [(
+                    "llama".to_owned(),
+                    ModelBudget {
+                        limits: vec![limit(Period::Fixed { ms: 60_000 }, Unit::Tokens, u64::MAX)],
+                        fallback_model: None,
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..BudgetPolicy::default()
+    };
+    let store = MemoryStore::new();
+    let now_ms = 1_796_000_000_000;
+    group.bench_function("budget_four_windows_reserve_and_settle_memory", |b| {
+        b.iter(|| {
+            let counters = policy.counters("team-a", "llama", black_box(now_ms));
+            let charge = policy.estimate("llama", 1000, Some(200));
+            black_box(store.reserve_now(&counters, charge));
+            store.settle_now(&counters, charge, policy.actual("llama", 1000, 800, 150, 1150));
         })
     });
     group.finish();

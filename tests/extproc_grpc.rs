@@ -1262,13 +1262,16 @@ schedulingProfiles:
     let (head, wait) = message.split_at(message.rfind(' ').unwrap());
     assert_eq!(
         head,
-        "Token budget exceeded for tenant team-a on model gpt-4o: limit 10 per 60s, used 0, requested 101. Try again in"
+        "Token budget exceeded for tenant team-a on model gpt-4o: limit 10 tokens per 60s, used 0, requested 101. Try again in"
     );
+    let wait = wait.trim().trim_end_matches('.');
     assert!(
-        wait.trim()
-            .trim_end_matches("s.")
-            .parse::<u32>()
-            .is_ok_and(|s| s <= 60),
+        wait.strip_suffix("ms")
+            .map(|ms| ms.parse::<u32>().is_ok_and(|ms| ms < 1000))
+            .or_else(|| wait
+                .strip_suffix('s')
+                .map(|s| s.parse::<u32>().is_ok_and(|s| s <= 60)))
+            .unwrap_or(false),
         "{message}"
     );
     let text = server.metrics.render();

@@ -1,4 +1,5 @@
-//! Token budgets: per tenant and per model, reserved on arrival and settled with the actual usage.
+//! Budgets in tokens and money: per tenant and per model, over fixed and calendar windows,
+//! reserved on arrival and settled with the actual usage.
 //!
 //! - [`policy`]: the budget as data, windows and estimates (pure).
 //! - [`store`]: the [`BudgetStore`](store::BudgetStore) trait and the in-memory store.
@@ -8,6 +9,9 @@ pub mod policy;
 pub mod redis;
 pub mod store;
 
-pub use policy::{BudgetPolicy, Layer, LayerKey, ModelBudget, TenantBudget, Window, reset_text};
+pub use policy::{
+    BudgetPolicy, Charge, Counter, CounterKey, LayerKey, Limit, ModelBudget, NANOS_PER_UNIT, Period, Prices,
+    TenantBudget, Unit, Window, money_text, reset_text,
+};
 pub use redis::RedisStore;
 pub use store::{BudgetStore, MemoryStore, Reservation, StoreError};

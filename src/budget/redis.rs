@@ -1,10 +1,11 @@
 //! The Redis budget store: counters shared by every EPP replica.
 //!
-//! Reservation is one Lua script (atomic on the server): check every layer, then charge every
-//! layer, or charge nothing. Keys carry the window id and expire after two windows, so nothing
-//! needs cleaning. Every call is bounded by a timeout and a lost connection is re-dialled on the
-//! next call: a dead Redis costs each request at most the timeout, and the caller decides (fail
-//! open or closed).
+//! Reservation is one Lua script (atomic on the server): check every counter, then charge every
+//! counter, or charge nothing. Keys carry the layer, period, unit and window id and expire a
+//! minute after their window ends, so nothing needs cleaning. Every call is bounded by a
+//! timeout and a lost connection is re-dialled on the next call: a dead Redis costs each
+//! request at most the timeout, and the caller decides (fail open or closed). Lua counts in
+//! doubles: counters stay exact up to 2^53 (9 million currency units in nano units).
 
 use std::time::Duration;
 
@@ -12,44 +13,46 @@ use redis::{AsyncCommands, Script, aio::MultiplexedConnection};
 use tokio::sync::Mutex;
 
 use super::{
-    policy::{Layer, LayerKey, Window},
+    policy::{Charge, Counter, LayerKey},
     store::{BudgetStore, Reservation, StoreError, StoreFuture},
 };
 
+/// `ARGV` holds `amount, limit, ttl_ms` for each key in turn.
 const RESERVE: &str = r"
-local amount = tonumber(ARGV[1])
 for i, k in ipairs(KEYS) do
   local used = tonumber(redis.call('GET', k) or '0')
-  if used + amount > tonumber(ARGV[i + 2]) then
+  if used + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) then
     return {0, i - 1, used}
   end
 end
 local out = {1}
 for i, k in ipairs(KEYS) do
-  local used = redis.call('INCRBY', k, amount)
-  redis.call('PEXPIRE', k, ARGV[2])
-  table.insert(out, tonumber(ARGV[i + 2]) - used)
+  table.insert(out, redis.call('INCRBY', k, ARGV[3 * i - 2]))
+  redis.call('PEXPIRE', k, ARGV[3 * i])
 end
 return out
 ";
 
+/// `ARGV[i]` is the change of key `i` (actual minus reserved).
 const SETTLE: &str = r"
-local delta = tonumber(ARGV[1])
-for _, k in ipairs(KEYS) do
+for i, k in ipairs(KEYS) do
   if redis.call('EXISTS', k) == 1 then
-    local v = redis.call('INCRBY', k, delta)
+    local v = redis.call('INCRBY', k, ARGV[i])
     if v < 0 then redis.call('SET', k, 0, 'KEEPTTL') end
   end
 end
 return 1
 ";
 
+/// How long a counter outlives its window: a replica whose clock is behind by less than this
+/// still finds the counter instead of starting a fresh one.
+const GRACE_MS: u64 = 60_000;
+
 /// Budget counters in Redis.
 pub struct RedisStore {
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
     timeout: Duration,
-    ttl_ms: u64,
     reserve: Script,
     settle: Script,
 }
@@ -60,30 +63,38 @@ fn err(reason: impl ToString) -> StoreError {
     }
 }
 
+/// Counters and amounts as Redis integers (which are signed).
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 impl RedisStore {
-    /// A store at `url` (`redis://host:port`), for windows of `window`; calls time out after
-    /// `timeout`. Connects lazily.
+    /// A store at `url` (`redis://host:port`); calls time out after `timeout`. Connects lazily.
     ///
     /// # Errors
     /// A malformed URL.
-    pub fn new(url: &str, window: Duration, timeout: Duration) -> Result<Self, StoreError> {
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
         Ok(Self {
             client: redis::Client::open(url).map_err(err)?,
             conn: Mutex::new(None),
             timeout,
-            ttl_ms: u64::try_from(window.as_millis().saturating_mul(2))
-                .unwrap_or(u64::MAX)
-                .max(1000),
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
         })
     }
 
-    /// The Redis key of `layer`'s counter in `window` (the text format of earlier releases).
-    fn key(layer: &Layer, window: Window) -> String {
-        match &layer.key {
-            LayerKey::Tenant { tenant } => format!("epp:budget:t:{tenant}:{}", window.id),
-            LayerKey::Model { tenant, model } => format!("epp:budget:m:{tenant}:{model}:{}", window.id),
+    /// The Redis key of `counter` in its window.
+    fn key(counter: &Counter) -> String {
+        let (period, unit, id) = (
+            counter.key.period.label(),
+            counter.key.unit.label(),
+            counter.window.id,
+        );
+        match &counter.key.layer {
+            LayerKey::Tenant { tenant } => format!("epp:budget:t:{tenant}:{period}:{unit}:{id}"),
+            LayerKey::Model { tenant, model } => {
+                format!("epp:budget:m:{tenant}:{model}:{period}:{unit}:{id}")
+            }
         }
     }
 
@@ -146,24 +157,24 @@ impl RedisStore {
 }
 
 impl BudgetStore for RedisStore {
-    fn reserve<'a>(
-        &'a self,
-        layers: &'a [Layer],
-        amount: u64,
-        window: Window,
-    ) -> StoreFuture<'a, Reservation> {
+    fn reserve<'a>(&'a self, counters: &'a [Counter], charge: Charge) -> StoreFuture<'a, Reservation> {
         Box::pin(async move {
-            let keys: Vec<String> = layers.iter().map(|l| Self::key(l, window)).collect();
-            let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-            let mut args = vec![int(amount), int(self.ttl_ms)];
-            args.extend(layers.iter().map(|l| int(l.limit)));
+            let keys: Vec<String> = counters.iter().map(Self::key).collect();
+            let mut args = Vec::with_capacity(counters.len() * 3);
+            for c in counters {
+                args.extend([
+                    int(charge.of(c.key.unit)),
+                    int(c.limit),
+                    int(c.window.remaining_ms.saturating_add(GRACE_MS)),
+                ]);
+            }
             let out: Vec<i64> = self.run(&self.reserve, &keys, &args).await?;
             match out.as_slice() {
-                [1, remaining @ ..] => Ok(Reservation::Admitted {
-                    remaining: remaining.iter().map(|r| (*r).max(0) as u64).collect(),
+                [1, used @ ..] if used.len() == counters.len() => Ok(Reservation::Admitted {
+                    used: used.iter().map(|u| (*u).max(0) as u64).collect(),
                 }),
-                [0, layer, used] => Ok(Reservation::Rejected {
-                    layer: (*layer).max(0) as usize,
+                [0, counter, used] => Ok(Reservation::Rejected {
+                    counter: (*counter).max(0) as usize,
                     used: (*used).max(0) as u64,
                 }),
                 other => Err(err(format!("unexpected reserve answer {other:?}"))),
@@ -173,16 +184,17 @@ impl BudgetStore for RedisStore {
 
     fn settle<'a>(
         &'a self,
-        layers: &'a [Layer],
-        window: Window,
-        reserved: u64,
-        actual: u64,
+        counters: &'a [Counter],
+        reserved: Charge,
+        actual: Charge,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let keys: Vec<String> = layers.iter().map(|l| Self::key(l, window)).collect();
-            let delta =
-                i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(reserved).unwrap_or(i64::MAX);
-            self.run::<i64>(&self.settle, &keys, &[delta]).await.map(|_| ())
+            let keys: Vec<String> = counters.iter().map(Self::key).collect();
+            let deltas: Vec<i64> = counters
+                .iter()
+                .map(|c| int(actual.of(c.key.unit)).saturating_sub(int(reserved.of(c.key.unit))))
+                .collect();
+            self.run::<i64>(&self.settle, &keys, &deltas).await.map(|_| ())
         })
     }
 }
@@ -190,18 +202,32 @@ impl BudgetStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::policy::{CounterKey, Period, Unit, Window};
 
     #[test]
-    fn keys_render_the_layer_and_the_window() {
-        let window = Window {
-            id: 42,
-            remaining_ms: 1,
+    fn keys_render_the_layer_period_unit_and_window() {
+        let key = |layer, period, unit| {
+            RedisStore::key(&Counter {
+                key: CounterKey { layer, period, unit },
+                limit: 1,
+                window: Window {
+                    id: 42,
+                    ends_ms: 1,
+                    remaining_ms: 1,
+                },
+            })
         };
-        let key = |key| RedisStore::key(&Layer { key, limit: 1 }, window);
-        assert_eq!(key(LayerKey::tenant("team-a")), "epp:budget:t:team-a:42");
         assert_eq!(
-            key(LayerKey::model("team-a", "gpt-4o")),
-            "epp:budget:m:team-a:gpt-4o:42"
+            key(
+                LayerKey::tenant("team-a"),
+                Period::Fixed { ms: 60_000 },
+                Unit::Tokens
+            ),
+            "epp:budget:t:team-a:60s:tokens:42"
+        );
+        assert_eq!(
+            key(LayerKey::model("team-a", "gpt-4o"), Period::Month, Unit::Spend),
+            "epp:budget:m:team-a:gpt-4o:month:spend:42"
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Where budget counters live: the [`BudgetStore`] trait and the in-memory store (exact for one
-//! replica; sharded, keeping the current window only, at most [`DEFAULT_MAX_LAYERS`] layers).
-//! Reservation is atomic across every layer of a request: all fit and all are charged, or
+//! replica; sharded, at most [`DEFAULT_MAX_COUNTERS`] counters).
+//! Reservation is atomic across every counter of a request: all fit and all are charged, or
 //! nothing is.
 
 use std::{
@@ -13,7 +13,7 @@ use std::{
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::policy::{Layer, LayerKey, Window};
+use super::policy::{Charge, Counter, CounterKey, LayerKey};
 
 /// A boxed future, so the trait stays object-safe.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -29,74 +29,89 @@ pub struct StoreError {
 /// The answer to a reservation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reservation {
-    /// Charged on every layer; `remaining[i]` is layer `i`'s remaining tokens afterwards.
+    /// Charged on every counter; `used[i]` is counter `i`'s usage afterwards, in its unit.
     Admitted {
-        /// Remaining tokens per layer.
-        remaining: Vec<u64>,
+        /// Usage per counter, this request included.
+        used: Vec<u64>,
     },
-    /// Layer `layer` cannot fit the amount; nothing was charged.
+    /// Counter `counter` cannot fit the charge; nothing was charged.
     Rejected {
-        /// Index of the first layer that did not fit.
-        layer: usize,
-        /// Tokens already used on it in this window.
+        /// Index of the first counter that did not fit.
+        counter: usize,
+        /// Its usage in this window before the request.
         used: u64,
     },
 }
 
 /// Budget counters.
 pub trait BudgetStore: Send + Sync {
-    /// Atomically charge `amount` on every layer in `window` if it fits all of them.
-    fn reserve<'a>(
-        &'a self,
-        layers: &'a [Layer],
-        amount: u64,
-        window: Window,
-    ) -> StoreFuture<'a, Reservation>;
-    /// Replace a reservation of `reserved` by the `actual` usage (in the reservation's window).
-    fn settle<'a>(
-        &'a self,
-        layers: &'a [Layer],
-        window: Window,
-        reserved: u64,
-        actual: u64,
-    ) -> StoreFuture<'a, ()>;
+    /// Atomically charge every counter (in its unit and window) if the charge fits all of
+    /// them.
+    fn reserve<'a>(&'a self, counters: &'a [Counter], charge: Charge) -> StoreFuture<'a, Reservation>;
+    /// Replace a reservation of `reserved` by the `actual` cost (in the reservation's windows).
+    fn settle<'a>(&'a self, counters: &'a [Counter], reserved: Charge, actual: Charge)
+    -> StoreFuture<'a, ()>;
 }
 
 /// Shards of the in-memory store: reservations of different tenants rarely wait on each other.
 const SHARDS: usize = 16;
 
-/// Layers the in-memory store counts at most in one window (over all shards): the bound on
-/// state keyed by client input (a tenant header with a `defaultTenant` budget makes one layer
-/// per distinct value). A request that would need a new layer past it is refused, as if its
-/// budget were used up, until the window turns.
-pub const DEFAULT_MAX_LAYERS: usize = 65_536;
+/// Counters the in-memory store keeps at most (over all shards): the bound on state keyed by
+/// client input (a tenant header with a `defaultTenant` budget makes counters per distinct
+/// value). Counters whose window ended make room first; a request that would need a new
+/// counter past the bound is refused, as if its budget were used up, until room frees.
+pub const DEFAULT_MAX_COUNTERS: usize = 65_536;
 
-/// One shard: the counters of the current window only (older windows are dropped as soon as a
-/// reservation of a newer one arrives).
+/// One counter's state: its window and what was used in it.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    window: u64,
+    ends_ms: u64,
+    used: u64,
+}
+
+/// One shard of counters.
 #[derive(Debug, Default)]
 struct Shard {
-    window: u64,
-    used: HashMap<LayerKey, u64>,
+    slots: HashMap<CounterKey, Slot>,
+}
+
+impl Shard {
+    /// Drop counters whose window ended before `now_ms` (they would restart at zero anyway).
+    fn evict_ended(&mut self, now_ms: u64) {
+        self.slots.retain(|_, s| s.ends_ms > now_ms);
+    }
 }
 
 /// In-process counters: exact for a single EPP replica.
 ///
-/// Bounded: only the current window is kept, and at most [`DEFAULT_MAX_LAYERS`] layers in it
-/// (or the capacity given to [`MemoryStore::with_capacity`]).
+/// Bounded: at most [`DEFAULT_MAX_COUNTERS`] counters (or the capacity given to
+/// [`MemoryStore::with_capacity`]); a counter restarts at zero when its next window begins.
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: [Mutex<Shard>; SHARDS],
     max_per_shard: usize,
     hasher: RandomState,
-    /// Tenants the config names: their layers are bounded by the config, so they are never
+    /// Tenants the config names: their counters are bounded by the config, so they are never
     /// refused for room (a flood of unlisted tenants cannot lock them out).
     configured: HashSet<String>,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self::with_capacity(DEFAULT_MAX_LAYERS)
+        Self::with_capacity(DEFAULT_MAX_COUNTERS)
     }
+}
+
+/// What a reservation does to one counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Count in the slot's window (restarting it when the counter's window is newer).
+    Count,
+    /// The request's window is already over (a newer one started while it was decided): it
+    /// goes through this counter uncharged, as at a window's start; charging the newer window
+    /// would never be refunded (settlement is per window).
+    Skip,
 }
 
 impl MemoryStore {
@@ -105,121 +120,132 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// An empty store counting at most about `max_layers` layers per window.
-    pub fn with_capacity(max_layers: usize) -> Self {
+    /// An empty store keeping at most about `max_counters` counters.
+    pub fn with_capacity(max_counters: usize) -> Self {
         Self {
             shards: std::array::from_fn(|_| Mutex::default()),
-            max_per_shard: max_layers.div_ceil(SHARDS).max(1),
+            max_per_shard: max_counters.div_ceil(SHARDS).max(1),
             hasher: RandomState::new(),
             configured: HashSet::new(),
         }
     }
 
-    /// This store, never refusing room to the layers of `tenants` (the config's).
+    /// This store, never refusing room to the counters of `tenants` (the config's).
     pub fn with_configured_tenants(mut self, tenants: impl IntoIterator<Item = String>) -> Self {
         self.configured = tenants.into_iter().collect();
         self
     }
 
     fn is_configured(&self, key: &LayerKey) -> bool {
-        let (LayerKey::Tenant { tenant } | LayerKey::Model { tenant, .. }) = key;
-        self.configured.contains(tenant)
+        self.configured.contains(key.tenant_name())
     }
 
-    fn shard_of(&self, key: &LayerKey) -> usize {
+    fn shard_of(&self, key: &CounterKey) -> usize {
         (self.hasher.hash_one(key) % SHARDS as u64) as usize
     }
 
-    /// Layers counted now (all shards), for tests and gauges.
-    pub fn layers_counted(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().used.len()).sum()
+    /// Counters kept now (all shards), for tests and gauges.
+    pub fn counters_kept(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().slots.len()).sum()
     }
 
     /// Reserve synchronously (the memory store never waits).
-    pub fn reserve_now(&self, layers: &[Layer], amount: u64, window: Window) -> Reservation {
-        // Every shard a layer lives in is locked, in index order (no deadlock), for the whole
-        // check-then-charge: all layers fit and are charged, or none is.
-        let mut order: SmallVec<[usize; 2]> = layers.iter().map(|l| self.shard_of(&l.key)).collect();
+    pub fn reserve_now(&self, counters: &[Counter], charge: Charge) -> Reservation {
+        // Every shard a counter lives in is locked, in index order (no deadlock), for the whole
+        // check-then-charge: all counters fit and are charged, or none is.
+        let shard_ids: SmallVec<[usize; 4]> = counters.iter().map(|c| self.shard_of(&c.key)).collect();
+        let mut order = shard_ids.clone();
         order.sort_unstable();
         order.dedup();
-        let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 2]> =
+        let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 4]> =
             order.iter().map(|&i| (i, self.shards[i].lock())).collect();
-        for (_, shard) in &mut guards {
-            if window.id > shard.window {
-                shard.window = window.id;
-                shard.used.clear();
-            }
-        }
-        // A request that took its window just before a concurrent one moved the shard to the
-        // next: its window's counters are gone, and charging the next window would never be
-        // refunded (settlement is per window). It goes through uncharged, as at a window's start.
-        if guards.iter().any(|(_, shard)| window.id < shard.window) {
-            return Reservation::Admitted {
-                remaining: layers.iter().map(|l| l.limit.saturating_sub(amount)).collect(),
+        let at = |shard: usize| guards.iter().position(|(g, _)| *g == shard).unwrap_or(0);
+        let positions: SmallVec<[usize; 4]> = shard_ids.iter().map(|&s| at(s)).collect();
+        let mut steps: SmallVec<[Step; 4]> = SmallVec::with_capacity(counters.len());
+        for (i, (c, &pos)) in counters.iter().zip(&positions).enumerate() {
+            let amount = charge.of(c.key.unit);
+            let shard = &mut guards[pos].1;
+            let used = match shard.slots.get(&c.key) {
+                Some(slot) if slot.window > c.window.id => {
+                    steps.push(Step::Skip);
+                    continue;
+                }
+                Some(slot) if slot.window == c.window.id => slot.used,
+                Some(_) => 0,
+                None => {
+                    if shard.slots.len() >= self.max_per_shard && !self.is_configured(&c.key.layer) {
+                        let now_ms = c.window.ends_ms.saturating_sub(c.window.remaining_ms);
+                        shard.evict_ended(now_ms);
+                        if shard.slots.len() >= self.max_per_shard {
+                            return Reservation::Rejected {
+                                counter: i,
+                                used: c.limit,
+                            };
+                        }
+                    }
+                    0
+                }
             };
-        }
-        let shard_index = |key: &LayerKey| {
-            let i = self.shard_of(key);
-            guards.iter().position(|(g, _)| *g == i).unwrap_or(0)
-        };
-        let positions: SmallVec<[usize; 2]> = layers.iter().map(|l| shard_index(&l.key)).collect();
-        for (i, (l, &at)) in layers.iter().zip(&positions).enumerate() {
-            let shard = &guards[at].1;
-            let used = shard.used.get(&l.key).copied();
-            if used.is_none() && shard.used.len() >= self.max_per_shard && !self.is_configured(&l.key) {
-                return Reservation::Rejected {
-                    layer: i,
-                    used: l.limit,
-                };
+            if used.saturating_add(amount) > c.limit {
+                return Reservation::Rejected { counter: i, used };
             }
-            let used = used.unwrap_or(0);
-            if used.saturating_add(amount) > l.limit {
-                return Reservation::Rejected { layer: i, used };
-            }
+            steps.push(Step::Count);
         }
-        let mut remaining = Vec::with_capacity(layers.len());
-        for (l, &at) in layers.iter().zip(&positions) {
-            let counter = guards[at].1.used.entry(l.key.clone()).or_insert(0);
-            *counter = counter.saturating_add(amount);
-            remaining.push(l.limit.saturating_sub(*counter));
-        }
-        Reservation::Admitted { remaining }
-    }
-
-    /// Settle synchronously. A reservation of a window that is over is not changed (its
-    /// counters are gone with it).
-    pub fn settle_now(&self, layers: &[Layer], window: Window, reserved: u64, actual: u64) {
-        for l in layers {
-            let mut shard = self.shards[self.shard_of(&l.key)].lock();
-            if shard.window != window.id {
+        let mut used = Vec::with_capacity(counters.len());
+        for ((c, &pos), step) in counters.iter().zip(&positions).zip(steps) {
+            let amount = charge.of(c.key.unit);
+            if step == Step::Skip {
+                used.push(amount);
                 continue;
             }
-            if let Some(n) = shard.used.get_mut(&l.key) {
-                *n = n.saturating_sub(reserved).saturating_add(actual);
+            let slot = guards[pos].1.slots.entry(c.key.clone()).or_insert(Slot {
+                window: c.window.id,
+                ends_ms: c.window.ends_ms,
+                used: 0,
+            });
+            if slot.window < c.window.id {
+                *slot = Slot {
+                    window: c.window.id,
+                    ends_ms: c.window.ends_ms,
+                    used: 0,
+                };
+            }
+            slot.used = slot.used.saturating_add(amount);
+            used.push(slot.used);
+        }
+        Reservation::Admitted { used }
+    }
+
+    /// Settle synchronously. A counter whose window is over is not changed (its usage is gone
+    /// with it).
+    pub fn settle_now(&self, counters: &[Counter], reserved: Charge, actual: Charge) {
+        for c in counters {
+            let mut shard = self.shards[self.shard_of(&c.key)].lock();
+            if let Some(slot) = shard.slots.get_mut(&c.key)
+                && slot.window == c.window.id
+            {
+                slot.used = slot
+                    .used
+                    .saturating_sub(reserved.of(c.key.unit))
+                    .saturating_add(actual.of(c.key.unit));
             }
         }
     }
 }
 
 impl BudgetStore for MemoryStore {
-    fn reserve<'a>(
-        &'a self,
-        layers: &'a [Layer],
-        amount: u64,
-        window: Window,
-    ) -> StoreFuture<'a, Reservation> {
-        let r = self.reserve_now(layers, amount, window);
+    fn reserve<'a>(&'a self, counters: &'a [Counter], charge: Charge) -> StoreFuture<'a, Reservation> {
+        let r = self.reserve_now(counters, charge);
         Box::pin(async move { Ok(r) })
     }
 
     fn settle<'a>(
         &'a self,
-        layers: &'a [Layer],
-        window: Window,
-        reserved: u64,
-        actual: u64,
+        counters: &'a [Counter],
+        reserved: Charge,
+        actual: Charge,
     ) -> StoreFuture<'a, ()> {
-        self.settle_now(layers, window, reserved, actual);
+        self.settle_now(counters, reserved, actual);
         Box::pin(async { Ok(()) })
     }
 }
@@ -227,50 +253,119 @@ impl BudgetStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::policy::{Period, Unit, Window};
 
-    fn layers() -> Vec<Layer> {
+    fn counter(layer: LayerKey, unit: Unit, limit: u64, window: u64) -> Counter {
+        Counter {
+            key: CounterKey {
+                layer,
+                period: Period::Fixed { ms: 1000 },
+                unit,
+            },
+            limit,
+            window: Window {
+                id: window,
+                ends_ms: (window + 1) * 1000,
+                remaining_ms: 1000,
+            },
+        }
+    }
+
+    fn tokens(n: u64) -> Charge {
+        Charge { tokens: n, nanos: 0 }
+    }
+
+    fn counters(window: u64) -> Vec<Counter> {
         vec![
-            Layer {
-                key: LayerKey::tenant("a"),
-                limit: 100,
-            },
-            Layer {
-                key: LayerKey::model("a", "x"),
-                limit: 30,
-            },
+            counter(LayerKey::tenant("a"), Unit::Tokens, 100, window),
+            counter(LayerKey::model("a", "x"), Unit::Tokens, 30, window),
         ]
     }
 
     #[test]
-    fn all_layers_or_nothing_and_windows_reset() {
+    fn all_counters_or_nothing_and_windows_reset() {
         let s = MemoryStore::new();
-        let w0 = Window {
-            id: 0,
-            remaining_ms: 1000,
+        assert_eq!(
+            s.reserve_now(&counters(0), tokens(20)),
+            Reservation::Admitted { used: vec![20, 20] }
+        );
+        assert_eq!(
+            s.reserve_now(&counters(0), tokens(20)),
+            Reservation::Rejected { counter: 1, used: 20 }
+        );
+        // The rejected request charged nothing on the tenant counter either.
+        assert_eq!(
+            s.reserve_now(&counters(0)[..1], tokens(80)),
+            Reservation::Admitted { used: vec![100] }
+        );
+        assert_eq!(
+            s.reserve_now(&counters(1), tokens(20)),
+            Reservation::Admitted { used: vec![20, 20] }
+        );
+    }
+
+    #[test]
+    fn each_unit_counts_its_own_amount() {
+        let s = MemoryStore::new();
+        let both = [
+            counter(LayerKey::tenant("a"), Unit::Tokens, 100, 0),
+            counter(LayerKey::tenant("a"), Unit::Spend, 1_000, 0),
+        ];
+        let charge = Charge {
+            tokens: 10,
+            nanos: 600,
         };
         assert_eq!(
-            s.reserve_now(&layers(), 20, w0),
-            Reservation::Admitted {
-                remaining: vec![80, 10]
+            s.reserve_now(&both, charge),
+            Reservation::Admitted { used: vec![10, 600] }
+        );
+        // Tokens would fit; money is one nano unit short.
+        assert_eq!(
+            s.reserve_now(
+                &both,
+                Charge {
+                    tokens: 10,
+                    nanos: 401
+                }
+            ),
+            Reservation::Rejected {
+                counter: 1,
+                used: 600
             }
         );
         assert_eq!(
-            s.reserve_now(&layers(), 20, w0),
-            Reservation::Rejected { layer: 1, used: 20 }
-        );
-        // The rejected request charged nothing on the tenant layer either.
-        assert_eq!(
-            s.reserve_now(&layers()[..1], 80, w0),
-            Reservation::Admitted { remaining: vec![0] }
-        );
-        let w1 = Window {
-            id: 1,
-            remaining_ms: 1000,
-        };
-        assert_eq!(
-            s.reserve_now(&layers(), 20, w1),
+            s.reserve_now(
+                &both,
+                Charge {
+                    tokens: 10,
+                    nanos: 400
+                }
+            ),
             Reservation::Admitted {
-                remaining: vec![80, 10]
+                used: vec![20, 1_000]
+            }
+        );
+        s.settle_now(
+            &both,
+            Charge {
+                tokens: 10,
+                nanos: 400,
+            },
+            Charge {
+                tokens: 4,
+                nanos: 100,
+            },
+        );
+        assert_eq!(
+            s.reserve_now(
+                &both,
+                Charge {
+                    tokens: 0,
+                    nanos: 300
+                }
+            ),
+            Reservation::Admitted {
+                used: vec![14, 1_000]
             }
         );
     }
@@ -278,43 +373,24 @@ mod tests {
     #[test]
     fn settle_replaces_the_reservation_by_actual_usage() {
         let s = MemoryStore::new();
-        let w = Window {
-            id: 5,
-            remaining_ms: 1,
-        };
-        s.reserve_now(&layers(), 30, w);
-        s.settle_now(&layers(), w, 30, 12);
+        s.reserve_now(&counters(5), tokens(30));
+        s.settle_now(&counters(5), tokens(30), tokens(12));
         assert_eq!(
-            s.reserve_now(&layers(), 18, w),
-            Reservation::Admitted {
-                remaining: vec![70, 0]
-            }
+            s.reserve_now(&counters(5), tokens(18)),
+            Reservation::Admitted { used: vec![30, 30] }
         );
     }
 
     #[test]
     fn concurrent_reservations_never_overshoot() {
         let s = std::sync::Arc::new(MemoryStore::new());
-        let w = Window {
-            id: 0,
-            remaining_ms: 1,
-        };
         let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         std::thread::scope(|scope| {
             for _ in 0..100 {
                 let (s, admitted) = (s.clone(), admitted.clone());
                 scope.spawn(move || {
-                    if matches!(
-                        s.reserve_now(
-                            &[Layer {
-                                key: LayerKey::tenant("t"),
-                                limit: 100
-                            }],
-                            10,
-                            w
-                        ),
-                        Reservation::Admitted { .. }
-                    ) {
+                    let c = [counter(LayerKey::tenant("t"), Unit::Tokens, 100, 0)];
+                    if matches!(s.reserve_now(&c, tokens(10)), Reservation::Admitted { .. }) {
                         admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 });
@@ -324,83 +400,84 @@ mod tests {
     }
 
     #[test]
-    fn past_windows_are_dropped_and_new_layers_past_the_capacity_are_refused() {
-        let s = MemoryStore::with_capacity(SHARDS); // one layer per shard
-        let w = |id| Window { id, remaining_ms: 1 };
-        let tenant = |i: usize| {
-            [Layer {
-                key: LayerKey::tenant(&format!("t{i}")),
-                limit: 10,
-            }]
-        };
+    fn ended_windows_make_room_and_new_counters_past_the_capacity_are_refused() {
+        let s = MemoryStore::with_capacity(SHARDS); // one counter per shard
+        let tenant = |i: usize, w: u64| [counter(LayerKey::tenant(&format!("t{i}")), Unit::Tokens, 10, w)];
         let admitted = (0..200)
-            .filter(|i| matches!(s.reserve_now(&tenant(*i), 1, w(0)), Reservation::Admitted { .. }))
+            .filter(|i| {
+                matches!(
+                    s.reserve_now(&tenant(*i, 0), tokens(1)),
+                    Reservation::Admitted { .. }
+                )
+            })
             .count();
         assert!(admitted <= SHARDS, "{admitted} admitted");
-        assert!(s.layers_counted() <= SHARDS);
-        // A layer already counted still takes reservations at capacity.
-        let counted = (0..200)
-            .find(|i| matches!(s.reserve_now(&tenant(*i), 1, w(0)), Reservation::Admitted { .. }))
+        assert!(s.counters_kept() <= SHARDS);
+        // A counter already kept still takes reservations at capacity.
+        let kept = (0..200)
+            .find(|i| {
+                matches!(
+                    s.reserve_now(&tenant(*i, 0), tokens(1)),
+                    Reservation::Admitted { .. }
+                )
+            })
             .unwrap();
         assert_eq!(
-            s.reserve_now(&tenant(counted), 8, w(0)),
-            Reservation::Admitted { remaining: vec![0] }
+            s.reserve_now(&tenant(kept, 0), tokens(8)),
+            Reservation::Admitted { used: vec![10] }
         );
-        // The next window starts empty in every shard it touches: the old counters are gone.
-        for i in 0..200 {
-            s.reserve_now(&tenant(i), 1, w(1));
-        }
-        assert!(s.layers_counted() <= SHARDS);
-        assert_eq!(
-            s.reserve_now(&tenant(counted), 9, w(2)),
-            Reservation::Admitted { remaining: vec![1] }
-        );
+        // In the next window the ended counters make room for new tenants.
+        let admitted = (0..200)
+            .filter(|i| {
+                matches!(
+                    s.reserve_now(&tenant(*i, 1), tokens(1)),
+                    Reservation::Admitted { .. }
+                )
+            })
+            .count();
+        assert!(admitted >= 1, "ended counters were not evicted");
+        assert!(s.counters_kept() <= SHARDS);
         // A reservation of a window that is over is not charged to the current one.
+        let current = (0..200)
+            .find(|i| {
+                matches!(
+                    s.reserve_now(&tenant(*i, 1), tokens(0)),
+                    Reservation::Admitted { .. }
+                )
+            })
+            .unwrap();
         assert_eq!(
-            s.reserve_now(&tenant(counted), 5, w(1)),
-            Reservation::Admitted { remaining: vec![5] }
+            s.reserve_now(&tenant(current, 0), tokens(5)),
+            Reservation::Admitted { used: vec![5] }
         );
         // A settlement of a window that is over changes nothing.
-        s.settle_now(&tenant(counted), w(1), 9, 0);
+        s.settle_now(&tenant(current, 0), tokens(9), tokens(0));
         assert_eq!(
-            s.reserve_now(&tenant(counted), 2, w(2)),
-            Reservation::Rejected { layer: 0, used: 9 }
+            s.reserve_now(&tenant(current, 1), tokens(9)),
+            Reservation::Admitted { used: vec![10] }
         );
     }
 
     #[test]
-    fn layers_in_two_shards_are_reserved_together() {
+    fn counters_in_several_shards_are_reserved_together() {
         let s = MemoryStore::new();
-        let w0 = Window {
-            id: 0,
-            remaining_ms: 1,
-        };
-        // Many tenant/model pairs: most pairs live in two shards.
         for t in 0..50 {
-            let layers = [
-                Layer {
-                    key: LayerKey::tenant(&format!("t{t}")),
-                    limit: 100,
-                },
-                Layer {
-                    key: LayerKey::model(&format!("t{t}"), "m"),
-                    limit: 30,
-                },
+            let c = [
+                counter(LayerKey::tenant(&format!("t{t}")), Unit::Tokens, 100, 0),
+                counter(LayerKey::model(&format!("t{t}"), "m"), Unit::Tokens, 30, 0),
             ];
             assert_eq!(
-                s.reserve_now(&layers, 30, w0),
-                Reservation::Admitted {
-                    remaining: vec![70, 0]
-                }
+                s.reserve_now(&c, tokens(30)),
+                Reservation::Admitted { used: vec![30, 30] }
             );
             assert_eq!(
-                s.reserve_now(&layers, 1, w0),
-                Reservation::Rejected { layer: 1, used: 30 }
+                s.reserve_now(&c, tokens(1)),
+                Reservation::Rejected { counter: 1, used: 30 }
             );
             assert_eq!(
-                s.reserve_now(&layers[..1], 70, w0),
-                Reservation::Admitted { remaining: vec![0] },
-                "the refused request charged the tenant layer nothing"
+                s.reserve_now(&c[..1], tokens(70)),
+                Reservation::Admitted { used: vec![100] },
+                "the refused request charged the tenant counter nothing"
             );
         }
     }
@@ -408,24 +485,16 @@ mod tests {
     #[test]
     fn a_configured_tenant_is_never_refused_for_room() {
         let s = MemoryStore::with_capacity(SHARDS).with_configured_tenants(["vip".to_owned()]);
-        let w0 = Window {
-            id: 0,
-            remaining_ms: 1,
-        };
         for i in 0..200 {
-            let flood = [Layer {
-                key: LayerKey::tenant(&format!("t{i}")),
-                limit: 10,
-            }];
-            s.reserve_now(&flood, 1, w0);
+            s.reserve_now(
+                &[counter(LayerKey::tenant(&format!("t{i}")), Unit::Tokens, 10, 0)],
+                tokens(1),
+            );
         }
-        let vip = [Layer {
-            key: LayerKey::model("vip", "gpt-4o"),
-            limit: 10,
-        }];
+        let vip = [counter(LayerKey::model("vip", "gpt-4o"), Unit::Tokens, 10, 0)];
         assert_eq!(
-            s.reserve_now(&vip, 1, w0),
-            Reservation::Admitted { remaining: vec![9] }
+            s.reserve_now(&vip, tokens(1)),
+            Reservation::Admitted { used: vec![1] }
         );
     }
 }

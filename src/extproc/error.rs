@@ -6,10 +6,9 @@ use serde_json::json;
 
 use super::{
     encode::{immediate, set_header},
-    wire::{DROPPED_REASON, RATELIMIT_LIMIT_TOKENS, RATELIMIT_REMAINING_TOKENS, RATELIMIT_RESET_TOKENS},
+    wire::DROPPED_REASON,
 };
 use crate::{
-    budget::reset_text,
     metrics::names::error_code,
     parser::RequestError,
     scheduler::{
@@ -66,7 +65,7 @@ pub enum EppError {
     BudgetStoreUnavailable,
     /// Over the token budget.
     #[error("{}", .0.message())]
-    OverBudget(Rejection),
+    OverBudget(Box<Rejection>),
     /// A prompt guard refused the request (status and message from its `customResponse`).
     #[error("{message}")]
     Guard {
@@ -165,6 +164,9 @@ impl EppError {
             EppError::StreamedBodyMode => ("server_error", "unsupported_body_mode"),
             EppError::BodyMemoryExhausted { .. } => ("server_overloaded", "server_busy"),
             EppError::Guard { .. } => ("invalid_request_error", "content_policy_violation"),
+            // Money gone is OpenAI's `insufficient_quota` (its clients do not retry it); tokens
+            // per window are a rate limit.
+            EppError::OverBudget(r) if r.is_spend() => ("insufficient_quota", "insufficient_quota"),
             EppError::OverBudget(_) => ("rate_limit_error", "rate_limit_exceeded"),
             EppError::BudgetStoreUnavailable => ("server_error", "budget_store_unavailable"),
             EppError::Flow(FlowRefusal::QueueFull { .. }) => ("rate_limit_error", "queue_full"),
@@ -215,24 +217,7 @@ impl EppError {
             headers.push(set_header(DROPPED_REASON, reason.as_bytes()));
         }
         match self {
-            EppError::OverBudget(r) => {
-                let secs = r.retry_after_ms.div_ceil(1000).max(1);
-                headers.push(set_header("retry-after", secs.to_string().as_bytes()));
-                headers.push(set_header(
-                    "retry-after-ms",
-                    r.retry_after_ms.to_string().as_bytes(),
-                ));
-                headers.push(set_header(RATELIMIT_LIMIT_TOKENS, r.limit.to_string().as_bytes()));
-                let remaining = r.limit.saturating_sub(r.used);
-                headers.push(set_header(
-                    RATELIMIT_REMAINING_TOKENS,
-                    remaining.to_string().as_bytes(),
-                ));
-                headers.push(set_header(
-                    RATELIMIT_RESET_TOKENS,
-                    reset_text(r.retry_after_ms).as_bytes(),
-                ));
-            }
+            EppError::OverBudget(r) => headers.extend(super::budget_headers::refused(r)),
             // The queue's estimate from its drain rate.
             EppError::Flow(f) if f.retry_after_ms().is_some() => {
                 let ms = f.retry_after_ms().unwrap_or(1_000);

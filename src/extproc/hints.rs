@@ -5,16 +5,21 @@
 //! Only headers the exchange reads are kept; an empty tenant, rewrite or objective header counts
 //! as absent, as upstream reads them.
 
+use std::collections::HashMap;
+
 use envoy_types::pb::{
     envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata},
-    google::protobuf::value::Kind,
+    google::protobuf::{Struct, value::Kind},
 };
 
 use super::wire::{
     DEBUG_REQUEST, FAIRNESS_HEADERS, LB_NAMESPACE, MODEL_REWRITE_HEADERS, OBJECTIVE_HEADERS, REQUEST_ID,
     SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE,
 };
-use crate::scheduler::RequestMeta;
+use crate::scheduler::{
+    RequestMeta,
+    admission::{SPIFFE_ATTRIBUTE, TenantSource},
+};
 
 /// The request headers an exchange keeps.
 #[derive(Debug, Default)]
@@ -59,6 +64,21 @@ impl RequestHeaders {
                 _ => {}
             }
         }
+    }
+
+    /// Read the tenant from the caller's SPIFFE identity, the request attribute
+    /// [`SPIFFE_ATTRIBUTE`] Envoy sends with the request headers when the ext_proc filter
+    /// lists it in `request_attributes` (the attributes arrive keyed by the filter's name; any
+    /// key is read). Without a workload id of the Kubernetes shape the tenant stays unset.
+    pub fn read_spiffe_tenant(&mut self, attributes: &HashMap<String, Struct>, source: &TenantSource) {
+        let uri = attributes
+            .values()
+            .filter_map(|s| s.fields.get(SPIFFE_ATTRIBUTE))
+            .find_map(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.as_str()),
+                _ => None,
+            });
+        self.meta.tenant = uri.and_then(|u| source.from_spiffe(u));
     }
 
     /// The path the body is parsed for: `:path`, else a forwarded path, else completions.

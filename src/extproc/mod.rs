@@ -10,6 +10,7 @@
 //! - [`wire`]: header names, metadata keys and limits.
 
 pub mod body_memory;
+pub mod budget_headers;
 pub mod encode;
 pub mod error;
 pub mod hints;

@@ -5,10 +5,15 @@
 use tracing::{debug, info, warn};
 
 use crate::{
+    budget::{Charge, LayerKey, NANOS_PER_UNIT},
     datastore::{Endpoint, Snapshot},
     metrics::exported::EppMetrics,
     parser::Usage,
-    scheduler::{Outcome, admission::AdmissionEvent, plugin::CacheReport},
+    scheduler::{
+        Outcome,
+        admission::{AdmissionEvent, BudgetReservation},
+        plugin::CacheReport,
+    },
 };
 
 /// Count what the admission stages did.
@@ -68,6 +73,47 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
                 }
             }
         }
+    }
+}
+
+/// Record how much of each limit a routed request's reservation left used: the usage gauges
+/// (for tenants the config names; unlisted tenants share the `default` label, where one
+/// tenant's share would overwrite another's) and the soft-threshold crossings.
+pub fn budget_usage(m: &EppMetrics, r: &BudgetReservation) {
+    let policy = &r.budget.policy;
+    let named = policy.tenants.contains_key(&r.tenant);
+    for (c, used) in r.admitted.usage() {
+        let layer = match &c.key.layer {
+            LayerKey::Tenant { .. } => "tenant".into(),
+            LayerKey::Model { model, .. } => m.labels.model(model),
+        };
+        let labels = [
+            r.tenant.as_str(),
+            &layer,
+            &c.key.period.label(),
+            c.key.unit.label(),
+        ];
+        if named && c.limit > 0 {
+            m.budget_usage_ratio
+                .with_label_values(&labels)
+                .set(used as f64 / c.limit as f64);
+        }
+        if policy.past_soft_threshold(used, c.limit) {
+            m.budget_warnings.with_label_values(&labels).inc();
+        }
+    }
+}
+
+/// Count what a served request actually cost.
+pub fn budget_settled(m: &EppMetrics, r: &BudgetReservation, actual: Charge) {
+    let model = m.labels.model(&r.model);
+    m.budget_settled
+        .with_label_values(&[r.tenant.as_str(), &model])
+        .inc_by(actual.tokens);
+    if actual.nanos > 0 {
+        m.budget_spend
+            .with_label_values(&[r.tenant.as_str(), &model, &r.budget.policy.currency])
+            .inc_by(actual.nanos as f64 / NANOS_PER_UNIT as f64);
     }
 }
 

@@ -31,6 +31,7 @@ use tracing::{debug, trace};
 
 use super::{
     body_memory::BodyPieces,
+    budget_headers,
     encode::{
         Direction, body_replace_answer, common_with_headers, destination_metadata, push_streamed_body,
         push_streamed_pieces, request_headers_answer, response_headers_answer, set_header, streamed_chunk,
@@ -48,7 +49,7 @@ use crate::{
     flow_dispatch::QueueRequest,
     scheduler::{
         DecideEnv, Decision, ResponsePlan, Scratch,
-        admission::{BudgetReservation, Refusal},
+        admission::{BudgetReservation, Refusal, TenantSource},
         plugin::{CachePrediction, CacheReport},
     },
 };
@@ -214,6 +215,11 @@ impl Exchange {
             && let Some(md) = &msg.metadata_context
         {
             self.headers.meta.subset = subset_hint(md);
+        }
+        if let Some(source @ TenantSource::Spiffe { .. }) = self.p.scheduler.tenant_source()
+            && matches!(msg.request, Some(Request::RequestHeaders(_)))
+        {
+            self.headers.read_spiffe_tenant(&msg.attributes, source);
         }
         match msg.request {
             Some(Request::RequestHeaders(h)) => self.on_request_headers(h, out),
@@ -491,6 +497,9 @@ impl Exchange {
         let primary_address = primary.spec.address;
         let body = outcome.take_body(body);
         self.request_stream = outcome.request.stream;
+        if let Some(r) = &outcome.reservation {
+            observe::budget_usage(&self.p.metrics, r);
+        }
         self.reservation = outcome.reservation;
         if let Some(text) = outcome.explanation {
             debug!(explanation = %text, "decision explained");
@@ -521,7 +530,7 @@ impl Exchange {
         debug!(error = %e, status = e.http_status(), "request answered by the EPP");
         if let Some(reservation) = self.reservation.take() {
             self.p.tasks.spawn(async move {
-                let _ = reservation.settle(0).await; // nothing was served: give the tokens back
+                let _ = reservation.settle(Default::default()).await; // nothing was served: give it back
             });
         }
         out.push(e.to_response());
@@ -567,11 +576,7 @@ impl Exchange {
             headers.push(set_header(DECISION_EXPLANATION, text.as_bytes()));
         }
         if let Some(r) = &self.reservation {
-            let a = &r.admitted;
-            headers.extend(ratelimit_headers(a.limit, a.remaining, a.window.remaining_ms));
-            if let Some(f) = &a.fallback {
-                headers.push(set_header(MODEL_FALLBACK, f.as_bytes()));
-            }
+            headers.extend(budget_headers::admitted(&r.admitted, &r.budget.policy));
         }
         out.push(response_headers_answer(common_with_headers(headers, false)));
         if h.end_of_stream {
@@ -624,12 +629,9 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             // Settle with the actual usage; without usage (a stream cut short, a client that did
             // not ask for it) the reservation stands.
-            if let Some(u) = usage {
-                let actual = u.total_tokens.max(u.prompt_tokens + u.completion_tokens);
-                let m = &self.p.metrics;
-                m.budget_settled
-                    .with_label_values(&[reservation.tenant.as_str(), &m.labels.model(&reservation.model)])
-                    .inc_by(actual);
+            if let Some(u) = &usage {
+                let actual = reservation.actual(u);
+                observe::budget_settled(&self.p.metrics, &reservation, actual);
                 self.p.tasks.spawn(async move {
                     if let Err(e) = reservation.settle(actual).await {
                         tracing::warn!(error = %e, "budget settlement failed");
@@ -655,20 +657,4 @@ impl Exchange {
             observe::answered(&self.p.metrics, labels, seconds, bytes, usage.as_ref());
         }
     }
-}
-
-/// OpenAI-style rate-limit headers for the tightest budget layer.
-fn ratelimit_headers(
-    limit: u64,
-    remaining: u64,
-    reset_ms: u64,
-) -> [envoy_types::pb::envoy::config::core::v3::HeaderValueOption; 3] {
-    [
-        set_header(RATELIMIT_LIMIT_TOKENS, limit.to_string().as_bytes()),
-        set_header(RATELIMIT_REMAINING_TOKENS, remaining.to_string().as_bytes()),
-        set_header(
-            RATELIMIT_RESET_TOKENS,
-            crate::budget::reset_text(reset_ms).as_bytes(),
-        ),
-    ]
 }

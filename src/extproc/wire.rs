@@ -32,6 +32,13 @@ pub const RATELIMIT_LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
 pub const RATELIMIT_REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
 /// Time until the window resets (`37s`).
 pub const RATELIMIT_RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
+/// Every budget limit of the request (draft-ietf-httpapi-ratelimit-headers):
+/// `"tenant-day-tokens";q=1000000;w=86400`.
+pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
+/// What is left of each: `"tenant-day-tokens";r=2500;t=3600`.
+pub const RATELIMIT: &str = "ratelimit";
+/// Limits past the budget's soft threshold: `tenant-day-tokens 83%`.
+pub const BUDGET_WARNING: &str = "x-gateway-budget-warning";
 /// Reason header on immediate responses (successor convention).
 pub const DROPPED_REASON: &str = "x-llm-d-request-dropped-reason";
 /// Largest body chunk sent back to Envoy in one `streamed_response`.

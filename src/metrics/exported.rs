@@ -90,6 +90,12 @@ pub struct EppMetrics {
     pub budget_fallbacks: IntCounterVec,
     /// Budget store errors.
     pub budget_store_errors: prometheus::IntCounter,
+    /// Money settled.
+    pub budget_spend: prometheus::CounterVec,
+    /// Share of each budget limit used.
+    pub budget_usage_ratio: prometheus::GaugeVec,
+    /// Admissions past a soft threshold.
+    pub budget_warnings: IntCounterVec,
     /// Guard hits.
     pub guard_hits: IntCounterVec,
     /// Flow control: time in queue by outcome.
@@ -367,6 +373,27 @@ impl EppMetrics {
                 BUDGET_STORE_ERRORS,
                 "Token budget store failures.",
             ))?,
+            budget_spend: prometheus::CounterVec::new(
+                opts(
+                    BUDGET_SPEND,
+                    "Money settled from actual usage at the configured prices.",
+                ),
+                &["tenant", "model_name", "currency"],
+            )?,
+            budget_usage_ratio: prometheus::GaugeVec::new(
+                opts(
+                    BUDGET_USAGE_RATIO,
+                    "Share of each budget limit used after the latest admission (configured tenants).",
+                ),
+                &["tenant", "layer", "window", "unit"],
+            )?,
+            budget_warnings: IntCounterVec::new(
+                opts(
+                    BUDGET_WARNINGS,
+                    "Admissions that left a budget limit past its soft threshold.",
+                ),
+                &["tenant", "layer", "window", "unit"],
+            )?,
             guard_hits: IntCounterVec::new(
                 opts(
                     GUARD_HITS,
@@ -461,6 +488,9 @@ impl EppMetrics {
             Box::new(m.budget_rejections.clone()),
             Box::new(m.budget_fallbacks.clone()),
             Box::new(m.budget_store_errors.clone()),
+            Box::new(m.budget_spend.clone()),
+            Box::new(m.budget_usage_ratio.clone()),
+            Box::new(m.budget_warnings.clone()),
             Box::new(m.guard_hits.clone()),
             Box::new(m.scrape_duration.clone()),
             Box::new(m.prefix_indexer_size.clone()),

@@ -72,6 +72,13 @@ pub const BUDGET_SETTLED_TOKENS: &str = "inference_extension_budget_settled_toke
 pub const BUDGET_REJECTIONS: &str = "inference_extension_budget_rejections_total";
 /// Requests sent to a fallback model.
 pub const BUDGET_FALLBACKS: &str = "inference_extension_budget_fallbacks_total";
+/// Money settled from actual usage at the configured prices, by tenant, model and currency.
+pub const BUDGET_SPEND: &str = "inference_extension_budget_spend_total";
+/// Share of each budget limit used after the latest admission (configured tenants only), by
+/// tenant, layer (`tenant` or the model), window and unit.
+pub const BUDGET_USAGE_RATIO: &str = "inference_extension_budget_usage_ratio";
+/// Admissions that left a limit past the soft threshold, by tenant, layer, window and unit.
+pub const BUDGET_WARNINGS: &str = "inference_extension_budget_soft_threshold_crossings_total";
 /// Budget store failures.
 pub const BUDGET_STORE_ERRORS: &str = "inference_extension_budget_store_errors_total";
 /// Requests refused or masked by prompt guards, by guard, rule and action.

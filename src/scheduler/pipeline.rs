@@ -91,8 +91,8 @@ pub struct Scheduler {
     pub(crate) admission: Vec<Arc<dyn AdmissionStage>>,
     /// Guards that mask model output.
     pub(crate) output_guards: Vec<Arc<PromptGuard>>,
-    /// The header naming the tenant, when a token budget is configured (lower case).
-    pub(crate) tenant_header: Option<String>,
+    /// Where the tenant comes from, when a token budget is configured.
+    pub(crate) tenant_source: Option<super::admission::TenantSource>,
     /// The configured token budget (it is also an admission stage).
     pub(crate) budget: Option<Arc<TokenBudget>>,
     /// How request bodies are read.
@@ -156,7 +156,12 @@ impl Scheduler {
     /// The header that names the tenant a token budget charges (lower case), if one is
     /// configured: the adapter reads it into [`RequestMeta::tenant`](super::RequestMeta).
     pub fn tenant_header(&self) -> Option<&str> {
-        self.tenant_header.as_deref()
+        self.tenant_source.as_ref()?.header()
+    }
+
+    /// Where the tenant a token budget charges comes from, if one is configured.
+    pub fn tenant_source(&self) -> Option<&super::admission::TenantSource> {
+        self.tenant_source.as_ref()
     }
 
     /// Model names the configuration knows (a token budget's per-model layers and fallbacks):

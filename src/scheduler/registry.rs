@@ -777,7 +777,7 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
             .filter_map(|r| r.guard.clone())
             .filter(|g| g.response_patterns().is_some())
             .collect(),
-        tenant_header: budget.map(|b| b.policy.tenant_header.clone()),
+        tenant_source: budget.map(|b| b.tenant_source.clone()),
         budget: budget.cloned(),
         parser,
         detector,

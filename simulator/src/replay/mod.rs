@@ -43,6 +43,7 @@ use epp::{
         Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight,
         LoraState, Snapshot, format_address, merge_objectives,
     },
+    parser::usage::Usage,
     scheduler::{
         AdmittedRequest, DecideEnv, Refused, RequestMeta, Scheduler, Scratch, Verdict,
         admission::{BudgetReservation, Refusal},
@@ -390,8 +391,10 @@ fn logical_env<'a>(now: u64, rng: &'a mut SmallRng, scratch: &'a mut Scratch) ->
     }
 }
 
-/// Settle `reservation` with `actual` tokens (the in-memory store answers at once).
-fn settle(reservation: &BudgetReservation, actual: u64) {
+/// Settle `reservation` with what was served (the in-memory store answers at once); `None`
+/// when nothing was.
+fn settle(reservation: &BudgetReservation, served: Option<&Usage>) {
+    let actual = served.map(|u| reservation.actual(u)).unwrap_or_default();
     let _ = reservation.settle(actual).now_or_never();
 }
 
@@ -585,7 +588,7 @@ impl Sim<'_> {
         self.records[index].dispatched_ns = Some(self.now);
         let Some(primary) = outcome.endpoints().first().and_then(|id| snapshot.get(*id)) else {
             if let Some(r) = &outcome.reservation {
-                settle(r, 0);
+                settle(r, None);
             }
             self.records[index].refusal = Some("internal");
             return;
@@ -611,7 +614,7 @@ impl Sim<'_> {
                 // Nothing was served: the count and the reservation go back.
                 drop(in_flight);
                 if let Some(r) = &outcome.reservation {
-                    settle(r, 0);
+                    settle(r, None);
                 }
                 self.records[index].outcome = Outcome::RejectedByEngine;
             }
@@ -649,7 +652,7 @@ impl Sim<'_> {
     fn finish_refused(&mut self, index: usize, refused: Option<Refused>) {
         let Some(refused) = refused else { return };
         if let Some(r) = refused.reservation {
-            settle(&r, 0);
+            settle(&r, None);
         }
         self.records[index].refusal = Some(refused.refusal.reason());
     }
@@ -763,16 +766,23 @@ impl Sim<'_> {
                 }
                 EngineEvent::Token { .. } => {}
                 EngineEvent::Finished { id, output_tokens } => {
-                    let mut served_tokens = 0;
+                    let mut usage = None;
                     if let Some(r) = self.records.get_mut(id as usize) {
                         r.finish_ns = Some(now + overhead);
                         r.output_tokens = output_tokens;
                         r.outcome = Outcome::Completed;
-                        served_tokens = u64::from(r.prompt_tokens) + u64::from(output_tokens);
+                        let (prompt, output) = (u64::from(r.prompt_tokens), u64::from(output_tokens));
+                        usage = Some(Usage {
+                            prompt_tokens: prompt,
+                            completion_tokens: output,
+                            total_tokens: prompt + output,
+                            cached_tokens: Some(u64::from(r.cached_tokens)),
+                        });
                     }
-                    // The response's usage settles the budget, as the server does at its end.
+                    // The response's usage settles the budget (cached prompt tokens at the
+                    // cached price), as the server does at its end.
                     if let Some(r) = self.reservations.get_mut(id as usize).and_then(Option::take) {
-                        settle(&r, served_tokens);
+                        settle(&r, usage.as_ref());
                     }
                     if let Some(slot) = self.in_flight.get_mut(id as usize) {
                         *slot = None;

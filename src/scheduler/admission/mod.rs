@@ -24,7 +24,7 @@ use std::{borrow::Cow, future::Future, pin::Pin, sync::Arc};
 
 pub use prompt_guard::{GuardOutcome, PromptGuard, PromptGuards};
 pub use saturation_gate::SaturationGate;
-pub use token_budget::{Admitted, BudgetDecision, Rejection, TokenBudget};
+pub use token_budget::{Admitted, BudgetDecision, Rejection, SPIFFE_ATTRIBUTE, TenantSource, TokenBudget};
 
 use super::{PluginName, SchedulingError};
 use crate::{
@@ -102,17 +102,28 @@ impl std::fmt::Debug for BudgetReservation {
 }
 
 impl BudgetReservation {
-    /// Replace the reservation by `actual` tokens.
+    /// Replace the reservation by what was actually used.
     ///
     /// # Errors
     /// The store's error.
-    pub async fn settle(&self, actual: u64) -> Result<(), crate::budget::StoreError> {
+    pub async fn settle(&self, actual: crate::budget::Charge) -> Result<(), crate::budget::StoreError> {
         self.budget.settle(&self.admitted, actual).await
+    }
+
+    /// What an answer's `usage` cost, at the charged model's prices.
+    pub fn actual(&self, usage: &crate::parser::Usage) -> crate::budget::Charge {
+        self.budget.policy.actual(
+            &self.admitted.model,
+            usage.prompt_tokens,
+            usage.cached_tokens.unwrap_or(0),
+            usage.completion_tokens,
+            usage.total_tokens,
+        )
     }
 
     /// Whether tokens are held (a budget layer applies), so usage must be read to settle.
     pub fn holds_tokens(&self) -> bool {
-        !self.admitted.layers.is_empty()
+        !self.admitted.counters.is_empty()
     }
 }
 
@@ -193,7 +204,7 @@ pub enum Refusal {
     TenantTooLong,
     /// Over the token budget.
     #[error("{}", .0.message())]
-    OverBudget(Rejection),
+    OverBudget(Box<Rejection>),
     /// The budget store is unreachable and the budget fails closed.
     #[error("token budget store unavailable")]
     BudgetStoreUnavailable,
