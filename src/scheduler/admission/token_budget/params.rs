@@ -237,6 +237,7 @@ pub(super) fn decode(spec: &PluginSpec) -> Result<Decoded, ConfigIssue> {
             tenants,
             default_tenant,
             default_output_tokens: p.default_output_tokens,
+            calendar: Default::default(),
         },
         tenant_source,
         store,
