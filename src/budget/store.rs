@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    hash::{BuildHasher, RandomState},
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     pin::Pin,
 };
 
@@ -70,16 +70,67 @@ struct Slot {
     used: u64,
 }
 
-/// One shard of counters.
+/// The counters whose keys share one hash (almost always one).
+type Bucket = SmallVec<[(CounterKey, Slot); 1]>;
+
+/// One shard of counters, keyed by the key's hash, computed once per counter and request (the
+/// keys hold the tenant's and model's names: hashing them is most of a reservation's cost).
 #[derive(Debug, Default)]
 struct Shard {
-    slots: HashMap<CounterKey, Slot>,
+    slots: HashMap<u64, Bucket, BuildHasherDefault<Prehashed>>,
+    len: usize,
 }
 
 impl Shard {
+    fn get(&self, hash: u64, key: &CounterKey) -> Option<&Slot> {
+        self.slots
+            .get(&hash)?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, s)| s)
+    }
+
+    fn get_mut(&mut self, hash: u64, key: &CounterKey) -> Option<&mut Slot> {
+        self.slots
+            .get_mut(&hash)?
+            .iter_mut()
+            .find(|(k, _)| k == key)
+            .map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, hash: u64, key: CounterKey, slot: Slot) {
+        self.slots.entry(hash).or_default().push((key, slot));
+        self.len += 1;
+    }
+
     /// Drop counters whose window ended before `now_ms` (they would restart at zero anyway).
     fn evict_ended(&mut self, now_ms: u64) {
-        self.slots.retain(|_, s| s.ends_ms > now_ms);
+        self.slots.retain(|_, bucket| {
+            bucket.retain(|(_, s)| s.ends_ms > now_ms);
+            !bucket.is_empty()
+        });
+        self.len = self.slots.values().map(SmallVec::len).sum();
+    }
+}
+
+/// The hasher of a map whose keys are already hashes (with the store's random keys).
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the key is a `u64`); this keeps the trait's contract.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
     }
 }
 
@@ -140,32 +191,35 @@ impl MemoryStore {
         self.configured.contains(key.tenant_name())
     }
 
-    fn shard_of(&self, key: &CounterKey) -> usize {
-        (self.hasher.hash_one(key) % SHARDS as u64) as usize
+    /// The key's hash and its shard. The shard is taken from the hash's middle bits: the map
+    /// inside a shard indexes by the low bits and tags by the high ones.
+    fn locate(&self, key: &CounterKey) -> (u64, usize) {
+        let hash = self.hasher.hash_one(key);
+        (hash, ((hash >> 32) % SHARDS as u64) as usize)
     }
 
     /// Counters kept now (all shards), for tests and gauges.
     pub fn counters_kept(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().slots.len()).sum()
+        self.shards.iter().map(|s| s.lock().len).sum()
     }
 
     /// Reserve synchronously (the memory store never waits).
     pub fn reserve_now(&self, counters: &[Counter], charge: Charge) -> Reservation {
         // Every shard a counter lives in is locked, in index order (no deadlock), for the whole
         // check-then-charge: all counters fit and are charged, or none is.
-        let shard_ids: SmallVec<[usize; 4]> = counters.iter().map(|c| self.shard_of(&c.key)).collect();
-        let mut order = shard_ids.clone();
+        let located: SmallVec<[(u64, usize); 4]> = counters.iter().map(|c| self.locate(&c.key)).collect();
+        let mut order: SmallVec<[usize; 4]> = located.iter().map(|(_, shard)| *shard).collect();
         order.sort_unstable();
         order.dedup();
         let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 4]> =
             order.iter().map(|&i| (i, self.shards[i].lock())).collect();
         let at = |shard: usize| guards.iter().position(|(g, _)| *g == shard).unwrap_or(0);
-        let positions: SmallVec<[usize; 4]> = shard_ids.iter().map(|&s| at(s)).collect();
+        let positions: SmallVec<[usize; 4]> = located.iter().map(|&(_, s)| at(s)).collect();
         let mut steps: SmallVec<[Step; 4]> = SmallVec::with_capacity(counters.len());
-        for (i, (c, &pos)) in counters.iter().zip(&positions).enumerate() {
+        for (i, ((c, &pos), &(hash, _))) in counters.iter().zip(&positions).zip(&located).enumerate() {
             let amount = charge.of(c.key.unit);
             let shard = &mut guards[pos].1;
-            let used = match shard.slots.get(&c.key) {
+            let used = match shard.get(hash, &c.key) {
                 Some(slot) if slot.window > c.window.id => {
                     steps.push(Step::Skip);
                     continue;
@@ -173,10 +227,10 @@ impl MemoryStore {
                 Some(slot) if slot.window == c.window.id => slot.used,
                 Some(_) => 0,
                 None => {
-                    if shard.slots.len() >= self.max_per_shard && !self.is_configured(&c.key.layer) {
+                    if shard.len >= self.max_per_shard && !self.is_configured(&c.key.layer) {
                         let now_ms = c.window.ends_ms.saturating_sub(c.window.remaining_ms);
                         shard.evict_ended(now_ms);
-                        if shard.slots.len() >= self.max_per_shard {
+                        if shard.len >= self.max_per_shard {
                             return Reservation::Rejected {
                                 counter: i,
                                 used: c.limit,
@@ -192,26 +246,33 @@ impl MemoryStore {
             steps.push(Step::Count);
         }
         let mut used = Vec::with_capacity(counters.len());
-        for ((c, &pos), step) in counters.iter().zip(&positions).zip(steps) {
+        for (((c, &pos), step), &(hash, _)) in counters.iter().zip(&positions).zip(steps).zip(&located) {
             let amount = charge.of(c.key.unit);
             if step == Step::Skip {
                 used.push(amount);
                 continue;
             }
-            let slot = guards[pos].1.slots.entry(c.key.clone()).or_insert(Slot {
+            let fresh = Slot {
                 window: c.window.id,
                 ends_ms: c.window.ends_ms,
-                used: 0,
-            });
-            if slot.window < c.window.id {
-                *slot = Slot {
-                    window: c.window.id,
-                    ends_ms: c.window.ends_ms,
-                    used: 0,
-                };
+                used: amount,
+            };
+            let shard = &mut guards[pos].1;
+            // Looked up before inserting: the key (its strings) is cloned only for a new counter.
+            match shard.get_mut(hash, &c.key) {
+                Some(slot) if slot.window == c.window.id => {
+                    slot.used = slot.used.saturating_add(amount);
+                    used.push(slot.used);
+                }
+                Some(slot) => {
+                    *slot = fresh;
+                    used.push(amount);
+                }
+                None => {
+                    shard.insert(hash, c.key.clone(), fresh);
+                    used.push(amount);
+                }
             }
-            slot.used = slot.used.saturating_add(amount);
-            used.push(slot.used);
         }
         Reservation::Admitted { used }
     }
@@ -220,8 +281,9 @@ impl MemoryStore {
     /// with it).
     pub fn settle_now(&self, counters: &[Counter], reserved: Charge, actual: Charge) {
         for c in counters {
-            let mut shard = self.shards[self.shard_of(&c.key)].lock();
-            if let Some(slot) = shard.slots.get_mut(&c.key)
+            let (hash, at) = self.locate(&c.key);
+            let mut shard = self.shards[at].lock();
+            if let Some(slot) = shard.get_mut(hash, &c.key)
                 && slot.window == c.window.id
             {
                 slot.used = slot
