@@ -61,6 +61,7 @@ fn whole_replay(c: &mut Criterion) {
         profile: EngineProfile::h100(),
         scrape_interval_ns: 50_000_000,
         seed: 1,
+        start_unix_ms: 0,
         placement: Placement::Scheduler,
     };
     let mut group = c.benchmark_group("replay");

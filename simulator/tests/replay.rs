@@ -29,6 +29,7 @@ fn setup(name: &str, config: EndpointPickerConfig, pods: usize, profile: EngineP
         profile,
         scrape_interval_ns: 50_000_000,
         seed: 7,
+        start_unix_ms: 0,
         placement: if name == baselines::ORACLE {
             Placement::Oracle
         } else {
@@ -426,7 +427,7 @@ fn a_budget_config_refuses_the_requests_past_its_limit() {
     let (mut text, mut body) = (String::new(), Vec::new());
     let estimates: Vec<u64> = of_tenant(&workload, "team-0")
         .map(|r| {
-            epp_sim::replay::chat_body(&workload, r, &profile.model, &mut text, &mut body);
+            epp_sim::workload::chat_body(&workload, r, &profile.model, &mut text, &mut body);
             let parsed = epp::parser::parse_request("/v1/chat/completions", &body).unwrap();
             parsed.estimated_prompt_tokens() + 256
         })

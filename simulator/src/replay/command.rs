@@ -186,6 +186,7 @@ pub fn run(args: &SimArgs) -> Result<Vec<Report>, String> {
                 profile: profile.clone(),
                 scrape_interval_ns: u64::try_from(args.scrape_interval.as_nanos()).unwrap_or(u64::MAX),
                 seed: args.workload.seed,
+                start_unix_ms: 0,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -58,7 +58,7 @@ use rand::{SeedableRng, rngs::SmallRng};
 
 use crate::{
     engine::{Engine, EngineEvent, EngineProfile, EngineRequest, MetricsDialect},
-    workload::{TraceRequest, Workload},
+    workload::Workload,
 };
 
 /// Everything a run needs besides the workload.
@@ -76,6 +76,9 @@ pub struct ReplaySetup {
     pub scrape_interval_ns: u64,
     /// Seed of the scheduler's RNG.
     pub seed: u64,
+    /// Wall-clock time of simulated time zero, ms since the Unix epoch: budget windows (a
+    /// calendar day in a time zone) read it. 0 starts the run at 1970-01-01T00:00Z.
+    pub start_unix_ms: u64,
     /// Who chooses the pod.
     pub placement: Placement,
 }
@@ -380,11 +383,12 @@ fn remote_budget_store(config: &EndpointPickerConfig) -> Option<&str> {
         .map(|p| p.path.as_str())
 }
 
-/// What a decision at logical time `now` (ns) may use: the budget windows read the same clock.
-fn logical_env<'a>(now: u64, rng: &'a mut SmallRng, scratch: &'a mut Scratch) -> DecideEnv<'a> {
+/// What a decision at logical time `now` (ns) may use: the budget windows read the same clock,
+/// from the wall-clock time `start_unix_ms` of time zero.
+fn logical_env<'a>(now: u64, start_unix_ms: u64, rng: &'a mut SmallRng, scratch: &'a mut Scratch) -> DecideEnv<'a> {
     DecideEnv {
         now: Timestamp(now),
-        unix_ms: now / 1_000_000,
+        unix_ms: start_unix_ms.saturating_add(now / 1_000_000),
         rng,
         timer: None,
         scratch,
@@ -396,25 +400,6 @@ fn logical_env<'a>(now: u64, rng: &'a mut SmallRng, scratch: &'a mut Scratch) ->
 fn settle(reservation: &BudgetReservation, served: Option<&Usage>) {
     let actual = served.map(|u| reservation.actual(u)).unwrap_or_default();
     let _ = reservation.settle(actual).now_or_never();
-}
-
-/// The chat body the replay sends for `req` asking for `model`: the workload's synthesized
-/// prompt as one user message, streamed with usage (as the server sees a chat client).
-pub fn chat_body(
-    workload: &Workload,
-    req: &TraceRequest,
-    model: &str,
-    text: &mut String,
-    body: &mut Vec<u8>,
-) {
-    text.clear();
-    workload.prompt_text(req, text);
-    body.clear();
-    body.extend_from_slice(b"{\"model\":\"");
-    body.extend_from_slice(model.as_bytes());
-    body.extend_from_slice(b"\",\"messages\":[{\"role\":\"user\",\"content\":\"");
-    body.extend_from_slice(text.as_bytes());
-    body.extend_from_slice(b"\"}],\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
 }
 
 fn new_pod(i: usize, profile: &EngineProfile) -> Pod {
@@ -515,7 +500,7 @@ impl Sim<'_> {
         self.reservations.push(None);
         self.predictions.push(None);
         let model = req.adapter.as_deref().unwrap_or(&self.setup.profile.model);
-        chat_body(workload, req, model, text, body);
+        crate::workload::chat_body(workload, req, model, text, body);
         let Ok(parsed) = self.scheduler.parse_request("/v1/chat/completions", body) else {
             self.records[index].refusal = Some("bad-request");
             return;
@@ -531,7 +516,7 @@ impl Sim<'_> {
             objective: tenant,
             ..RequestMeta::default()
         };
-        let mut env = logical_env(self.now, &mut self.rng, &mut self.scratch);
+        let mut env = logical_env(self.now, self.setup.start_unix_ms, &mut self.rng, &mut self.scratch);
         // The in-memory budget store never waits (a Redis store is refused at setup), so
         // admission completes on its first poll.
         let admitted = self
@@ -707,7 +692,7 @@ impl Sim<'_> {
         if let Some(d) = dispatched
             && let Some(q) = self.queued.remove(&d.payload)
         {
-            let mut env = logical_env(self.now, &mut self.rng, &mut self.scratch);
+            let mut env = logical_env(self.now, self.setup.start_unix_ms, &mut self.rng, &mut self.scratch);
             let verdict = self.scheduler.place(q.admitted, &q.meta, &snapshot, &mut env);
             self.start(d.payload, verdict, &snapshot);
             if remaining > 0 {

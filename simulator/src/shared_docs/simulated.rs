@@ -168,6 +168,7 @@ pub fn simulate(
                 profile: profile.clone(),
                 scrape_interval_ns,
                 seed,
+                start_unix_ms: 0,
             };
             let run = replay::replay(workload, &setup, |_| {}).map_err(|e| e.to_string())?;
             Ok(SimRun {

@@ -142,6 +142,25 @@ pub(crate) fn exponential_gap_ns(rng: &mut impl rand::Rng, rate: f64) -> u64 {
     (-u.ln() / rate.max(1e-9) * 1e9) as u64
 }
 
+/// The chat body the replay (and the load generator's replay of it) sends for `req` asking for `model`: the workload's synthesized
+/// prompt as one user message, streamed with usage (as the server sees a chat client).
+pub fn chat_body(
+    workload: &Workload,
+    req: &TraceRequest,
+    model: &str,
+    text: &mut String,
+    body: &mut Vec<u8>,
+) {
+    text.clear();
+    workload.prompt_text(req, text);
+    body.clear();
+    body.extend_from_slice(b"{\"model\":\"");
+    body.extend_from_slice(model.as_bytes());
+    body.extend_from_slice(b"\",\"messages\":[{\"role\":\"user\",\"content\":\"");
+    body.extend_from_slice(text.as_bytes());
+    body.extend_from_slice(b"\"}],\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
