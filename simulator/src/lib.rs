@@ -3,6 +3,7 @@
 //! - [`engine`]: the vLLM V1 engine model (batching, chunked prefill, prefix-cached KV, LoRA, timing).
 //! - [`workload`]: traces (Mooncake, Azure) and generators, with synthesized prompt text.
 //! - [`replay`]: deterministic replay through the production scheduler; reports, plots, baselines.
+//! - [`runaway`]: `epp-sim runaway`, a retry loop over a simulated weekend with and without a daily money budget.
 //! - [`emulator`]: emulated vLLM pods (OpenAI API + `/metrics`) driven by the engine model in real time.
 //! - [`trace_load`]: open-loop replay of a workload against an HTTP endpoint (`epp-sim load`).
 //! - [`load`]: the demo's closed-loop load generator (latency, status codes, per-pod balance).
@@ -25,6 +26,7 @@ pub mod grpc_load;
 pub mod llama_server;
 pub mod load;
 pub mod replay;
+pub mod runaway;
 pub mod scrape_cost;
 pub mod shared_docs;
 pub mod soak;

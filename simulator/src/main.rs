@@ -61,6 +61,11 @@ enum Command {
     /// --pods 8 --rate-scale 2 --config round-robin --config upstream-default --config
     /// recommended --json out.json
     Compare(SimArgs),
+    /// The runaway retry loop: one tenant resends a long request every second over a simulated
+    /// weekend next to well-behaved tenants, replayed without a limit and with a daily money
+    /// budget; prints each tenant's spend and refusals and when the 429s start, and plots the
+    /// spend (`--plot runaway.svg`).
+    Runaway(epp_sim::runaway::RunawayArgs),
     /// Measure the CPU the EPP's collector spends scraping N pods serving a realistic vLLM page.
     ScrapeCost {
         /// Pods to scrape.
@@ -344,6 +349,11 @@ async fn main() -> anyhow::Result<()> {
                 println!("{table}");
             }
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Runaway(args) => {
+            tokio::task::spawn_blocking(move || epp_sim::runaway::run(&args))
+                .await?
+                .map_err(anyhow::Error::msg)?;
         }
         Command::Replay(args) | Command::Compare(args) => {
             // Pure CPU work: run it off the async runtime's workers.

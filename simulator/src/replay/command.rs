@@ -267,7 +267,7 @@ fn file_safe(name: &str) -> String {
 
 /// Run each setup on its own thread (at most one per core), with a progress bar per run when
 /// stderr is a terminal.
-fn run_all(workload: &Workload, setups: &[ReplaySetup]) -> Result<Vec<RunOutcome>, String> {
+pub fn run_all(workload: &Workload, setups: &[ReplaySetup]) -> Result<Vec<RunOutcome>, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).max(1);
     let bars = MultiProgress::with_draw_target(if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()

@@ -385,7 +385,12 @@ fn remote_budget_store(config: &EndpointPickerConfig) -> Option<&str> {
 
 /// What a decision at logical time `now` (ns) may use: the budget windows read the same clock,
 /// from the wall-clock time `start_unix_ms` of time zero.
-fn logical_env<'a>(now: u64, start_unix_ms: u64, rng: &'a mut SmallRng, scratch: &'a mut Scratch) -> DecideEnv<'a> {
+fn logical_env<'a>(
+    now: u64,
+    start_unix_ms: u64,
+    rng: &'a mut SmallRng,
+    scratch: &'a mut Scratch,
+) -> DecideEnv<'a> {
     DecideEnv {
         now: Timestamp(now),
         unix_ms: start_unix_ms.saturating_add(now / 1_000_000),
@@ -516,7 +521,12 @@ impl Sim<'_> {
             objective: tenant,
             ..RequestMeta::default()
         };
-        let mut env = logical_env(self.now, self.setup.start_unix_ms, &mut self.rng, &mut self.scratch);
+        let mut env = logical_env(
+            self.now,
+            self.setup.start_unix_ms,
+            &mut self.rng,
+            &mut self.scratch,
+        );
         // The in-memory budget store never waits (a Redis store is refused at setup), so
         // admission completes on its first poll.
         let admitted = self
@@ -692,7 +702,12 @@ impl Sim<'_> {
         if let Some(d) = dispatched
             && let Some(q) = self.queued.remove(&d.payload)
         {
-            let mut env = logical_env(self.now, self.setup.start_unix_ms, &mut self.rng, &mut self.scratch);
+            let mut env = logical_env(
+                self.now,
+                self.setup.start_unix_ms,
+                &mut self.rng,
+                &mut self.scratch,
+            );
             let verdict = self.scheduler.place(q.admitted, &q.meta, &snapshot, &mut env);
             self.start(d.payload, verdict, &snapshot);
             if remaining > 0 {
