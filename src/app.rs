@@ -473,6 +473,11 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         tasks.spawn(async move {
             let mut changed = reader.subscribe();
             let mut ready = false;
+            // Without HA nothing sends leadership changes: its sender is gone once `start`
+            // returns. A closed channel means "no more changes", not "stop": readiness must
+            // still follow the pool (returning here left a pool synced after `start` returned
+            // not ready forever).
+            let mut leadership_changes = true;
             loop {
                 let now_ready = reader.load().synced && *leader.borrow_and_update();
                 if now_ready != ready {
@@ -481,7 +486,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
                 }
                 tokio::select! {
                     r = changed.changed() => if r.is_err() { return },
-                    r = leader.changed() => if r.is_err() { return },
+                    r = leader.changed(), if leadership_changes => leadership_changes = r.is_ok(),
                     () = cancel.cancelled() => return,
                 }
             }

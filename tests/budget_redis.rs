@@ -4,65 +4,21 @@
 
 #![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
-use std::{
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::{sync::Arc, time::Duration};
+
+use redis_server::start_redis;
 
 use epp::{
-    budget::{Charge, RedisStore},
+    budget::Charge,
     config::PluginSpec,
     scheduler::{
         PluginName,
         admission::{BudgetDecision, TokenBudget},
     },
 };
-
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_redis() -> Redis {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (apt-get install redis-server; .ci/run does it)");
-    let store = RedisStore::new(&format!("redis://127.0.0.1:{port}"), Duration::from_millis(200)).unwrap();
-    for _ in 0..100 {
-        if store.ping().await.is_ok() {
-            return Redis { child, port };
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("redis-server did not answer within 5 s");
-}
 
 /// A budget of one replica over the Redis at `port`, as the config declares it.
 fn replica(port: u16, fail_open: bool, tenants: &str) -> TokenBudget {

@@ -14,6 +14,9 @@ use epp::{
 };
 use fake_kube::*;
 use serde_json::json;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn flags(extra: &[&str]) -> Flags {
     let mut args: Vec<String> = [
@@ -53,6 +56,60 @@ async fn eventually(app: &RunningApp, want: (Vec<&str>, bool), what: &str) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("{what}: expected {want:?}, have {:?}", endpoints(app));
+}
+
+/// The `readiness` status of the app's health service.
+async fn readiness(app: &RunningApp) -> ServingStatus {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", app.health_addr.port()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+/// Poll (bounded: 10 s) until the app's readiness is `want`.
+async fn eventually_ready(app: &RunningApp, want: ServingStatus, what: &str) {
+    let mut have = ServingStatus::Unknown;
+    for _ in 0..400 {
+        have = readiness(app).await;
+        if have == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}: readiness {have:?}, expected {want:?}");
+}
+
+/// Regression: without HA, readiness stopped following the pool once `start` returned (its
+/// leadership channel closed and the task watching both ended), so a pool that synced after
+/// that (any real API server) left the EPP not ready forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ha_readiness_follows_a_pool_that_syncs_after_start() {
+    let kube = FakeKube::start().await;
+    let app = start_with_client(flags(&["--pool-name=pool"]), Some(kube.client()))
+        .await
+        .unwrap();
+    // No pool yet: not ready, and still not ready well after `start` returned.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(readiness(&app).await, ServingStatus::NotServing);
+    kube.apply(POOLS, pool("pool", json!({"app": "vllm"}), &[8000]))
+        .await;
+    kube.apply(PODS, pod("a", "10.0.0.1", true, json!({"app": "vllm"})))
+        .await;
+    eventually(&app, (vec!["a-rank-0 10.0.0.1:8000"], true), "synced").await;
+    eventually_ready(&app, ServingStatus::Serving, "pool synced").await;
+    kube.delete(POOLS, "pool").await;
+    eventually_ready(&app, ServingStatus::NotServing, "pool deleted").await;
+    app.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,8 +27,9 @@ use serde_json::{Value, json};
 const SHIPPED: &str = include_str!("../../manifests/envoy/identity/spiffe-mtls.yaml");
 const SHIPPED_JWT: &str = include_str!("../../manifests/envoy/identity/jwt-claim.yaml");
 
-/// The namespace budgets of the issue's story: team-a has a monthly money budget and a daily
-/// token total, team-c a per-model limit per minute; team-b is not listed (unlimited).
+/// Namespace budgets: team-a has a monthly money budget, a daily token total and a per-model
+/// limit per minute (the money runs out first), team-c only a tight per-model limit per minute;
+/// team-b is not listed (unlimited).
 const CONFIG: &str = "--config-text=apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
@@ -46,6 +47,8 @@ plugins:
         limits:
         - {window: month, spend: 0.001}
         - {window: day, tokens: 100000}
+        models:
+          gpt-4o: {tokens: 600}
       team-c:
         models:
           gpt-4o: {tokens: 60}
@@ -207,7 +210,12 @@ async fn namespace_budgets_follow_the_mtls_identity_through_envoy() {
     assert_eq!(first.status, 200, "{:?}", first.body);
     assert_eq!(
         first.header("ratelimit-policy"),
-        "\"tenant-month-spend\";q=1000;qu=\"usd-micros\", \"tenant-day-tokens\";q=100000;qu=\"tokens\""
+        "\"tenant-month-spend\";q=1000;qu=\"usd-micros\", \"tenant-day-tokens\";q=100000;qu=\"tokens\", \"model-60s-tokens\";q=600;qu=\"tokens\";w=60"
+    );
+    assert_eq!(
+        first.header("x-ratelimit-limit-tokens"),
+        "600",
+        "the tightest token limit"
     );
     assert!(
         first.header("ratelimit").starts_with("\"tenant-month-spend\";r="),
