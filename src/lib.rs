@@ -18,6 +18,7 @@ pub mod listen;
 pub mod metrics;
 pub mod parser;
 pub mod prefix;
+pub mod prehashed;
 pub mod scheduler;
 pub mod scrape;
 pub mod tls;

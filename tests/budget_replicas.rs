@@ -7,41 +7,19 @@
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[path = "support/replica.rs"]
+mod replica;
 mod support;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use redis_server::start_redis;
+use replica::{Replica, start_epp};
 use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-/// One `epp` process, killed on drop.
-struct Replica {
-    child: Child,
-    grpc: u16,
-    health: u16,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A model server's `/metrics` (a real vLLM page) on 127.0.0.1: the replicas are ready once
 /// they have scraped it. The model server's answers are the test's own.
@@ -62,7 +40,6 @@ async fn serve_metrics() -> u16 {
 }
 
 fn start_replica(redis_port: u16, pod_port: u16) -> Replica {
-    let (grpc, health) = (free_port(), free_port());
     let config = format!(
         "apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -80,21 +57,13 @@ schedulingProfiles:
   - pluginRef: queue-scorer
 "
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args([
-            &format!("--endpoints=127.0.0.1:{pod_port}"),
-            "--secure-serving=false",
-            "--metrics-endpoint-auth=false",
-            &format!("--grpc-port={grpc}"),
-            &format!("--grpc-health-port={health}"),
-            &format!("--metrics-port={}", free_port()),
-            &format!("--config-text={config}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Replica { child, grpc, health }
+    let flags = [
+        format!("--endpoints=127.0.0.1:{pod_port}"),
+        "--secure-serving=false".to_owned(),
+        "--metrics-endpoint-auth=false".to_owned(),
+        format!("--config-text={config}"),
+    ];
+    start_epp(&flags, &[])
 }
 
 /// Wait (at most 10 s) until the replica's health service says SERVING.
@@ -205,6 +174,19 @@ async fn two_epp_processes_share_a_daily_total_in_redis() {
                 "Token budget exceeded for tenant team-a: limit 100 tokens per day, used 90, requested 12."
             ),
             "{body}"
+        );
+    }
+    // Each replica counted the refusal it answered.
+    for r in &replicas {
+        let page = reqwest::get(format!("http://127.0.0.1:{}/metrics", r.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains(r#"inference_extension_budget_rejections_total{model_name="m",tenant="team-a"} 1"#),
+            "{page}"
         );
     }
     // Another tenant is not listed: unlimited on both.

@@ -13,14 +13,18 @@
 
 #[path = "support/fake_kube.rs"]
 mod fake_kube;
+#[path = "support/replica.rs"]
+mod replica;
 mod support;
 
 use std::{
-    process::{Child, Command, Stdio},
+    ffi::OsStr,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use fake_kube::*;
+use replica::{Replica, free_port, start_epp};
 use serde_json::json;
 use support::*;
 use tokio::sync::mpsc;
@@ -30,54 +34,22 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-/// One `epp` replica as a process, killed on drop.
-struct Replica {
-    child: Child,
-    grpc: u16,
-    health: u16,
-    metrics: u16,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_replica(kubeconfig: &std::path::Path, name: &str) -> Replica {
-    let (grpc, health, metrics) = (free_port(), free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args([
-            "--pool-name=pool",
-            "--pool-namespace=ns",
-            "--ha-enable-leader-election",
-            "--secure-serving=false",
-            "--metrics-endpoint-auth=false",
-            &format!("--grpc-port={grpc}"),
-            &format!("--grpc-health-port={health}"),
-            &format!("--metrics-port={metrics}"),
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("POD_NAME", name)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Replica {
-        child,
-        grpc,
-        health,
-        metrics,
-    }
+    let flags = [
+        "--pool-name=pool",
+        "--pool-namespace=ns",
+        "--ha-enable-leader-election",
+        "--secure-serving=false",
+        "--metrics-endpoint-auth=false",
+    ]
+    .map(String::from);
+    start_epp(
+        &flags,
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("POD_NAME", OsStr::new(name)),
+        ],
+    )
 }
 
 /// Whether the replica's health service says SERVING (false when it does not answer).

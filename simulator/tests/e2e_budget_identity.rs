@@ -13,7 +13,10 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use epp::config::{Flags, normalize_go_args};
+use epp::{
+    app::RunningApp,
+    config::{Flags, normalize_go_args},
+};
 use epp_sim::{
     emulator::{Emulator, PodConfig},
     envoy::{Envoy, EnvoyPorts, free_port, wait_until_scraped},
@@ -141,6 +144,31 @@ fn render(ports: EnvoyPorts, tls_dir: &Path) -> String {
         .replace("/etc/envoy/tls", &tls_dir.display().to_string())
 }
 
+/// One emulated pod and an EPP (in this process) with `config_flag` (`--config-text=…`),
+/// scraped once; the ports for an Envoy in front of it.
+async fn start_epp(config_flag: &str) -> (Emulator, RunningApp, EnvoyPorts) {
+    let emulator = Emulator::start(vec![PodConfig::default()], 0).await.expect("pod");
+    let grpc = free_port().unwrap();
+    let args = vec![
+        "epp".to_owned(),
+        format!("--endpoints={}", emulator.addrs[0]),
+        format!("--grpc-port={grpc}"),
+        format!("--grpc-health-port={}", free_port().unwrap()),
+        format!("--metrics-port={}", free_port().unwrap()),
+        "--refresh-metrics-interval=20ms".to_owned(),
+        config_flag.to_owned(),
+    ];
+    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).expect("flags");
+    let app = epp::app::start(flags).await.expect("epp starts");
+    assert!(wait_until_scraped(&app.reader, 1, Duration::from_secs(5)).await);
+    let ports = EnvoyPorts {
+        listener: free_port().unwrap(),
+        admin: free_port().unwrap(),
+        epp: grpc,
+    };
+    (emulator, app, ports)
+}
+
 struct Reply {
     status: u16,
     headers: reqwest::header::HeaderMap,
@@ -173,25 +201,7 @@ async fn ask(client: &reqwest::Client, listener: u16, headers: &[(&str, &str)]) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_budgets_follow_the_mtls_identity_through_envoy() {
     let pki = Pki::new();
-    let emulator = Emulator::start(vec![PodConfig::default()], 0).await.expect("pod");
-    let grpc = free_port().unwrap();
-    let args = vec![
-        "epp".to_owned(),
-        format!("--endpoints={}", emulator.addrs[0]),
-        format!("--grpc-port={grpc}"),
-        format!("--grpc-health-port={}", free_port().unwrap()),
-        format!("--metrics-port={}", free_port().unwrap()),
-        "--refresh-metrics-interval=20ms".to_owned(),
-        CONFIG.to_owned(),
-    ];
-    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).expect("flags");
-    let app = epp::app::start(flags).await.expect("epp starts");
-    assert!(wait_until_scraped(&app.reader, 1, Duration::from_secs(5)).await);
-    let ports = EnvoyPorts {
-        listener: free_port().unwrap(),
-        admin: free_port().unwrap(),
-        epp: grpc,
-    };
+    let (emulator, app, ports) = start_epp(CONFIG).await;
     let envoy = Envoy::start_with_config(ports, render(ports, &pki.dir.0))
         .await
         .expect("envoy 1.40 must be installed and start");
@@ -417,25 +427,7 @@ schedulingProfiles:
   - pluginRef: queue-scorer
 ";
     let issuer = Issuer::new();
-    let emulator = Emulator::start(vec![PodConfig::default()], 0).await.expect("pod");
-    let grpc = free_port().unwrap();
-    let args = vec![
-        "epp".to_owned(),
-        format!("--endpoints={}", emulator.addrs[0]),
-        format!("--grpc-port={grpc}"),
-        format!("--grpc-health-port={}", free_port().unwrap()),
-        format!("--metrics-port={}", free_port().unwrap()),
-        "--refresh-metrics-interval=20ms".to_owned(),
-        JWT_CONFIG.to_owned(),
-    ];
-    let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args)).expect("flags");
-    let app = epp::app::start(flags).await.expect("epp starts");
-    assert!(wait_until_scraped(&app.reader, 1, Duration::from_secs(5)).await);
-    let ports = EnvoyPorts {
-        listener: free_port().unwrap(),
-        admin: free_port().unwrap(),
-        epp: grpc,
-    };
+    let (emulator, app, ports) = start_epp(JWT_CONFIG).await;
     let envoy = Envoy::start_with_config(ports, render_jwt(ports, &issuer.jwks()))
         .await
         .expect("envoy 1.40 must be installed and start");

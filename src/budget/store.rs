@@ -4,9 +4,9 @@
 //! nothing is.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     future::Future,
-    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
+    hash::{BuildHasher, RandomState},
     pin::Pin,
 };
 
@@ -14,6 +14,7 @@ use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
 use super::policy::{Charge, Counter, CounterKey, LayerKey};
+use crate::prehashed::PrehashedMap;
 
 /// A boxed future, so the trait stays object-safe.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -77,7 +78,7 @@ type Bucket = SmallVec<[(CounterKey, Slot); 1]>;
 /// keys hold the tenant's and model's names: hashing them is most of a reservation's cost).
 #[derive(Debug, Default)]
 struct Shard {
-    slots: HashMap<u64, Bucket, BuildHasherDefault<Prehashed>>,
+    slots: PrehashedMap<Bucket>,
     len: usize,
 }
 
@@ -110,27 +111,6 @@ impl Shard {
             !bucket.is_empty()
         });
         self.len = self.slots.values().map(SmallVec::len).sum();
-    }
-}
-
-/// The hasher of a map whose keys are already hashes (with the store's random keys).
-#[derive(Debug, Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used (the key is a `u64`); this keeps the trait's contract.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
     }
 }
 

@@ -19,11 +19,7 @@
 //! Invariants: a holder `(uid, pos)` exists only while endpoint `uid`'s ring slot `pos` still
 //! holds that hash; an endpoint never has more live holders than its ring capacity.
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
@@ -34,25 +30,7 @@ use crate::datastore::EndpointUid;
 /// Number of block-map shards (a power of two).
 pub const SHARDS: usize = 16;
 
-/// Hasher for keys that are already uniformly distributed hashes.
-#[derive(Default)]
-struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-type Map<V> = HashMap<u64, V, BuildHasherDefault<PassThroughHasher>>;
+type Map<V> = crate::prehashed::PrehashedMap<V>;
 
 /// An endpoint holding a block, and the ring position of its latest insert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
