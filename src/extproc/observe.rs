@@ -82,7 +82,9 @@ pub fn admission_events(m: &EppMetrics, events: &[AdmissionEvent]) {
 pub fn budget_usage(m: &EppMetrics, r: &BudgetReservation) {
     let policy = &r.budget.policy;
     if let Some(permille) = policy.soft_threshold_permille {
-        m.budget_soft_threshold.set(f64::from(permille) / 1000.0);
+        m.budget_soft_threshold
+            .with_label_values(&[] as &[&str])
+            .set(f64::from(permille) / 1000.0);
     }
     let named = policy.tenants.contains_key(&r.tenant);
     for (c, used) in r.admitted.usage() {

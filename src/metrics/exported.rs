@@ -96,8 +96,9 @@ pub struct EppMetrics {
     pub budget_usage_ratio: prometheus::GaugeVec,
     /// Admissions past a soft threshold.
     pub budget_warnings: IntCounterVec,
-    /// The soft threshold.
-    pub budget_soft_threshold: prometheus::Gauge,
+    /// The soft threshold (no labels; absent until a budget with one admitted a request, so
+    /// that an unset threshold never reads as 0).
+    pub budget_soft_threshold: prometheus::GaugeVec,
     /// Guard hits.
     pub guard_hits: IntCounterVec,
     /// Flow control: time in queue by outcome.
@@ -389,10 +390,13 @@ impl EppMetrics {
                 ),
                 &["tenant", "layer", "window", "unit"],
             )?,
-            budget_soft_threshold: prometheus::Gauge::with_opts(opts(
-                BUDGET_SOFT_THRESHOLD,
-                "The token budget's soft threshold as a share of each limit (set once a request was admitted).",
-            ))?,
+            budget_soft_threshold: prometheus::GaugeVec::new(
+                opts(
+                    BUDGET_SOFT_THRESHOLD,
+                    "The token budget's soft threshold as a share of each limit (set once a request was admitted).",
+                ),
+                &[],
+            )?,
             budget_warnings: IntCounterVec::new(
                 opts(
                     BUDGET_WARNINGS,
