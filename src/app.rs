@@ -538,6 +538,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         clock: clock.clone(),
         disable_subset_filter: flags.disable_endpoint_subset_filter,
         explain_decisions: flags.explain_decisions,
+        conformance_hooks: flags.conformance_hooks,
         tasks: tasks.clone(),
         body_memory: BodyMemory::new(usize::try_from(flags.max_buffered_body_bytes).unwrap_or(usize::MAX)),
     });

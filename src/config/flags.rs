@@ -112,6 +112,15 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Scheduling")]
     pub explain_decisions: bool,
 
+    /// Honour the Gateway API Inference Extension conformance suite's hooks, as its test EPP
+    /// does: the `test-epp-endpoint-selection` request header restricts the candidates (`ip`
+    /// items: any port of that pod; `ip:port` items: that endpoint; none matching: 503), and
+    /// answers carry `x-conformance-test-served-endpoint` from the gateway's served-endpoint
+    /// metadata. For running that suite only: any client could pick its pod.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", help_heading = "Scheduling")]
+    pub conformance_hooks: bool,
+
     /// EndpointPickerConfig YAML file.
     #[arg(
         long,

@@ -14,7 +14,7 @@ use envoy_types::pb::{
 
 use super::wire::{
     DEBUG_REQUEST, FAIRNESS_HEADERS, LB_NAMESPACE, MODEL_REWRITE_HEADERS, OBJECTIVE_HEADERS, REQUEST_ID,
-    SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE,
+    SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE, TEST_ENDPOINT_SELECTION,
 };
 use crate::scheduler::{
     RequestMeta,
@@ -36,8 +36,14 @@ pub struct RequestHeaders {
 
 impl RequestHeaders {
     /// Read `headers`. `tenant_header` is the budget's tenant header (lower case), if any;
-    /// `explain_allowed` is `--explain-decisions`.
-    pub fn read(&mut self, headers: Option<&HeaderMap>, tenant_header: Option<&str>, explain_allowed: bool) {
+    /// `explain_allowed` is `--explain-decisions`, `conformance` `--conformance-hooks`.
+    pub fn read(
+        &mut self,
+        headers: Option<&HeaderMap>,
+        tenant_header: Option<&str>,
+        explain_allowed: bool,
+        conformance: bool,
+    ) {
         for hv in headers.map(|m| m.headers.as_slice()).unwrap_or_default() {
             let key = hv.key.to_ascii_lowercase();
             let value = header_value(hv);
@@ -48,6 +54,9 @@ impl RequestHeaders {
                 }
                 REQUEST_ID => self.request_id = Some(text(value)),
                 DEBUG_REQUEST => self.meta.explain = explain_allowed,
+                TEST_ENDPOINT_SELECTION if conformance && !value.is_empty() => {
+                    self.meta.endpoint_selection = Some(text(value).split(',').map(str::to_owned).collect());
+                }
                 k if tenant_header == Some(k) && !value.is_empty() => self.meta.tenant = Some(text(value)),
                 k if MODEL_REWRITE_HEADERS.contains(&k) && !value.is_empty() => {
                     self.meta.model_rewrite = Some(text(value));
@@ -133,6 +142,17 @@ pub fn subset_hint(md: &Metadata) -> Option<Vec<String>> {
     }
 }
 
+/// What `--conformance-hooks` echoes in `x-conformance-test-served-endpoint`: the served
+/// endpoint, or the upstream test EPP's failure texts when the gateway sent no such metadata.
+pub fn conformance_served(md: Option<&Metadata>) -> String {
+    match md.and_then(|m| m.filter_metadata.get(LB_NAMESPACE)) {
+        None => "fail: missing envoy lb metadata".into(),
+        Some(_) => md
+            .and_then(served_endpoint)
+            .unwrap_or_else(|| "fail: missing destination endpoint served metadata".into()),
+    }
+}
+
 /// The endpoint the proxy reports it served from (`envoy.lb` metadata on response headers).
 pub fn served_endpoint(md: &Metadata) -> Option<String> {
     match md
@@ -160,4 +180,73 @@ pub fn is_event_stream(headers: Option<&HeaderMap>) -> bool {
                     .to_ascii_lowercase()
                     .contains("text/event-stream")
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+
+    use super::*;
+
+    fn metadata(namespace: &str, fields: &[(&str, &str)]) -> Metadata {
+        let fields = fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue((*v).to_owned())),
+                    },
+                )
+            })
+            .collect();
+        Metadata {
+            filter_metadata: [(namespace.to_owned(), Struct { fields })].into(),
+            ..Default::default()
+        }
+    }
+
+    /// The conformance echo: the served endpoint, or the test EPP's exact failure texts.
+    #[test]
+    fn conformance_served_names_the_endpoint_or_what_is_missing() {
+        assert_eq!(conformance_served(None), "fail: missing envoy lb metadata");
+        let other = metadata(
+            "envoy.other",
+            &[("x-gateway-destination-endpoint-served", "10.0.0.1:8000")],
+        );
+        assert_eq!(
+            conformance_served(Some(&other)),
+            "fail: missing envoy lb metadata"
+        );
+        let no_key = metadata("envoy.lb", &[("x-gateway-destination-endpoint", "10.0.0.1:8000")]);
+        assert_eq!(
+            conformance_served(Some(&no_key)),
+            "fail: missing destination endpoint served metadata"
+        );
+        let served = metadata(
+            "envoy.lb",
+            &[("x-gateway-destination-endpoint-served", "10.0.0.1:8000")],
+        );
+        assert_eq!(conformance_served(Some(&served)), "10.0.0.1:8000");
+    }
+
+    #[test]
+    fn the_selection_header_is_read_only_with_the_hooks() {
+        let headers = HeaderMap {
+            headers: vec![HeaderValue {
+                key: "test-epp-endpoint-selection".into(),
+                value: "10.0.0.1,10.0.0.2:8000".into(),
+                raw_value: Vec::new(),
+            }],
+        };
+        let mut off = RequestHeaders::default();
+        off.read(Some(&headers), None, false, false);
+        assert_eq!(off.meta.endpoint_selection, None);
+        let mut on = RequestHeaders::default();
+        on.read(Some(&headers), None, false, true);
+        assert_eq!(
+            on.meta.endpoint_selection,
+            Some(vec!["10.0.0.1".to_owned(), "10.0.0.2:8000".to_owned()])
+        );
+    }
 }

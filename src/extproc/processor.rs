@@ -26,6 +26,8 @@ pub struct Processor {
     pub disable_subset_filter: bool,
     /// `--explain-decisions`.
     pub explain_decisions: bool,
+    /// `--conformance-hooks`.
+    pub conformance_hooks: bool,
     /// Owner of background work started by exchanges (budget settlement).
     pub tasks: tokio_util::task::TaskTracker,
     /// The process-wide budget for request bodies being read (`--max-buffered-body-bytes`).

@@ -38,7 +38,7 @@ use super::{
         trailers_answer,
     },
     error::EppError,
-    hints::{RequestHeaders, is_event_stream, served_endpoint, subset_hint},
+    hints::{RequestHeaders, conformance_served, is_event_stream, served_endpoint, subset_hint},
     observe,
     processor::Processor,
     response::ResponseChain,
@@ -140,6 +140,9 @@ pub struct Exchange {
     started: Instant,
     routed: Option<Routed>,
     reservation: Option<BudgetReservation>,
+    /// `--conformance-hooks`: what `x-conformance-test-served-endpoint` says, read from the
+    /// response headers' metadata.
+    conformance_served: Option<String>,
     explanation: Option<String>,
     /// Decision whose pre-request hooks run once its answers are sent.
     pending_hooks: Option<(Arc<Snapshot>, Decision)>,
@@ -172,6 +175,7 @@ impl Exchange {
             started: Instant::now(),
             routed: None,
             reservation: None,
+            conformance_served: None,
             explanation: None,
             pending_hooks: None,
             request_stream: false,
@@ -239,6 +243,9 @@ impl Exchange {
                 if let Some(served) = msg.metadata_context.as_ref().and_then(served_endpoint) {
                     self.record_served(&served);
                 }
+                if self.p.conformance_hooks {
+                    self.conformance_served = Some(conformance_served(msg.metadata_context.as_ref()));
+                }
                 self.on_response_headers(h, out);
                 Flow::Continue
             }
@@ -267,6 +274,7 @@ impl Exchange {
             h.headers.as_ref(),
             self.p.scheduler.tenant_header(),
             self.p.explain_decisions,
+            self.p.conformance_hooks,
         );
         if self.headers.request_id.is_none() {
             self.generated_request_id = Some(uuid::Uuid::new_v4().to_string());
@@ -577,6 +585,9 @@ impl Exchange {
         }
         if let Some(r) = &self.reservation {
             headers.extend(budget_headers::admitted(&r.admitted, &r.budget.policy));
+        }
+        if let Some(served) = self.conformance_served.take() {
+            headers.push(set_header(CONFORMANCE_SERVED_ENDPOINT, served.as_bytes()));
         }
         out.push(response_headers_answer(common_with_headers(headers, false)));
         if h.end_of_stream {

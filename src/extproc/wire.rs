@@ -39,6 +39,10 @@ pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
 pub const RATELIMIT: &str = "ratelimit";
 /// Limits past the budget's soft threshold: `tenant-day-tokens 83%`.
 pub const BUDGET_WARNING: &str = "x-gateway-budget-warning";
+/// The conformance suite's request header naming the endpoints a request may go to.
+pub const TEST_ENDPOINT_SELECTION: &str = "test-epp-endpoint-selection";
+/// The conformance suite's response header echoing the endpoint that served.
+pub const CONFORMANCE_SERVED_ENDPOINT: &str = "x-conformance-test-served-endpoint";
 /// Reason header on immediate responses (successor convention).
 pub const DROPPED_REASON: &str = "x-llm-d-request-dropped-reason";
 /// Largest body chunk sent back to Envoy in one `streamed_response`.

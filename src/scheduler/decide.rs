@@ -55,6 +55,9 @@ pub struct RequestMeta {
     pub model_rewrite: Option<String>,
     /// The gateway's subset hint: `ip:port` or bare IPs the request may go to.
     pub subset: Option<Vec<String>>,
+    /// The conformance suite's endpoint selection (`--conformance-hooks` only): `ip` (any
+    /// port of that pod) or `ip:port` items the request may go to, within the subset.
+    pub endpoint_selection: Option<Vec<String>>,
     /// Whether the decision should be explained (`x-epp-debug` with `--explain-decisions`).
     pub explain: bool,
 }
@@ -498,12 +501,36 @@ impl Scheduler {
     }
 }
 
-/// The candidates of a request: the gateway's subset when it sent one, else the whole pool.
+/// The candidates of a request: the gateway's subset when it sent one, else the whole pool;
+/// then only those of the conformance suite's endpoint selection, when it names any.
 fn candidates(snapshot: &Snapshot, meta: &RequestMeta) -> Vec<EndpointId> {
-    match &meta.subset {
+    let mut ids: Vec<EndpointId> = match &meta.subset {
         Some(hint) => subset_candidates(snapshot, hint),
         None => snapshot.all_ids().collect(),
+    };
+    if let Some(selection) = &meta.endpoint_selection {
+        ids.retain(|id| {
+            snapshot
+                .get(*id)
+                .is_some_and(|e| selected(selection, e.spec.address))
+        });
     }
+    ids
+}
+
+/// Whether the conformance suite's `selection` names `address`: an `ip:port` item that
+/// address, an `ip` item any port of it (as upstream's test EPP matches them).
+fn selected(selection: &[String], address: SocketAddr) -> bool {
+    selection.iter().any(|item| {
+        let item = item.trim();
+        match item.parse::<SocketAddr>() {
+            Ok(exact) => exact == address,
+            Err(_) => item
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip == address.ip()),
+        }
+    })
 }
 
 /// Candidates allowed by a subset hint: every endpoint on the IP of each entry, as upstream

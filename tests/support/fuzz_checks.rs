@@ -542,6 +542,7 @@ pub fn extproc_stream(data: &[u8]) {
             clock: Arc::new(MonotonicClock::new()),
             disable_subset_filter: false,
             explain_decisions: true,
+            conformance_hooks: false,
             tasks: tokio_util::task::TaskTracker::new(),
             body_memory: body_memory.clone(),
             flow: None,

@@ -344,6 +344,7 @@ impl TestServer {
             clock: Arc::new(MonotonicClock::new()),
             disable_subset_filter: false,
             explain_decisions: true,
+            conformance_hooks: false,
             tasks: TaskTracker::new(),
             body_memory: body_memory.clone(),
             flow: None,
