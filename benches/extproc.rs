@@ -93,6 +93,7 @@ fn bench_exchange(c: &mut Criterion) {
         clock: Arc::new(MonotonicClock::new()),
         disable_subset_filter: false,
         explain_decisions: false,
+        conformance_hooks: false,
         tasks: tokio_util::task::TaskTracker::new(),
         body_memory: epp::extproc::body_memory::BodyMemory::new(1 << 30),
         flow: None,
