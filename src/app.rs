@@ -99,16 +99,22 @@ pub enum AppError {
 /// # Errors
 /// [`ConfigError`] when the file cannot be read or the document is invalid.
 pub fn load_config(flags: &Flags) -> Result<EndpointPickerConfig, ConfigError> {
+    read_config(flags).map(|(config, _)| config)
+}
+
+/// [`load_config`], with the file's text when the config came from `--config-file` (the
+/// baseline `--watch-config-file` compares later texts with).
+fn read_config(flags: &Flags) -> Result<(EndpointPickerConfig, Option<String>), ConfigError> {
     if !flags.config_file.is_empty() {
         let text = std::fs::read_to_string(&flags.config_file).map_err(|source| ConfigError::Read {
             path: flags.config_file.clone(),
             source,
         })?;
-        EndpointPickerConfig::from_yaml(&text)
+        Ok((EndpointPickerConfig::from_yaml(&text)?, Some(text)))
     } else if !flags.config_text.is_empty() {
-        EndpointPickerConfig::from_yaml(&flags.config_text)
+        Ok((EndpointPickerConfig::from_yaml(&flags.config_text)?, None))
     } else {
-        Ok(EndpointPickerConfig::default_config())
+        Ok((EndpointPickerConfig::default_config(), None))
     }
 }
 
@@ -277,7 +283,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         (true, Some(c)) => Some(c),
         (true, None) => Some(kube::Client::try_default().await.map_err(AppError::Kube)?),
     };
-    let config = load_config(&flags)?;
+    let (config, config_text) = read_config(&flags)?;
     if flags.tracing {
         warn!(
             "--tracing: OpenTelemetry export is not implemented yet, no spans are sent (pass --tracing=false to say so)"
@@ -302,6 +308,15 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    if let (true, Some(text)) = (flags.watch_config_file, config_text) {
+        tasks.spawn(crate::config::reload::watch(
+            flags.config_file.clone().into(),
+            text,
+            scheduler.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        ));
+    }
 
     let grpc_listener = bind(flags.grpc_bind_address, flags.grpc_port).await?;
     let health_listener = bind(

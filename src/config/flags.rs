@@ -121,6 +121,14 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Scheduling")]
     pub conformance_hooks: bool,
 
+    /// Read `--config-file` again when it changes (checked every second): a change limited to
+    /// `schedulingProfiles` applies to new requests (running ones finish on the old profile);
+    /// any other change is refused and logged, and the running config stays. Both are counted
+    /// in `inference_extension_config_reload_total`.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", help_heading = "Scheduling")]
+    pub watch_config_file: bool,
+
     /// EndpointPickerConfig YAML file.
     #[arg(
         long,
@@ -268,6 +276,9 @@ pub enum FlagError {
         "leader election needs --ha-retry-period < --ha-renew-deadline < --ha-lease-duration, and a lease of at least 1s"
     )]
     LeaseTiming,
+    /// `--watch-config-file` without `--config-file`.
+    #[error("--watch-config-file watches the file of --config-file, and none is given")]
+    WatchWithoutFile,
     /// An `--endpoint-selector` entry is not a `key=value` label requirement.
     #[error("--endpoint-selector: {entry:?}: {reason}")]
     BadSelector {

@@ -4,6 +4,7 @@
 pub mod epp_config;
 pub mod flags;
 pub mod flow_control;
+pub mod reload;
 pub mod settings;
 
 pub use epp_config::{

@@ -89,6 +89,9 @@ impl Settings {
         {
             errors.push(FlagError::LeaseTiming);
         }
+        if flags.watch_config_file && flags.config_file.is_empty() {
+            errors.push(FlagError::WatchWithoutFile);
+        }
         let statics = flags.static_endpoints();
         if let Err(e) = &statics {
             errors.push(e.clone());

@@ -90,6 +90,10 @@ pub struct EppMetrics {
     pub budget_fallbacks: IntCounterVec,
     /// Budget store errors.
     pub budget_store_errors: prometheus::IntCounter,
+    /// Config reloads by result.
+    pub config_reloads: IntCounterVec,
+    /// Reloads applied since start.
+    pub config_generation: prometheus::IntGauge,
     /// Money settled.
     pub budget_spend: prometheus::CounterVec,
     /// Share of each budget limit used.
@@ -376,6 +380,14 @@ impl EppMetrics {
                 BUDGET_STORE_ERRORS,
                 "Token budget store failures.",
             ))?,
+            config_reloads: IntCounterVec::new(
+                opts(CONFIG_RELOADS, "Config file reloads by result."),
+                &["result"],
+            )?,
+            config_generation: prometheus::IntGauge::with_opts(opts(
+                CONFIG_GENERATION,
+                "Config reloads applied since start (0: the config read at start).",
+            ))?,
             budget_spend: prometheus::CounterVec::new(
                 opts(
                     BUDGET_SPEND,
@@ -499,6 +511,8 @@ impl EppMetrics {
             Box::new(m.budget_fallbacks.clone()),
             Box::new(m.budget_store_errors.clone()),
             Box::new(m.budget_spend.clone()),
+            Box::new(m.config_reloads.clone()),
+            Box::new(m.config_generation.clone()),
             Box::new(m.budget_usage_ratio.clone()),
             Box::new(m.budget_warnings.clone()),
             Box::new(m.budget_soft_threshold.clone()),

@@ -81,6 +81,10 @@ pub const BUDGET_USAGE_RATIO: &str = "inference_extension_budget_usage_ratio";
 pub const BUDGET_SOFT_THRESHOLD: &str = "inference_extension_budget_soft_threshold_ratio";
 /// Admissions that left a limit past the soft threshold, by tenant, layer, window and unit.
 pub const BUDGET_WARNINGS: &str = "inference_extension_budget_soft_threshold_crossings_total";
+/// Config file reloads by result: `success`, `invalid`, `unsupported`, `read_error` (extra).
+pub const CONFIG_RELOADS: &str = "inference_extension_config_reload_total";
+/// How many reloads the running scheduling profile is past the config read at start (extra).
+pub const CONFIG_GENERATION: &str = "inference_extension_config_generation";
 /// Budget store failures.
 pub const BUDGET_STORE_ERRORS: &str = "inference_extension_budget_store_errors_total";
 /// Requests refused or masked by prompt guards, by guard, rule and action.

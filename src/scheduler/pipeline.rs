@@ -6,6 +6,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use arc_swap::ArcSwap;
+
 use rand::RngCore;
 
 use super::{
@@ -78,13 +80,19 @@ fn drop_unreachable(snapshot: &Snapshot, candidates: &mut Vec<EndpointId>) {
     }
 }
 
+/// The scheduling profile in use and what its plugins need. A config reload swaps it whole
+/// ([`Scheduler::reload_profile`]); a decision loads it once, so it runs one profile throughout.
+pub(crate) struct ActiveProfile {
+    pub(crate) profile: Profile,
+    pub(crate) needs: Needs,
+}
+
 /// A built scheduler. Cheap to share (`Arc`), used concurrently by every request.
 pub struct Scheduler {
     pub(crate) producers: Vec<Arc<dyn DataProducer>>,
-    pub(crate) profile: Profile,
+    pub(crate) active: ArcSwap<ActiveProfile>,
     pub(crate) pre_request: Vec<Arc<dyn PreRequest>>,
     pub(crate) pool_change: Vec<Arc<dyn PoolChange>>,
-    pub(crate) needs: Needs,
     pub(crate) detector: Arc<dyn SaturationDetector>,
     pub(crate) objectives: HashMap<String, i32>,
     /// Admission stages in their documented order (guards, budget, saturation gate).
@@ -134,8 +142,28 @@ impl Scheduler {
     }
 
     /// The profile's name.
-    pub fn profile_name(&self) -> &str {
-        &self.profile.name
+    pub fn profile_name(&self) -> Arc<str> {
+        self.active.load().profile.name.clone()
+    }
+
+    /// Run `next`'s scheduling profile from now on (a config reload whose only change is its
+    /// `schedulingProfiles`). Everything else stays this scheduler's: the data producers and
+    /// their state (the prefix index), admission (guards, budgets and their counters), flow
+    /// control, the parser. Decisions already running finish with the profile they loaded.
+    ///
+    /// # Errors
+    /// The new profile needs an input this scheduler does not produce (a prefix-cache plugin
+    /// when the running config built no prefix index): only a restart can add it.
+    pub fn reload_profile(&self, next: &Scheduler) -> Result<(), String> {
+        let incoming = next.active.load_full();
+        if incoming.needs.prefix_match && !self.producers.iter().any(|p| p.produces().prefix_match) {
+            return Err(
+                "the new profile matches prompt prefixes, but the running config builds no prefix index"
+                    .into(),
+            );
+        }
+        self.active.store(incoming);
+        Ok(())
     }
 
     /// The priorities the config declares (`inference-objectives`), which snapshot publishers
@@ -218,9 +246,10 @@ impl Scheduler {
             return Err(SchedulingError::NoCandidates);
         }
         drop_unreachable(ctx.snapshot, &mut candidates);
+        let active = self.active.load();
         let mut decision = Decision::default();
         for producer in &self.producers {
-            if producer.produces().prefix_match && !self.needs.prefix_match {
+            if producer.produces().prefix_match && !active.needs.prefix_match {
                 continue;
             }
             let started = timer.map(|t| t.start());
@@ -229,7 +258,7 @@ impl Scheduler {
                 t.record(ExtensionPoint::PrepareData, producer.name(), s);
             }
         }
-        decision.repairs = self
+        decision.repairs = active
             .profile
             .run(
                 ctx,
@@ -241,7 +270,7 @@ impl Scheduler {
                 &mut decision.endpoints,
             )
             .map_err(|source| SchedulingError::Profile {
-                profile: self.profile.name.clone(),
+                profile: active.profile.name.clone(),
                 source,
             })?;
         Ok(decision)

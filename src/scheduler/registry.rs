@@ -9,6 +9,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use arc_swap::ArcSwap;
+
 use serde::Deserialize;
 
 use super::{
@@ -22,7 +24,7 @@ use super::{
     flow::{BandPolicy, Fairness, FlowControlPolicy, Ordering},
     params::{decode_params, no_params},
     pickers::{MaxScorePicker, PickerParams, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
-    pipeline::{RequestParser, Scheduler},
+    pipeline::{ActiveProfile, RequestParser, Scheduler},
     plugin::{
         DataProducer, Filter, Needs, Picker, PluginName, PoolChange, PreRequest, SaturationDetector, Scorer,
     },
@@ -761,15 +763,17 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
     }
     Ok(Scheduler {
         producers,
-        profile: Profile {
-            name: spec.name.as_str().into(),
-            filters,
-            scorers,
-            picker,
-        },
+        active: ArcSwap::from_pointee(ActiveProfile {
+            profile: Profile {
+                name: spec.name.as_str().into(),
+                filters,
+                scorers,
+                picker,
+            },
+            needs,
+        }),
         pre_request,
         pool_change,
-        needs,
         admission: admission_stages(&roles, &detector, flow.is_some()),
         flow,
         output_guards: roles
