@@ -94,6 +94,28 @@ fn bench_exchange(c: &mut Criterion) {
         disable_subset_filter: false,
         explain_decisions: false,
         conformance_hooks: false,
+        tracer: None,
+        tasks: tokio_util::task::TaskTracker::new(),
+        body_memory: epp::extproc::body_memory::BodyMemory::new(1 << 30),
+        flow: None,
+    });
+
+    // The same exchange with `--tracing` on and every trace sampled: the request and decision
+    // spans made, ended and queued to a batch exporter that discards them (export itself runs
+    // on the exporter's thread, off the request path).
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
+        .with_batch_exporter(Discard)
+        .build();
+    let traced = Arc::new(Processor {
+        reader: processor.reader.clone(),
+        scheduler: processor.scheduler.clone(),
+        metrics: processor.metrics.clone(),
+        clock: Arc::new(MonotonicClock::new()),
+        disable_subset_filter: false,
+        explain_decisions: false,
+        conformance_hooks: false,
+        tracer: Some(opentelemetry::trace::TracerProvider::tracer(&provider, "bench")),
         tasks: tokio_util::task::TaskTracker::new(),
         body_memory: epp::extproc::body_memory::BodyMemory::new(1 << 30),
         flow: None,
@@ -122,7 +144,39 @@ fn bench_exchange(c: &mut Criterion) {
             );
         });
     }
+    let body = chat_body(1_000);
+    let msgs = messages(&body);
+    group.bench_with_input(BenchmarkId::new("chat_tokens_traced", 1_000), &msgs, |b, msgs| {
+        let mut out = Vec::with_capacity(16);
+        b.iter_batched(
+            || msgs.clone(),
+            |msgs| {
+                let mut ex = Exchange::new(traced.clone());
+                out.clear();
+                for m in msgs {
+                    let _ = futures_util::FutureExt::now_or_never(ex.on_message(m, &mut out));
+                }
+                black_box(&out);
+            },
+            criterion::BatchSize::LargeInput,
+        );
+    });
     group.finish();
+    let _ = provider.shutdown();
+}
+
+/// An exporter that drops what it is given.
+#[derive(Debug)]
+struct Discard;
+
+impl opentelemetry_sdk::trace::SpanExporter for Discard {
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        black_box(batch);
+        Ok(())
+    }
 }
 
 criterion_group!(benches, bench_exchange);

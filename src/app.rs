@@ -51,6 +51,7 @@ use crate::{
         collector::{CollectorConfig, run_collector},
         data_layer::{DataSourceParams, ENGINE_LABEL, data_layer},
     },
+    telemetry::Telemetry,
     tls::{self, ServingCert},
 };
 
@@ -92,6 +93,9 @@ pub enum AppError {
     /// Internal metric registration failed.
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The trace exporter could not be built.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// Load the EndpointPickerConfig named by the flags (file, inline text, or the built-in default).
@@ -145,14 +149,19 @@ pub struct RunningApp {
     pub leader: watch::Receiver<bool>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl RunningApp {
-    /// Stop every server and background task and wait for them.
+    /// Stop every server and background task and wait for them, then export the spans still
+    /// buffered.
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(t) = self.telemetry {
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
     }
 
     /// A token that, once cancelled, stops the app.
@@ -284,11 +293,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         (true, None) => Some(kube::Client::try_default().await.map_err(AppError::Kube)?),
     };
     let (config, config_text) = read_config(&flags)?;
-    if flags.tracing {
-        warn!(
-            "--tracing: OpenTelemetry export is not implemented yet, no spans are sent (pass --tracing=false to say so)"
-        );
-    }
+    let telemetry = Telemetry::from_env(flags.tracing)?.map(Arc::new);
     // GIE's deprecated switch: llm-d-router no longer reads it and neither does this EPP, so an
     // operator who sets it is told where the switch is now.
     if std::env::var("ENABLE_EXPERIMENTAL_FLOW_CONTROL_LAYER").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
@@ -554,6 +559,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         disable_subset_filter: flags.disable_endpoint_subset_filter,
         explain_decisions: flags.explain_decisions,
         conformance_hooks: flags.conformance_hooks,
+        tracer: telemetry.as_ref().map(|t| t.tracer().clone()),
         tasks: tasks.clone(),
         body_memory: BodyMemory::new(usize::try_from(flags.max_buffered_body_bytes).unwrap_or(usize::MAX)),
     });
@@ -654,6 +660,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         leader: leader_rx,
         cancel,
         tasks,
+        telemetry,
     })
 }
 

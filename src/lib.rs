@@ -21,4 +21,5 @@ pub mod prefix;
 pub mod prehashed;
 pub mod scheduler;
 pub mod scrape;
+pub mod telemetry;
 pub mod tls;

@@ -11,7 +11,8 @@
 //! Test hooks (request headers): `x-emulator-hold` pauses a stream after its first event until
 //! [`PodState::release`] is notified; `x-emulator-echo` answers with the last prompt text the pod
 //! received (also in `x-received-prompt`). Every response names its pod in `x-emulated-pod` and
-//! the model it was asked for in `x-received-model`. Fault hook (for the soak): `POST
+//! the model it was asked for in `x-received-model` (and the `traceparent` it received in
+//! `x-received-traceparent`). Fault hook (for the soak): `POST
 //! /emulator/page` with `garbage`, `slow` or `normal` makes `/metrics` answer bytes that are no
 //! exposition, answer only after [`SLOW_PAGE`], or answer normally again.
 
@@ -517,6 +518,15 @@ impl Shape {
 }
 
 async fn generate(State(pod): State<Arc<PodState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let mut r = generate_answer(pod, uri, &headers, body).await;
+    // The trace context the gateway passed on (tests check the EPP's propagation).
+    if let Some(v) = headers.get("traceparent") {
+        r.headers_mut().insert("x-received-traceparent", v.clone());
+    }
+    r
+}
+
+async fn generate_answer(pod: Arc<PodState>, uri: Uri, headers: &HeaderMap, body: Bytes) -> Response {
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return error(StatusCode::BAD_REQUEST, "body is not JSON");
     };

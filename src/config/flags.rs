@@ -214,7 +214,9 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Kubernetes")]
     pub metrics_endpoint_auth: bool,
 
-    /// OpenTelemetry tracing: not implemented yet; on (upstream's default) only warns at start.
+    /// OpenTelemetry tracing, configured by the usual `OTEL_*` variables as upstream:
+    /// `OTEL_TRACES_EXPORTER` console (default) or otlp, `OTEL_TRACES_SAMPLER`/`_ARG` (default
+    /// parentbased_traceidratio 0.1), `OTEL_SERVICE_NAME`.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", help_heading = "Observability")]
     pub tracing: bool,

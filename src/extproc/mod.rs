@@ -18,6 +18,7 @@ pub mod observe;
 pub mod processor;
 pub mod response;
 pub mod service;
+pub mod spans;
 pub mod stream;
 pub mod wire;
 

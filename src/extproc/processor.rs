@@ -28,6 +28,8 @@ pub struct Processor {
     pub explain_decisions: bool,
     /// `--conformance-hooks`.
     pub conformance_hooks: bool,
+    /// `--tracing`: the tracer of each exchange's spans.
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     /// Owner of background work started by exchanges (budget settlement).
     pub tasks: tokio_util::task::TaskTracker,
     /// The process-wide budget for request bodies being read (`--max-buffered-body-bytes`).

@@ -26,6 +26,7 @@ use std::{
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
 };
+use opentelemetry::KeyValue;
 use rand::{SeedableRng, rngs::SmallRng};
 use tracing::{debug, trace};
 
@@ -42,6 +43,7 @@ use super::{
     observe,
     processor::Processor,
     response::ResponseChain,
+    spans::{self, ExchangeSpans, decision_attributes},
     wire::*,
 };
 use crate::{
@@ -143,6 +145,8 @@ pub struct Exchange {
     /// `--conformance-hooks`: what `x-conformance-test-served-endpoint` says, read from the
     /// response headers' metadata.
     conformance_served: Option<String>,
+    /// `--tracing`: the exchange's spans.
+    spans: Option<ExchangeSpans>,
     explanation: Option<String>,
     /// Decision whose pre-request hooks run once its answers are sent.
     pending_hooks: Option<(Arc<Snapshot>, Decision)>,
@@ -176,6 +180,7 @@ impl Exchange {
             routed: None,
             reservation: None,
             conformance_served: None,
+            spans: None,
             explanation: None,
             pending_hooks: None,
             request_stream: false,
@@ -270,6 +275,9 @@ impl Exchange {
     }
 
     fn on_request_headers(&mut self, h: HttpHeaders, out: &mut Vec<ProcessingResponse>) -> Flow {
+        if let Some(tracer) = &self.p.tracer {
+            self.spans = Some(ExchangeSpans::start(tracer, h.headers.as_ref()));
+        }
         self.headers.read(
             h.headers.as_ref(),
             self.p.scheduler.tenant_header(),
@@ -346,6 +354,7 @@ impl Exchange {
         let destination = endpoint.address_text.to_string();
         let mut headers = vec![set_header(DESTINATION_ENDPOINT, destination.as_bytes())];
         headers.extend(self.generated_id_header());
+        headers.extend(self.trace_headers(&destination));
         out.push(request_headers_answer(
             common_with_headers(headers, true),
             Some(destination_metadata(&destination)),
@@ -371,6 +380,7 @@ impl Exchange {
             headers.push(set_header("Content-Length", body.len().to_string().as_bytes()));
         }
         headers.extend(self.generated_id_header());
+        headers.extend(self.trace_headers(&routing.destination));
         let metadata = destination_metadata(&routing.destination);
         self.routed_from = Some(taken_up);
         match self.request_mode {
@@ -427,6 +437,10 @@ impl Exchange {
         };
         let scheduler = &self.p.scheduler;
         let meta = &self.headers.meta;
+        let orchestration = self
+            .spans
+            .as_ref()
+            .map(|s| s.child("gateway.request_orchestration"));
         let verdict = match (
             scheduler.admit(&request, body, meta, &snapshot, &mut env).await,
             &self.p.flow,
@@ -457,7 +471,19 @@ impl Exchange {
                         None => std::future::pending().await,
                     }
                 };
-                match flow.wait(queued, gone).await {
+                let queue_span = self.spans.as_ref().map(|s| s.child("flow_control.queue"));
+                let waited = flow.wait(queued, gone).await;
+                if let Some(span) = queue_span {
+                    let outcome = match &waited {
+                        Ok(_) => "dispatched",
+                        Err(refusal) => Refusal::Flow(refusal.clone()).reason(),
+                    };
+                    spans::finish(
+                        span,
+                        vec![KeyValue::new("llm_d.epp.flow_control.outcome", outcome)],
+                    );
+                }
+                match waited {
                     Ok(fresh) => {
                         env.now = self.p.clock.now();
                         let verdict = scheduler.place(admitted, meta, &fresh, &mut env);
@@ -481,6 +507,9 @@ impl Exchange {
             .pair(model, target, Instant::now(), verdict.result.is_ok());
         let (model_label, target_label) = (pair.model.into_owned(), pair.target.into_owned());
         observe::admission_events(&self.p.metrics, &verdict.events);
+        if let Some(span) = orchestration {
+            spans::finish(span, decision_attributes(&verdict, &model_label, &target_label));
+        }
         let mut outcome = match verdict.result {
             Ok(outcome) => outcome,
             Err(refused) => {
@@ -541,8 +570,25 @@ impl Exchange {
                 let _ = reservation.settle(Default::default()).await; // nothing was served: give it back
             });
         }
+        if let Some(spans) = self.spans.take() {
+            spans.fail(e.http_status(), e.code());
+            spans.end();
+        }
         out.push(e.to_response());
         Flow::Close
+    }
+
+    /// With `--tracing`: the routed endpoint on the request span, and the headers that carry
+    /// its context to the model server.
+    fn trace_headers(
+        &self,
+        destination: &str,
+    ) -> Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption> {
+        let Some(spans) = &self.spans else {
+            return Vec::new();
+        };
+        spans.annotate(vec![KeyValue::new("llm_d.epp.endpoint", destination.to_owned())]);
+        spans.propagation_headers()
     }
 
     /// The proxy reports which endpoint served (it may differ after a retry): move the in-flight
@@ -661,6 +707,9 @@ impl Exchange {
             };
             let forgotten = self.p.scheduler.cache_report(&report);
             observe::cache_report(&self.p.metrics, &report, forgotten);
+        }
+        if let Some(spans) = self.spans.take() {
+            spans.end();
         }
         if let Some(routed) = self.routed.take() {
             let labels = [routed.model_label.as_str(), routed.target_label.as_str()];

@@ -543,6 +543,7 @@ pub fn extproc_stream(data: &[u8]) {
             disable_subset_filter: false,
             explain_decisions: true,
             conformance_hooks: false,
+            tracer: None,
             tasks: tokio_util::task::TaskTracker::new(),
             body_memory: body_memory.clone(),
             flow: None,

@@ -345,6 +345,7 @@ impl TestServer {
             disable_subset_filter: false,
             explain_decisions: true,
             conformance_hooks: false,
+            tracer: None,
             tasks: TaskTracker::new(),
             body_memory: body_memory.clone(),
             flow: None,
