@@ -204,6 +204,7 @@ async fn spans_reach_an_otlp_receiver_in_the_callers_trace() {
     assert_eq!(decision.parent_span_id, request.span_id);
     assert_eq!(attribute(decision, "gen_ai.request.model").as_deref(), Some("m"));
     assert_eq!(attribute(decision, "llm_d.epp.result").as_deref(), Some("routed"));
+    assert_eq!(attribute(decision, "llm_d.epp.candidates").as_deref(), Some("2"));
     let endpoint = attribute(request, "llm_d.epp.endpoint").unwrap();
     assert!(endpoints.contains(&endpoint), "{endpoint}");
     // Nothing of the prompt in any attribute of any span.

@@ -3,8 +3,11 @@
 //!   continuing the caller's trace when the request carries `traceparent` / `tracestate`
 //!   (and `baggage`);
 //! - `gateway.request_orchestration`, the decision: admission, flow-control queueing, scheduling,
-//!   with the models, the winner, the priority, what admission did and a refusal's reason;
-//! - `flow_control.queue`, the time a request waited in the flow-control queue.
+//!   with the models, the priority, what admission did, the number of candidates and a
+//!   refusal's reason (the winner is on the request span, `llm_d.epp.endpoint`);
+//! - `flow_control.queue`, the time a request waited in the flow-control queue;
+//! - `gateway.response`, the response from its headers to its end (usage read, budget
+//!   settled).
 //!
 //! The request sent to the model server carries the request span's `traceparent`, so an engine
 //! that traces (vLLM does) joins the same trace. Attributes never hold prompt or answer text,
@@ -123,10 +126,7 @@ pub fn decision_attributes(verdict: &Verdict, model: &str, target: &str) -> Vec<
         Ok(outcome) => {
             out.push(KeyValue::new("llm_d.epp.result", "routed"));
             out.push(KeyValue::new("llm_d.epp.priority", i64::from(outcome.priority)));
-            out.push(KeyValue::new(
-                "llm_d.epp.endpoints",
-                outcome.endpoints().len() as i64,
-            ));
+            out.push(KeyValue::new("llm_d.epp.candidates", outcome.candidates as i64));
         }
         Err(refused) => out.push(KeyValue::new("llm_d.epp.result", refused.refusal.reason())),
     }

@@ -145,8 +145,9 @@ pub struct Exchange {
     /// `--conformance-hooks`: what `x-conformance-test-served-endpoint` says, read from the
     /// response headers' metadata.
     conformance_served: Option<String>,
-    /// `--tracing`: the exchange's spans.
+    /// `--tracing`: the exchange's spans, and the response's once it started.
     spans: Option<ExchangeSpans>,
+    response_span: Option<opentelemetry_sdk::trace::Span>,
     explanation: Option<String>,
     /// Decision whose pre-request hooks run once its answers are sent.
     pending_hooks: Option<(Arc<Snapshot>, Decision)>,
@@ -181,6 +182,7 @@ impl Exchange {
             reservation: None,
             conformance_served: None,
             spans: None,
+            response_span: None,
             explanation: None,
             pending_hooks: None,
             request_stream: false,
@@ -623,6 +625,9 @@ impl Exchange {
     }
 
     fn on_response_headers(&mut self, h: HttpHeaders, out: &mut Vec<ProcessingResponse>) {
+        if let Some(spans) = &self.spans {
+            self.response_span = Some(spans.child("gateway.response"));
+        }
         let streaming = is_event_stream(h.headers.as_ref()) || self.request_stream;
         self.response_chain(streaming);
         let mut headers = vec![set_header(WENT_INTO_RESP_HEADERS, b"true")];
@@ -707,6 +712,10 @@ impl Exchange {
             };
             let forgotten = self.p.scheduler.cache_report(&report);
             observe::cache_report(&self.p.metrics, &report, forgotten);
+        }
+        if let Some(span) = self.response_span.take() {
+            let usage_read = usage.is_some();
+            spans::finish(span, vec![KeyValue::new("llm_d.epp.usage_read", usage_read)]);
         }
         if let Some(spans) = self.spans.take() {
             spans.end();

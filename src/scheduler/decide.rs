@@ -111,6 +111,8 @@ pub struct Outcome {
     /// The cycle: the chosen endpoints (primary first, then fallbacks) and the data the
     /// pre-request hooks and metrics read (prefix match, score repairs).
     pub cycle: Decision,
+    /// How many endpoints the profile chose among (the pool or the gateway's subset).
+    pub candidates: usize,
     /// Tokens the request is expected to occupy on its endpoint (in-flight accounting).
     pub load_tokens: u64,
     /// Prompt tokens the primary endpoint is expected to compute: the estimated prompt less the
@@ -384,6 +386,7 @@ impl Scheduler {
         env.scratch.explain = meta.explain.then(Default::default);
         let started = env.timer.map(|t| t.start());
         let timer = env.timer.map(|t| t as &dyn PluginTimer);
+        let candidate_count = candidates.len();
         let scheduled = self.schedule(&ctx, candidates, env.scratch, &mut *env.rng, timer);
         if let (Some(t), Some(s), true) = (env.timer, started, scheduled.is_ok()) {
             t.record_cycle(s);
@@ -459,6 +462,7 @@ impl Scheduler {
                 reservation,
                 explanation,
                 cycle,
+                candidates: candidate_count,
             }),
         }
     }
