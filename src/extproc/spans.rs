@@ -4,7 +4,8 @@
 //!   (and `baggage`);
 //! - `gateway.request_orchestration`, the decision: admission, flow-control queueing, scheduling,
 //!   with the models, the priority, what admission did, the number of candidates and a
-//!   refusal's reason (the winner is on the request span, `llm_d.epp.endpoint`);
+//!   refusal's reason (the winner is on the request span, `llm_d.epp.endpoint`); under it one
+//!   span per plugin run, made by the plugin timer ([`super::processor::MetricsTimer`]);
 //! - `flow_control.queue`, the time a request waited in the flow-control queue;
 //! - `gateway.response`, the response from its headers to its end (usage read, budget
 //!   settled).
@@ -82,6 +83,15 @@ impl ExchangeSpans {
         self.tracer.start_with_context(name, &self.request)
     }
 
+    /// The decision span (`gateway.request_orchestration`), started now, as the parent of the
+    /// plugins' spans.
+    pub fn decision(&self) -> Context {
+        let span = self
+            .tracer
+            .start_with_context("gateway.request_orchestration", &self.request);
+        self.request.with_span(span)
+    }
+
     /// Set attributes on the request span.
     pub fn annotate(&self, attributes: Vec<KeyValue>) {
         self.request.span().set_attributes(attributes);
@@ -144,6 +154,13 @@ fn event_name(event: &AdmissionEvent) -> &'static str {
         AdmissionEvent::BudgetStore { reachable: true, .. } => "budget_store",
         AdmissionEvent::BudgetStore { reachable: false, .. } => "budget_store_unreachable",
     }
+}
+
+/// End the span of `cx` after setting `attributes`.
+pub fn finish_context(cx: &Context, attributes: Vec<KeyValue>) {
+    let span = cx.span();
+    span.set_attributes(attributes);
+    span.end();
 }
 
 /// End `span` after setting `attributes`.

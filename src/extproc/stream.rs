@@ -426,7 +426,12 @@ impl Exchange {
             .map_err(|e| (EppError::from(e), None))?;
         let mut snapshot = self.p.reader.load();
         let mut rng = SmallRng::from_rng(&mut rand::rng());
-        let timer = self.p.plugin_timer();
+        // With tracing, the decision span, and every plugin's run a child span of it.
+        let orchestration = self.spans.as_ref().map(ExchangeSpans::decision);
+        let timer = match (&self.p.tracer, &orchestration) {
+            (Some(tracer), Some(parent)) => self.p.plugin_timer().with_spans(tracer, parent),
+            _ => self.p.plugin_timer(),
+        };
         let mut scratch = Scratch::default();
         let mut env = DecideEnv {
             now: self.p.clock.now(),
@@ -439,10 +444,6 @@ impl Exchange {
         };
         let scheduler = &self.p.scheduler;
         let meta = &self.headers.meta;
-        let orchestration = self
-            .spans
-            .as_ref()
-            .map(|s| s.child("gateway.request_orchestration"));
         let verdict = match (
             scheduler.admit(&request, body, meta, &snapshot, &mut env).await,
             &self.p.flow,
@@ -509,8 +510,8 @@ impl Exchange {
             .pair(model, target, Instant::now(), verdict.result.is_ok());
         let (model_label, target_label) = (pair.model.into_owned(), pair.target.into_owned());
         observe::admission_events(&self.p.metrics, &verdict.events);
-        if let Some(span) = orchestration {
-            spans::finish(span, decision_attributes(&verdict, &model_label, &target_label));
+        if let Some(cx) = &orchestration {
+            spans::finish_context(cx, decision_attributes(&verdict, &model_label, &target_label));
         }
         let mut outcome = match verdict.result {
             Ok(outcome) => outcome,

@@ -33,7 +33,7 @@ use super::{
     Decision, Scheduler, SchedulingError,
     admission::{Admission, AdmissionEvent, BudgetReservation, PromptGuard, Refusal},
     flow::{DEFAULT_FLOW, Fairness},
-    plugin::{CachePrediction, PluginTimer, SchedulingContext},
+    plugin::{CachePrediction, ExtensionPoint, PluginTimer, SchedulingContext},
     profile::Scratch,
 };
 use crate::{
@@ -303,7 +303,11 @@ impl Scheduler {
         };
         let mut verdict = Ok(());
         for stage in &self.admission {
+            let started = env.timer.filter(|t| t.times_admission()).map(|t| t.start());
             verdict = stage.admit(&mut cx).await;
+            if let (Some(t), Some(s)) = (env.timer, started) {
+                t.record(ExtensionPoint::Admission, stage.name(), s);
+            }
             if verdict.is_err() {
                 break;
             }

@@ -252,6 +252,9 @@ pub enum ExtensionPoint {
     Picker,
     /// Pre-request hook.
     PreRequest,
+    /// Admission stage (guards, budget, saturation gate): traced, not in the upstream
+    /// plugin-duration histogram, whose extension points are upstream's.
+    Admission,
 }
 
 impl ExtensionPoint {
@@ -263,6 +266,7 @@ impl ExtensionPoint {
             ExtensionPoint::Scorer => "Scorer",
             ExtensionPoint::Picker => "Picker",
             ExtensionPoint::PreRequest => "PreRequest",
+            ExtensionPoint::Admission => "Admission",
         }
     }
 }
@@ -278,5 +282,10 @@ pub trait PluginTimer {
     /// scorers, picker; admission excluded).
     fn record_cycle(&self, started: u64) {
         let _ = started;
+    }
+    /// Whether admission stages are timed too (they are only traced: without tracing their
+    /// timing would cost each request for nothing).
+    fn times_admission(&self) -> bool {
+        false
     }
 }
