@@ -283,6 +283,9 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
             format!("--grpc-port={grpc}"),
             format!("--grpc-health-port={}", free_port()?),
             format!("--metrics-port={metrics_port}"),
+            // The request path alone, as the published figures measured it (tracing's cost is
+            // the extproc bench's, benches/README.md).
+            "--tracing=false".to_owned(),
         ],
         None,
     )?;

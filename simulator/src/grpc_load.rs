@@ -253,6 +253,9 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
             format!("--metrics-port={metrics_port}"),
             "--secure-serving=false".to_owned(),
             format!("--refresh-metrics-interval={}", cfg.refresh_interval),
+            // The request path alone, as the published figures measured it (tracing's cost is
+            // the extproc bench's, benches/README.md).
+            "--tracing=false".to_owned(),
         ],
         cfg.epp_cpus.as_deref(),
     )?;
