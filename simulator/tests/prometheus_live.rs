@@ -30,7 +30,8 @@ const ALERT_FILES: [&str; 2] = [
 ];
 
 /// Flow control on, a budget (with a soft threshold) and a guard: every panel has data after
-/// the traffic below.
+/// the traffic below. The budget is per day: a per-minute window would turn (epoch-aligned)
+/// during the traffic one run in ten, and the 429s it must cause would not come.
 const CONFIG: &str = "--config-text=apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 featureGates: [flowControl]
@@ -43,7 +44,7 @@ plugins:
     softThreshold: 0.5
     prices: {m: {input: 1.00, output: 2.00}}
     tenants:
-      team-a: {tokens: 100}
+      team-a: {limits: [{window: day, tokens: 100}]}
 - type: prompt-guard
   name: injection
   parameters:
@@ -294,7 +295,7 @@ async fn dashboard_and_alert_queries_work_in_a_real_prometheus() {
         evaluated.iter().all(|(_, health)| health == "ok"),
         "{evaluated:?}"
     );
-    // team-a went past its soft threshold (0.5 of 100 tokens): that alert is at least pending.
+    // team-a went past its soft threshold (0.5 of 100 tokens a day): that alert is at least pending.
     let firing = prometheus.api("alerts", &[]).await;
     let names: Vec<&str> = firing["data"]["alerts"]
         .as_array()
