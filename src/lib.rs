@@ -5,21 +5,29 @@
 //! snapshot), and from Envoy's ext_proc stream through the [`parser`] and the pure [`scheduler`]
 //! back to Envoy ([`extproc`]). See ARCHITECTURE.md for the module map.
 
+#[cfg(feature = "server")]
 pub mod app;
 pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod datastore;
+#[cfg(feature = "server")]
 pub mod extproc;
+#[cfg(feature = "server")]
 pub mod flow_dispatch;
 pub mod guard;
+#[cfg(feature = "server")]
 pub mod k8s;
+#[cfg(feature = "server")]
 pub mod listen;
+#[cfg(feature = "server")]
 pub mod metrics;
 pub mod parser;
 pub mod prefix;
 pub mod prehashed;
 pub mod scheduler;
 pub mod scrape;
+#[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
 pub mod tls;

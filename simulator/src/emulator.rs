@@ -663,3 +663,49 @@ async fn generate_answer(pod: Arc<PodState>, uri: Uri, headers: &HeaderMap, body
     tag(&mut r, &pod, Some(&model));
     r
 }
+
+/// `epp-sim emulate`: emulated vLLM pods on 127.0.0.1 until Ctrl-C.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EmulateArgs {
+    /// Number of pods.
+    #[arg(long, default_value_t = 3)]
+    pub pods: usize,
+    /// First port; pods take consecutive ports.
+    #[arg(long, default_value_t = 8000)]
+    pub base_port: u16,
+    /// Engine profile: `h100`, `a100`, or a YAML/JSON file overriding a preset.
+    #[arg(long, default_value = "h100")]
+    pub profile: String,
+    /// Simulated seconds per wall second (10 = ten times faster than the modelled GPU).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Model names to serve as LoRA adapters (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
+}
+
+/// Run `epp-sim emulate`: start the pods, print how to point an EPP at them, serve until Ctrl-C.
+///
+/// # Errors
+/// A bad time scale or profile, or a port that cannot be bound.
+pub async fn run_cli(args: EmulateArgs) -> anyhow::Result<()> {
+    if args.time_scale.is_nan() || args.time_scale <= 0.0 {
+        anyhow::bail!("--time-scale must be positive, got {}", args.time_scale);
+    }
+    let config = PodConfig {
+        profile: crate::engine::EngineProfile::load(&args.profile).map_err(anyhow::Error::msg)?,
+        time_scale: args.time_scale,
+        adapters: args.adapters,
+        ..PodConfig::default()
+    };
+    let emulator = Emulator::start(vec![config; args.pods], args.base_port).await?;
+    let list: Vec<String> = emulator.addrs.iter().map(ToString::to_string).collect();
+    println!("emulated vLLM pods: {}", list.join(","));
+    println!(
+        "run the EPP with: epp --endpoints {} --secure-serving=false",
+        list.join(",")
+    );
+    tokio::signal::ctrl_c().await?;
+    emulator.shutdown().await;
+    Ok(())
+}

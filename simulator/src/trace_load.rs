@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::{sync::Mutex, time::Instant};
 use tokio_util::task::TaskTracker;
 
-use crate::{replay::report::Latency, workload::Workload};
+use crate::{stats::Latency, workload::Workload};
 
 /// How to send.
 #[derive(Debug, Clone)]
@@ -213,4 +213,53 @@ impl TraceLoadReport {
         out.push('\n');
         out
     }
+}
+
+/// `epp-sim load`: a workload sent open loop to an OpenAI-style endpoint.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceLoadArgs {
+    #[command(flatten)]
+    pub workload: crate::replay::command::WorkloadArgs,
+    /// Base URL (Envoy's listener).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    pub url: String,
+    /// `model` of requests that do not name an adapter.
+    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+    pub model: String,
+    /// Header that carries the workload's tenant (multi-tenant generator).
+    #[arg(long, default_value = "x-gateway-inference-fairness-id")]
+    pub tenant_header: String,
+    /// Per-request timeout (Go duration).
+    #[arg(long, default_value = "300s", value_parser = epp::config::parse_duration)]
+    pub timeout: Duration,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+/// Run `epp-sim load`: send the workload, print the summary, write the JSON report if asked.
+///
+/// # Errors
+/// A workload that cannot be loaded, or a report that cannot be written.
+pub async fn run_cli(args: TraceLoadArgs) -> anyhow::Result<()> {
+    let workload = args.workload.load().map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "{}: {} requests open loop against {}",
+        workload.name,
+        workload.requests.len(),
+        args.url
+    );
+    let cfg = TraceLoadConfig {
+        url: args.url.trim_end_matches('/').to_owned(),
+        model: args.model,
+        tenant_header: args.tenant_header,
+        timeout: args.timeout,
+    };
+    let report = run(&workload, &cfg).await;
+    println!("{}", report.summary());
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }

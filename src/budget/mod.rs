@@ -6,6 +6,7 @@
 //! - [`redis`]: the Redis store shared by replicas (the only I/O in this module).
 
 pub mod policy;
+#[cfg(feature = "server")]
 pub mod redis;
 pub mod store;
 
@@ -13,5 +14,6 @@ pub use policy::{
     BudgetPolicy, Charge, Counter, CounterKey, LayerKey, Limit, ModelBudget, NANOS_PER_UNIT, Period, Prices,
     TenantBudget, Unit, Window, money_text, reset_text,
 };
+#[cfg(feature = "server")]
 pub use redis::RedisStore;
 pub use store::{BudgetStore, MemoryStore, Reservation, StoreError};

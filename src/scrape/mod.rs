@@ -7,8 +7,10 @@
 //! - [`page_connection`]: a kept-alive HTTP/1.1 connection that streams a page to the parser.
 //! - [`collector`]: one scrape loop per endpoint, feeding the datastore.
 
+#[cfg(feature = "server")]
 pub mod collector;
 pub mod data_layer;
 pub mod engines;
 pub mod exposition;
+#[cfg(feature = "server")]
 pub mod page_connection;

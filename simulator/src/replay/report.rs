@@ -5,7 +5,7 @@
 //! requests with at least two output tokens; E2E = last token − arrival. Throughput counts output
 //! tokens over the span from the first arrival to the last completion. The prefix hit rate is
 //! the engine model's own: prompt tokens found in the serving pod's KV cache at admission over
-//! all prompt tokens of completed requests. Percentiles are nearest-rank. A run of a workload
+//! all prompt tokens of completed requests. Percentiles are nearest-rank ([`crate::stats`]). A run of a workload
 //! with tenants also carries a per-tenant breakdown ([`tenants`](super::tenants)).
 
 use std::collections::BTreeMap;
@@ -13,39 +13,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{Outcome, RequestRecord, RunOutcome, tenants::TenantBreakdown};
-
-/// Latency summary in seconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Latency {
-    /// Mean.
-    pub mean_s: f64,
-    /// Median.
-    pub p50_s: f64,
-    /// 90th percentile.
-    pub p90_s: f64,
-    /// 99th percentile.
-    pub p99_s: f64,
-    /// Maximum.
-    pub max_s: f64,
-}
-
-impl Latency {
-    /// Summarise `values` (seconds); all zero when empty.
-    pub fn of(mut values: Vec<f64>) -> Self {
-        if values.is_empty() {
-            return Self::default();
-        }
-        values.sort_by(f64::total_cmp);
-        let rank = |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
-        Self {
-            mean_s: values.iter().sum::<f64>() / values.len() as f64,
-            p50_s: rank(0.50),
-            p90_s: rank(0.90),
-            p99_s: rank(0.99),
-            max_s: values[values.len() - 1],
-        }
-    }
-}
+use crate::stats::Latency;
 
 /// One pod's share of a run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -386,12 +354,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nearest_rank_percentiles() {
-        let l = Latency::of((1..=100).map(f64::from).collect());
-        assert_eq!((l.p50_s, l.p90_s, l.p99_s, l.max_s), (50.0, 90.0, 99.0, 100.0));
-        assert_eq!(l.mean_s, 50.5);
-        assert_eq!(Latency::of(vec![]), Latency::default());
-        assert_eq!(Latency::of(vec![3.0]).p99_s, 3.0);
+    fn seconds_read_in_the_unit_that_fits() {
         assert_eq!(seconds(0.0123), "12.3 ms");
         assert_eq!(seconds(4.5), "4.50 s");
     }

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{Outcome, RunOutcome, report::Latency};
+use super::{Outcome, RunOutcome};
+use crate::stats::Latency;
 use crate::workload::Workload;
 
 /// Name of the group of requests without a tenant.

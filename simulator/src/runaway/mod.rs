@@ -27,7 +27,8 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use crate::{
     engine::EngineProfile,
-    replay::{Outcome, Placement, ReplaySetup, RunOutcome, command::run_all, report::Latency},
+    replay::{Outcome, Placement, ReplaySetup, RunOutcome, command::run_all},
+    stats::Latency,
     workload::{TraceRequest, Workload},
 };
 

@@ -10,7 +10,7 @@ use super::TenantSource;
 use crate::{
     budget::{
         BudgetPolicy, BudgetStore, Limit, MemoryStore, ModelBudget, NANOS_PER_UNIT, Period, Prices,
-        RedisStore, TenantBudget, Unit,
+        TenantBudget, Unit,
     },
     config::{ConfigIssue, PluginSpec, decode_plugin_params, parse_duration},
 };
@@ -138,6 +138,26 @@ fn fail_open_default() -> bool {
 /// 64-bit integer, which is what Redis counts in).
 const MAX_MONEY: f64 = 9.0e9;
 
+/// The Redis store the replicas share; a refusal names the field at fault.
+#[cfg(feature = "server")]
+fn redis_store(r: &RedisParams, timeout: Duration) -> Result<Arc<dyn BudgetStore>, (&'static str, String)> {
+    let store = crate::budget::RedisStore::new(&r.url, timeout).map_err(|e| ("store.redis.url", e.reason))?;
+    Ok(Arc::new(store))
+}
+
+/// Without the `server` feature there is no Redis client: a config asking for one is refused
+/// rather than silently counted in memory.
+#[cfg(not(feature = "server"))]
+fn redis_store(r: &RedisParams, _: Duration) -> Result<Arc<dyn BudgetStore>, (&'static str, String)> {
+    Err((
+        "store.redis",
+        format!(
+            "this build of epp has no Redis client (the `server` feature is off), so {} cannot be used; use `store: {{memory: {{}}}}`",
+            r.url
+        ),
+    ))
+}
+
 /// Everything the plugin's parameters configure.
 pub(super) struct Decoded {
     pub policy: BudgetPolicy,
@@ -206,8 +226,8 @@ pub(super) fn decode(spec: &PluginSpec) -> Result<Decoded, ConfigIssue> {
                 Some(t) => parse_duration(t).map_err(|e| at("store.redis.timeout", e))?,
                 None => Duration::from_millis(100),
             };
-            let store = RedisStore::new(&r.url, timeout).map_err(|e| at("store.redis.url", e.reason))?;
-            (Arc::new(store), r.fail_open)
+            let store = redis_store(r, timeout).map_err(|(field, e)| at(field, e))?;
+            (store, r.fail_open)
         }
         Some(StoreParams {
             memory: Some(_),

@@ -1,4 +1,4 @@
-//! `epp-sim shared-docs`: a real-hardware benchmark with real model servers.
+//! `epp-bench shared-docs`: a real-hardware benchmark with real model servers.
 //!
 //! Several `llama-server` processes (llama.cpp serving Gemma 3 270M on the CPU) sit behind a real
 //! Envoy and the EPP. The workload is document question answering: a handful of long documents
@@ -46,16 +46,16 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+use epp_sim::{engine::EngineProfile, replay::baselines, stats::Latency};
+
 use crate::{
-    engine::EngineProfile,
     envoy::{Envoy, EnvoyPorts, free_port, render_config, wait_until_scraped},
     llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary},
-    replay::{baselines, report::Latency},
 };
 use simulated::{Fidelity, SimRun};
 use trace::{Arrival, document, messages, trace};
 
-/// Options of `epp-sim shared-docs`.
+/// Options of `epp-bench shared-docs`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SharedDocsArgs {
     /// llama-server processes behind Envoy.
@@ -648,6 +648,22 @@ pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
         simulated,
         token_count_mismatches,
     })
+}
+
+/// Run `epp-bench shared-docs`: print the real and simulated tables, then the report as JSON.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_cli(args: SharedDocsArgs) -> anyhow::Result<()> {
+    let report = run(args).await?;
+    if !report.runs.is_empty() {
+        println!("{}", report.table());
+    }
+    if let Some(table) = report.simulated_table() {
+        println!("{table}");
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 #[cfg(test)]

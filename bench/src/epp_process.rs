@@ -1,4 +1,4 @@
-//! A real `epp` process for the load harnesses: the binary built next to `epp-sim`, started
+//! A real `epp` process for the load harnesses: the binary built next to `epp-bench`, started
 //! with the given flags (optionally pinned to CPUs), killed on drop. A separate process keeps
 //! the EPP's CPU and memory apart from the load generator's, so both can be read from `/proc`.
 //! The process gets the image's malloc settings ([`GLIBC_TUNABLES`]) unless the caller's
@@ -11,7 +11,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 /// The `GLIBC_TUNABLES` value of the shipped image (see the Dockerfile).
 pub const GLIBC_TUNABLES: &str = "glibc.malloc.trim_threshold=67108864:glibc.malloc.mmap_threshold=4194304";
@@ -34,14 +34,30 @@ pub struct EppProcess {
     child: Child,
 }
 
+/// The workspace binary `name` (`epp`, `epp-sim`) built next to this one: the harness starts
+/// them as separate processes, as they run in production.
+///
+/// # Errors
+/// When it is not there: build the workspace (`cargo build --release --workspace`).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("binary dir")?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: the harness runs the workspace's binaries (cargo build --release --workspace)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 impl EppProcess {
     /// Start `epp` with `flags`, pinned to `cpus` (a `taskset -c` list) when given.
     ///
     /// # Errors
     /// When the binary is missing or cannot start.
     pub fn start(flags: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let epp: PathBuf = exe.parent().context("binary dir")?.join("epp");
+        let epp = sibling_binary("epp")?;
         let mut command = pinned_command(&epp, cpus);
         if std::env::var_os("GLIBC_TUNABLES").is_none() {
             command.env("GLIBC_TUNABLES", GLIBC_TUNABLES);
@@ -51,7 +67,7 @@ impl EppProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("the epp binary must be built next to epp-sim (cargo build --release --workspace)")?;
+            .with_context(|| format!("starting {}", epp.display()))?;
         Ok(Self { child })
     }
 

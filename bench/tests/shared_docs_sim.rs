@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
 use clap::Parser;
-use epp_sim::shared_docs::{SharedDocsArgs, run};
+use epp_bench::shared_docs::{SharedDocsArgs, run};
 
 #[derive(Parser)]
 struct Cli {

@@ -23,7 +23,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use epp::app::RunningApp;
-use epp_sim::{
+use epp_bench::{
     envoy::{Envoy, trusting_envoy_in_front},
     stand_in::{FixedMetrics, StandIns, body_digest},
 };

@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::{
         processing_response::Response,
     },
 };
+use epp_sim::stats::quantiles;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
@@ -40,7 +41,7 @@ pub struct GrpcLoad {
     /// Endpoints in the pool.
     pub endpoints: usize,
     /// CPUs the EPP is pinned to (`taskset -c` list), so that its CPU is not shared with the
-    /// load generator (run `epp-sim` itself under `taskset` on the other CPUs).
+    /// load generator (run `epp-bench` itself under `taskset` on the other CPUs).
     pub epp_cpus: Option<String>,
     /// The EPP's metrics refresh interval (Go duration), `50ms` by default.
     pub refresh_interval: String,
@@ -325,16 +326,10 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
     drop(epp);
     drop(pages);
     let mut l = latencies.lock().await.clone();
-    l.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        l.get(((p / 100.0) * (l.len().max(1) - 1) as f64).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
     let n = l.len() as f64;
     Ok(GrpcLoadReport {
         rps: n / wall,
-        decision_ms: [pct(50.0), pct(99.0)],
+        decision_ms: quantiles(&mut l, [0.50, 0.99]),
         cpu_per_request: cpu / n.max(1.0),
         cores: cpu / wall,
         peak_rss_mib: rss,
@@ -345,4 +340,85 @@ pub async fn run(cfg: GrpcLoad) -> anyhow::Result<GrpcLoadReport> {
         ],
         epp_decision_within_2ms: within_2ms,
     })
+}
+
+/// `epp-bench grpc-load` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GrpcLoadArgs {
+    /// Prompt size in tokens.
+    #[arg(long, default_value_t = 100_000)]
+    pub prompt_tokens: usize,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Endpoints in the pool (each serves a full vLLM metrics page).
+    #[arg(long, default_value_t = 100)]
+    pub endpoints: usize,
+    /// Pin the EPP to these CPUs (`taskset -c` list, e.g. `0`); run epp-bench itself on the
+    /// others (`taskset -c 1 epp-bench grpc-load --epp-cpus 0`).
+    #[arg(long)]
+    pub epp_cpus: Option<String>,
+    /// The EPP's metrics refresh interval (a long one leaves only the request path).
+    #[arg(long, default_value = "50ms")]
+    pub refresh: String,
+    /// Body bytes per request-body message; 0 sends the whole body in one message followed
+    /// by an empty end-of-stream one, as Envoy 1.40 does for a body that arrives at once.
+    #[arg(long, default_value_t = 0)]
+    pub chunk_bytes: usize,
+    /// Open loop: start this many exchanges per second, each on its own stream, instead of
+    /// keeping `--concurrency` streams busy. Latency at a load below saturation.
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+/// Run `epp-bench grpc-load` and print its one-line summary.
+///
+/// # Errors
+/// The EPP or the page servers could not start, or the EPP's figures could not be read.
+pub async fn run_cli(args: GrpcLoadArgs) -> anyhow::Result<()> {
+    let GrpcLoadArgs {
+        prompt_tokens,
+        concurrency,
+        seconds,
+        endpoints,
+        epp_cpus,
+        refresh,
+        chunk_bytes,
+        rate,
+    } = args;
+    let r = run(GrpcLoad {
+        prompt_tokens,
+        concurrency,
+        duration: Duration::from_secs(seconds),
+        endpoints,
+        epp_cpus,
+        refresh_interval: refresh,
+        chunk_bytes,
+        rate,
+    })
+    .await?;
+    let load = match rate {
+        Some(rate) => format!("open loop at {rate} req/s"),
+        None => format!("{concurrency} streams"),
+    };
+    println!(
+        "{prompt_tokens}-token chat prompts, {load}, {endpoints} endpoints: {:.0} req/s, {:.2} EPP cores ({:.0} req/s per core), \
+         {:.3} ms CPU/request, decision p50 {:.3} ms p99 {:.3} ms (client), EPP-side decision p50 {:.3} ms p99 {:.3} ms ({:.1} % within 2 ms), \
+         peak RSS {:.1} MiB, {} errors",
+        r.rps,
+        r.cores,
+        r.rps / r.cores.max(1e-9),
+        r.cpu_per_request * 1e3,
+        r.decision_ms[0],
+        r.decision_ms[1],
+        r.epp_decision_ms[0],
+        r.epp_decision_ms[1],
+        r.epp_decision_within_2ms * 100.0,
+        r.peak_rss_mib,
+        r.errors
+    );
+    Ok(())
 }

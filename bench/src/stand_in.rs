@@ -3,7 +3,7 @@
 //!
 //! The upstream EPP's hermetic tests feed fixed metrics to the scheduler through a fake metrics
 //! client; these stand-ins give the same fixtures to a live EPP, scraped over HTTP, behind a real
-//! Envoy. Unlike the [emulator](crate::emulator), nothing here models an engine: a request is
+//! Envoy. Unlike the [emulator](epp_sim::emulator), nothing here models an engine: a request is
 //! answered with a small OpenAI-style JSON body after a configurable delay, and the page does not
 //! move, so any change in the EPP's picks comes from the EPP alone.
 //!

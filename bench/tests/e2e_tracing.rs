@@ -16,10 +16,8 @@ use std::{
     time::Duration,
 };
 
-use epp_sim::{
-    emulator::{Emulator, PodConfig},
-    envoy::{free_port, trusting_envoy_in_front},
-};
+use epp_bench::envoy::{free_port, trusting_envoy_in_front};
+use epp_sim::emulator::{Emulator, PodConfig};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,

@@ -1,7 +1,7 @@
 //! The shared-docs trace in the simulator, for checking the engine model against real servers.
 //!
-//! `epp-sim shared-docs --simulate PROFILE` replays the very trace the real servers answered
-//! (same arrivals, same prompts) through [`crate::replay`] with the same configurations, on as
+//! `epp-bench shared-docs --simulate PROFILE` replays the very trace the real servers answered
+//! (same arrivals, same prompts) through [`epp_sim::replay`] with the same configurations, on as
 //! many simulated pods as there are servers, and reports both side by side.
 //!
 //! The prompts are the real ones as token ids: llama-server's own chat template and tokenizer
@@ -20,13 +20,13 @@ use super::{
     ConfigRun, SharedDocsArgs, server_config,
     trace::{Arrival, messages},
 };
-use crate::{
+use epp_sim::{
     engine::EngineProfile,
-    envoy::free_port,
-    llama_server::LlamaServer,
     replay::{self, ReplaySetup, baselines, report::Report},
     workload::{TraceRequest, Workload},
 };
+
+use crate::{envoy::free_port, llama_server::LlamaServer};
 
 /// Tokens per trace block of [`token_workload`] (the engine model's block size too).
 pub const TRACE_BLOCK_TOKENS: u32 = 16;
@@ -268,7 +268,7 @@ pub fn side_by_side(real: &[ConfigRun], sim: &[SimRun]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replay::report::Latency;
+    use epp_sim::stats::Latency;
 
     fn prompt(at: u64, tokens: &[u32]) -> TokenPrompt {
         TokenPrompt {

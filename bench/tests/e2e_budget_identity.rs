@@ -17,10 +17,8 @@ use epp::{
     app::RunningApp,
     config::{Flags, normalize_go_args},
 };
-use epp_sim::{
-    emulator::{Emulator, PodConfig},
-    envoy::{Envoy, EnvoyPorts, free_port, wait_until_scraped},
-};
+use epp_bench::envoy::{Envoy, EnvoyPorts, free_port, wait_until_scraped};
+use epp_sim::emulator::{Emulator, PodConfig};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     SanType,

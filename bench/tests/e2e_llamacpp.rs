@@ -25,7 +25,7 @@ use epp::{
     config::{Flags, normalize_go_args},
     datastore::ScrapeFailure,
 };
-use epp_sim::envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers};
+use epp_bench::envoy::{Envoy, EnvoyPorts, free_port, render_config, trusting_client_headers};
 use llama_server::{LlamaServer, LlamaServerConfig, gemma_model, llama_server_binary};
 use serde_json::{Value, json};
 

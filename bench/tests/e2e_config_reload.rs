@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use epp_sim::{
+use epp_bench::{
     envoy::trusting_envoy_in_front,
     stand_in::{FixedMetrics, StandIns},
 };

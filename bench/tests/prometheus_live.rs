@@ -17,10 +17,8 @@ use std::{
 };
 
 use epp::config::{Flags, normalize_go_args};
-use epp_sim::{
-    emulator::{Emulator, PodConfig},
-    envoy::{free_port, trusting_envoy_in_front, wait_until_scraped},
-};
+use epp_bench::envoy::{free_port, trusting_envoy_in_front, wait_until_scraped};
+use epp_sim::emulator::{Emulator, PodConfig};
 use serde_json::{Value, json};
 
 const DASHBOARD: &str = include_str!("../../manifests/overlays/monitoring/epp-dashboard.json");

@@ -12,13 +12,13 @@ use epp::{
     app::RunningApp,
     config::{Flags, normalize_go_args},
 };
-use epp_sim::{
-    emulator::{Emulator, PodConfig},
+use epp_bench::{
     envoy::{
         Envoy, EnvoyPorts, TempPath, free_port, render_config, trusting_client_headers, wait_until_scraped,
     },
     envoy_latency::{ext_proc_times, read_access_log, with_ext_proc_log},
 };
+use epp_sim::emulator::{Emulator, PodConfig};
 use serde_json::{Value, json};
 
 struct Stack {

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use epp_sim::stats::quantiles;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
@@ -52,14 +53,6 @@ pub struct LoadReport {
     pub throughput_rps: f64,
     /// Mean share of each prefix group's requests served by its most used pod (1.0 = perfect).
     pub group_affinity: f64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 fn prompt(group: usize, i: usize, prefix_bytes: usize) -> String {
@@ -145,12 +138,7 @@ pub async fn run_load(cfg: LoadConfig) -> LoadReport {
         ..Default::default()
     };
     let mut latencies: Vec<f64> = samples.iter().map(|s| s.latency.as_secs_f64() * 1e3).collect();
-    latencies.sort_by(f64::total_cmp);
-    report.latency_ms = [
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 90.0),
-        percentile(&latencies, 99.0),
-    ];
+    report.latency_ms = quantiles(&mut latencies, [0.50, 0.90, 0.99]);
     report.throughput_rps = samples.len() as f64 / elapsed.as_secs_f64().max(1e-9);
     let mut by_group: BTreeMap<usize, BTreeMap<&str, usize>> = BTreeMap::new();
     for s in samples.iter() {
@@ -201,14 +189,6 @@ impl LoadReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_pick_ranks() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 51.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&[], 50.0), 0.0);
-    }
 
     #[test]
     fn prompts_share_the_group_prefix() {

@@ -1,4 +1,4 @@
-//! `epp-sim soak`: a long run of mixed traffic through a real Envoy and a real `epp` process
+//! `epp-bench soak`: a long run of mixed traffic through a real Envoy and a real `epp` process
 //! while pods die and come back, Redis restarts and metrics pages turn to garbage or hang, with
 //! the checks a production operator would make afterwards.
 //!
@@ -54,7 +54,7 @@ use chaos::{
 use report::{Observed, judge, plot_rss};
 use traffic::{CONFIG, draw, draw_warm_up, one};
 
-/// `epp-sim soak` arguments.
+/// `epp-bench soak` arguments.
 #[derive(Debug, Clone, Args)]
 pub struct SoakArgs {
     /// Minutes of traffic (the first fifth, at most five minutes, is warm-up).
@@ -363,4 +363,17 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     std::fs::write(args.out.join("soak.json"), serde_json::to_vec_pretty(&report)?)?;
     plot_rss(&args.out.join("soak-rss.svg"), &report.samples, warmup).map_err(anyhow::Error::msg)?;
     Ok(report)
+}
+
+/// Run `epp-bench soak`: print the summary; fail when a check failed.
+///
+/// # Errors
+/// As [`run`], or the failed checks.
+pub async fn run_cli(args: SoakArgs) -> anyhow::Result<()> {
+    let report = run(args).await?;
+    print!("{}", report.summary());
+    if !report.failures.is_empty() {
+        bail!("the soak failed {} check(s)", report.failures.len());
+    }
+    Ok(())
 }

@@ -77,7 +77,7 @@ pub struct ScrapeCost {
     pub errors: u64,
 }
 
-/// `epp-sim serve-pages` as a child process: `count` metrics pages on 127.0.0.1, killed on drop.
+/// `epp-bench serve-pages` as a child process: `count` metrics pages on 127.0.0.1, killed on drop.
 pub struct PageServer {
     child: Child,
     /// Where the pages are.
@@ -215,4 +215,67 @@ pub fn page(page_file: Option<&str>) -> anyhow::Result<String> {
         Some(f) => Ok(std::fs::read_to_string(f)?),
         None => Ok(FULL_VLLM_PAGE.to_owned()),
     }
+}
+
+/// `epp-bench scrape-cost` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScrapeCostArgs {
+    /// Pods to scrape.
+    #[arg(long, default_value_t = 100)]
+    pub endpoints: usize,
+    /// Scrape interval (Go duration).
+    #[arg(long, default_value = "50ms", value_parser = epp::config::parse_duration)]
+    pub interval: Duration,
+    /// Measurement time in seconds (after a 1 s warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Page to serve instead of the built-in full vLLM V1 page.
+    #[arg(long)]
+    pub page: Option<String>,
+    /// Run the page server on these CPUs (`taskset -c` list), apart from the collector's
+    /// (`taskset -c 0 epp-bench scrape-cost --pages-cpus 1`), as remote pods would be.
+    #[arg(long)]
+    pub pages_cpus: Option<String>,
+}
+
+/// Run `epp-bench scrape-cost` and print the collector's cost.
+///
+/// # Errors
+/// The page server could not start or the CPU time could not be read.
+pub async fn run_cli(args: ScrapeCostArgs) -> anyhow::Result<()> {
+    let ScrapeCostArgs {
+        endpoints,
+        interval,
+        seconds,
+        page,
+        pages_cpus,
+    } = args;
+    let cost = measure(endpoints, interval, seconds, page, pages_cpus).await?;
+    println!(
+        "{endpoints} endpoints every {interval:?}: {:.0} scrapes/s, {:.3} cores ({:.1} µs CPU per scrape), {} errors",
+        cost.scrapes_per_second,
+        cost.cores,
+        cost.cores / cost.scrapes_per_second.max(1e-9) * 1e6,
+        cost.errors
+    );
+    Ok(())
+}
+
+/// `epp-bench serve-pages` arguments (scrape-cost's separate page server process).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServePagesArgs {
+    /// Ports to serve.
+    #[arg(long)]
+    pub count: usize,
+    /// Page file.
+    #[arg(long)]
+    pub page: Option<String>,
+}
+
+/// Run `epp-bench serve-pages` until killed.
+///
+/// # Errors
+/// The page file could not be read or a port could not be bound.
+pub async fn serve_pages_cli(args: ServePagesArgs) -> anyhow::Result<()> {
+    serve_pages(args.count, page(args.page.as_deref())?).await
 }

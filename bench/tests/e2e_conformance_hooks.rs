@@ -16,10 +16,8 @@ use epp::{
     app::RunningApp,
     config::{Flags, normalize_go_args},
 };
-use epp_sim::{
-    emulator::{Emulator, PodConfig},
-    envoy::{Envoy, free_port, trusting_envoy_in_front, wait_until_scraped},
-};
+use epp_bench::envoy::{Envoy, free_port, trusting_envoy_in_front, wait_until_scraped};
+use epp_sim::emulator::{Emulator, PodConfig};
 use serde_json::json;
 
 /// A Lua filter after ext_proc (so it runs first on the response): the served endpoint, from

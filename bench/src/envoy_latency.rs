@@ -11,8 +11,12 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::{
+use epp_sim::{
     emulator::{Emulator, PodConfig},
+    stats::quantiles,
+};
+
+use crate::{
     envoy::{Envoy, EnvoyPorts, TempPath, free_port, render_config},
     epp_process::{EppProcess, decision_buckets, histogram_delta, histogram_quantile},
 };
@@ -153,14 +157,7 @@ pub fn ext_proc_times(text: &str) -> ExtProcTimes {
 
 /// Nearest-rank p50 and p99 of `samples` (sorted in place); zeros when empty.
 fn p50_p99(samples: &mut [f64]) -> [f64; 2] {
-    samples.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        samples
-            .get(((p / 100.0) * (samples.len().max(1) - 1) as f64).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    [pct(50.0), pct(99.0)]
+    quantiles(samples, [0.50, 0.99])
 }
 
 /// The access log's text once it holds at least `lines` lines (Envoy flushes it on a timer),
@@ -350,6 +347,64 @@ pub async fn measure(rate: u32, seconds: u64, prompt_tokens: usize) -> anyhow::R
         ],
         envoy_ext_proc,
     })
+}
+
+/// `epp-bench envoy-latency` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnvoyLatencyArgs {
+    /// Requests per second (open loop).
+    #[arg(long, default_value_t = 500)]
+    pub rate: u32,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Prompt size in tokens.
+    #[arg(long, default_value_t = 4000)]
+    pub prompt_tokens: usize,
+}
+
+/// Run `epp-bench envoy-latency` and print both runs, the difference and Envoy's own ext_proc
+/// timings.
+///
+/// # Errors
+/// Envoy, the EPP or the emulated pod could not start.
+pub async fn run_cli(args: EnvoyLatencyArgs) -> anyhow::Result<()> {
+    let EnvoyLatencyArgs {
+        rate,
+        seconds,
+        prompt_tokens,
+    } = args;
+    let Latencies {
+        with_epp,
+        direct,
+        epp_decision_ms,
+        envoy_ext_proc,
+    } = measure(rate, seconds, prompt_tokens).await?;
+    println!(
+        "{prompt_tokens}-token prompts at {rate} req/s for {seconds}s:\n  Envoy + EPP: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  Envoy direct: p50 {:.2} ms  p99 {:.2} ms  ({} ok, {} errors)\n  added by the EPP: p50 {:+.2} ms  p99 {:+.2} ms\n  of which the EPP's own decision (its histogram): p50 {:.3} ms  p99 {:.3} ms",
+        with_epp.p50,
+        with_epp.p99,
+        with_epp.completed,
+        with_epp.errors,
+        direct.p50,
+        direct.p99,
+        direct.completed,
+        direct.errors,
+        with_epp.p50 - direct.p50,
+        with_epp.p99 - direct.p99,
+        epp_decision_ms[0],
+        epp_decision_ms[1]
+    );
+    println!(
+        "Envoy's time in ext_proc calls ({} requests, from its access log):",
+        envoy_ext_proc.requests
+    );
+    for ((phase, _, _), [p50, p99]) in EXT_PROC_PHASES.iter().zip(envoy_ext_proc.phases) {
+        println!("  {phase:<17} p50 {p50:.3} ms  p99 {p99:.3} ms");
+    }
+    let [p50, p99] = envoy_ext_proc.total;
+    println!("  per request (sum of the last three) p50 {p50:.3} ms  p99 {p99:.3} ms");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,8 +22,7 @@ impl Drop for Proc {
 }
 
 pub(super) fn spawn_pod(port: u16, time_scale: f64) -> anyhow::Result<Proc> {
-    let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
+    let child = Command::new(crate::epp_process::sibling_binary("epp-sim")?)
         .args(["emulate", "--pods", "1", "--base-port", &port.to_string()])
         .args(["--time-scale", &time_scale.to_string()])
         .stdout(Stdio::null())

@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use epp_sim::{
+use epp_bench::{
     envoy::{Envoy, EnvoyPorts, free_port, render_config},
     stand_in::{FixedMetrics, StandIns},
 };

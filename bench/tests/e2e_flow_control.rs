@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use epp::app::RunningApp;
-use epp_sim::{
+use epp_bench::{
     envoy::{Envoy, trusting_envoy_in_front},
     stand_in::{FixedMetrics, StandIns},
 };
