@@ -423,8 +423,8 @@ mod tests {
         assert_eq!(t.phases[0], [0.5, 0.7]);
         assert_eq!(t.phases[1], [0.6, 0.9]);
         assert_eq!(t.phases[2], [0.2, 0.3]);
-        // Two samples: nearest rank rounds p50 up to the second.
-        assert_eq!(t.phases[3], [0.4, 0.4]);
+        // Two samples: the nearest-rank p50 is the first (rank ⌈0.5·2⌉ = 1).
+        assert_eq!(t.phases[3], [0.1, 0.4]);
         // Totals 1.3, 1.1, 0.5 ms.
         let [p50, p99] = t.total;
         assert!(

@@ -1,33 +1,19 @@
 //! The shared-docs trace: seeded documents of plain sentences, and questions about them arriving
-//! as a Poisson process. The same seed gives the same documents, questions and arrival times, so
+//! as a Poisson process, drawn with the seeded `SmallRng` and the Poisson gaps the simulator's
+//! generators use. The same seed gives the same documents, questions and arrival times, so
 //! every configuration, real or simulated, answers the same trace.
 
 use std::time::Duration;
 
+use epp_sim::workload::exponential_gap_ns;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
 use serde_json::{Value, json};
 
 use super::SharedDocsArgs;
 
-/// SplitMix64: a small, well-mixed seeded generator, enough for workloads.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
+/// A uniform index below `n` (0 when `n` is 0).
+fn below(rng: &mut SmallRng, n: usize) -> usize {
+    rng.random_range(0..n.max(1))
 }
 
 const WORDS: &[&str] = &[
@@ -47,11 +33,11 @@ const VERBS: &[&str] = &[
 /// Document `d`: a title, then numbered sections of plain sentences, about `tokens` long (one
 /// sentence is about 14 tokens for Gemma's tokenizer). Documents differ from their first words.
 pub(super) fn document(seed: u64, d: usize, tokens: usize) -> String {
-    let mut rng = Rng(seed ^ (0xD0C0_0000 + d as u64).wrapping_mul(0x9E37_79B9));
+    let mut rng = SmallRng::seed_from_u64(seed ^ (0xD0C0_0000 + d as u64).wrapping_mul(0x9E37_79B9));
     let mut text = format!(
         "Document {d}: the {} {} report.\n",
-        WORDS[rng.below(WORDS.len())],
-        WORDS[rng.below(WORDS.len())]
+        WORDS[below(&mut rng, WORDS.len())],
+        WORDS[below(&mut rng, WORDS.len())]
     );
     let sentences = tokens / 14;
     for s in 0..sentences {
@@ -60,11 +46,11 @@ pub(super) fn document(seed: u64, d: usize, tokens: usize) -> String {
         }
         text.push_str(&format!(
             "The {} {} the {} near the {} {}. ",
-            WORDS[rng.below(WORDS.len())],
-            VERBS[rng.below(VERBS.len())],
-            WORDS[rng.below(WORDS.len())],
-            WORDS[rng.below(WORDS.len())],
-            rng.below(1000)
+            WORDS[below(&mut rng, WORDS.len())],
+            VERBS[below(&mut rng, VERBS.len())],
+            WORDS[below(&mut rng, WORDS.len())],
+            WORDS[below(&mut rng, WORDS.len())],
+            below(&mut rng, 1000)
         ));
     }
     text
@@ -84,16 +70,16 @@ pub(super) struct Arrival {
 /// The seeded trace of `args`: Poisson arrivals, a uniformly chosen document and a question
 /// about one of its sections each.
 pub(super) fn trace(args: &SharedDocsArgs) -> Vec<Arrival> {
-    let mut rng = Rng(args.seed);
-    let mut t = 0.0;
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let mut t_ns = 0u64;
     (0..args.requests)
         .map(|i| {
-            t += -rng.unit().ln() / args.rate.max(1e-6);
-            let doc = rng.below(args.docs);
-            let section = rng.below((args.doc_tokens / 96).max(1)) + 1;
-            let word = WORDS[rng.below(WORDS.len())];
+            t_ns = t_ns.saturating_add(exponential_gap_ns(&mut rng, args.rate.max(1e-6)));
+            let doc = below(&mut rng, args.docs);
+            let section = below(&mut rng, (args.doc_tokens / 96).max(1)) + 1;
+            let word = WORDS[below(&mut rng, WORDS.len())];
             Arrival {
-                at: Duration::from_secs_f64(t),
+                at: Duration::from_nanos(t_ns),
                 doc,
                 question: format!(
                     "Question {i}: in one short sentence, what does section {section} say about the {word}?"

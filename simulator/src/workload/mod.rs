@@ -137,7 +137,7 @@ fn block_text(id: u64, len: usize, out: &mut String) {
 }
 
 /// Poisson arrivals: the next gap for `rate` per second, ns.
-pub(crate) fn exponential_gap_ns(rng: &mut impl rand::Rng, rate: f64) -> u64 {
+pub fn exponential_gap_ns(rng: &mut impl rand::Rng, rate: f64) -> u64 {
     let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
     (-u.ln() / rate.max(1e-9) * 1e9) as u64
 }
