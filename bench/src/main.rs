@@ -38,12 +38,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    epp_sim::init_cli_logging();
     match Cli::parse().command {
         Command::Demo(args) => demo::run_cli(args).await,
         Command::SharedDocs(args) => shared_docs::run_cli(args).await,

@@ -17,3 +17,14 @@ pub mod runaway;
 pub mod stats;
 pub mod trace_load;
 pub mod workload;
+
+/// Log to stderr at `RUST_LOG`'s levels (`warn` when unset), as the `epp-sim` and `epp-bench`
+/// commands do: stdout stays for their reports.
+pub fn init_cli_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
