@@ -3,7 +3,12 @@
 //!
 //! Data flows from discovery and model-server metrics into the [`datastore`] (one published
 //! snapshot), and from Envoy's ext_proc stream through the [`parser`] and the pure [`scheduler`]
-//! back to Envoy ([`extproc`]). See ARCHITECTURE.md for the module map.
+//! back to Envoy (`extproc`). See ARCHITECTURE.md for the module map.
+//!
+//! The default `server` feature adds everything only a running server needs: the ext_proc
+//! service (`extproc`), app wiring (`app`), Kubernetes discovery (`k8s`), TLS and listeners,
+//! the metrics collector and exporter, tracing export, flow control's dispatcher task and the
+//! Redis budget store. Without it the crate is the pure decision library the simulator uses.
 
 #[cfg(feature = "server")]
 pub mod app;

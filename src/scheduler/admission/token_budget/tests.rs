@@ -298,3 +298,14 @@ fn spiffe_ids_name_the_namespace_or_the_service_account() {
     assert_eq!(b.tenant_source, ns);
     assert_eq!(b.tenant_source.header(), None);
 }
+
+/// The pure library has no Redis client: a config asking for the shared store is refused by name,
+/// never counted in memory behind the operator's back.
+#[cfg(not(feature = "server"))]
+#[test]
+fn without_the_server_feature_a_redis_store_is_refused() {
+    assert_eq!(
+        refused("store: {redis: {url: \"redis://127.0.0.1:6379\"}}\ntenants: {a: {tokens: 5}}"),
+        "plugins[0].parameters.store.redis: this build of epp has no Redis client (the `server` feature is off), so redis://127.0.0.1:6379 cannot be used; use `store: {memory: {}}`"
+    );
+}
