@@ -88,7 +88,8 @@ df -h . | tail -n 1 >&2
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # The crate boundary: epp without its `server` feature is the pure decision library (no gRPC,
 # Kubernetes, TLS or Redis) and passes its unit tests; the simulator builds on that library only.
-server_crates=$(cargo tree -p epp-sim -e normal --prefix none | grep -E '^(tonic|tonic-health|kube|kube-[a-z]+|k8s-openapi|redis|opentelemetry[a-z_-]*) ' || true)
+sim_tree=$(cargo tree -p epp-sim -e normal --prefix none)
+server_crates=$(grep -E '^(tonic|tonic-health|kube|kube-[a-z]+|k8s-openapi|redis|opentelemetry[a-z_-]*) ' <<<"$sim_tree" || true)
 if [ -n "$server_crates" ]; then
   echo "epp-sim depends on server crates:" >&2
   echo "$server_crates" >&2
