@@ -114,10 +114,10 @@ async fn a_profile_change_applies_under_load_and_other_changes_are_refused() {
     // The queue scorer picks pod 0.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now() - Duration::from_millis(400);
+    let before = picks_since(start);
     assert!(
-        picks_since(start).iter().all(|p| p == "0"),
-        "{:?}",
-        picks_since(start)
+        !before.is_empty() && before.iter().all(|p| p == "0"),
+        "{before:?}"
     );
 
     // A new profile: the KV scorer. Within a few polls the picks move to pod 1.
@@ -175,8 +175,9 @@ async fn a_profile_change_applies_under_load_and_other_changes_are_refused() {
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     // Not one request failed across the reload and the refusals.
+    // (Traffic in each phase is asserted above; how many requests fit in the run is a matter of
+    // the machine's speed, not of the reload: a count here failed on a busy CI machine.)
     let statuses: Vec<u16> = log.lock().iter().map(|(_, s, _)| *s).collect();
-    assert!(statuses.len() > 100, "{} requests", statuses.len());
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     drop(envoy);
     app.shutdown().await;
