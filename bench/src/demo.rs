@@ -81,6 +81,8 @@ pub async fn run_cli(args: DemoArgs) -> anyhow::Result<()> {
         format!("--grpc-port={grpc}"),
         format!("--grpc-health-port={health}"),
         format!("--metrics-port={metrics}"),
+        // The summary is the output: traces printed to stdout would bury it.
+        "--tracing=false".to_owned(),
     ];
     let flags = <Flags as clap::Parser>::try_parse_from(normalize_go_args(args))?;
     let app = epp::app::start(flags).await.context("starting the EPP")?;

@@ -446,6 +446,8 @@ async fn run_config(
         format!("--grpc-port={grpc}"),
         format!("--grpc-health-port={}", free_port()?),
         format!("--metrics-port={}", free_port()?),
+        // Measured as the other load figures are: without exporting traces to stdout.
+        "--tracing=false".to_owned(),
         format!("--refresh-metrics-interval={}", args.refresh_metrics_interval),
         "--explain-decisions".to_owned(),
     ];
