@@ -1287,6 +1287,88 @@ schedulingProfiles:
     );
 }
 
+/// Settlement prices the answer's usage: cached prompt tokens at the cached price. The second
+/// answer reports 800 of 1,000 prompt tokens cached; the month's spend is then exactly the two
+/// answers' list prices, and the headers warn once the month's money passes the soft threshold.
+#[tokio::test]
+async fn settlement_prices_cached_prompt_tokens_and_warns_past_the_soft_threshold() {
+    let config = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: token-budget
+  parameters:
+    currency: USD
+    prices:
+      m: {input: 2.00, cachedInput: 0.50, output: 8.00}
+    softThreshold: 0.8
+    tenants:
+      team-a:
+        limits: [{window: month, spend: 0.0025}]
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let server = TestServer::start(pods(), Some(config)).await;
+    let body = br#"{"model":"m","prompt":"hi","max_tokens":10}"#;
+    let answer = |cached: u32| {
+        format!(
+            r#"{{"usage":{{"prompt_tokens":1000,"completion_tokens":10,"total_tokens":1010,"prompt_tokens_details":{{"cached_tokens":{cached}}}}}}}"#
+        )
+    };
+    let mut warnings = Vec::new();
+    for cached in [0, 800] {
+        let answers = server
+            .exchange(vec![
+                req_headers(
+                    &[
+                        (":path", "/v1/completions"),
+                        ("x-gateway-inference-fairness-id", "team-a"),
+                    ],
+                    false,
+                ),
+                req_body(body, true),
+                resp_headers(&[(":status", "200")], false),
+                resp_body(answer(cached).as_bytes(), true),
+            ])
+            .await;
+        let set = answers
+            .iter()
+            .find_map(|a| match a {
+                Answer::ResponseHeaders { set } => Some(set.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{answers:?}"));
+        warnings.push(
+            set.iter()
+                .find(|(k, _)| k == "x-gateway-budget-warning")
+                .map(|(_, v)| v.clone()),
+        );
+        // Settlement is written by a task of its own after the answer (microseconds for the
+        // memory store): give it a moment before the next admission.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // First: 1,000 × 2.00 + 10 × 8.00 per million = 0.00208. Second: 200 × 2.00 + 800 × 0.50
+    // + 10 × 8.00 per million = 0.00088. Together 0.00296: usage settles in full even past the
+    // limit (the next request is refused).
+    let text = server.metrics.render();
+    let series = r#"inference_extension_budget_spend_total{currency="USD",model_name="m",tenant="team-a"} "#;
+    let spent: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+        .parse()
+        .unwrap();
+    assert!((spent - 0.00296).abs() < 1e-12, "spent {spent}");
+    // The headers report each admission: the first reserved its estimate (one prompt token at
+    // 2.00 and 10 output tokens at 8.00 per million, 0.000082: 3 % of 0.0025), the second the
+    // first's settled 0.00208 plus the same estimate (0.002162: 86 %, past the 80 % threshold).
+    assert_eq!(warnings[0], None);
+    assert_eq!(warnings[1].as_deref(), Some("tenant-month-spend 86%"));
+}
+
 /// Budgets keep state per tenant: a tenant header longer than any tenant name is a 400, not a
 /// new counter (security issue, bounded state).
 #[tokio::test]

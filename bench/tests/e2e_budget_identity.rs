@@ -239,10 +239,11 @@ async fn namespace_budgets_follow_the_mtls_identity_through_envoy() {
 
     // Until the money runs out: then 429 `insufficient_quota`, naming the month.
     let mut served = 1;
-    let refusal = loop {
+    let (refusal, asked, answered) = loop {
+        let asked = jiff::Timestamp::now();
         let r = ask(&a, ports.listener, &[]).await;
         if r.status != 200 {
-            break r;
+            break (r, asked, jiff::Timestamp::now());
         }
         served += 1;
         assert!(served < 20, "the monthly money budget never refused");
@@ -261,8 +262,29 @@ async fn namespace_budgets_follow_the_mtls_identity_through_envoy() {
         1_000_000 / cost_nanos,
         "each request cost {cost_nanos} nano USD"
     );
-    let retry: u64 = refusal.header("retry-after").parse().unwrap();
-    assert!(retry > 3600, "the month does not end within the hour: {retry}");
+    // The refusal waits for the next month's first midnight in Berlin, seen from when it was
+    // decided (between asking and the answer).
+    let retry: i64 = refusal.header("retry-after").parse().unwrap();
+    let month_end = |at: jiff::Timestamp| {
+        let local = at.in_tz("Europe/Berlin").unwrap();
+        let first = local
+            .date()
+            .first_of_month()
+            .to_zoned(local.time_zone().clone())
+            .unwrap();
+        first
+            .checked_add(jiff::Span::new().months(1))
+            .unwrap()
+            .timestamp()
+    };
+    let (latest, earliest) = (
+        (month_end(asked).as_millisecond() - asked.as_millisecond() + 999) / 1000,
+        (month_end(answered).as_millisecond() - answered.as_millisecond()) / 1000,
+    );
+    assert!(
+        (earliest..=latest).contains(&retry),
+        "retry-after {retry}, the month ends in {earliest}-{latest} s"
+    );
     assert_eq!(
         refusal.header("x-ratelimit-limit-tokens"),
         "",

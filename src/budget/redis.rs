@@ -5,7 +5,9 @@
 //! minute after their window ends, so nothing needs cleaning. Every call is bounded by a
 //! timeout and a lost connection is re-dialled on the next call: a dead Redis costs each
 //! request at most the timeout, and the caller decides (fail open or closed). Lua counts in
-//! doubles: counters stay exact up to 2^53 (9 million currency units in nano units).
+//! doubles: counters stay exact up to 2^53 (9 million currency units in nano units, the most a
+//! money limit may name). Tenant and model names are escaped in keys (`%` and `:` as `%25` and
+//! `%3A`), so no two layers share a key; names without either render as they are.
 
 use std::time::Duration;
 
@@ -16,6 +18,15 @@ use super::{
     policy::{Charge, Counter, LayerKey},
     store::{BudgetStore, Reservation, StoreError, StoreFuture},
 };
+
+/// `name` with `%` and `:` percent-encoded: the key's separator cannot come from a name.
+fn escape(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains(['%', ':']) {
+        name.replace('%', "%25").replace(':', "%3A").into()
+    } else {
+        name.into()
+    }
+}
 
 /// `ARGV` holds `amount, limit, ttl_ms` for each key in turn.
 const RESERVE: &str = r"
@@ -91,10 +102,14 @@ impl RedisStore {
             counter.window.id,
         );
         match &counter.key.layer {
-            LayerKey::Tenant { tenant } => format!("epp:budget:t:{tenant}:{period}:{unit}:{id}"),
-            LayerKey::Model { tenant, model } => {
-                format!("epp:budget:m:{tenant}:{model}:{period}:{unit}:{id}")
+            LayerKey::Tenant { tenant } => {
+                format!("epp:budget:t:{}:{period}:{unit}:{id}", escape(tenant))
             }
+            LayerKey::Model { tenant, model } => format!(
+                "epp:budget:m:{}:{}:{period}:{unit}:{id}",
+                escape(tenant),
+                escape(model)
+            ),
         }
     }
 
@@ -228,6 +243,17 @@ mod tests {
         assert_eq!(
             key(LayerKey::model("team-a", "gpt-4o"), Period::Month, Unit::Spend),
             "epp:budget:m:team-a:gpt-4o:month:spend:42"
+        );
+        // Tenant `a:b` on model `c` and tenant `a` on model `b:c` are two layers, two keys.
+        let (left, right) = (
+            key(LayerKey::model("a:b", "c"), Period::Day, Unit::Tokens),
+            key(LayerKey::model("a", "b:c"), Period::Day, Unit::Tokens),
+        );
+        assert_eq!(left, "epp:budget:m:a%3Ab:c:day:tokens:42");
+        assert_eq!(right, "epp:budget:m:a:b%3Ac:day:tokens:42");
+        assert_eq!(
+            key(LayerKey::tenant("100%:x"), Period::Day, Unit::Tokens),
+            "epp:budget:t:100%25%3Ax:day:tokens:42"
         );
     }
 }

@@ -622,6 +622,10 @@ pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
             args.servers, profile.name
         );
         let workload = simulated::token_workload("shared-docs", prompts, args.max_tokens);
+        // The workload is sorted by arrival (stable), and so are these.
+        let mut docs_by_arrival: Vec<(u64, usize)> = prompts.iter().map(|p| (p.arrival_ns, p.doc)).collect();
+        docs_by_arrival.sort_by_key(|(at, _)| *at);
+        let docs_by_arrival: Vec<usize> = docs_by_arrival.into_iter().map(|(_, d)| d).collect();
         let scrape = epp::config::parse_duration(&args.refresh_metrics_interval).map_err(|e| anyhow!(e))?;
         simulated = simulated::simulate(
             &workload,
@@ -630,6 +634,7 @@ pub async fn run(args: SharedDocsArgs) -> anyhow::Result<SharedDocsReport> {
             args.servers,
             u64::try_from(scrape.as_nanos()).unwrap_or(u64::MAX),
             args.seed,
+            args.verbose.then_some(&docs_by_arrival[..]),
         )
         .map_err(|e| anyhow!(e))?;
         if mean_prompt_tokens == 0 && !prompts.is_empty() {

@@ -38,6 +38,8 @@ pub struct TokenPrompt {
     pub arrival_ns: u64,
     /// The prompt's tokens after the chat template.
     pub tokens: Vec<u32>,
+    /// The document it asks about (for `--verbose`).
+    pub doc: usize,
 }
 
 /// The workload of `prompts`: 16-token blocks, each id the hash of the block's tokens chained
@@ -129,6 +131,7 @@ pub(super) async fn tokenize(
         prompts.push(TokenPrompt {
             arrival_ns: u64::try_from(a.at.as_nanos()).unwrap_or(u64::MAX),
             tokens,
+            doc: a.doc,
         });
     }
     Ok(prompts)
@@ -144,7 +147,8 @@ pub struct SimRun {
 }
 
 /// Replay `workload` once per configuration (`(name, spec)` as given to `--configs`) on `pods`
-/// engines of `profile`.
+/// engines of `profile`. With `verbose_docs` (each request's document, in the workload's order)
+/// every request is printed as the real runs print theirs.
 ///
 /// # Errors
 /// An unknown configuration or a replay that cannot run.
@@ -155,6 +159,7 @@ pub fn simulate(
     pods: usize,
     scrape_interval_ns: u64,
     seed: u64,
+    verbose_docs: Option<&[usize]>,
 ) -> Result<Vec<SimRun>, String> {
     specs
         .iter()
@@ -171,6 +176,21 @@ pub fn simulate(
                 start_unix_ms: 0,
             };
             let run = replay::replay(workload, &setup, |_| {}).map_err(|e| e.to_string())?;
+            if let Some(docs) = verbose_docs {
+                eprintln!("shared-docs: {name} (simulated)");
+                for (r, doc) in run.records.iter().zip(docs) {
+                    let ttft = r
+                        .first_token_ns
+                        .map_or(f64::NAN, |t| (t - r.arrival_ns) as f64 / 1e9);
+                    eprintln!(
+                        "  t={:7.1}s doc {doc} → pod {} ttft {ttft:6.2}s cached {}/{}",
+                        r.arrival_ns as f64 / 1e9,
+                        r.pod.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                        r.cached_tokens,
+                        r.prompt_tokens,
+                    );
+                }
+            }
             Ok(SimRun {
                 config: name,
                 report: Report::from_run(&run),
@@ -274,6 +294,7 @@ mod tests {
         TokenPrompt {
             arrival_ns: at,
             tokens: tokens.to_vec(),
+            doc: 0,
         }
     }
 

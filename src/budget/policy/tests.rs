@@ -115,6 +115,12 @@ fn calendar_windows_follow_the_local_calendar() {
     let spring = Period::Day.window_at(ms("2026-03-29T10:00:00Z"), &tz);
     assert_eq!(spring.id * 1000, ms("2026-03-28T23:00:00Z"));
     assert_eq!(spring.ends_ms, ms("2026-03-29T22:00:00Z"));
+    // The autumn change makes a 25-hour day (Sunday 25 October 2026: 22:00 UTC the evening
+    // before, in summer time, to 23:00 UTC, in winter time).
+    let autumn = Period::Day.window_at(ms("2026-10-25T12:00:00Z"), &tz);
+    assert_eq!(autumn.id * 1000, ms("2026-10-24T22:00:00Z"));
+    assert_eq!(autumn.ends_ms, ms("2026-10-25T23:00:00Z"));
+    assert_eq!(autumn.remaining_ms, 11 * 3_600_000);
     // Weeks start on Monday: Wednesday 2 December 2026 is in the week of Monday 30 November.
     let week = Period::Week.window_at(ms("2026-12-02T12:00:00Z"), &tz);
     assert_eq!(week.id * 1000, ms("2026-11-29T23:00:00Z"));

@@ -134,9 +134,10 @@ fn fail_open_default() -> bool {
     true
 }
 
-/// The largest amount of money a limit or price may name (nano units stay within a signed
-/// 64-bit integer, which is what Redis counts in).
-const MAX_MONEY: f64 = 9.0e9;
+/// The largest amount of money a limit or price may name: nine million currency units. The
+/// Redis store's Lua script counts in doubles, exact up to 2^53 nano units (9.007 million
+/// units); a larger limit would let replicas' counts round.
+const MAX_MONEY: f64 = 9.0e6;
 
 /// The Redis store the replicas share; a refusal names the field at fault.
 #[cfg(feature = "server")]

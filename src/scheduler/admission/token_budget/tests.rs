@@ -131,6 +131,13 @@ async fn a_daily_total_refuses_one_token_over_and_the_next_local_day_admits() {
     assert_eq!(week.counter.key.period, Period::Week);
     // The week ends at local midnight on Monday 7 December.
     assert_eq!(week.counter.window.ends_ms, ms("2026-12-07T05:00:00Z"));
+    assert_eq!(
+        week.message(),
+        "Token budget exceeded for tenant team-a: limit 1500 tokens per week, used 1500, requested 1. Try again in 119h59m0s."
+    );
+    // Sunday 23:59:59 in New York is still that week; Monday's first second admits again.
+    rejected(&b, "team-a", "m", 1, ms("2026-12-07T04:59:59Z")).await;
+    admitted(&b, "team-a", "m", 600, ms("2026-12-07T05:00:00Z")).await;
 }
 
 const MONEY: &str = "
@@ -252,11 +259,11 @@ fn config_mistakes_are_refused_with_their_path() {
     );
     assert_eq!(
         refused("tenants: {a: {spend: -1}}"),
-        "plugins[0].parameters.tenants.a.spend: -1 is not an amount between 0 and 9000000000"
+        "plugins[0].parameters.tenants.a.spend: -1 is not an amount between 0 and 9000000"
     );
     assert_eq!(
         refused("prices: {m: {input: .nan, output: 1}}"),
-        "plugins[0].parameters.prices.m.input: NaN is not an amount between 0 and 9000000000"
+        "plugins[0].parameters.prices.m.input: NaN is not an amount between 0 and 9000000"
     );
     assert!(
         refused("timeZone: Mars/Olympus")
