@@ -21,8 +21,7 @@ import subprocess
 import sys
 
 BASE = ["--servers", "2", "--doc-tokens", "1000", "--ctx", "2048", "--cache-ram-mib", "24",
-        "--requests", "100", "--simulate", "simulator/profiles/llamacpp-gemma3-270m-cpu.yaml",
-        "--sim-only"]
+        "--requests", "100", "--sim-only"]
 HERDED_BELOW = 85.0
 
 
@@ -31,9 +30,10 @@ def seeds(text):
     return range(int(first), int(last or first) + 1)
 
 
-def run(binary, configs, seed, extra):
+def run(binary, profile, configs, seed, extra):
     rate = [] if "--rate" in extra else ["--rate", "0.5"]
-    cmd = [binary, "shared-docs", *BASE, *rate, "--seed", str(seed), "--configs", configs, *extra]
+    cmd = [binary, "shared-docs", *BASE, "--simulate", profile, *rate, "--seed", str(seed),
+           "--configs", configs, *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = {}
     for line in out.splitlines():
@@ -49,13 +49,15 @@ def run(binary, configs, seed, extra):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bin", default="target/release/epp-bench")
+    p.add_argument("--profile", default="simulator/profiles/llamacpp-gemma3-270m-cpu.yaml",
+                   help="engine profile (calibrate it on the machine: scripts/calibrate-llamacpp.py)")
     p.add_argument("--configs", default="round-robin,upstream-default,recommended")
     p.add_argument("--seeds", default="1-20", help="FIRST-LAST")
     p.add_argument("extra", nargs="*", help="more shared-docs arguments (after --)")
     a = p.parse_args()
     runs = {}
     for s in seeds(a.seeds):
-        for name, values in run(a.bin, a.configs, s, a.extra).items():
+        for name, values in run(a.bin, a.profile, a.configs, s, a.extra).items():
             runs.setdefault(name, []).append((s, *values))
         print(f"seed {s} done", file=sys.stderr)
     print("| Config | Mean TTFT, mean over seeds | median | worst seed | TTFT p90, mean | Cached | "

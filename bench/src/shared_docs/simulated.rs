@@ -181,7 +181,7 @@ pub fn simulate(
                 for (r, doc) in run.records.iter().zip(docs) {
                     let ttft = r
                         .first_token_ns
-                        .map_or(f64::NAN, |t| (t - r.arrival_ns) as f64 / 1e9);
+                        .map_or(f64::NAN, |t| t.saturating_sub(r.arrival_ns) as f64 / 1e9);
                     eprintln!(
                         "  t={:7.1}s doc {doc} → pod {} ttft {ttft:6.2}s cached {}/{}",
                         r.arrival_ns as f64 / 1e9,
