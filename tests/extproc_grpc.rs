@@ -1367,6 +1367,22 @@ schedulingProfiles:
     // first's settled 0.00208 plus the same estimate (0.002162: 86 %, past the 80 % threshold).
     assert_eq!(warnings[0], None);
     assert_eq!(warnings[1].as_deref(), Some("tenant-month-spend 86%"));
+    // The month is spent past its limit: the next request is refused, naming the money.
+    let refused = server
+        .exchange(vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-gateway-inference-fairness-id", "team-a"),
+                ],
+                false,
+            ),
+            req_body(body, true),
+        ])
+        .await;
+    let (status, json) = immediate_status(&refused[0]);
+    assert_eq!(status, 429);
+    assert_eq!(json["error"]["code"], "insufficient_quota");
 }
 
 /// Budgets keep state per tenant: a tenant header longer than any tenant name is a 400, not a
