@@ -305,8 +305,11 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
     }
     if config.flow_control_ignored {
         warn!(
-            "the flowControl config section is set but the flowControl feature gate is disabled; its settings are ignored"
+            "the flowControl config section is set but the flowControl feature gate is disabled; its settings (other than saturationDetector) are ignored"
         );
+    }
+    for deprecation in &config.deprecations {
+        warn!("EndpointPickerConfig: {deprecation}");
     }
     let scheduler = Arc::new(build_scheduler(&config)?);
     let metrics = Arc::new(EppMetrics::new()?.with_known_models(scheduler.known_models()));

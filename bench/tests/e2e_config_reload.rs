@@ -27,10 +27,11 @@ use serde_json::json;
 /// Stand-in hosts start at 127.0.0.61 (pod 0).
 const FIRST_HOST: u8 = 61;
 
-/// Both scorers declared; the profile uses `scorer` only.
+/// Both scorers declared; the profile uses `scorer` only. Written in llm-d-router's current
+/// `llm-d.ai/v1` (the other tests use `v1alpha1`, so both are run live).
 fn config(scorer: &str) -> String {
     format!(
-        "apiVersion: inference.networking.x-k8s.io/v1alpha1
+        "apiVersion: llm-d.ai/v1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer

@@ -11,10 +11,11 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::flow_control::{FlowControlSpec, RawFlowControl};
-
-/// API groups accepted in `apiVersion` (the upstream one and its successor's).
-pub const API_VERSIONS: [&str; 2] = ["inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1"];
+pub use super::api_version::API_VERSIONS;
+use super::{
+    api_version::{ApiVersion, RawRequestHandler, UNSUPPORTED_DATA_LAYER_FIELDS, moved_ref},
+    flow_control::{FlowControlSpec, RawFlowControl},
+};
 
 /// Feature gates known upstream. `dataLayer` is obsolete but still accepted.
 pub const FEATURE_GATES: [&str; 3] = ["dataLayer", "enableLegacyMetrics", "flowControl"];
@@ -22,7 +23,7 @@ pub const FEATURE_GATES: [&str; 3] = ["dataLayer", "enableLegacyMetrics", "flowC
 /// The built-in configuration used when neither `--config-file` nor `--config-text` is given:
 /// the upstream default since v1.4 (queue 2, KV 2, prefix 3, max-score picker).
 pub const DEFAULT_CONFIG_YAML: &str = "\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
+apiVersion: llm-d.ai/v1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
@@ -93,7 +94,7 @@ pub enum ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawEndpointPickerConfig {
-    /// `inference.networking.x-k8s.io/v1alpha1` or `llm-d.ai/v1alpha1`.
+    /// One of [`API_VERSIONS`].
     pub api_version: String,
     /// `EndpointPickerConfig`.
     pub kind: String,
@@ -106,7 +107,7 @@ pub struct RawEndpointPickerConfig {
     /// Scheduling profiles.
     #[serde(default)]
     pub scheduling_profiles: Vec<RawProfileSpec>,
-    /// Saturation detector reference.
+    /// Saturation detector reference (`v1alpha1` only; `flowControl.saturationDetector` wins).
     #[serde(default)]
     pub saturation_detector: Option<RawPluginRef>,
     /// Metric sources and extractors.
@@ -116,9 +117,12 @@ pub struct RawEndpointPickerConfig {
     /// without the gate is ignored with a warning, as upstream does).
     #[serde(default)]
     pub flow_control: Option<RawFlowControl>,
-    /// Request parser reference.
+    /// Request parser reference (`v1alpha1` only; `requestHandler.parsers` wins).
     #[serde(default)]
     pub parser: Option<RawPluginRef>,
+    /// Request handling: the parser.
+    #[serde(default)]
+    pub request_handler: Option<RawRequestHandler>,
 }
 
 /// One plugin instance.
@@ -166,13 +170,53 @@ pub struct RawPluginRef {
     pub plugin_ref: String,
 }
 
-/// `dataLayer`.
+/// `dataLayer` (both versions' fields; the ones this EPP does not have are refused by name).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawDataLayer {
     /// Metric sources.
     #[serde(default)]
     pub sources: Vec<RawDataSource>,
+    /// Scrape with the default source when none is listed (absent = true).
+    #[serde(default)]
+    pub inject_defaults: Option<bool>,
+    /// Endpoint and peer discovery plugins (refused).
+    #[serde(default)]
+    pub discovery: Option<serde_yaml_ng::Value>,
+    /// `v1` cross-replica syncer (refused).
+    #[serde(default)]
+    pub cross_replica: Option<serde_yaml_ng::Value>,
+    /// `v1alpha1` peer discovery (refused).
+    #[serde(default)]
+    pub peer_discovery: Option<serde_yaml_ng::Value>,
+    /// `v1alpha1` cross-replica syncer (refused).
+    #[serde(default)]
+    pub cross_replica_syncer_plugin_ref: Option<serde_yaml_ng::Value>,
+    /// `v1alpha1` cross-replica sync interval (refused).
+    #[serde(default)]
+    pub cross_replica_sync_interval: Option<serde_yaml_ng::Value>,
+    /// `v1alpha1` cross-replica publish timeout (refused).
+    #[serde(default)]
+    pub cross_replica_publish_timeout: Option<serde_yaml_ng::Value>,
+}
+
+impl RawDataLayer {
+    /// The refused fields that are written: (YAML name, why), in
+    /// [`UNSUPPORTED_DATA_LAYER_FIELDS`] order.
+    fn unsupported_fields(&self) -> impl Iterator<Item = (&'static str, &'static str)> {
+        let written = [
+            self.discovery.is_some(),
+            self.cross_replica.is_some(),
+            self.peer_discovery.is_some(),
+            self.cross_replica_syncer_plugin_ref.is_some(),
+            self.cross_replica_sync_interval.is_some(),
+            self.cross_replica_publish_timeout.is_some(),
+        ];
+        UNSUPPORTED_DATA_LAYER_FIELDS
+            .into_iter()
+            .zip(written)
+            .filter_map(|(field, w)| w.then_some(field))
+    }
 }
 
 /// One metric source with its extractors.
@@ -197,6 +241,15 @@ pub struct PluginSpec {
     pub parameters: serde_yaml_ng::Value,
     /// Path of this plugin in the document, for error messages (`plugins[3]`).
     pub path: String,
+}
+
+/// A plugin reference resolved to an instance, with the path it was written at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PluginRefAt {
+    /// Index into [`EndpointPickerConfig::plugins`].
+    pub plugin: usize,
+    /// Where the reference was written (`flowControl.saturationDetector.pluginRef`).
+    pub path: &'static str,
 }
 
 /// A validated profile entry.
@@ -226,13 +279,20 @@ pub struct EndpointPickerConfig {
     pub plugins: Vec<PluginSpec>,
     /// Profiles; when the document has none, one `default` profile with every plugin.
     pub profiles: Vec<ProfileSpec>,
-    /// Saturation detector instance (index into `plugins`), if named.
-    pub saturation_detector: Option<usize>,
-    /// Request parser instance (index into `plugins`), if named; `openai-parser` otherwise.
-    pub parser: Option<usize>,
-    /// Data sources: `(source plugin, extractor plugins)` indices into `plugins`. `None` = the
-    /// document omitted `dataLayer` (collection on with defaults); `Some(empty)` disables it.
+    /// Saturation detector instance, if named (`flowControl.saturationDetector`, or the
+    /// deprecated top-level field); used by admission and by flow control, gate or not.
+    pub saturation_detector: Option<PluginRefAt>,
+    /// Request parser instance, if named (`requestHandler.parsers`, or the deprecated top-level
+    /// `parser`); `openai-parser` otherwise.
+    pub parser: Option<PluginRefAt>,
+    /// Data sources: `(source plugin, extractor plugins)` indices into `plugins` (`None` = no
+    /// `dataLayer` section).
     pub data_sources: Option<Vec<(usize, Vec<usize>)>>,
+    /// Model-server metrics are scraped: a source is listed, or the default one is injected
+    /// (upstream injects it unless `dataLayer.injectDefaults: false`).
+    pub metrics_collection: bool,
+    /// Deprecated places used in the document, one sentence each, for a warning at start.
+    pub deprecations: Vec<String>,
     /// Flow control, when the `flowControl` gate is on (defaults applied to an absent section).
     pub flow_control: Option<FlowControlSpec>,
     /// A `flowControl` section was written without the gate: it is ignored (a warning at start).
@@ -253,6 +313,8 @@ impl EndpointPickerConfig {
                 saturation_detector: None,
                 parser: None,
                 data_sources: None,
+                metrics_collection: true,
+                deprecations: Vec::new(),
                 flow_control: None,
                 flow_control_ignored: false,
             },
@@ -282,8 +344,16 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
         let mut issues = Vec::new();
         let mut issue = |path: String, reason: String| issues.push(ConfigIssue { path, reason });
 
-        // Both API groups are in use: upstream GIE and its successor llm-d-router.
-        if !API_VERSIONS.contains(&raw.api_version.as_str()) {
+        // llm-d-router's v1 and the v1alpha1 groups it converts (GIE's and its own).
+        let version = ApiVersion::parse(&raw.api_version);
+        let mut deprecations = Vec::new();
+        if version == Some(ApiVersion::V1Alpha1) {
+            deprecations.push(format!(
+                "apiVersion {} is deprecated upstream: llm-d.ai/v1 reads the same document with the moves described in docs/deploy.md",
+                raw.api_version
+            ));
+        }
+        if version.is_none() {
             issue(
                 "apiVersion".into(),
                 format!(
@@ -331,7 +401,12 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
                 &mut issue,
             )
         });
-        let flow_control_ignored = !flow_control_on && raw.flow_control.is_some();
+        // Upstream honours the section's saturation detector without the gate.
+        let flow_control_ignored = !flow_control_on
+            && raw
+                .flow_control
+                .as_ref()
+                .is_some_and(RawFlowControl::has_settings);
 
         let mut plugins: Vec<PluginSpec> = Vec::with_capacity(raw.plugins.len());
         for (i, p) in raw.plugins.iter().enumerate() {
@@ -409,6 +484,52 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             });
         }
 
+        let detector = moved_ref(
+            version,
+            raw.flow_control
+                .as_ref()
+                .and_then(|f| f.saturation_detector.as_ref())
+                .map(|r| (r.plugin_ref.as_str(), "flowControl.saturationDetector.pluginRef")),
+            raw.saturation_detector
+                .as_ref()
+                .map(|r| (r.plugin_ref.as_str(), "saturationDetector.pluginRef")),
+            "flowControl.saturationDetector.pluginRef",
+            &mut issue,
+            &mut deprecations,
+        );
+        let handler = raw.request_handler.clone().unwrap_or_default();
+        if handler.parsers.len() > 1 {
+            issue(
+                "requestHandler.parsers".into(),
+                format!(
+                    "{} parsers listed; choosing a parser by request path is not supported: list one",
+                    handler.parsers.len()
+                ),
+            );
+        }
+        if handler.propagate_priority == Some(true) {
+            issue(
+                "requestHandler.propagatePriority".into(),
+                "writing the priority into the request body is not supported: remove it or set it to false"
+                    .into(),
+            );
+        }
+        let parser = moved_ref(
+            version,
+            handler
+                .parsers
+                .first()
+                .map(|r| (r.plugin_ref.as_str(), "requestHandler.parsers[0].pluginRef")),
+            raw.parser
+                .as_ref()
+                .map(|r| (r.plugin_ref.as_str(), "parser.pluginRef")),
+            "requestHandler.parsers[0].pluginRef",
+            &mut issue,
+            &mut deprecations,
+        );
+        for (name, why) in raw.data_layer.iter().flat_map(RawDataLayer::unsupported_fields) {
+            issue(format!("dataLayer.{name}"), why.into());
+        }
         let mut lookup_ref = |path: String, name: &str| -> Option<usize> {
             let found = find(name);
             if found.is_none() {
@@ -416,14 +537,16 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             }
             found
         };
-        let saturation_detector = raw
-            .saturation_detector
+        let saturation_detector = detector.and_then(|r| {
+            lookup_ref(r.path.into(), r.plugin_ref).map(|plugin| PluginRefAt { plugin, path: r.path })
+        });
+        let parser = parser.and_then(|r| {
+            lookup_ref(r.path.into(), r.plugin_ref).map(|plugin| PluginRefAt { plugin, path: r.path })
+        });
+        let metrics_collection = raw
+            .data_layer
             .as_ref()
-            .and_then(|r| lookup_ref("saturationDetector.pluginRef".into(), &r.plugin_ref));
-        let parser = raw
-            .parser
-            .as_ref()
-            .and_then(|p| lookup_ref("parser.pluginRef".into(), &p.plugin_ref));
+            .is_none_or(|dl| !dl.sources.is_empty() || dl.inject_defaults != Some(false));
         let data_sources = raw.data_layer.as_ref().map(|dl| {
             dl.sources
                 .iter()
@@ -456,6 +579,8 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             saturation_detector,
             parser,
             data_sources,
+            metrics_collection,
+            deprecations,
             flow_control,
             flow_control_ignored,
         })

@@ -36,13 +36,29 @@ pub struct RawFlowControl {
     /// The usage-limit policy (absent = `static-usage-limit-policy`, threshold 1.0).
     #[serde(default)]
     pub usage_limit_policy_plugin_ref: Option<String>,
-    /// The detector gating dispatch (absent = the top-level `saturationDetector`, else
-    /// `utilization-detector`).
+    /// The detector for admission and dispatch, honoured with or without the gate (absent = the
+    /// deprecated top-level `saturationDetector`, else `utilization-detector`).
     #[serde(default)]
     pub saturation_detector: Option<RawPluginRef>,
     /// In-flight eviction of sheddable requests (llm-d-router); not implemented here.
     #[serde(default)]
     pub enable_eviction: Option<bool>,
+}
+
+impl RawFlowControl {
+    /// Whether the section sets anything besides the saturation detector (which upstream reads
+    /// without the gate): without the gate, such settings are ignored with a warning.
+    pub fn has_settings(&self) -> bool {
+        self.max_bytes.is_some()
+            || self.max_requests.is_some()
+            || self.default_request_ttl.is_some()
+            || self.no_endpoint_request_ttl.is_some()
+            || self.default_priority_band.is_some()
+            || self.default_negative_priority_band.is_some()
+            || !self.priority_bands.is_empty()
+            || self.usage_limit_policy_plugin_ref.is_some()
+            || self.enable_eviction == Some(true)
+    }
 }
 
 /// One priority band (or a band template), as written.
@@ -160,8 +176,6 @@ pub struct FlowControlSpec {
     pub bands: Vec<BandSpec>,
     /// Usage-limit policy instance name, if given.
     pub usage_limit_policy_ref: Option<String>,
-    /// Detector instance name, if given here.
-    pub saturation_detector_ref: Option<String>,
 }
 
 impl FlowControlSpec {
@@ -260,7 +274,6 @@ impl FlowControlSpec {
             default_negative_band,
             bands,
             usage_limit_policy_ref: raw.usage_limit_policy_plugin_ref.clone(),
-            saturation_detector_ref: raw.saturation_detector.as_ref().map(|r| r.plugin_ref.clone()),
         }
     }
 }
@@ -306,7 +319,9 @@ mod tests {
     #[test]
     fn the_section_decodes_quantities_durations_and_bands() {
         let c = flow_config(
-            "featureGates: [flowControl]
+            "- name: sd
+  type: utilization-detector
+featureGates: [flowControl]
 flowControl:
   maxBytes: 1Gi
   maxRequests: \"2k\"
@@ -342,7 +357,11 @@ flowControl:
             "0 means the default, never unlimited"
         );
         assert_eq!(fc.usage_limit_policy_ref.as_deref(), Some("limit"));
-        assert_eq!(fc.saturation_detector_ref.as_deref(), Some("sd"));
+        assert_eq!(
+            c.saturation_detector
+                .map(|r| (c.plugins[r.plugin].name.as_str(), r.path)),
+            Some(("sd", "flowControl.saturationDetector.pluginRef"))
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Configuration: the Go EPP's command-line flags ([`flags`]) and the `EndpointPickerConfig`
 //! YAML ([`epp_config`]); [`settings`] checks the flags as a whole. Both are validated at load time so the request path never checks them.
 
+pub mod api_version;
 pub mod duration;
 pub mod epp_config;
 #[cfg(feature = "server")]

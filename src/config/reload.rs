@@ -241,4 +241,21 @@ schedulingProfiles:
             "nothing changed"
         );
     }
+
+    /// A v1 document reloads the same way; moving it to another apiVersion is not a profile
+    /// change.
+    #[test]
+    fn a_v1_document_reloads_its_profiles() {
+        let v1 = BASE.replace("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1");
+        let running = build_scheduler(&EndpointPickerConfig::from_yaml(&v1).unwrap()).unwrap();
+        let weighted = v1.replace(
+            "  - pluginRef: queue-scorer\n",
+            "  - pluginRef: queue-scorer\n    weight: 4\n",
+        );
+        assert_eq!(
+            apply(&running, &v1, &weighted),
+            Some((ReloadResult::Success, Ok(())))
+        );
+        assert_eq!(classify(BASE, &v1).unwrap_err().0, ReloadResult::Unsupported);
+    }
 }

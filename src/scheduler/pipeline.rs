@@ -207,6 +207,11 @@ impl Scheduler {
         self.admission.iter().map(|s| s.name())
     }
 
+    /// The saturation detector serving admission (and flow control, when on).
+    pub fn saturation_detector(&self) -> &PluginName {
+        self.detector.name()
+    }
+
     /// Entries and heap bytes of the prefix index, when one is configured.
     pub fn prefix_index_footprint(&self) -> Option<(usize, usize)> {
         self.producers.iter().find_map(|p| p.footprint())

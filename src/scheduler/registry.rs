@@ -296,13 +296,13 @@ fn request_parser(
     roles: &[Roles],
     issues: &mut Vec<ConfigIssue>,
 ) -> RequestParser {
-    let parser = match config.parser.map(|i| &config.plugins[i]) {
+    let parser = match config.parser.map(|r| (&config.plugins[r.plugin], r.path)) {
         None => RequestParser::OpenAi,
-        Some(spec) if spec.plugin_type == OPENAI_PARSER => RequestParser::OpenAi,
-        Some(spec) if spec.plugin_type == PASSTHROUGH_PARSER => RequestParser::Passthrough,
-        Some(spec) => {
+        Some((spec, _)) if spec.plugin_type == OPENAI_PARSER => RequestParser::OpenAi,
+        Some((spec, _)) if spec.plugin_type == PASSTHROUGH_PARSER => RequestParser::Passthrough,
+        Some((spec, path)) => {
             issues.push(ConfigIssue {
-                path: "parser.pluginRef".into(),
+                path: path.into(),
                 reason: format!("plugin {:?} is not a parser", spec.name),
             });
             RequestParser::OpenAi
@@ -469,8 +469,8 @@ impl TreeBuilder<'_> {
 }
 
 /// The flow-control policy of `spec`: references resolved by instance name, the three default
-/// policies taken by their type name when not declared (upstream creates them on demand), the
-/// detector from `flowControl.saturationDetector`, else the scheduler's.
+/// policies taken by their type name when not declared (upstream creates them on demand), and
+/// the scheduler's detector (upstream's one `flowControl.saturationDetector` serves both).
 fn flow_control_policy(
     spec: &FlowControlSpec,
     config: &EndpointPickerConfig,
@@ -562,25 +562,8 @@ fn flow_control_policy(
             FlowPolicyRole::UsageLimit(t) => t,
             _ => 1.0,
         });
-    let detector = match spec.saturation_detector_ref.as_deref() {
-        None => detector.clone(),
-        Some(name) => {
-            let found = config.plugins.iter().position(|p| p.name == name);
-            match found.and_then(|i| roles[i].detector.clone()) {
-                Some(d) => d,
-                None => {
-                    issues.push(ConfigIssue {
-                        path: "flowControl.saturationDetector.pluginRef".into(),
-                        reason: match found {
-                            None => format!("saturation detector references undefined plugin {name:?}"),
-                            Some(_) => format!("plugin {name:?} is not a saturation detector"),
-                        },
-                    });
-                    detector.clone()
-                }
-            }
-        }
-    };
+    // Upstream's `flowControl.saturationDetector` serves admission and dispatch alike.
+    let detector = detector.clone();
     let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     FlowControlPolicy {
         max_bytes: spec.max_bytes,
@@ -706,12 +689,15 @@ pub fn build_scheduler(config: &EndpointPickerConfig) -> Result<Scheduler, Confi
         });
 
     let detector: Arc<dyn SaturationDetector> = match config.saturation_detector {
-        Some(i) => match roles[i].detector.clone() {
+        Some(r) => match roles[r.plugin].detector.clone() {
             Some(d) => d,
             None => {
                 issues.push(ConfigIssue {
-                    path: "saturationDetector.pluginRef".into(),
-                    reason: format!("plugin {:?} is not a saturation detector", config.plugins[i].name),
+                    path: r.path.into(),
+                    reason: format!(
+                        "plugin {:?} is not a saturation detector",
+                        config.plugins[r.plugin].name
+                    ),
                 });
                 Arc::new(UtilizationDetector::default_detector())
             }

@@ -262,7 +262,7 @@ pub fn data_layer(
             reason: format!("defaultEngine {default_engine:?} not found in engineConfigs"),
         });
     }
-    let enabled = config.data_sources.as_ref().is_none_or(|s| !s.is_empty());
+    let enabled = config.metrics_collection;
     if !issues.is_empty() {
         return Err(issues);
     }

@@ -507,3 +507,29 @@ flowControl:
         assert!(e.contains(expected), "missing {expected:?} in {e}");
     }
 }
+
+/// `flowControl.saturationDetector` is the one detector, for admission too, and upstream reads it
+/// without the gate; in `v1` it is the only place.
+#[test]
+fn the_flow_control_detector_serves_admission_without_the_gate() {
+    let doc = "apiVersion: llm-d.ai/v1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- {name: cd, type: concurrency-detector}\nflowControl:\n  saturationDetector: {pluginRef: cd}\n";
+    let config = EndpointPickerConfig::from_yaml(doc).unwrap();
+    assert!(!config.flow_control_ignored, "a detector alone is not ignored");
+    let s = build_scheduler(&config).unwrap();
+    assert!(s.flow_control().is_none());
+    assert_eq!(s.saturation_detector().name.as_ref(), "cd");
+    let stages: Vec<&str> = s.admission_stages().map(|n| n.kind).collect();
+    assert_eq!(stages, vec!["saturation-gate"]);
+
+    let not_a_detector = "apiVersion: llm-d.ai/v1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\nflowControl:\n  saturationDetector: {pluginRef: queue-scorer}\n";
+    let e = build_scheduler(&EndpointPickerConfig::from_yaml(not_a_detector).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(
+            "flowControl.saturationDetector.pluginRef: plugin \"queue-scorer\" is not a saturation detector"
+        ),
+        "{e}"
+    );
+}
