@@ -29,7 +29,8 @@ use tracing::{info, warn};
 use crate::{
     clock::{Clock, MonotonicClock},
     config::{
-        ConfigError, EndpointPickerConfig, Flags, PoolSetting, Settings, SettingsError, StaticEndpoint,
+        ConfigError, DEFAULT_CONFIG_YAML, EndpointPickerConfig, Flags, PoolSetting, Settings, SettingsError,
+        StaticEndpoint,
     },
     datastore::{
         DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, EndpointKey, EndpointSpec, SnapshotReader,
@@ -114,11 +115,14 @@ fn read_config(flags: &Flags) -> Result<(EndpointPickerConfig, Option<String>), 
             path: flags.config_file.clone(),
             source,
         })?;
-        Ok((EndpointPickerConfig::from_yaml(&text)?, Some(text)))
+        let config = EndpointPickerConfig::from_yaml_with_gates(&text, &flags.feature_gates)?;
+        Ok((config, Some(text)))
     } else if !flags.config_text.is_empty() {
-        Ok((EndpointPickerConfig::from_yaml(&flags.config_text)?, None))
+        let config = EndpointPickerConfig::from_yaml_with_gates(&flags.config_text, &flags.feature_gates)?;
+        Ok((config, None))
     } else {
-        Ok((EndpointPickerConfig::default_config(), None))
+        let config = EndpointPickerConfig::from_yaml_with_gates(DEFAULT_CONFIG_YAML, &flags.feature_gates)?;
+        Ok((config, None))
     }
 }
 
@@ -320,6 +324,7 @@ pub async fn start_with_client(flags: Flags, client: Option<kube::Client>) -> Re
         tasks.spawn(crate::config::reload::watch(
             flags.config_file.clone().into(),
             text,
+            flags.feature_gates.clone(),
             scheduler.clone(),
             metrics.clone(),
             cancel.clone(),

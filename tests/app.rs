@@ -171,6 +171,15 @@ async fn invalid_config_fails_at_startup_with_its_path() {
             .starts_with("cannot read config file /nonexistent/epp.yaml"),
         "{err}"
     );
+    // The built-in default config is read with --feature-gates too.
+    let err = start(flags(&["--feature-gates=flowControl,flowcontrol"]))
+        .await
+        .err()
+        .expect("must fail");
+    assert_eq!(
+        err.to_string(),
+        "invalid EndpointPickerConfig: --feature-gates[1]: feature gate \"flowcontrol\" is unknown or unregistered"
+    );
 }
 
 /// A TLS channel to `port` that trusts only `ca_pem` for `localhost`.

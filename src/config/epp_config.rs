@@ -123,6 +123,18 @@ pub struct RawEndpointPickerConfig {
     /// Request handling: the parser.
     #[serde(default)]
     pub request_handler: Option<RawRequestHandler>,
+    /// Gates from `--feature-gates`, applied after `featureGates` (not part of the document).
+    #[serde(skip)]
+    pub flag_gates: Vec<String>,
+}
+
+/// A gate's value as Go's `strconv.ParseBool` reads it (after upstream lowercases and trims it).
+fn parse_go_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "t" | "true" => Some(true),
+        "0" | "f" | "false" => Some(false),
+        _ => None,
+    }
 }
 
 /// One plugin instance.
@@ -327,12 +339,22 @@ impl EndpointPickerConfig {
     /// [`ConfigError::Decode`] for schema errors (unknown fields included) with the field path;
     /// [`ConfigError::Invalid`] with every rule violation found.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_yaml_with_gates(text, &[])
+    }
+
+    /// [`from_yaml`](Self::from_yaml), with `--feature-gates` entries applied after the
+    /// document's `featureGates` (so they win, as upstream's flag does).
+    ///
+    /// # Errors
+    /// As [`from_yaml`](Self::from_yaml); a bad flag entry is named `--feature-gates[i]`.
+    pub fn from_yaml_with_gates(text: &str, flag_gates: &[String]) -> Result<Self, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let raw: RawEndpointPickerConfig =
+        let mut raw: RawEndpointPickerConfig =
             serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Decode {
                 path: e.path().to_string(),
                 reason: e.inner().to_string(),
             })?;
+        raw.flag_gates = flag_gates.to_vec();
         Self::try_from(raw)
     }
 }
@@ -369,29 +391,38 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             );
         }
         // An unknown gate is almost always a typo that would silently change behaviour. Entries
-        // are `name`, `name=true` or `name=false` (llm-d-router's form).
+        // are `name`, `name=true` or `name=false` (llm-d-router's form, the value read as Go's
+        // strconv.ParseBool does); `--feature-gates` entries come after the file's and win.
         let mut feature_gates = BTreeSet::new();
-        for (i, entry) in raw.feature_gates.iter().enumerate() {
+        let entries = raw
+            .feature_gates
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (format!("featureGates[{i}]"), e))
+            .chain(
+                raw.flag_gates
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (format!("--feature-gates[{i}]"), e)),
+            );
+        for (path, entry) in entries {
             let (gate, on) = match entry.split_once('=') {
                 None => (entry.as_str(), Some(true)),
-                Some((g, "true")) => (g, Some(true)),
-                Some((g, "false")) => (g, Some(false)),
-                Some((g, _)) => (g, None),
+                Some((g, value)) => (g, parse_go_bool(value)),
             };
             if !FEATURE_GATES.contains(&gate) {
+                issue(path, format!("feature gate {gate:?} is unknown or unregistered"));
+            } else if let Some(on) = on {
+                if on {
+                    feature_gates.insert(gate.to_owned());
+                } else {
+                    feature_gates.remove(gate);
+                }
+            } else {
                 issue(
-                    format!("featureGates[{i}]"),
-                    format!("feature gate {gate:?} is unknown or unregistered"),
-                );
-            } else if on.is_none() {
-                issue(
-                    format!("featureGates[{i}]"),
+                    path,
                     format!("invalid feature gate entry {entry:?}: expected NAME, NAME=true or NAME=false"),
                 );
-            } else if on == Some(true) {
-                feature_gates.insert(gate.to_owned());
-            } else {
-                feature_gates.remove(gate);
             }
         }
         let flow_control_on = feature_gates.contains("flowControl");
@@ -690,6 +721,39 @@ schedulingProfiles:
                 "plugins[1].name",
                 "schedulingProfiles[0].plugins[0].pluginRef",
                 "schedulingProfiles[0].plugins[1].weight"
+            ]
+        );
+    }
+
+    /// `--feature-gates` entries come after the file's and win; a bad one is named by its flag.
+    #[test]
+    fn flag_gates_win_over_the_file_and_are_named_by_the_flag() {
+        let doc = "apiVersion: llm-d.ai/v1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\n";
+        let gates = |flag: &[&str]| {
+            let flag: Vec<String> = flag.iter().map(ToString::to_string).collect();
+            EndpointPickerConfig::from_yaml_with_gates(doc, &flag)
+                .map(|c| c.feature_gates.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(gates(&[]).unwrap(), vec!["flowControl"]);
+        assert_eq!(gates(&["flowControl=false"]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            gates(&["flowControl=F", "dataLayer=1"]).unwrap(),
+            vec!["dataLayer"]
+        );
+        assert_eq!(
+            gates(&["flowControl=TRUE", "dataLayer=True"]).unwrap(),
+            vec!["dataLayer", "flowControl"],
+            "Go's ParseBool, lowercased as upstream"
+        );
+        let Err(ConfigError::Invalid { issues }) = gates(&["flowcontrol", "dataLayer=yes"]) else {
+            panic!("expected Invalid")
+        };
+        let issues: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            issues,
+            vec![
+                "--feature-gates[0]: feature gate \"flowcontrol\" is unknown or unregistered",
+                "--feature-gates[1]: invalid feature gate entry \"dataLayer=yes\": expected NAME, NAME=true or NAME=false",
             ]
         );
     }

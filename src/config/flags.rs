@@ -131,6 +131,16 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", help_heading = "Scheduling")]
     pub watch_config_file: bool,
 
+    /// Feature gates applied after the config's `featureGates`, so these win: comma-separated
+    /// NAME, NAME=true or NAME=false (dataLayer, enableLegacyMetrics, flowControl).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "GATES",
+        help_heading = "Scheduling"
+    )]
+    pub feature_gates: Vec<String>,
+
     /// EndpointPickerConfig YAML file.
     #[arg(
         long,
@@ -449,6 +459,9 @@ mod tests {
         assert!(f.secure_serving);
         assert_eq!(f.grpc_port, 77);
         assert_eq!(f.verbosity, 3);
+        // Upstream's kubelet-style list, comma-separated.
+        let f = parse(&["--pool-name=p", "--feature-gates=flowControl,dataLayer=false"]).unwrap();
+        assert_eq!(f.feature_gates, vec!["flowControl", "dataLayer=false"]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `--watch-config-file`: the config file is read again when it changes, and a change limited
-//! to `schedulingProfiles` runs for new requests without a restart, as upstream's successor
-//! reloads (its flag name there is inferred, not confirmed). Any other change is refused: the
-//! running config stays and the refusal is logged. Every attempt is counted by result.
+//! to `schedulingProfiles` runs for new requests without a restart, as llm-d-router reloads
+//! (same flag, `pkg/epp/server/options.go@ce4f4b14`). Any other change is refused: the running
+//! config stays and the refusal is logged. Every attempt is counted by result.
 //!
 //! - [`classify`] (pure) says what a new text is against the running one.
 //! - [`watch`] polls the file once a second (no platform file-notification API: a volume from a
@@ -55,14 +55,20 @@ fn without_profiles(text: &str) -> Option<serde_yaml_ng::Value> {
     Some(doc)
 }
 
-/// What `next` is against the `running` config text: `Ok(None)` when nothing that matters
-/// changed (the same document, reformatted or recommented), `Ok(Some(config))` when only its
-/// scheduling profiles changed, else the refusal and why.
+/// What `next` is against the `running` config text, both read with `flag_gates`
+/// (`--feature-gates`): `Ok(None)` when nothing that matters changed (the same document,
+/// reformatted or recommented), `Ok(Some(config))` when only its scheduling profiles changed,
+/// else the refusal and why.
 ///
 /// # Errors
 /// [`ReloadResult::Invalid`] or [`ReloadResult::Unsupported`], with the reason.
-pub fn classify(running: &str, next: &str) -> Result<Option<EndpointPickerConfig>, (ReloadResult, String)> {
-    let config = EndpointPickerConfig::from_yaml(next).map_err(|e| (ReloadResult::Invalid, e.to_string()))?;
+pub fn classify(
+    running: &str,
+    next: &str,
+    flag_gates: &[String],
+) -> Result<Option<EndpointPickerConfig>, (ReloadResult, String)> {
+    let config = EndpointPickerConfig::from_yaml_with_gates(next, flag_gates)
+        .map_err(|e| (ReloadResult::Invalid, e.to_string()))?;
     let (Some(before), Some(after)) = (without_profiles(running), without_profiles(next)) else {
         return Err((ReloadResult::Invalid, "not a YAML document".into()));
     };
@@ -79,8 +85,13 @@ pub fn classify(running: &str, next: &str) -> Result<Option<EndpointPickerConfig
 
 /// Apply `next` (a config text read from the file) to `scheduler`, whose config text is
 /// `running`; the result to count, when there is one, and the new running text on success.
-fn apply(scheduler: &Scheduler, running: &str, next: &str) -> Option<(ReloadResult, Result<(), String>)> {
-    let config = match classify(running, next) {
+fn apply(
+    scheduler: &Scheduler,
+    running: &str,
+    next: &str,
+    flag_gates: &[String],
+) -> Option<(ReloadResult, Result<(), String>)> {
+    let config = match classify(running, next, flag_gates) {
         Ok(None) => return None,
         Ok(Some(config)) => config,
         Err((result, reason)) => return Some((result, Err(reason))),
@@ -96,11 +107,12 @@ fn apply(scheduler: &Scheduler, running: &str, next: &str) -> Option<(ReloadResu
 }
 
 /// Watch `path`, whose text at start was `running`, until `cancel`: each new text is applied
-/// to `scheduler` or refused, counted in `metrics` and logged. A read failure is counted when
-/// it starts, not on every poll.
+/// to `scheduler` (read with `flag_gates`, as at start) or refused, counted in `metrics` and
+/// logged. A read failure is counted when it starts, not on every poll.
 pub async fn watch(
     path: PathBuf,
     mut running: String,
+    flag_gates: Vec<String>,
     scheduler: Arc<Scheduler>,
     metrics: Arc<EppMetrics>,
     cancel: CancellationToken,
@@ -135,7 +147,7 @@ pub async fn watch(
             continue;
         }
         seen = text.clone();
-        let Some((result, outcome)) = apply(&scheduler, &running, &text) else {
+        let Some((result, outcome)) = apply(&scheduler, &running, &text, &flag_gates) else {
             continue;
         };
         metrics.config_reloads.with_label_values(&[result.label()]).inc();
@@ -174,20 +186,20 @@ schedulingProfiles:
             "# a comment\n{}",
             BASE.replace("- type: queue-scorer", "-   type: queue-scorer")
         );
-        assert!(matches!(classify(BASE, &reformatted), Ok(None)));
+        assert!(matches!(classify(BASE, &reformatted, &[]), Ok(None)));
         // A new weight or another plugin of the list in the profile: applied.
         let weighted = BASE.replace(
             "  - pluginRef: queue-scorer\n",
             "  - pluginRef: kv-cache-utilization-scorer\n    weight: 3\n",
         );
-        assert!(matches!(classify(BASE, &weighted), Ok(Some(_))));
+        assert!(matches!(classify(BASE, &weighted, &[]), Ok(Some(_))));
         // A new plugin, or any other section: refused.
         let added = BASE.replace(
             "- type: kv-cache-utilization-scorer\n",
             "- type: kv-cache-utilization-scorer\n- type: prefix-cache-scorer\n",
         );
         assert_eq!(
-            classify(BASE, &added).unwrap_err(),
+            classify(BASE, &added, &[]).unwrap_err(),
             (
                 ReloadResult::Unsupported,
                 "only schedulingProfiles can change without a restart".to_owned()
@@ -197,11 +209,20 @@ schedulingProfiles:
             "kind: EndpointPickerConfig\n",
             "kind: EndpointPickerConfig\nfeatureGates: [flowControl]\n",
         );
-        assert_eq!(classify(BASE, &gated).unwrap_err().0, ReloadResult::Unsupported);
+        assert_eq!(
+            classify(BASE, &gated, &[]).unwrap_err().0,
+            ReloadResult::Unsupported
+        );
         // Not a config: invalid.
-        assert_eq!(classify(BASE, "plugins: [").unwrap_err().0, ReloadResult::Invalid);
+        assert_eq!(
+            classify(BASE, "plugins: [", &[]).unwrap_err().0,
+            ReloadResult::Invalid
+        );
         let unknown = BASE.replace("  - pluginRef: queue-scorer\n", "  - pluginRef: nowhere\n");
-        assert_eq!(classify(BASE, &unknown).unwrap_err().0, ReloadResult::Invalid);
+        assert_eq!(
+            classify(BASE, &unknown, &[]).unwrap_err().0,
+            ReloadResult::Invalid
+        );
     }
 
     #[test]
@@ -217,7 +238,7 @@ schedulingProfiles:
             "  - pluginRef: prefix-cache-scorer\n",
         );
         assert_eq!(
-            apply(&running, &running_text, &using_prefix),
+            apply(&running, &running_text, &using_prefix, &[]),
             Some((
                 ReloadResult::Unsupported,
                 Err(
@@ -232,11 +253,11 @@ schedulingProfiles:
             "  - pluginRef: kv-cache-utilization-scorer\n",
         );
         assert_eq!(
-            apply(&running, &running_text, &kv_only),
+            apply(&running, &running_text, &kv_only, &[]),
             Some((ReloadResult::Success, Ok(())))
         );
         assert_eq!(
-            apply(&running, &running_text, &running_text),
+            apply(&running, &running_text, &running_text, &[]),
             None,
             "nothing changed"
         );
@@ -253,9 +274,23 @@ schedulingProfiles:
             "  - pluginRef: queue-scorer\n    weight: 4\n",
         );
         assert_eq!(
-            apply(&running, &v1, &weighted),
+            apply(&running, &v1, &weighted, &[]),
             Some((ReloadResult::Success, Ok(())))
         );
-        assert_eq!(classify(BASE, &v1).unwrap_err().0, ReloadResult::Unsupported);
+        assert_eq!(classify(BASE, &v1, &[]).unwrap_err().0, ReloadResult::Unsupported);
+    }
+
+    /// A reload reads the new text with the same `--feature-gates` as at start.
+    #[test]
+    fn a_reload_keeps_the_flag_gates() {
+        let weighted = BASE.replace(
+            "  - pluginRef: queue-scorer\n",
+            "  - pluginRef: queue-scorer\n    weight: 2\n",
+        );
+        let gates = ["flowControl".to_owned()];
+        let config = classify(BASE, &weighted, &gates).unwrap().unwrap();
+        assert!(config.flow_control.is_some());
+        let config = classify(BASE, &weighted, &[]).unwrap().unwrap();
+        assert!(config.flow_control.is_none());
     }
 }
