@@ -70,8 +70,5 @@ fn the_pool_selects_the_example_model_servers() {
     for (k, v) in &pool.spec.selector.match_labels {
         assert_eq!(labels[k.as_str()].as_str(), Some(v.as_str()), "label {k}");
     }
-    assert_eq!(
-        labels["inference.networking.k8s.io/engine-type"].as_str(),
-        Some("vllm")
-    );
+    assert_eq!(labels["llm-d.ai/engine-type"].as_str(), Some("vllm"));
 }

@@ -45,14 +45,11 @@ impl CollectorConfig {
         self.interval.mul_f64(0.9).max(Duration::from_millis(10))
     }
 
-    /// The engine of `endpoint`: its engine-type label, else (or when unknown) the default.
+    /// The engine of `endpoint`: its engine-type label (GIE's legacy one as a fallback), else
+    /// (or when unknown) the default.
     pub fn engine_for(&self, endpoint: &EndpointSpec) -> Option<EngineSpec> {
         let dl = &self.data_layer;
-        let named = endpoint
-            .labels
-            .get(&dl.engine_label_key)
-            .map(String::as_str)
-            .unwrap_or("");
+        let named = dl.engine_name(&endpoint.labels);
         dl.engines
             .iter()
             .find(|e| &*e.name == named)

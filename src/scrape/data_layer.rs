@@ -14,8 +14,12 @@ use serde::Deserialize;
 use super::engines::{CacheInfoSource, EngineSpec, MetricSelector, builtin_engines};
 use crate::config::{ConfigIssue, EndpointPickerConfig, PluginSpec, decode_plugin_params};
 
-/// Pod label naming the engine type.
-pub const ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";
+/// Pod label naming the engine (llm-d-router's default `engineLabelKey`).
+pub const ENGINE_LABEL: &str = "llm-d.ai/engine-type";
+
+/// GIE's engine label, read when the configured one is absent or empty, as llm-d-router does
+/// (`extractor/metrics/mapping_registry.go`): pods labelled for GIE keep their engine.
+pub const LEGACY_ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";
 
 /// `metrics-data-source` parameters.
 #[derive(Debug, Clone, Deserialize)]
@@ -101,8 +105,19 @@ pub struct DataLayer {
     pub default_engine: Arc<str>,
     /// Pod label naming the engine.
     pub engine_label_key: String,
-    /// Whether collection is on (an explicit empty `dataLayer` turns it off).
+    /// Whether collection is on (off only with `injectDefaults: false` and no source).
     pub enabled: bool,
+}
+
+impl DataLayer {
+    /// The engine name a pod's `labels` give: the configured label, else GIE's legacy one,
+    /// else `""` (the default engine).
+    pub fn engine_name<'a>(&self, labels: &'a std::collections::BTreeMap<String, String>) -> &'a str {
+        [self.engine_label_key.as_str(), LEGACY_ENGINE_LABEL]
+            .into_iter()
+            .find_map(|key| labels.get(key).filter(|v| !v.is_empty()))
+            .map_or("", String::as_str)
+    }
 }
 
 fn selectors(spec: &str, path: &str) -> Result<Vec<MetricSelector>, ConfigIssue> {
@@ -380,5 +395,34 @@ mod tests {
         assert_eq!(dl.source.scheme, "https");
         assert_eq!(dl.source.path, "/prometheus/metrics");
         assert!(dl.enabled);
+    }
+
+    /// llm-d-router's label first, GIE's when it is absent or empty, else the default engine.
+    #[test]
+    fn the_engine_comes_from_the_llm_d_label_then_gies() {
+        let dl = data_layer(&config(""), DataSourceParams::default()).unwrap();
+        assert_eq!(dl.engine_label_key, "llm-d.ai/engine-type");
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let both = labels(&[("llm-d.ai/engine-type", "sglang"), (LEGACY_ENGINE_LABEL, "vllm")]);
+        assert_eq!(dl.engine_name(&both), "sglang");
+        let legacy = labels(&[
+            ("llm-d.ai/engine-type", ""),
+            (LEGACY_ENGINE_LABEL, "triton-tensorrt-llm"),
+        ]);
+        assert_eq!(dl.engine_name(&legacy), "triton-tensorrt-llm");
+        assert_eq!(dl.engine_name(&labels(&[("app", "x")])), "");
+        let custom = data_layer(
+            &config("- type: core-metrics-extractor\n  parameters: {engineLabelKey: example.com/engine}\n"),
+            DataSourceParams::default(),
+        )
+        .unwrap();
+        let labelled = labels(&[("example.com/engine", "sglang"), (LEGACY_ENGINE_LABEL, "vllm")]);
+        assert_eq!(custom.engine_name(&labelled), "sglang");
+        assert_eq!(custom.engine_name(&legacy), "triton-tensorrt-llm");
     }
 }
