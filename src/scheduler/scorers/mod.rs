@@ -9,7 +9,7 @@ pub mod token_load;
 
 pub use kv_cache::{KvCacheScorer, neutral_mean};
 pub use lora::LoraAffinityScorer;
-pub use prefill_backlog::{PrefillBacklogParams, PrefillBacklogScorer};
+pub use prefill_backlog::{PrefillBacklogParams, PrefillBacklogScorer, RecomputeQueue};
 pub use prefix::PrefixCacheScorer;
 pub use queue::{QueueScorer, QueueSignal};
 pub use token_load::{TokenLoadParams, TokenLoadScorer};

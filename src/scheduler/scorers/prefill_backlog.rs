@@ -8,10 +8,19 @@
 //!   their first byte yet, each counted as what it was expected to compute there
 //!   ([`EndpointLive::prefill_tokens`](crate::datastore::EndpointLive::prefill_tokens)): the
 //!   prefill work a request sent now waits behind (engines prefill first come, first served);
-//! - `cost(e) = ahead(e) + (1 + b) × own(e)`, where `b` (with `recomputeAware`, the default) is
-//!   the mean number of such waiting requests per candidate: every token recomputed on `e` also
-//!   delays the requests that will queue behind it, so when queues form, a cache hit is worth
-//!   more than a short wait, and at light load the rule is simply the shortest estimated wait.
+//! - `cost(e) = ahead(e) + (1 + b) × own(e)`, where `b` (with `recomputeAware`, the default)
+//!   counts requests waiting for a first token: every token recomputed on `e` also delays the
+//!   requests that queue behind it, so when queues form, a cache hit is worth more than a short
+//!   wait, and at light load the rule is simply the shortest estimated wait. Whose requests:
+//!   - `recomputeQueue: poolMean` (the default): the mean per candidate, the load level of the
+//!     pool, the same `b` for every candidate;
+//!   - `recomputeQueue: endpoint` (opt-in): `e`'s own, the requests a recompute on `e` actually
+//!     delays. A candidate with an empty queue then pays its recompute once, so a pod the index
+//!     credits with every hot prefix, and which queues every request because it really keeps
+//!     fewer of them (a small cache), stops winning against an idle pod merely because the
+//!     pool's mean queue is long: on pools of one-slot servers a herd breaks up. On batching
+//!     engines it recomputes more than it saves (multi-LoRA and agent loops lose up to 6x in the
+//!     routing matrix), which is why it is not the default (BENCHMARKS.md, "Many seeds").
 //!
 //! The score is `1 − cost(e) / max cost` (all 1 when every cost is 0), so the picker takes the
 //! cheapest endpoint. Invariants: scores are in `[0, 1]`; without a prefix match the scorer
@@ -33,12 +42,26 @@ use crate::{
 pub struct PrefillBacklogParams {
     /// Weigh recomputed tokens by `1 + b` (see the module doc); `false` weighs them once.
     pub recompute_aware: bool,
+    /// Whose waiting requests `b` counts (see the module doc).
+    pub recompute_queue: RecomputeQueue,
+}
+
+/// Whose waiting requests the recompute weight `b` counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RecomputeQueue {
+    /// The mean over the candidates (the load level of the pool).
+    #[default]
+    PoolMean,
+    /// The candidate's own: the requests a recompute there delays.
+    Endpoint,
 }
 
 impl Default for PrefillBacklogParams {
     fn default() -> Self {
         Self {
             recompute_aware: true,
+            recompute_queue: RecomputeQueue::PoolMean,
         }
     }
 }
@@ -47,6 +70,7 @@ impl Default for PrefillBacklogParams {
 pub struct PrefillBacklogScorer {
     name: PluginName,
     recompute_aware: bool,
+    recompute_queue: RecomputeQueue,
 }
 
 impl PrefillBacklogScorer {
@@ -55,6 +79,7 @@ impl PrefillBacklogScorer {
         Self {
             name,
             recompute_aware: params.recompute_aware,
+            recompute_queue: params.recompute_queue,
         }
     }
 }
@@ -94,7 +119,15 @@ impl Scorer for PrefillBacklogScorer {
         };
         let mut max = 0.0f64;
         for (slot, id) in out.iter_mut().zip(candidates) {
-            let ahead = ctx.snapshot.get(*id).map_or(0, |e| e.live.prefill_tokens()) as f64;
+            let live = ctx.snapshot.get(*id).map(|e| &e.live);
+            let ahead = live.map_or(0, |l| l.prefill_tokens()) as f64;
+            let b = match self.recompute_queue {
+                RecomputeQueue::PoolMean => b,
+                RecomputeQueue::Endpoint if self.recompute_aware => {
+                    f64::from(live.map_or(0, |l| l.prefilling_requests()))
+                }
+                RecomputeQueue::Endpoint => 0.0,
+            };
             *slot = ahead + (1.0 + b) * *slot;
             max = max.max(*slot);
         }

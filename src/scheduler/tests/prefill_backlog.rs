@@ -14,7 +14,7 @@ use crate::{
     scheduler::{
         DecideEnv, Outcome, RequestMeta, Scheduler, Scratch,
         plugin::{CacheReport, CycleState, PluginName, PrefixMatch, SchedulingContext, Scorer},
-        scorers::{PrefillBacklogParams, PrefillBacklogScorer},
+        scorers::{PrefillBacklogParams, PrefillBacklogScorer, RecomputeQueue},
     },
 };
 
@@ -99,12 +99,34 @@ fn recomputed_tokens_weigh_more_when_queues_form() {
     assert_close(&scores(PrefillBacklogParams::default()), &[0.0, 2.0 / 3.0, 0.0]);
 }
 
+/// Each endpoint's own queue as `b`: endpoint 0 (two waiting) 300 + 3 × 0, endpoint 1 (none)
+/// 0 + 1 × 50, endpoint 2 (one) 100 + 2 × 100 → 1 − cost / 300: the idle endpoint pays its
+/// recompute once.
+#[test]
+fn with_the_endpoint_queue_a_recompute_weighs_by_whom_it_delays() {
+    assert_close(
+        &scores(PrefillBacklogParams {
+            recompute_queue: RecomputeQueue::Endpoint,
+            ..PrefillBacklogParams::default()
+        }),
+        &[0.0, 5.0 / 6.0, 0.0],
+    );
+    assert_close(
+        &scores(PrefillBacklogParams {
+            recompute_aware: false,
+            recompute_queue: RecomputeQueue::Endpoint,
+        }),
+        &[0.0, 5.0 / 6.0, 1.0 / 3.0],
+    );
+}
+
 /// Without the recompute weight: 300, 50, 200 → 1 − cost / 300.
 #[test]
 fn without_recompute_awareness_the_shortest_wait_wins() {
     assert_close(
         &scores(PrefillBacklogParams {
             recompute_aware: false,
+            ..PrefillBacklogParams::default()
         }),
         &[0.0, 5.0 / 6.0, 1.0 / 3.0],
     );
