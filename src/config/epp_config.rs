@@ -113,8 +113,9 @@ pub struct RawEndpointPickerConfig {
     /// Metric sources and extractors.
     #[serde(default)]
     pub data_layer: Option<RawDataLayer>,
-    /// Flow control: decoded strictly always, used only with the `flowControl` gate (a section
-    /// without the gate is ignored with a warning, as upstream does).
+    /// Flow control: decoded strictly always, used only with the `flowControl` gate except its
+    /// `saturationDetector` (the rest of a section without the gate is ignored with a warning,
+    /// as upstream does).
     #[serde(default)]
     pub flow_control: Option<RawFlowControl>,
     /// Request parser reference (`v1alpha1` only; `requestHandler.parsers` wins).
@@ -307,7 +308,8 @@ pub struct EndpointPickerConfig {
     pub deprecations: Vec<String>,
     /// Flow control, when the `flowControl` gate is on (defaults applied to an absent section).
     pub flow_control: Option<FlowControlSpec>,
-    /// A `flowControl` section was written without the gate: it is ignored (a warning at start).
+    /// A `flowControl` section with settings besides the detector was written without the gate:
+    /// they are ignored (a warning at start).
     pub flow_control_ignored: bool,
 }
 
