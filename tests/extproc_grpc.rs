@@ -1318,22 +1318,25 @@ schedulingProfiles:
             r#"{{"usage":{{"prompt_tokens":1000,"completion_tokens":10,"total_tokens":1010,"prompt_tokens_details":{{"cached_tokens":{cached}}}}}}}"#
         )
     };
+    // Team A's request; its answer, when given, follows it.
+    let request = || {
+        vec![
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-gateway-inference-fairness-id", "team-a"),
+                ],
+                false,
+            ),
+            req_body(body, true),
+        ]
+    };
     let mut warnings = Vec::new();
     for cached in [0, 800] {
-        let answers = server
-            .exchange(vec![
-                req_headers(
-                    &[
-                        (":path", "/v1/completions"),
-                        ("x-gateway-inference-fairness-id", "team-a"),
-                    ],
-                    false,
-                ),
-                req_body(body, true),
-                resp_headers(&[(":status", "200")], false),
-                resp_body(answer(cached).as_bytes(), true),
-            ])
-            .await;
+        let mut messages = request();
+        messages.push(resp_headers(&[(":status", "200")], false));
+        messages.push(resp_body(answer(cached).as_bytes(), true));
+        let answers = server.exchange(messages).await;
         let set = answers
             .iter()
             .find_map(|a| match a {
@@ -1368,18 +1371,7 @@ schedulingProfiles:
     assert_eq!(warnings[0], None);
     assert_eq!(warnings[1].as_deref(), Some("tenant-month-spend 86%"));
     // The month is spent past its limit: the next request is refused, naming the money.
-    let refused = server
-        .exchange(vec![
-            req_headers(
-                &[
-                    (":path", "/v1/completions"),
-                    ("x-gateway-inference-fairness-id", "team-a"),
-                ],
-                false,
-            ),
-            req_body(body, true),
-        ])
-        .await;
+    let refused = server.exchange(request()).await;
     let (status, json) = immediate_status(&refused[0]);
     assert_eq!(status, 429);
     assert_eq!(json["error"]["code"], "insufficient_quota");

@@ -59,48 +59,19 @@ pub struct RawRequestHandler {
     pub propagate_priority: Option<bool>,
 }
 
-/// The `dataLayer` fields of either version that this EPP refuses, by their YAML names: the
-/// discovery plugins and the cross-replica state syncer.
-pub const UNSUPPORTED_DATA_LAYER_FIELDS: [(&str, &str); 6] = [
-    (
-        "discovery",
-        "discovery plugins are not supported: endpoints come from the InferencePool (--pool-name), a label selector (--endpoint-selector) or --endpoints, and replicas do not discover each other",
-    ),
-    (
-        "crossReplica",
-        "cross-replica state is not supported: each replica keeps its own view of in-flight load and prefixes",
-    ),
-    (
-        "peerDiscovery",
-        "peer discovery is not supported: replicas do not discover each other",
-    ),
-    (
-        "crossReplicaSyncerPluginRef",
-        "cross-replica state is not supported: each replica keeps its own view of in-flight load and prefixes",
-    ),
-    (
-        "crossReplicaSyncInterval",
-        "cross-replica state is not supported: each replica keeps its own view of in-flight load and prefixes",
-    ),
-    (
-        "crossReplicaPublishTimeout",
-        "cross-replica state is not supported: each replica keeps its own view of in-flight load and prefixes",
-    ),
-];
-
-/// A plugin reference resolved from one of two places, with where it was written (for later
-/// messages).
-pub struct MovedRef<'a> {
-    /// The reference in force.
-    pub plugin_ref: &'a str,
-    /// Its path in the document.
-    pub path: &'static str,
-}
+/// Why `dataLayer.discovery` is refused.
+pub const NO_DISCOVERY: &str = "discovery plugins are not supported: endpoints come from the InferencePool (--pool-name), a label selector (--endpoint-selector) or --endpoints, and replicas do not discover each other";
+/// Why `dataLayer.peerDiscovery` is refused.
+pub const NO_PEER_DISCOVERY: &str = "peer discovery is not supported: replicas do not discover each other";
+/// Why `dataLayer.crossReplica` and `v1alpha1`'s `crossReplica*` fields are refused.
+pub const NO_CROSS_REPLICA: &str =
+    "cross-replica state is not supported: each replica keeps its own view of in-flight load and prefixes";
 
 /// Pick between a field's `current` place and its `legacy` (`v1alpha1`-only) one, each given as
-/// (reference, path written): in `v1` the legacy place is an error naming `current_place`; in
-/// `v1alpha1` it is deprecated and loses to the current one when both are written (upstream's
-/// rule). Problems go to `issue`, deprecations to `deprecations`.
+/// (reference, path written), and return the one in force the same way: in `v1` the legacy
+/// place is an error naming `current_place`; in `v1alpha1` it is deprecated and loses to the
+/// current one when both are written (upstream's rule). Problems go to `issue`, deprecations to
+/// `deprecations`.
 pub fn moved_ref<'a>(
     version: Option<ApiVersion>,
     current: Option<(&'a str, &'static str)>,
@@ -108,7 +79,7 @@ pub fn moved_ref<'a>(
     current_place: &'static str,
     issue: &mut impl FnMut(String, String),
     deprecations: &mut Vec<String>,
-) -> Option<MovedRef<'a>> {
+) -> Option<(&'a str, &'static str)> {
     if let Some((name, path)) = legacy {
         match version {
             Some(ApiVersion::V1) => issue(
@@ -123,12 +94,11 @@ pub fn moved_ref<'a>(
             )),
         }
     }
-    let chosen = match (current, version) {
+    match (current, version) {
         (Some(current), _) => Some(current),
         (None, Some(ApiVersion::V1Alpha1)) => legacy,
         _ => None,
-    };
-    chosen.map(|(plugin_ref, path)| MovedRef { plugin_ref, path })
+    }
 }
 
 #[cfg(test)]
@@ -164,19 +134,13 @@ dataLayer:
 ";
 
     /// What a config resolves to, in names, for comparing two documents: detector, parser,
-    /// sources with their extractors, whether metrics are scraped.
-    type Resolved<'a> = (Option<&'a str>, Option<&'a str>, Vec<(String, Vec<String>)>, bool);
+    /// whether metrics are scraped.
+    type Resolved<'a> = (Option<&'a str>, Option<&'a str>, bool);
 
     fn resolved(c: &EndpointPickerConfig) -> Resolved<'_> {
-        let name = |i: usize| c.plugins[i].name.clone();
         (
             c.saturation_detector.map(|r| c.plugins[r.plugin].name.as_str()),
             c.parser.map(|r| c.plugins[r.plugin].name.as_str()),
-            c.data_sources
-                .iter()
-                .flatten()
-                .map(|(s, ex)| (name(*s), ex.iter().map(|e| name(*e)).collect()))
-                .collect(),
             c.metrics_collection,
         )
     }
@@ -193,12 +157,7 @@ dataLayer:
             "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n{PLUGINS}{REST}saturationDetector: {{pluginRef: sd}}\nparser: {{pluginRef: parse}}\n"
         ))
         .unwrap();
-        let expected = (
-            Some("sd"),
-            Some("parse"),
-            vec![("src".to_owned(), vec!["ex".to_owned()])],
-            true,
-        );
+        let expected = (Some("sd"), Some("parse"), true);
         assert_eq!(resolved(&v1), expected);
         assert_eq!(resolved(&v1alpha1), expected);
         assert_eq!(
@@ -342,6 +301,16 @@ dataLayer:
                 "dataLayer:\n  injectDefaults: false\n  sources: [{pluginRef: metrics-data-source}]\n"
             ),
             Ok(true)
+        );
+        // References are still checked, each by its path.
+        assert_eq!(
+            issues(
+                "apiVersion: llm-d.ai/v1\nkind: EndpointPickerConfig\ndataLayer:\n  sources: [{pluginRef: src, extractors: [{pluginRef: ex}]}]\n"
+            ),
+            vec![
+                "dataLayer.sources[0].pluginRef: no plugin named \"src\"",
+                "dataLayer.sources[0].extractors[0].pluginRef: no plugin named \"ex\"",
+            ]
         );
     }
 }

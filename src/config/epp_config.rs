@@ -13,7 +13,9 @@ use thiserror::Error;
 
 pub use super::api_version::API_VERSIONS;
 use super::{
-    api_version::{ApiVersion, RawRequestHandler, UNSUPPORTED_DATA_LAYER_FIELDS, moved_ref},
+    api_version::{
+        ApiVersion, NO_CROSS_REPLICA, NO_DISCOVERY, NO_PEER_DISCOVERY, RawRequestHandler, moved_ref,
+    },
     flow_control::{FlowControlSpec, RawFlowControl},
 };
 
@@ -214,21 +216,30 @@ pub struct RawDataLayer {
 }
 
 impl RawDataLayer {
-    /// The refused fields that are written: (YAML name, why), in
-    /// [`UNSUPPORTED_DATA_LAYER_FIELDS`] order.
+    /// The refused fields that are written: (YAML name, why), in document-schema order.
     fn unsupported_fields(&self) -> impl Iterator<Item = (&'static str, &'static str)> {
-        let written = [
-            self.discovery.is_some(),
-            self.cross_replica.is_some(),
-            self.peer_discovery.is_some(),
-            self.cross_replica_syncer_plugin_ref.is_some(),
-            self.cross_replica_sync_interval.is_some(),
-            self.cross_replica_publish_timeout.is_some(),
-        ];
-        UNSUPPORTED_DATA_LAYER_FIELDS
-            .into_iter()
-            .zip(written)
-            .filter_map(|(field, w)| w.then_some(field))
+        [
+            ("discovery", self.discovery.is_some(), NO_DISCOVERY),
+            ("crossReplica", self.cross_replica.is_some(), NO_CROSS_REPLICA),
+            ("peerDiscovery", self.peer_discovery.is_some(), NO_PEER_DISCOVERY),
+            (
+                "crossReplicaSyncerPluginRef",
+                self.cross_replica_syncer_plugin_ref.is_some(),
+                NO_CROSS_REPLICA,
+            ),
+            (
+                "crossReplicaSyncInterval",
+                self.cross_replica_sync_interval.is_some(),
+                NO_CROSS_REPLICA,
+            ),
+            (
+                "crossReplicaPublishTimeout",
+                self.cross_replica_publish_timeout.is_some(),
+                NO_CROSS_REPLICA,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, written, why)| written.then_some((name, why)))
     }
 }
 
@@ -298,9 +309,6 @@ pub struct EndpointPickerConfig {
     /// Request parser instance, if named (`requestHandler.parsers`, or the deprecated top-level
     /// `parser`); `openai-parser` otherwise.
     pub parser: Option<PluginRefAt>,
-    /// Data sources: `(source plugin, extractor plugins)` indices into `plugins` (`None` = no
-    /// `dataLayer` section).
-    pub data_sources: Option<Vec<(usize, Vec<usize>)>>,
     /// Model-server metrics are scraped: a source is listed, or the default one is injected
     /// (upstream injects it unless `dataLayer.injectDefaults: false`).
     pub metrics_collection: bool,
@@ -326,7 +334,6 @@ impl EndpointPickerConfig {
                 profiles: Vec::new(),
                 saturation_detector: None,
                 parser: None,
-                data_sources: None,
                 metrics_collection: true,
                 deprecations: Vec::new(),
                 flow_control: None,
@@ -530,7 +537,8 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             &mut issue,
             &mut deprecations,
         );
-        let handler = raw.request_handler.clone().unwrap_or_default();
+        let no_handler = RawRequestHandler::default();
+        let handler = raw.request_handler.as_ref().unwrap_or(&no_handler);
         if handler.parsers.len() > 1 {
             issue(
                 "requestHandler.parsers".into(),
@@ -570,37 +578,26 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             }
             found
         };
-        let saturation_detector = detector.and_then(|r| {
-            lookup_ref(r.path.into(), r.plugin_ref).map(|plugin| PluginRefAt { plugin, path: r.path })
-        });
-        let parser = parser.and_then(|r| {
-            lookup_ref(r.path.into(), r.plugin_ref).map(|plugin| PluginRefAt { plugin, path: r.path })
-        });
+        let mut resolve = |(name, path): (&str, &'static str)| {
+            lookup_ref(path.into(), name).map(|plugin| PluginRefAt { plugin, path })
+        };
+        let saturation_detector = detector.and_then(&mut resolve);
+        let parser = parser.and_then(&mut resolve);
         let metrics_collection = raw
             .data_layer
             .as_ref()
             .is_none_or(|dl| !dl.sources.is_empty() || dl.inject_defaults != Some(false));
-        let data_sources = raw.data_layer.as_ref().map(|dl| {
-            dl.sources
-                .iter()
-                .enumerate()
-                .filter_map(|(i, s)| {
-                    let src = lookup_ref(format!("dataLayer.sources[{i}].pluginRef"), &s.plugin_ref)?;
-                    let extractors = s
-                        .extractors
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(j, e)| {
-                            lookup_ref(
-                                format!("dataLayer.sources[{i}].extractors[{j}].pluginRef"),
-                                &e.plugin_ref,
-                            )
-                        })
-                        .collect();
-                    Some((src, extractors))
-                })
-                .collect()
-        });
+        // Sources and extractors are found by type where they are used; here only their
+        // references are checked.
+        for (i, source) in raw.data_layer.iter().flat_map(|dl| dl.sources.iter()).enumerate() {
+            lookup_ref(format!("dataLayer.sources[{i}].pluginRef"), &source.plugin_ref);
+            for (j, e) in source.extractors.iter().enumerate() {
+                lookup_ref(
+                    format!("dataLayer.sources[{i}].extractors[{j}].pluginRef"),
+                    &e.plugin_ref,
+                );
+            }
+        }
 
         if !issues.is_empty() {
             return Err(ConfigError::Invalid { issues });
@@ -611,7 +608,6 @@ impl TryFrom<RawEndpointPickerConfig> for EndpointPickerConfig {
             profiles,
             saturation_detector,
             parser,
-            data_sources,
             metrics_collection,
             deprecations,
             flow_control,
