@@ -3,12 +3,20 @@
 
 #![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{Router, body::Body, routing::get};
 use epp::{
     clock::MonotonicClock,
-    datastore::{DatastoreEvent, DatastoreWriter, EndpointKey, EndpointSpec},
+    datastore::{DatastoreEvent, DatastoreWriter, EndpointKey, EndpointSpec, InFlight, SnapshotReader},
     datastore::{EngineMetrics, ScrapeFailure},
     metrics::exported::EppMetrics,
     scrape::{
@@ -367,6 +375,139 @@ fn spec(name: &str, addr: SocketAddr, engine: Option<&str>) -> EndpointSpec {
     }
 }
 
+/// A collector running on a datastore of `specs`, scraping every 20 ms.
+struct Collecting {
+    by_name: Reader,
+    tx: mpsc::Sender<DatastoreEvent>,
+    metrics: Arc<EppMetrics>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The datastore's published view.
+struct Reader(SnapshotReader);
+
+impl Reader {
+    /// The metrics of the endpoint named `name`, if it is in the view.
+    fn metrics(&self, name: &str) -> Option<EngineMetrics> {
+        let snap = self.0.load();
+        snap.endpoints
+            .iter()
+            .find(|e| &*e.spec.key.name == name)
+            .map(|e| (*e.metrics).clone())
+    }
+}
+
+impl Collecting {
+    async fn start(specs: Vec<EndpointSpec>) -> Self {
+        let clock = Arc::new(MonotonicClock::new());
+        let (writer, reader) = DatastoreWriter::new(clock.clone());
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(writer.run(rx));
+        tx.send(DatastoreEvent::ReplaceAll(specs)).await.unwrap();
+        let metrics = Arc::new(EppMetrics::new().unwrap());
+        let cancel = CancellationToken::new();
+        let config = CollectorConfig {
+            interval: Duration::from_millis(20),
+            data_layer: Arc::new(DataLayer {
+                source: DataSourceParams::default(),
+                engines: builtin_engines(),
+                default_engine: "vllm".into(),
+                engine_label_key: ENGINE_LABEL.into(),
+                enabled: true,
+            }),
+        };
+        let task = tokio::spawn(run_collector(
+            config,
+            reader.clone(),
+            tx.clone(),
+            metrics.clone(),
+            clock,
+            cancel.clone(),
+        ));
+        Self {
+            by_name: Reader(reader),
+            tx,
+            metrics,
+            cancel,
+            task,
+        }
+    }
+
+    /// Poll (bounded: 2 s) until the metrics of `name` satisfy `done`; the last ones seen.
+    async fn wait_for(&self, name: &str, done: impl Fn(&EngineMetrics) -> bool) -> EngineMetrics {
+        for _ in 0..200 {
+            if let Some(m) = self.by_name.metrics(name).filter(&done) {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{name}: {:?}", self.by_name.metrics(name));
+    }
+}
+
+/// The slot evidence the `prefill-backlog-scorer`'s `recomputeQueue: auto` reads is carried from
+/// scrape to scrape: a llama-server that keeps two requests queued behind its one running
+/// request while that request answers (this EPP saw its first byte) is a one-slot server, and
+/// stays one when it next reads idle; queued behind a request still prefilling it is not (yet);
+/// the captured `-np 2` page (two running) is a batching one.
+#[tokio::test]
+async fn scrapes_tell_a_one_slot_server_from_a_batching_one_and_remember_it() {
+    let busy = Arc::new(AtomicBool::new(true));
+    let page = {
+        let busy = busy.clone();
+        move || {
+            let (running, waiting) = if busy.load(Ordering::Relaxed) {
+                (1, 2)
+            } else {
+                (0, 0)
+            };
+            let text =
+                format!("llamacpp:requests_processing {running}\nllamacpp:requests_deferred {waiting}\n");
+            async move { text }
+        }
+    };
+    let one_slot = serve(Router::new().route("/metrics", get(page))).await;
+    let two_slots = serve_text(fixture("llamacpp.prom")).await;
+    let c = Collecting::start(vec![
+        spec("one-slot", one_slot, Some("llamacpp")),
+        spec("two-slots", two_slots, Some("llamacpp")),
+    ])
+    .await;
+    let m = c.wait_for("one-slot", |m| m.scraped_at.is_some()).await;
+    assert_eq!((m.running, m.waiting), (1, 2));
+    // Scraped again and again, but the running request has not answered yet.
+    let first = m.scraped_at;
+    let m = c.wait_for("one-slot", |m| m.scraped_at > first).await;
+    assert_eq!(m.slots.queued_behind_answer, 0);
+    assert!(!m.slots.one_slot(), "{:?}", m.slots);
+    let live = {
+        let snap = c.by_name.0.load();
+        let e = snap.endpoints.iter().find(|e| &*e.spec.key.name == "one-slot");
+        e.unwrap().live.clone()
+    };
+    let mut answering = InFlight::start(&live, 100, 90);
+    answering.first_byte();
+    let m = c.wait_for("one-slot", |m| m.slots.one_slot()).await;
+    assert_eq!((m.slots.peak_running, m.slots.queued_through_answer), (1, true));
+    drop(answering);
+    busy.store(false, Ordering::Relaxed);
+    let m = c.wait_for("one-slot", |m| m.waiting == 0).await;
+    assert!(
+        m.slots.one_slot(),
+        "an idle scrape keeps the evidence: {:?}",
+        m.slots
+    );
+    let m = c.wait_for("two-slots", |m| m.scraped_at.is_some()).await;
+    assert_eq!(m.slots.peak_running, 2);
+    assert!(!m.slots.one_slot());
+    c.cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(5), c.task)
+        .await
+        .expect("collector stops on cancel")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_slow_pod_delays_nobody_and_failures_keep_the_last_values() {
     let good = serve_text(fixture("vllm-v1-full.prom")).await;
@@ -385,47 +526,17 @@ async fn a_slow_pod_delays_nobody_and_failures_keep_the_last_values() {
         .local_addr()
         .unwrap();
 
-    let clock = Arc::new(MonotonicClock::new());
-    let (writer, reader) = DatastoreWriter::new(clock.clone());
-    let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(writer.run(rx));
-    tx.send(DatastoreEvent::ReplaceAll(vec![
+    let c = Collecting::start(vec![
         spec("good", good, None),
         spec("sglang", sglang, Some("sglang")),
         spec("slow", slow, None),
         spec("dead", dead, None),
-    ]))
-    .await
-    .unwrap();
-    let metrics = Arc::new(EppMetrics::new().unwrap());
-    let cancel = CancellationToken::new();
-    let config = CollectorConfig {
-        interval: Duration::from_millis(20),
-        data_layer: Arc::new(DataLayer {
-            source: DataSourceParams::default(),
-            engines: builtin_engines(),
-            default_engine: "vllm".into(),
-            engine_label_key: ENGINE_LABEL.into(),
-            enabled: true,
-        }),
-    };
-    let task = tokio::spawn(run_collector(
-        config,
-        reader.clone(),
-        tx.clone(),
-        metrics.clone(),
-        clock,
-        cancel.clone(),
-    ));
+    ])
+    .await;
+    let (tx, metrics, cancel, task) = (c.tx.clone(), c.metrics.clone(), c.cancel.clone(), c.task);
+    let by_name = |name: &str| c.by_name.metrics(name);
 
     // Bounded wait for the healthy pods' values (each scrape is at most one 18 ms timeout).
-    let by_name = |name: &str| {
-        let snap = reader.load();
-        snap.endpoints
-            .iter()
-            .find(|e| &*e.spec.key.name == name)
-            .map(|e| (*e.metrics).clone())
-    };
     let mut ok = false;
     for _ in 0..200 {
         let g = by_name("good");

@@ -92,6 +92,12 @@ impl EndpointLive {
         self.prefilling_requests.load(Ordering::Relaxed)
     }
 
+    /// In-flight requests past their first response byte: answering.
+    pub fn answering_requests(&self) -> u32 {
+        self.in_flight_requests()
+            .saturating_sub(self.prefilling_requests())
+    }
+
     /// Prompt tokens those requests were expected to compute on this endpoint: the prefill work
     /// ahead of a request sent now.
     pub fn prefill_tokens(&self) -> u64 {

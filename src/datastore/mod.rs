@@ -11,7 +11,7 @@ pub mod testing;
 mod writer;
 
 pub use endpoint::{Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, InFlight};
-pub use engine_metrics::{EngineMetrics, LoraState, ScrapeFailure};
+pub use engine_metrics::{EngineMetrics, LoraState, ONE_SLOT_STREAK, ScrapeFailure, SlotEvidence};
 pub use snapshot::Snapshot;
 pub use writer::{
     DatastoreEvent, DatastoreWriter, EVENT_CHANNEL_CAPACITY, SnapshotReader, format_address, merge_objectives,

@@ -186,6 +186,27 @@ impl DatastoreWriter {
                 };
                 match self.endpoints.get_mut(key) {
                     Some(state) => {
+                        let mut metrics = metrics;
+                        let previous = &state.metrics.slots;
+                        // A failed scrape repeats the last values: no new observation.
+                        metrics.slots = if metrics.scraped_at == state.metrics.scraped_at {
+                            *previous
+                        } else {
+                            previous.with_scrape(&metrics, state.live.answering_requests())
+                        };
+                        // Each at most once per endpoint: the evidence only grows.
+                        match (previous.one_slot(), metrics.slots.one_slot()) {
+                            (false, true) => tracing::info!(
+                                endpoint = %state.address_text,
+                                "endpoint reads as a one-slot server: requests queued behind \
+                                 its one running request while it answered"
+                            ),
+                            (true, false) => tracing::info!(
+                                endpoint = %state.address_text,
+                                "endpoint reads as batching: two requests ran at once"
+                            ),
+                            _ => {}
+                        }
                         state.metrics = Arc::new(metrics);
                         true
                     }
@@ -327,6 +348,38 @@ mod tests {
             address,
             labels: Default::default(),
         }
+    }
+
+    /// Each new scrape adds to the endpoint's slot evidence, with this EPP's answering requests
+    /// on it; a failed scrape (the last values again, same `scraped_at`) adds nothing.
+    #[test]
+    fn slot_evidence_grows_with_new_scrapes_only() {
+        let (mut w, reader) = DatastoreWriter::new(Arc::new(MonotonicClock::new()));
+        assert!(w.apply(DatastoreEvent::Upsert(spec("a", "10.0.0.1:8000"))));
+        w.publish();
+        let snap = reader.load();
+        let uid = snap.endpoints[0].uid;
+        let mut answering = super::super::InFlight::start(&snap.endpoints[0].live, 10, 10);
+        answering.first_byte();
+        let scrape = |at: u64| EngineMetrics {
+            waiting: 2,
+            running: 1,
+            scraped_at: Some(crate::clock::Timestamp(at)),
+            ..Default::default()
+        };
+        let slots = |w: &mut DatastoreWriter, at: u64| {
+            w.apply(DatastoreEvent::Metrics {
+                uid,
+                metrics: scrape(at),
+            });
+            w.publish();
+            reader.load().endpoints[0].metrics.slots
+        };
+        assert_eq!(slots(&mut w, 1).queued_behind_answer, 1);
+        let failed = slots(&mut w, 1);
+        assert_eq!(failed.queued_behind_answer, 1, "{failed:?}");
+        assert!(!failed.one_slot());
+        assert!(slots(&mut w, 2).one_slot());
     }
 
     #[test]

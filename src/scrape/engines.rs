@@ -396,6 +396,7 @@ impl Found {
                 num_gpu_blocks: nb.filter(|n| *n > 0),
                 scraped_at: None,
                 last_error: None,
+                slots: Default::default(),
             },
             bad_lines,
         }

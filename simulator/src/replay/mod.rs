@@ -45,7 +45,7 @@ use epp::{
     config::EndpointPickerConfig,
     datastore::{
         Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight,
-        LoraState, Snapshot, format_address, merge_objectives,
+        LoraState, SlotEvidence, Snapshot, format_address, merge_objectives,
     },
     parser::usage::Usage,
     scheduler::{
@@ -381,7 +381,7 @@ impl Sim<'_> {
         // What the pod's `/metrics` page would show; the EPP's scraper maps llama.cpp's page to
         // queue counts only.
         let vllm = profile.metrics == MetricsDialect::Vllm;
-        pod.endpoint.metrics = Arc::new(EngineMetrics {
+        let mut metrics = EngineMetrics {
             waiting: g.waiting,
             running: g.running,
             kv_usage: vllm.then_some(g.kv_usage),
@@ -394,7 +394,11 @@ impl Sim<'_> {
             num_gpu_blocks: vllm.then_some(u64::from(profile.num_gpu_blocks)),
             scraped_at: Some(Timestamp(now)),
             last_error: None,
-        });
+            slots: SlotEvidence::default(),
+        };
+        metrics.slots =
+            (pod.endpoint.metrics.slots).with_scrape(&metrics, pod.endpoint.live.answering_requests());
+        pod.endpoint.metrics = Arc::new(metrics);
         let second = (now / 1_000_000_000) as usize;
         if pod.load_sum.len() <= second {
             pod.load_sum.resize(second + 1, (0.0, 0));

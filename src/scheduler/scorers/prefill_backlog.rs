@@ -21,6 +21,15 @@
 //!     pool's mean queue is long: on pools of one-slot servers a herd breaks up. On batching
 //!     engines it recomputes more than it saves (multi-LoRA and agent loops lose up to 6x in the
 //!     routing matrix), which is why it is not the default (BENCHMARKS.md, "Many seeds").
+//!   - `recomputeQueue: auto` (opt-in; `recommended` sets it): `endpoint` for a candidate whose
+//!     scrapes have shown it a one-slot server ([`SlotEvidence::one_slot`]: requests queued
+//!     behind one running request through its answer, in two scrapes in a row, and never two
+//!     running), `poolMean` for every other. On a one-slot server every request waits behind
+//!     all the others sent there, so its own queue is what a recompute there delays; on a
+//!     batching engine an idle-looking pod may lack the adapter or the batch room, and the
+//!     pool's level is the better guess. Until an endpoint has shown such a queue it counts as
+//!     batching; in the routing matrix (vLLM pods) no pod ever does, and `auto` scores exactly
+//!     as `poolMean`.
 //!
 //! The score is `1 − cost(e) / max cost` (all 1 when every cost is 0), so the picker takes the
 //! cheapest endpoint. Invariants: scores are in `[0, 1]`; without a prefix match the scorer
@@ -29,12 +38,12 @@
 
 use serde::Deserialize;
 
-#[cfg(doc)]
-use crate::scheduler::plugin::PrefixMatch;
 use crate::{
     datastore::EndpointId,
     scheduler::plugin::{CycleState, Needs, PluginName, SchedulingContext, Scorer},
 };
+#[cfg(doc)]
+use crate::{datastore::SlotEvidence, scheduler::plugin::PrefixMatch};
 
 /// Parameters.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +64,8 @@ pub enum RecomputeQueue {
     PoolMean,
     /// The candidate's own: the requests a recompute there delays.
     Endpoint,
+    /// The candidate's own where its scrapes show a one-slot server, the pool's mean elsewhere.
+    Auto,
 }
 
 impl Default for PrefillBacklogParams {
@@ -119,14 +130,19 @@ impl Scorer for PrefillBacklogScorer {
         };
         let mut max = 0.0f64;
         for (slot, id) in out.iter_mut().zip(candidates) {
-            let live = ctx.snapshot.get(*id).map(|e| &e.live);
+            let endpoint = ctx.snapshot.get(*id);
+            let live = endpoint.map(|e| &e.live);
             let ahead = live.map_or(0, |l| l.prefill_tokens()) as f64;
-            let b = match self.recompute_queue {
-                RecomputeQueue::PoolMean => b,
-                RecomputeQueue::Endpoint if self.recompute_aware => {
-                    f64::from(live.map_or(0, |l| l.prefilling_requests()))
-                }
-                RecomputeQueue::Endpoint => 0.0,
+            let own_queue = match self.recompute_queue {
+                RecomputeQueue::PoolMean => false,
+                RecomputeQueue::Endpoint => true,
+                RecomputeQueue::Auto => endpoint.is_some_and(|e| e.metrics.slots.one_slot()),
+            };
+            // `b` is 0 without `recomputeAware`, whichever queue it would count.
+            let b = if own_queue && self.recompute_aware {
+                f64::from(live.map_or(0, |l| l.prefilling_requests()))
+            } else {
+                b
             };
             *slot = ahead + (1.0 + b) * *slot;
             max = max.max(*slot);

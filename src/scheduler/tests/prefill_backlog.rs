@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 
 use crate::{
     clock::Timestamp,
-    datastore::{InFlight, Snapshot, testing::SnapshotBuilder},
+    datastore::{EngineMetrics, InFlight, SlotEvidence, Snapshot, testing::SnapshotBuilder},
     parser::{LlmRequest, parse_request},
     prefix::hash::BlockHash,
     scheduler::{
@@ -20,12 +20,18 @@ use crate::{
 
 /// Scores of the three endpoints: endpoint 0 holds the whole prefix with two requests (300
 /// tokens) still prefilling, endpoint 1 half of it and nothing in flight, endpoint 2 none of it
-/// with one request (100 tokens) prefilling. The prompt estimates at 100 tokens.
+/// with one request (100 tokens) prefilling. The prompt estimates at 100 tokens. No endpoint
+/// has queued anything in its scrapes.
 fn scores(params: PrefillBacklogParams) -> Vec<f64> {
+    scores_with_slots(params, [SlotEvidence::default(); 3])
+}
+
+/// [`scores`] with each endpoint's scraped slot evidence.
+fn scores_with_slots(params: PrefillBacklogParams, slots: [SlotEvidence; 3]) -> Vec<f64> {
     let snap = SnapshotBuilder::new()
-        .endpoint("10.0.0.1:8000", |_| {})
-        .endpoint("10.0.0.2:8000", |_| {})
-        .endpoint("10.0.0.3:8000", |_| {})
+        .endpoint("10.0.0.1:8000", |m| m.slots = slots[0])
+        .endpoint("10.0.0.2:8000", |m| m.slots = slots[1])
+        .endpoint("10.0.0.3:8000", |m| m.slots = slots[2])
         .build();
     let live = |i: usize| &snap.endpoints[i].live;
     let _in_flight = [
@@ -117,6 +123,38 @@ fn with_the_endpoint_queue_a_recompute_weighs_by_whom_it_delays() {
             recompute_queue: RecomputeQueue::Endpoint,
         }),
         &[0.0, 5.0 / 6.0, 1.0 / 3.0],
+    );
+}
+
+/// `auto`: the endpoint's own queue where its scrapes showed a one-slot server, the pool's mean
+/// elsewhere. With only endpoint 1 one-slot: 300 + 2 × 0, 0 + 1 × 50, 100 + 2 × 100 → the
+/// `endpoint` scores; with no evidence, or with a server that queued once but has run two
+/// requests at once (batching), the `poolMean` scores.
+#[test]
+fn auto_counts_the_own_queue_only_on_one_slot_servers() {
+    let auto = PrefillBacklogParams {
+        recompute_queue: RecomputeQueue::Auto,
+        ..PrefillBacklogParams::default()
+    };
+    let scrape = |waiting, running| EngineMetrics {
+        waiting,
+        running,
+        ..EngineMetrics::default()
+    };
+    let one_slot = SlotEvidence::default()
+        .with_scrape(&scrape(3, 1), 1)
+        .with_scrape(&scrape(2, 1), 1);
+    let batching = one_slot.with_scrape(&scrape(0, 2), 2);
+    assert!(one_slot.one_slot() && !batching.one_slot());
+    let unknown = SlotEvidence::default();
+    assert_close(
+        &scores_with_slots(auto.clone(), [batching, one_slot, unknown]),
+        &[0.0, 5.0 / 6.0, 0.0],
+    );
+    assert_close(&scores(auto.clone()), &[0.0, 2.0 / 3.0, 0.0]);
+    assert_close(
+        &scores_with_slots(auto, [batching, batching, batching]),
+        &[0.0, 2.0 / 3.0, 0.0],
     );
 }
 
