@@ -6,7 +6,9 @@
 //! millisecond while anything is queued (upstream's ticker), and sleeps while the queue is
 //! empty: no cycle ever spins. Each cycle loads the current snapshot, evicts what expired, and
 //! hands at most one request the snapshot it was dispatched on (late binding: it is placed on the
-//! metrics that let it go).
+//! metrics that let it go). The next request waits until that one is counted in flight on its
+//! endpoint ([`Counting`]), so a detector reading in-flight counts never lets two requests go
+//! for one free slot.
 //!
 //! Invariants: the lock is never held across an await or while a waiter is woken; a queued
 //! request leaves exactly once (dispatched, expired, or taken out by its waiter's drop when its
@@ -40,7 +42,25 @@ use crate::{
 const MAX_FAIRNESS_LABELS: usize = 100;
 
 /// What a waiting request is told.
-type Answer = Result<Arc<Snapshot>, FlowRefusal>;
+type Answer = Result<Turn, FlowRefusal>;
+
+/// A queued request's turn: the snapshot that let it go, and the hold that keeps the next
+/// request queued until this one is counted.
+pub struct Turn {
+    /// The snapshot the request was dispatched on.
+    pub snapshot: Arc<Snapshot>,
+    /// Drop it once the request is counted in flight on its endpoint (or will never be).
+    pub counting: Counting,
+}
+
+/// Held by a dispatched request until it is counted in flight on its endpoint. While it is
+/// held the dispatcher releases nothing else: a saturation detector that reads in-flight counts
+/// (`concurrency-detector`) must see each release before it judges the next, or two requests
+/// leave for one free slot and reach the pod in either order. Dropped on every path (placed,
+/// refused, or its waiter gone before reading it), so the hold never outlives the request.
+pub struct Counting {
+    _counted: oneshot::Sender<()>,
+}
 
 /// The labels a queued request's series carry, fixed at enqueue so that what is added is
 /// what is taken away.
@@ -240,8 +260,10 @@ impl FlowDispatcher {
 
     async fn run(&self, cancel: CancellationToken) {
         let mut ids: Vec<EndpointId> = Vec::new();
+        // The last dispatched request's hold, until it is counted (see [`Counting`]).
+        let mut uncounted: Option<oneshot::Receiver<()>> = None;
         loop {
-            let busy = self.cycle(&mut ids);
+            let busy = self.cycle(&mut ids, &mut uncounted);
             let tick = tokio::time::sleep(Duration::from_nanos(DISPATCH_TICK_NS));
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -258,9 +280,16 @@ impl FlowDispatcher {
         }
     }
 
-    /// One cycle: evict the expired, dispatch at most one. Whether anything is still queued.
-    fn cycle(&self, ids: &mut Vec<EndpointId>) -> bool {
+    /// One cycle: evict the expired, dispatch at most one (none while the last dispatched
+    /// request is not counted yet). Whether anything is still queued.
+    fn cycle(&self, ids: &mut Vec<EndpointId>, uncounted: &mut Option<oneshot::Receiver<()>>) -> bool {
         let started = Instant::now();
+        let held = uncounted
+            .as_mut()
+            .is_some_and(|rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        if !held {
+            *uncounted = None;
+        }
         let snapshot = self.reader.load();
         let now = self.clock.now();
         ids.clear();
@@ -273,7 +302,7 @@ impl FlowDispatcher {
                 (expired, None, None, false)
             } else {
                 let saturation = self.policy.detector.saturation(&snapshot, now, ids);
-                let dispatched = q.dispatch(saturation, now.0);
+                let dispatched = if held { None } else { q.dispatch(saturation, now.0) };
                 (expired, dispatched, Some(saturation), !q.is_empty())
             }
         };
@@ -293,8 +322,14 @@ impl FlowDispatcher {
         }
         if let Some(d) = dispatched {
             self.left(&d, "Dispatched");
-            // A waiter gone between its drop and its removal simply does not read this.
-            let _ = d.payload.answer.send(Ok(snapshot));
+            let (counted, rx) = oneshot::channel();
+            *uncounted = Some(rx);
+            // A waiter gone between its drop and its removal simply does not read this; the
+            // unsent turn drops its hold with it.
+            let _ = d.payload.answer.send(Ok(Turn {
+                snapshot,
+                counting: Counting { _counted: counted },
+            }));
         }
         if saturation.is_some() {
             self.metrics

@@ -444,6 +444,8 @@ impl Exchange {
         };
         let scheduler = &self.p.scheduler;
         let meta = &self.headers.meta;
+        // A queued request's hold on the next dispatch, dropped once it is counted below.
+        let mut counting = None;
         let verdict = match (
             scheduler.admit(&request, body, meta, &snapshot, &mut env).await,
             &self.p.flow,
@@ -487,10 +489,11 @@ impl Exchange {
                     );
                 }
                 match waited {
-                    Ok(fresh) => {
+                    Ok(turn) => {
                         env.now = self.p.clock.now();
-                        let verdict = scheduler.place(admitted, meta, &fresh, &mut env);
-                        snapshot = fresh;
+                        let verdict = scheduler.place(admitted, meta, &turn.snapshot, &mut env);
+                        snapshot = turn.snapshot;
+                        counting = Some(turn.counting);
                         verdict
                     }
                     Err(refusal) => admitted.refuse(Refusal::Flow(refusal)),
@@ -534,6 +537,7 @@ impl Exchange {
         observe::routed(&self.p.metrics, &outcome, primary, [&model_label, &target_label]);
         let destination = observe::destination(&snapshot, &outcome);
         let in_flight = InFlight::start(&primary.live, outcome.load_tokens, outcome.prefill_tokens);
+        drop(counting);
         let primary_address = primary.spec.address;
         let body = outcome.take_body(body);
         self.request_stream = outcome.request.stream;
