@@ -2,9 +2,12 @@
 //! ports on free loopback ports, output discarded, killed on drop.
 
 use std::{
+    collections::BTreeSet,
     ffi::OsStr,
     process::{Child, Command, Stdio},
 };
+
+use parking_lot::Mutex;
 
 /// One `epp` process.
 pub struct Replica {
@@ -25,13 +28,23 @@ impl Drop for Replica {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released).
+/// A free TCP port on 127.0.0.1 (bound and released), never one this test process handed out
+/// before: a port released here is free to the kernel again, and a second call could otherwise
+/// give it to another process of the same test (two replicas on one port: one never serves).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock();
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
+    panic!("no fresh loopback port in 1000 tries");
 }
 
 /// Start `epp` with `flags` (besides its ports) and `envs`.
