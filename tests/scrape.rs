@@ -16,7 +16,9 @@ use std::{
 use axum::{Router, body::Body, routing::get};
 use epp::{
     clock::MonotonicClock,
-    datastore::{DatastoreEvent, DatastoreWriter, EndpointKey, EndpointSpec, InFlight, SnapshotReader},
+    datastore::{
+        DatastoreEvent, DatastoreWriter, Endpoint, EndpointKey, EndpointSpec, InFlight, SnapshotReader,
+    },
     datastore::{EngineMetrics, ScrapeFailure},
     metrics::exported::EppMetrics,
     scrape::{
@@ -388,13 +390,15 @@ struct Collecting {
 struct Reader(SnapshotReader);
 
 impl Reader {
+    /// The endpoint named `name`, if it is in the view.
+    fn endpoint(&self, name: &str) -> Option<Endpoint> {
+        let snap = self.0.load();
+        snap.endpoints.iter().find(|e| &*e.spec.key.name == name).cloned()
+    }
+
     /// The metrics of the endpoint named `name`, if it is in the view.
     fn metrics(&self, name: &str) -> Option<EngineMetrics> {
-        let snap = self.0.load();
-        snap.endpoints
-            .iter()
-            .find(|e| &*e.spec.key.name == name)
-            .map(|e| (*e.metrics).clone())
+        self.endpoint(name).map(|e| (*e.metrics).clone())
     }
 }
 
@@ -481,11 +485,7 @@ async fn scrapes_tell_a_one_slot_server_from_a_batching_one_and_remember_it() {
     let m = c.wait_for("one-slot", |m| m.scraped_at > first).await;
     assert_eq!(m.slots.queued_behind_answer, 0);
     assert!(!m.slots.one_slot(), "{:?}", m.slots);
-    let live = {
-        let snap = c.by_name.0.load();
-        let e = snap.endpoints.iter().find(|e| &*e.spec.key.name == "one-slot");
-        e.unwrap().live.clone()
-    };
+    let live = c.by_name.endpoint("one-slot").unwrap().live;
     let mut answering = InFlight::start(&live, 100, 90);
     answering.first_byte();
     let m = c.wait_for("one-slot", |m| m.slots.one_slot()).await;
