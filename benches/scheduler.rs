@@ -8,6 +8,10 @@
 //! config (`simulator/configs/recommended.yaml`: six scorers, prefix match up to 4,096 blocks) at
 //! 64 endpoints.
 //!
+//! `in_flight` is the per-request accounting around a decision (`InFlight::start`, `first_byte`,
+//! the drop): alone on its endpoint, and answered ahead of 64 older requests still waiting there
+//! (the longest walk of the endpoint's prefill order).
+//!
 //! Run: `cargo bench --bench scheduler`. Results and machine: benches/README.md.
 
 #![allow(
@@ -21,7 +25,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use epp::{
     clock::Timestamp,
     config::EndpointPickerConfig,
-    datastore::testing::SnapshotBuilder,
+    datastore::{EndpointLive, InFlight, testing::SnapshotBuilder},
     parser::parse_request,
     scheduler::{DecideEnv, RequestMeta, SchedulingContext, Scratch, build_scheduler},
 };
@@ -143,5 +147,27 @@ fn bench_decide(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decision, bench_decide);
+/// One request counted on an endpoint from dispatch to its end: alone, and behind 64 older
+/// requests that have not answered (it answers first, so its first byte walks past all of them).
+fn bench_in_flight(c: &mut Criterion) {
+    let mut group = c.benchmark_group("in_flight");
+    group.throughput(Throughput::Elements(1));
+    for older in [0usize, 64] {
+        let live = std::sync::Arc::new(EndpointLive::default());
+        let _waiting: Vec<_> = (0..older).map(|_| InFlight::start(&live, 2_000, 1_800)).collect();
+        group.bench_function(
+            BenchmarkId::new("start_first_byte_drop", format!("{older}_older")),
+            |bench| {
+                bench.iter(|| {
+                    let mut request = InFlight::start(&live, black_box(1_000), black_box(900));
+                    request.first_byte();
+                    drop(black_box(request));
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decision, bench_decide, bench_in_flight);
 criterion_main!(benches);

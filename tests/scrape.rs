@@ -454,7 +454,8 @@ impl Collecting {
 /// scrape to scrape: a llama-server that keeps two requests queued behind its one running
 /// request while that request answers (this EPP saw its first byte) is a one-slot server, and
 /// stays one when it next reads idle; queued behind a request still prefilling it is not (yet);
-/// the captured `-np 2` page (two running) is a batching one.
+/// the captured `-np 2` page (two running) is a batching one. The prompt it computes alone is
+/// timed by the scrapes, which gives the endpoint its prefill rate.
 #[tokio::test]
 async fn scrapes_tell_a_one_slot_server_from_a_batching_one_and_remember_it() {
     let busy = Arc::new(AtomicBool::new(true));
@@ -491,6 +492,26 @@ async fn scrapes_tell_a_one_slot_server_from_a_batching_one_and_remember_it() {
     let m = c.wait_for("one-slot", |m| m.slots.one_slot()).await;
     assert_eq!((m.slots.peak_running, m.slots.queued_through_answer), (1, true));
     drop(answering);
+    // The next prompt computes alone (nothing answers ahead of it) for at least 200 ms before its
+    // first byte: the scrapes time it, so the endpoint's learned rate is at most 500 tokens over
+    // 0.2 s.
+    let mut head = InFlight::start(&live, 600, 500);
+    let before = c.by_name.metrics("one-slot").unwrap().scraped_at;
+    let seen = c.wait_for("one-slot", |m| m.scraped_at > before).await.scraped_at;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        c.by_name.metrics("one-slot").unwrap().head.tokens_per_second(),
+        None
+    );
+    head.first_byte();
+    let m = c
+        .wait_for("one-slot", |m| {
+            m.scraped_at > seen && m.head.tokens_per_second().is_some()
+        })
+        .await;
+    let rate = m.head.tokens_per_second().unwrap();
+    assert!(rate > 0.0 && rate <= 2_500.0, "{rate} tokens/s");
+    drop(head);
     busy.store(false, Ordering::Relaxed);
     let m = c.wait_for("one-slot", |m| m.waiting == 0).await;
     assert!(

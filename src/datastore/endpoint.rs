@@ -1,7 +1,7 @@
 //! One model-server endpoint as the request path sees it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     fmt,
     net::SocketAddr,
     sync::{
@@ -9,6 +9,8 @@ use std::{
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
 };
+
+use parking_lot::Mutex;
 
 use super::EngineMetrics;
 
@@ -69,6 +71,38 @@ pub struct EndpointLive {
     prefilling_requests: AtomicU32,
     /// Their prompt tokens expected to be computed (not found in the endpoint's cache).
     prefill_tokens: AtomicU64,
+    /// The same requests in the order they were sent: which one a one-slot server is computing
+    /// (the oldest) and how many tokens it has to compute. Bounded by the in-flight requests.
+    prefill_order: Mutex<VecDeque<QueuedPrefill>>,
+    /// Sequence numbers handed to this endpoint's requests, in the order they were sent.
+    next_seq: AtomicU64,
+    /// Requests that got their first response byte so far (only grows).
+    answered_total: AtomicU64,
+    /// Requests released so far (only grows): a change between two looks means the engine's
+    /// slot changed hands.
+    finished_total: AtomicU64,
+}
+
+/// One request waiting for its first byte on an endpoint, as the endpoint's queue order knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedPrefill {
+    /// Its place in the order this EPP sent requests to the endpoint.
+    pub seq: u64,
+    /// The prompt tokens it was expected to compute there.
+    pub tokens: u64,
+}
+
+/// The endpoint's live counters at one look, as [`HeadPrefill`](super::HeadPrefill) needs them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveSlots {
+    /// Requests past their first byte, still answering.
+    pub answering: u32,
+    /// Requests that got their first byte so far.
+    pub answered_total: u64,
+    /// Requests released so far.
+    pub finished_total: u64,
+    /// The oldest request still waiting for its first byte.
+    pub oldest: Option<QueuedPrefill>,
 }
 
 impl EndpointLive {
@@ -104,17 +138,44 @@ impl EndpointLive {
         self.prefill_tokens.load(Ordering::Relaxed)
     }
 
-    fn start_prefill(&self, tokens: u64) {
-        add(&self.prefilling_requests, &self.prefill_tokens, tokens);
+    /// The oldest request still waiting for its first byte: the one a one-slot server computes.
+    pub fn oldest_prefill(&self) -> Option<QueuedPrefill> {
+        self.prefill_order.lock().front().copied()
     }
 
-    fn finish_prefill(&self, tokens: u64) {
+    /// The counters [`HeadPrefill`](super::HeadPrefill) follows from scrape to scrape.
+    pub fn slots(&self) -> LiveSlots {
+        LiveSlots {
+            answering: self.answering_requests(),
+            answered_total: self.answered_total.load(Ordering::Relaxed),
+            finished_total: self.finished_total.load(Ordering::Relaxed),
+            oldest: self.oldest_prefill(),
+        }
+    }
+
+    fn start_prefill(&self, tokens: u64) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.prefill_order.lock().push_back(QueuedPrefill { seq, tokens });
+        add(&self.prefilling_requests, &self.prefill_tokens, tokens);
+        seq
+    }
+
+    fn finish_prefill(&self, seq: u64, tokens: u64) {
+        {
+            let mut order = self.prefill_order.lock();
+            // Usually the front: engines answer in about the order they were sent.
+            if let Some(at) = order.iter().position(|q| q.seq == seq) {
+                order.remove(at);
+            }
+        }
+        self.answered_total.fetch_add(1, Ordering::Relaxed);
         subtract(&self.prefilling_requests, &self.prefill_tokens, tokens);
     }
 
     /// Release a request counted by [`start`](Self::start). Saturates at zero.
     pub fn finish(&self, tokens: u64) {
         subtract(&self.in_flight_requests, &self.in_flight_tokens, tokens);
+        self.finished_total.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -146,6 +207,8 @@ pub struct InFlight {
     tokens: u64,
     /// Prompt tokens counted as prefilling; `None` once the first response byte came back.
     prefill: Option<u64>,
+    /// The request's place in its endpoint's prefill order.
+    seq: u64,
 }
 
 impl InFlight {
@@ -153,11 +216,12 @@ impl InFlight {
     /// prompt tokens until its first response byte.
     pub fn start(live: &Arc<EndpointLive>, tokens: u64, prefill_tokens: u64) -> Self {
         live.start(tokens);
-        live.start_prefill(prefill_tokens);
+        let seq = live.start_prefill(prefill_tokens);
         Self {
             live: live.clone(),
             tokens,
             prefill: Some(prefill_tokens),
+            seq,
         }
     }
 
@@ -165,13 +229,12 @@ impl InFlight {
     /// same phase.
     pub fn moved_to(&self, live: &Arc<EndpointLive>) -> Self {
         live.start(self.tokens);
-        if let Some(p) = self.prefill {
-            live.start_prefill(p);
-        }
+        let seq = self.prefill.map_or(0, |p| live.start_prefill(p));
         Self {
             live: live.clone(),
             tokens: self.tokens,
             prefill: self.prefill,
+            seq,
         }
     }
 
@@ -184,7 +247,7 @@ impl InFlight {
     /// as prefilling. Idempotent.
     pub fn first_byte(&mut self) {
         if let Some(p) = self.prefill.take() {
-            self.live.finish_prefill(p);
+            self.live.finish_prefill(self.seq, p);
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use super::HeadPrefill;
 use crate::clock::Timestamp;
 
 /// LoRA adapter state reported by the engine (`vllm:lora_requests_info`).
@@ -81,6 +82,9 @@ pub struct EngineMetrics {
     /// What this endpoint's scrapes so far show of how many requests it runs at once; carried
     /// from scrape to scrape by [`SlotEvidence::with_scrape`].
     pub slots: SlotEvidence,
+    /// The head of its prefill queue and its learned prefill rate; carried from scrape to
+    /// scrape by [`HeadPrefill::with_scrape`].
+    pub head: HeadPrefill,
 }
 
 /// What the scrapes of one endpoint so far show of how many requests it runs at once: whether

@@ -189,10 +189,12 @@ impl DatastoreWriter {
                         let mut metrics = metrics;
                         let previous = &state.metrics.slots;
                         // A failed scrape repeats the last values: no new observation.
-                        metrics.slots = if metrics.scraped_at == state.metrics.scraped_at {
-                            *previous
-                        } else {
-                            previous.with_scrape(&metrics, state.live.answering_requests())
+                        (metrics.slots, metrics.head) = match metrics.scraped_at {
+                            Some(at) if metrics.scraped_at != state.metrics.scraped_at => (
+                                previous.with_scrape(&metrics, state.live.answering_requests()),
+                                (state.metrics.head).with_scrape(at, metrics.running, &state.live.slots()),
+                            ),
+                            _ => (*previous, state.metrics.head),
                         };
                         // Each at most once per endpoint: the evidence only grows.
                         match (previous.one_slot(), metrics.slots.one_slot()) {
@@ -380,6 +382,38 @@ mod tests {
         assert_eq!(failed.queued_behind_answer, 1, "{failed:?}");
         assert!(!failed.one_slot());
         assert!(slots(&mut w, 2).one_slot());
+    }
+
+    /// Each new scrape follows the head of the endpoint's prefill queue: a 500-token prompt seen
+    /// computing alone at t = 1 s and answered by t = 6 s teaches 100 tokens/s; a failed scrape
+    /// (same `scraped_at`) neither times nor restarts anything.
+    #[test]
+    fn the_prefill_head_is_timed_with_new_scrapes_only() {
+        let (mut w, reader) = DatastoreWriter::new(Arc::new(MonotonicClock::new()));
+        assert!(w.apply(DatastoreEvent::Upsert(spec("a", "10.0.0.1:8000"))));
+        w.publish();
+        let snap = reader.load();
+        let uid = snap.endpoints[0].uid;
+        let live = &snap.endpoints[0].live;
+        let second = |s: u64| crate::clock::Timestamp(s * 1_000_000_000);
+        let mut head = super::super::InFlight::start(live, 600, 500);
+        let scrape = |w: &mut DatastoreWriter, s: u64| {
+            w.apply(DatastoreEvent::Metrics {
+                uid,
+                metrics: EngineMetrics {
+                    running: 1,
+                    scraped_at: Some(second(s)),
+                    ..Default::default()
+                },
+            });
+            w.publish();
+            reader.load().endpoints[0].metrics.head
+        };
+        let computing = scrape(&mut w, 1);
+        assert_eq!(scrape(&mut w, 1), computing, "a failed scrape");
+        head.first_byte();
+        assert_eq!(scrape(&mut w, 1).tokens_per_second(), None, "a failed scrape");
+        assert_eq!(scrape(&mut w, 6).tokens_per_second(), Some(100.0));
     }
 
     #[test]

@@ -397,6 +397,7 @@ impl Found {
                 scraped_at: None,
                 last_error: None,
                 slots: Default::default(),
+                head: Default::default(),
             },
             bad_lines,
         }

@@ -44,8 +44,8 @@ use epp::{
     clock::Timestamp,
     config::EndpointPickerConfig,
     datastore::{
-        Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics, InFlight,
-        LoraState, SlotEvidence, Snapshot, format_address, merge_objectives,
+        Endpoint, EndpointId, EndpointKey, EndpointLive, EndpointSpec, EndpointUid, EngineMetrics,
+        HeadPrefill, InFlight, LoraState, SlotEvidence, Snapshot, format_address, merge_objectives,
     },
     parser::usage::Usage,
     scheduler::{
@@ -395,9 +395,12 @@ impl Sim<'_> {
             scraped_at: Some(Timestamp(now)),
             last_error: None,
             slots: SlotEvidence::default(),
+            head: HeadPrefill::default(),
         };
-        metrics.slots =
-            (pod.endpoint.metrics.slots).with_scrape(&metrics, pod.endpoint.live.answering_requests());
+        let live = &pod.endpoint.live;
+        metrics.slots = (pod.endpoint.metrics.slots).with_scrape(&metrics, live.answering_requests());
+        metrics.head =
+            (pod.endpoint.metrics.head).with_scrape(Timestamp(now), metrics.running, &live.slots());
         pod.endpoint.metrics = Arc::new(metrics);
         let second = (now / 1_000_000_000) as usize;
         if pod.load_sum.len() <= second {

@@ -31,6 +31,14 @@
 //!     batching; in the routing matrix (vLLM pods) no pod ever does, and `auto` scores exactly
 //!     as `poolMean`.
 //!
+//! - `countPrefillProgress` (opt-in; `recommended` sets it): on a candidate read as a one-slot
+//!   server, the request it is computing (the oldest without a first byte, once nothing answers
+//!   ahead of it) counts in `ahead(e)` by what is left of its prompt, at the endpoint's prefill
+//!   rate learned from its earlier prompts ([`HeadPrefill::progress_tokens`]). Without it a
+//!   one-slot server forty seconds into a minute-long prompt looks as far from free as one that
+//!   has not begun, and a recompute elsewhere looks cheaper than the wait. Batching engines,
+//!   which compute many prompts at once, are counted whole as before.
+//!
 //! The score is `1 − cost(e) / max cost` (all 1 when every cost is 0), so the picker takes the
 //! cheapest endpoint. Invariants: scores are in `[0, 1]`; without a prefix match the scorer
 //! compares backlogs alone (`H = 0`). What it does not see: decode load, other EPP replicas'
@@ -43,7 +51,10 @@ use crate::{
     scheduler::plugin::{CycleState, Needs, PluginName, SchedulingContext, Scorer},
 };
 #[cfg(doc)]
-use crate::{datastore::SlotEvidence, scheduler::plugin::PrefixMatch};
+use crate::{
+    datastore::{HeadPrefill, SlotEvidence},
+    scheduler::plugin::PrefixMatch,
+};
 
 /// Parameters.
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +64,9 @@ pub struct PrefillBacklogParams {
     pub recompute_aware: bool,
     /// Whose waiting requests `b` counts (see the module doc).
     pub recompute_queue: RecomputeQueue,
+    /// Count a one-slot server's request in progress by what is left of its prompt (see the
+    /// module doc).
+    pub count_prefill_progress: bool,
 }
 
 /// Whose waiting requests the recompute weight `b` counts.
@@ -73,6 +87,7 @@ impl Default for PrefillBacklogParams {
         Self {
             recompute_aware: true,
             recompute_queue: RecomputeQueue::PoolMean,
+            count_prefill_progress: false,
         }
     }
 }
@@ -82,6 +97,7 @@ pub struct PrefillBacklogScorer {
     name: PluginName,
     recompute_aware: bool,
     recompute_queue: RecomputeQueue,
+    count_prefill_progress: bool,
 }
 
 impl PrefillBacklogScorer {
@@ -91,6 +107,7 @@ impl PrefillBacklogScorer {
             name,
             recompute_aware: params.recompute_aware,
             recompute_queue: params.recompute_queue,
+            count_prefill_progress: params.count_prefill_progress,
         }
     }
 }
@@ -132,11 +149,18 @@ impl Scorer for PrefillBacklogScorer {
         for (slot, id) in out.iter_mut().zip(candidates) {
             let endpoint = ctx.snapshot.get(*id);
             let live = endpoint.map(|e| &e.live);
-            let ahead = live.map_or(0, |l| l.prefill_tokens()) as f64;
+            let one_slot = endpoint.is_some_and(|e| e.metrics.slots.one_slot());
+            let progress = match endpoint {
+                Some(e) if one_slot && self.count_prefill_progress => {
+                    e.metrics.head.progress_tokens(ctx.now, e.live.oldest_prefill())
+                }
+                _ => 0,
+            };
+            let ahead = live.map_or(0, |l| l.prefill_tokens().saturating_sub(progress)) as f64;
             let own_queue = match self.recompute_queue {
                 RecomputeQueue::PoolMean => false,
                 RecomputeQueue::Endpoint => true,
-                RecomputeQueue::Auto => endpoint.is_some_and(|e| e.metrics.slots.one_slot()),
+                RecomputeQueue::Auto => one_slot,
             };
             // `b` is 0 without `recomputeAware`, whichever queue it would count.
             let b = if own_queue && self.recompute_aware {

@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 
 use crate::{
     clock::Timestamp,
-    datastore::{EngineMetrics, InFlight, SlotEvidence, Snapshot, testing::SnapshotBuilder},
+    datastore::{EndpointId, EngineMetrics, InFlight, SlotEvidence, Snapshot, testing::SnapshotBuilder},
     parser::{LlmRequest, parse_request},
     prefix::hash::BlockHash,
     scheduler::{
@@ -121,6 +121,7 @@ fn with_the_endpoint_queue_a_recompute_weighs_by_whom_it_delays() {
         &scores(PrefillBacklogParams {
             recompute_aware: false,
             recompute_queue: RecomputeQueue::Endpoint,
+            ..PrefillBacklogParams::default()
         }),
         &[0.0, 5.0 / 6.0, 1.0 / 3.0],
     );
@@ -156,6 +157,83 @@ fn auto_counts_the_own_queue_only_on_one_slot_servers() {
         &scores_with_slots(auto, [batching, batching, batching]),
         &[0.0, 2.0 / 3.0, 0.0],
     );
+}
+
+/// `countPrefillProgress`: a one-slot server (endpoint 0, holding the whole 100-token prompt)
+/// computing a 1,000-token prompt alone since t = 10 s, at the 100 tokens/s it showed on the
+/// 500-token prompt before it, counts that prompt by what is left of it. At t = 19 s: 100 left,
+/// cost 100 + (1 + 1) × 0 against endpoint 1's recompute, 0 + (1 + ½) × 100 (not one-slot: the
+/// pool's mean queue); endpoint 0 wins, which counting the prompt whole (1,000) turns around.
+/// Past the prompt's whole length it counts 0 left, never less.
+#[test]
+fn a_one_slot_servers_prompt_in_progress_counts_by_what_is_left() {
+    let snap = SnapshotBuilder::new()
+        .endpoint("10.0.0.1:8000", |_| {})
+        .endpoint("10.0.0.2:8000", |_| {})
+        .build();
+    let live = &snap.endpoints[0].live;
+    let second = |s: u64| Timestamp(s * 1_000_000_000);
+    let running = |waiting| EngineMetrics {
+        waiting,
+        running: 1,
+        ..EngineMetrics::default()
+    };
+    let mut timed = InFlight::start(live, 600, 500);
+    let in_progress = InFlight::start(live, 1_100, 1_000);
+    let head = crate::datastore::HeadPrefill::default().with_scrape(second(0), 1, &live.slots());
+    timed.first_byte();
+    let head = head.with_scrape(second(5), 1, &live.slots());
+    let slots = SlotEvidence::default()
+        .with_scrape(&running(1), live.answering_requests())
+        .with_scrape(&running(1), live.answering_requests());
+    drop(timed);
+    let head = head.with_scrape(second(10), 1, &live.slots());
+    assert_eq!(head.tokens_per_second(), Some(100.0));
+    let mut endpoints = snap.endpoints.to_vec();
+    endpoints[0].metrics = std::sync::Arc::new(EngineMetrics {
+        slots,
+        head,
+        ..EngineMetrics::default()
+    });
+    assert!(slots.one_slot());
+    let snap = Snapshot::new(endpoints, 0, Timestamp(0), true);
+    let body = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(400));
+    let req = parse_request("/v1/completions", body.as_bytes()).unwrap();
+    let state = CycleState {
+        prefix: Some(PrefixMatch {
+            hashes: (0..4).map(BlockHash).collect(),
+            matched: vec![(snap.endpoints[0].uid, 4)],
+            block_size_tokens: 25,
+        }),
+    };
+    let score = |count_prefill_progress: bool, at: u64| {
+        let scorer = PrefillBacklogScorer::new(
+            PluginName {
+                kind: crate::scheduler::plugin_types::PREFILL_BACKLOG_SCORER,
+                name: "b".into(),
+            },
+            &PrefillBacklogParams {
+                recompute_queue: RecomputeQueue::Auto,
+                count_prefill_progress,
+                ..PrefillBacklogParams::default()
+            },
+        );
+        let ctx = SchedulingContext {
+            snapshot: &snap,
+            request: &req,
+            body: body.as_bytes(),
+            target_model: "m",
+            now: second(at),
+            priority: 0,
+        };
+        let mut out = vec![0.0; 2];
+        scorer.score(&ctx, &state, &[EndpointId(0), EndpointId(1)], &mut out);
+        out
+    };
+    assert_close(&score(true, 19), &[1.0 / 3.0, 0.0]);
+    assert_close(&score(false, 19), &[0.0, 0.85]);
+    assert_close(&score(true, 25), &[1.0, 0.0]);
+    drop(in_progress);
 }
 
 /// Without the recompute weight: 300, 50, 200 → 1 − cost / 300.
