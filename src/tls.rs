@@ -198,7 +198,7 @@ impl ResolvesServerCert for ServingCert {
 }
 
 /// TLS connections made from the TCP connections of `incoming`, each handshake in its own task
-/// (bounded by [`HANDSHAKE_TIMEOUT`]); failed handshakes are logged and dropped. Accepting stops,
+/// (bounded by `HANDSHAKE_TIMEOUT`); failed handshakes are logged and dropped. Accepting stops,
 /// and `incoming` is dropped, once the returned stream is.
 ///
 /// # Errors

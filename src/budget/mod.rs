@@ -2,7 +2,7 @@
 //! reserved on arrival and settled with the actual usage.
 //!
 //! - [`policy`]: the budget as data, windows and estimates (pure).
-//! - [`store`]: the [`BudgetStore`](store::BudgetStore) trait and the in-memory store.
+//! - [`store`]: the [`BudgetStore`] trait and the in-memory store.
 //! - [`redis`]: the Redis store shared by replicas (the only I/O in this module).
 
 pub mod policy;

@@ -299,7 +299,7 @@ impl DatastoreWriter {
     }
 
     /// Run until every sender is dropped: apply events as they come, publishing at most once
-    /// per [`PUBLISH_INTERVAL`] (a round of 100 scrapes costs a handful of publishes, not 100).
+    /// per `PUBLISH_INTERVAL` (a round of 100 scrapes costs a handful of publishes, not 100).
     pub async fn run(mut self, mut events: mpsc::Receiver<DatastoreEvent>) {
         let mut last_publish: Option<Instant> = None;
         while let Some(event) = events.recv().await {

@@ -1,5 +1,5 @@
 //! The process-wide budget for request-body bytes the EPP holds while it reads them, and the
-//! body as it is held ([`BodyPieces`]).
+//! body as it is held (`BodyPieces`).
 //!
 //! A body is held from its first piece until the request is routed (it is parsed whole, then
 //! sent back to the proxy). The per-stream cap (`MAX_REQUEST_BODY_BYTES`) bounds one stream, not

@@ -1,5 +1,5 @@
 //! The tonic `ExternalProcessor` service: one spawned task per stream, answers through a bounded
-//! channel. Thin by design; the protocol lives in [`Exchange`](super::stream::Exchange).
+//! channel. Thin by design; the protocol lives in [`Exchange`].
 
 use std::sync::Arc;
 

@@ -1,5 +1,5 @@
 //! Watches the pool and its pods and keeps the datastore's endpoint set equal to
-//! [`pool_endpoints`](super::endpoints::pool_endpoints) of what it sees.
+//! [`pool_endpoints`] of what it sees.
 //!
 //! kube-rs watchers list, then watch, resume after disconnects and relist on `410 Gone`. Every
 //! change recomputes the whole endpoint set and sends it as one `ReplaceAll` (the writer diffs it

@@ -5,7 +5,7 @@
 //! many simulated pods as there are servers, and reports both side by side.
 //!
 //! The prompts are the real ones as token ids: llama-server's own chat template and tokenizer
-//! ([`tokenize`], on a server of its own) turn each request into the tokens it computes. They become a workload of 16-token trace
+//! (`tokenize`, on a server of its own) turn each request into the tokens it computes. They become a workload of 16-token trace
 //! blocks whose ids chain the block's tokens onto the previous id, so two prompts share block
 //! ids exactly as far as they share tokens, rounded down to a block: the engine model's prefix
 //! cache sees the sharing the servers' prompt caches see, and the EPP's prefix index sees text

@@ -27,8 +27,8 @@
 //! request admitted while Redis is down is not charged, a settlement that cannot reach it leaves
 //! the reservation).
 //!
-//! Here: the arguments, the run loop and the report's types; [`chaos`] starts, reads, breaks and
-//! mends the processes; [`traffic`] draws and sends the requests; [`report`] judges and plots.
+//! Here: the arguments, the run loop and the report's types; `chaos` starts, reads, breaks and
+//! mends the processes; `traffic` draws and sends the requests; `report` judges and plots.
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 

@@ -209,7 +209,7 @@ impl EngineProfile {
     /// otherwise).
     ///
     /// # Errors
-    /// [`Refusal`] with the reason.
+    /// [`Refusal`](super::Refusal) with the reason.
     pub fn admissible(&self, prompt: u32, output: u32) -> Result<(), super::Refusal> {
         let requested = u64::from(prompt) + u64::from(output);
         if requested > u64::from(self.max_model_len) {
