@@ -160,7 +160,9 @@ impl EndpointLive {
         seq
     }
 
-    fn finish_prefill(&self, seq: u64, tokens: u64) {
+    /// Take a request off the prefilling counts and order; `answered`: its first byte came back
+    /// (not: it ended or moved before one).
+    fn finish_prefill(&self, seq: u64, tokens: u64, answered: bool) {
         {
             let mut order = self.prefill_order.lock();
             // Usually the front: engines answer in about the order they were sent.
@@ -168,7 +170,9 @@ impl EndpointLive {
                 order.remove(at);
             }
         }
-        self.answered_total.fetch_add(1, Ordering::Relaxed);
+        if answered {
+            self.answered_total.fetch_add(1, Ordering::Relaxed);
+        }
         subtract(&self.prefilling_requests, &self.prefill_tokens, tokens);
     }
 
@@ -246,15 +250,20 @@ impl InFlight {
     /// The first response byte came back: the prompt is computed, the request no longer counts
     /// as prefilling. Idempotent.
     pub fn first_byte(&mut self) {
+        self.leave_prefill(true);
+    }
+
+    fn leave_prefill(&mut self, answered: bool) {
         if let Some(p) = self.prefill.take() {
-            self.live.finish_prefill(self.seq, p);
+            self.live.finish_prefill(self.seq, p, answered);
         }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.first_byte();
+        // Ended (or moved) before its first byte, if it still counts as prefilling.
+        self.leave_prefill(false);
         self.live.finish(self.tokens);
     }
 }
@@ -308,12 +317,19 @@ mod tests {
         drop(a);
         assert_eq!((live.in_flight_requests(), live.in_flight_tokens()), (1, 5));
         assert_eq!((live.prefilling_requests(), live.prefill_tokens()), (1, 3));
+        assert_eq!((live.slots().answered_total, live.slots().finished_total), (1, 1));
         let other = Arc::new(EndpointLive::default());
         let moved = b.moved_to(&other);
         drop(b);
         assert_eq!((live.in_flight_requests(), live.prefilling_requests()), (0, 0));
         assert_eq!((other.in_flight_tokens(), other.prefill_tokens()), (5, 3));
         drop(moved);
+        assert_eq!(
+            (live.slots().answered_total, live.slots().finished_total),
+            (1, 2),
+            "ended before its first byte: released, not answered"
+        );
+        assert_eq!(other.slots().answered_total, 0);
         assert_eq!(
             (
                 other.in_flight_requests(),

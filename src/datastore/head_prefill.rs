@@ -167,13 +167,15 @@ mod tests {
         );
     }
 
-    /// A request that leaves without a first byte (the client went away) teaches nothing.
+    /// A request that leaves without a first byte (the client went away) teaches nothing: its
+    /// endpoint counts it finished, not answered.
     #[test]
     fn a_head_that_left_unanswered_is_not_timed() {
-        let first = queued(0, 1_000);
-        let h = HeadPrefill::default()
-            .with_scrape(at(1.0), 1, &live(0, 0, 0, first))
-            .with_scrape(at(2.0), 0, &live(0, 0, 1, None));
+        let endpoint = std::sync::Arc::new(crate::datastore::EndpointLive::default());
+        let request = crate::datastore::InFlight::start(&endpoint, 1_100, 1_000);
+        let h = HeadPrefill::default().with_scrape(at(1.0), 1, &endpoint.slots());
+        drop(request);
+        let h = h.with_scrape(at(2.0), 0, &endpoint.slots());
         assert_eq!(h.tokens_per_second(), None);
     }
 }
